@@ -1,0 +1,1 @@
+"""valent: run Python workflows on pluggable executors, and stop them for real."""

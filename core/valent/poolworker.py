@@ -1,0 +1,192 @@
+"""The child side of :mod:`valent.procpool`: one warm worker process, one task at a time.
+
+Started as ``python -m valent.poolworker SOCK_FD LIFELINE_FD OUT_PATH ERR_PATH`` in its own
+session, so the task and every subprocess it starts share the worker's process group.
+Imports only the standard library and cloudpickle before the first task arrives.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+
+HEADER = struct.Struct("!Q")
+MAX_CAPTURE = 1 << 20
+
+_cooperative = False
+_cancelled = False
+
+
+def _token() -> bool:
+    global _cooperative
+    _cooperative = True
+    return _cancelled
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    """A task that never asked ``cancel_requested()`` ends at once; one that did gets the grace."""
+    global _cancelled
+    _cancelled = True
+    if not _cooperative:
+        os._exit(128 + signal.SIGTERM)
+
+
+def _watch_lifeline(fd: int) -> None:
+    """When the pool's process dies (its end of the pipe closes), take the whole group down."""
+    try:
+        while os.read(fd, 1):
+            pass
+    except OSError:
+        pass
+    try:
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    finally:
+        os._exit(137)
+
+
+def recv_msg(sock: socket.socket) -> object | None:
+    head = _recv_exact(sock, HEADER.size)
+    if head is None:
+        return None
+    (n,) = HEADER.unpack(head)
+    body = _recv_exact(sock, n)
+    if body is None:
+        return None
+    return pickle.loads(body)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            return None
+        got += k
+    return bytes(buf)
+
+
+def send_msg(sock: socket.socket, msg: object) -> None:
+    body = pickle.dumps(msg, protocol=5)
+    sock.sendall(HEADER.pack(len(body)) + body)
+
+
+class _Capture:
+    """Send fds 1 and 2 to files for the length of one task."""
+
+    def __init__(self, out_path: str, err_path: str):
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
+        self.files = [os.open(p, flags, 0o600) for p in (out_path, err_path)]
+        self.saved = [os.dup(1), os.dup(2)]
+
+    def start(self) -> None:
+        for fd, target in zip(self.files, (1, 2), strict=True):
+            os.ftruncate(fd, 0)
+            os.dup2(fd, target)
+
+    def stop(self) -> tuple[str, str]:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        for saved, target in zip(self.saved, (1, 2), strict=True):
+            os.dup2(saved, target)
+        return tuple(_read_capture(fd) for fd in self.files)  # type: ignore[return-value]
+
+
+def _read_capture(fd: int) -> str:
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return ""
+    data = os.pread(fd, min(size, MAX_CAPTURE), max(0, size - MAX_CAPTURE))
+    text = data.decode("utf-8", "replace")
+    if size > MAX_CAPTURE:
+        text = f"[... {size - MAX_CAPTURE} earlier bytes dropped ...]\n" + text
+    return text
+
+
+def _pack_error(exc: BaseException) -> tuple:
+    import cloudpickle
+
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))
+    try:
+        blob = cloudpickle.dumps(exc)
+        pickle.loads(blob)
+    except Exception:
+        blob = None
+    return (blob, f"{type(exc).__name__}: {exc}", tb)
+
+
+def main(argv: list[str]) -> None:
+    global _cooperative
+    sock_fd, life_fd = int(argv[0]), int(argv[1])
+    out_path, err_path = argv[2], argv[3]
+    threading.Thread(target=_watch_lifeline, args=(life_fd,), daemon=True).start()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import faulthandler
+
+    faulthandler.enable()
+    sock = socket.socket(fileno=sock_fd)
+    init = recv_msg(sock)
+    if init is None:
+        return
+    sys.path[:] = init["sys_path"]
+    import cloudpickle
+
+    try:
+        from valent import cancel as _cancel_mod
+
+        _cancel_mod.set_process_token(_token)
+    except Exception:
+        pass
+    capture = _Capture(out_path, err_path)
+    fns: dict[int, object] = {}
+    while True:
+        msg = recv_msg(sock)
+        if msg is None:
+            return
+        job_id, fn_key, fn_blob, forget, args_blob = msg
+        for k in forget:
+            fns.pop(k, None)
+        _cooperative = False
+        started = time.time()
+        capture.start()
+        try:
+            if fn_blob is not None:
+                fns[fn_key] = cloudpickle.loads(fn_blob)
+            fn = fns[fn_key]
+            args, kwargs = cloudpickle.loads(args_blob)
+            value = fn(*args, **kwargs)
+            ok = True
+        except BaseException as exc:  # noqa: BLE001 - a task's SystemExit is its error too
+            ok, value = False, exc
+        ended = time.time()
+        out, err = capture.stop()
+        if ok:
+            try:
+                payload = cloudpickle.dumps(value, protocol=5)
+            except BaseException as exc:  # noqa: BLE001
+                ok = False
+                msg_text = (
+                    f"the return value ({type(value).__name__}) cannot be pickled, so it "
+                    f"cannot leave the worker: {exc}. Return plain data (numbers, strings, "
+                    "lists, dicts, arrays) or write it to a file and return the path."
+                )
+                payload = (None, msg_text, "".join(traceback.format_exception(exc)))
+        else:
+            payload = _pack_error(value)
+        send_msg(sock, (job_id, ok, payload, started, ended, out, err, _cancelled))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

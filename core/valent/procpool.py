@@ -1,0 +1,641 @@
+"""A warm pool of worker processes whose running tasks can be killed, subprocesses and all.
+
+Each worker is a fresh interpreter (``subprocess``, so it also works inside a daemonic Dask
+worker) started in its own session: a task and everything it spawns share one process group.
+Workers are reused across tasks; a worker whose task is cancelled is killed (SIGTERM, grace,
+SIGKILL, group and escaped descendants) and replaced off the critical path. The Local executor
+uses it directly, the Dask executor's kill mode runs one inside each Dask worker, and a
+third-party executor may reuse it.
+
+    pool = ProcessPool(workers=4)
+    job = pool.submit(fn, args, kwargs, on_change=callback)
+    job.wait(); job.state            # Completed(pickled=...) | Failed(...) | Cancelled(...)
+    pool.cancel(job)                 # CancelOutcome; the job then ends Cancelled(KILLED)
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import pickle
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from . import proctree
+from .errors import PicklingError, WorkerDiedError
+from .poolworker import HEADER, recv_msg, send_msg
+from .status import CancelOutcome
+from .task import Cancelled, Completed, Failed, Pending, Running, TaskState
+
+FN_CACHE_SIZE = 256
+
+
+class RemoteError(Exception):
+    """Stands in for a task's exception that could not be pickled back."""
+
+
+class Job:
+    """One task in the pool. ``state`` is a valent ``TaskState``; ``done`` is an Event."""
+
+    __slots__ = (
+        "id", "fn_entry", "args_blob", "on_change", "state", "worker", "done",
+        "kill_requested", "label",
+    )
+
+    def __init__(self, jid: int, fn_entry, args_blob: bytes, on_change, label: str):
+        self.id = jid
+        self.fn_entry = fn_entry
+        self.args_blob = args_blob
+        self.on_change = on_change
+        self.state: TaskState = Pending()
+        self.worker: _Worker | None = None
+        self.done = threading.Event()
+        self.kill_requested = False
+        self.label = label
+
+    def wait(self, timeout: float | None = None) -> TaskState:
+        """Block until the job is final (or ``timeout``); return its state."""
+        self.done.wait(timeout)
+        return self.state
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.label} {type(self.state).__name__}>"
+
+
+class _Worker:
+    __slots__ = (
+        "proc", "sock", "lifeline", "known", "job", "idle_since", "out_path", "err_path",
+        "doomed", "kill_deadline", "tree", "dead_at", "index", "key",
+    )
+
+    def __init__(self, proc, sock, lifeline, out_path, err_path, index):
+        self.proc: subprocess.Popen = proc
+        self.sock: socket.socket = sock
+        self.lifeline: int = lifeline
+        self.known: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.job: Job | None = None
+        self.idle_since = time.monotonic()
+        self.out_path = out_path
+        self.err_path = err_path
+        self.doomed = False
+        self.kill_deadline: float | None = None
+        self.tree: list[tuple[int, float]] = []
+        self.dead_at: float | None = None
+        self.index = index
+        self.key = sock.fileno()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+class ProcessPool:
+    """Warm, reusable, killable worker processes.
+
+    :param workers: a fixed number of workers; or None for an elastic pool of
+        ``min_workers`` .. ``max_workers`` that grows when queued work waits behind busy
+        workers for ``grow_after`` seconds (tasks that sleep or wait), and shrinks back when
+        workers stay idle for ``idle_timeout`` seconds.
+    :param grace: seconds a cancelled task that uses ``cancel_requested()`` gets between
+        SIGTERM and SIGKILL (a task that never asked stops at SIGTERM).
+    :param capture: capture each task's stdout and stderr (fds 1 and 2, subprocesses too).
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        min_workers: int | None = None,
+        max_workers: int | None = None,
+        grace: float = 1.0,
+        grow_after: float = 0.05,
+        idle_timeout: float = 60.0,
+        capture: bool = True,
+        python: str | None = None,
+        name: str = "valent",
+    ):
+        cpus = os.cpu_count() or 1
+        if workers is not None:
+            if workers < 1:
+                raise ValueError(f"workers must be >= 1, got {workers}")
+            min_workers = max_workers = workers
+        self.min_workers = min_workers if min_workers is not None else cpus
+        self.max_workers = max_workers if max_workers is not None else max(32, 4 * cpus)
+        if not 1 <= self.min_workers <= self.max_workers:
+            raise ValueError(
+                f"need 1 <= min_workers <= max_workers, got {self.min_workers}, {self.max_workers}"
+            )
+        self.grace = grace
+        self.grow_after = grow_after
+        self.idle_timeout = idle_timeout
+        self.capture = capture
+        self.python = python or sys.executable
+        self.name = name
+        self._lock = threading.RLock()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._workers: dict[int, _Worker] = {}  # by socket fileno
+        self._idle: list[_Worker] = []
+        self._dying: list[_Worker] = []
+        self._ids = itertools.count(1)
+        self._fn_keys = itertools.count(1)
+        self._fn_cache: collections.OrderedDict[int, tuple[Any, int, bytes]] = (
+            collections.OrderedDict()
+        )
+        self._last_start = time.monotonic()
+        self._started = False
+        self._closed = False
+        self._tmpdir: str | None = None
+        self._sel: selectors.DefaultSelector | None = None
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._worker_index = itertools.count()
+        self._spawning = 0
+
+    # ---------------------------------------------------------------- public API
+
+    def start(self) -> None:
+        """Start the minimum number of workers (done on first submit otherwise)."""
+        with self._lock:
+            if self._started:
+                return
+            if self._closed:
+                raise RuntimeError("this ProcessPool was shut down")
+            self._tmpdir = tempfile.mkdtemp(prefix=f"{self.name}-pool-")
+            self._sel = selectors.DefaultSelector()
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+            self._started = True
+            for _ in range(self.min_workers):
+                self._spawn()
+            self._thread = threading.Thread(
+                target=self._loop, name=f"{self.name}-pool-io", daemon=True
+            )
+            self._thread.start()
+
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        args: tuple = (),
+        kwargs: dict | None = None,
+        *,
+        on_change: Callable[[Job], None] | None = None,
+        label: str = "",
+    ) -> Job:
+        """Queue ``fn(*args, **kwargs)``; ``on_change(job)`` is called when it starts and ends.
+
+        Raises ``valent.PicklingError`` when the function or its arguments cannot be pickled.
+        """
+        entry = self._fn_entry(fn, label)
+        try:
+            args_blob = cloudpickle.dumps((args, kwargs or {}), protocol=5)
+        except Exception as exc:
+            raise PicklingError(
+                f"the arguments of {label or fn!r} cannot be pickled: {exc}"
+            ) from exc
+        job = Job(next(self._ids), entry, args_blob, on_change, label)
+        if not self._started:
+            self.start()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this ProcessPool was shut down")
+            worker = self._idle.pop() if self._idle else None
+            if worker is None:
+                self._queue.append(job)
+                self._maybe_grow()
+            else:
+                self._assign(worker, job)
+        if worker is not None:
+            self._send(worker, job)
+        return job
+
+    def cancel(self, job: Job) -> CancelOutcome:
+        """Cancel ``job`` without blocking; its state turns ``Cancelled`` when confirmed."""
+        with self._lock:
+            if job.state.final:
+                return CancelOutcome.TOO_LATE
+            if job.worker is None:
+                try:
+                    self._queue.remove(job)
+                except ValueError:
+                    return CancelOutcome.TOO_LATE
+                self._finish(job, Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time()))
+                notify = True
+            else:
+                notify = False
+                if not job.kill_requested:
+                    job.kill_requested = True
+                    self._begin_kill(job.worker)
+        if notify:
+            self._notify(job)
+        return CancelOutcome.DEQUEUED if notify else CancelOutcome.KILLED
+
+    def stats(self) -> dict[str, int]:
+        """Counts of workers (all, idle, being killed) and queued jobs."""
+        with self._lock:
+            return {
+                "workers": len(self._workers),
+                "idle": len(self._idle),
+                "dying": len(self._dying),
+                "queued": len(self._queue),
+            }
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the current worker processes (each one a process-group leader)."""
+        with self._lock:
+            return [w.pid for w in self._workers.values()]
+
+    def shutdown(self, wait: bool = True, timeout: float = 10.0) -> None:
+        """Cancel what is queued, kill what runs, stop every worker; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if not self._started:
+                return
+            queued, self._queue = list(self._queue), collections.deque()
+            for job in queued:
+                self._finish(job, Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time()))
+            for w in list(self._workers.values()):
+                if w.job is not None and not w.job.kill_requested:
+                    w.job.kill_requested = True
+                if not w.doomed:
+                    self._begin_kill(w, grace=0.0 if w.job is None else None)
+        for job in queued:
+            self._notify(job)
+        self._poke()
+        if wait and self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def __enter__(self) -> ProcessPool:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---------------------------------------------------------------- internals
+
+    def _fn_entry(self, fn, label) -> tuple[Any, int, bytes]:
+        key = id(fn)
+        with self._lock:
+            entry = self._fn_cache.get(key)
+            if entry is not None and entry[0] is fn:
+                self._fn_cache.move_to_end(key)
+                return entry
+        try:
+            blob = cloudpickle.dumps(fn, protocol=5)
+        except Exception as exc:
+            raise PicklingError(f"the function {label or fn!r} cannot be pickled: {exc}") from exc
+        entry = (fn, next(self._fn_keys), blob)
+        with self._lock:
+            self._fn_cache[key] = entry
+            while len(self._fn_cache) > FN_CACHE_SIZE:
+                self._fn_cache.popitem(last=False)
+        return entry
+
+    def _spawn(self) -> None:
+        """Start one worker (lock held)."""
+        assert self._tmpdir is not None and self._sel is not None
+        index = next(self._worker_index)
+        parent_sock, child_sock = socket.socketpair()
+        life_r, life_w = os.pipe()
+        out_path = os.path.join(self._tmpdir, f"w{index}.out")
+        err_path = os.path.join(self._tmpdir, f"w{index}.err")
+        try:
+            proc = subprocess.Popen(
+                [self.python, "-m", "valent.poolworker", str(child_sock.fileno()), str(life_r),
+                 out_path, err_path],
+                pass_fds=(child_sock.fileno(), life_r),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=self._child_env(),
+            )
+        finally:
+            child_sock.close()
+            os.close(life_r)
+        os.set_inheritable(life_w, False)
+        worker = _Worker(proc, parent_sock, life_w, out_path, err_path, index)
+        send_msg(parent_sock, {"sys_path": list(sys.path)})
+        self._workers[worker.key] = worker
+        self._sel.register(parent_sock, selectors.EVENT_READ, worker)
+        self._idle.append(worker)
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        return env
+
+    def _maybe_grow(self) -> None:
+        """Grow an elastic pool when work waits (lock held)."""
+        total = len(self._workers) - len(self._dying)
+        if total < self.min_workers:
+            for _ in range(self.min_workers - total):
+                self._spawn()
+            self._drain_to_idle()
+            return
+        if total >= self.max_workers or not self._queue:
+            return
+        if time.monotonic() - self._last_start >= self.grow_after and not _cpu_saturated():
+            n = min(len(self._queue), max(1, total), self.max_workers - total)
+            for _ in range(n):
+                self._spawn()
+            self._last_start = time.monotonic()
+            self._drain_to_idle()
+
+    def _drain_to_idle(self) -> None:
+        pairs = []
+        while self._idle and self._queue:
+            w, j = self._idle.pop(), self._queue.popleft()
+            self._assign(w, j)
+            pairs.append((w, j))
+        if pairs:
+            threading.Thread(target=self._send_many, args=(pairs,), daemon=True).start()
+
+    def _send_many(self, pairs) -> None:
+        for w, j in pairs:
+            self._send(w, j)
+
+    def _assign(self, worker: _Worker, job: Job) -> None:
+        """Bind ``job`` to an idle ``worker`` (lock held); the send happens outside the lock."""
+        worker.job = job
+        job.worker = worker
+        job.state = Running(time.time())
+        self._last_start = time.monotonic()
+
+    def _send(self, worker: _Worker, job: Job) -> None:
+        fn, key, blob = job.fn_entry
+        forget: list[int] = []
+        with self._lock:
+            if key in worker.known:
+                worker.known.move_to_end(key)
+                send_blob = None
+            else:
+                send_blob = blob
+                worker.known[key] = None
+                while len(worker.known) > FN_CACHE_SIZE:
+                    forget.append(worker.known.popitem(last=False)[0])
+        try:
+            send_msg(worker.sock, (job.id, key, send_blob, forget, job.args_blob))
+        except OSError:
+            pass  # the worker died; the I/O thread sees EOF and handles the job
+        job.args_blob = b""
+        self._notify(job)
+
+    def _notify(self, job: Job) -> None:
+        cb = job.on_change
+        if cb is not None:
+            try:
+                cb(job)
+            except Exception:  # an observer's bug must not kill the pool
+                import traceback
+
+                traceback.print_exc()
+
+    def _finish(self, job: Job, state: TaskState) -> None:
+        job.state = state
+        job.done.set()
+
+    def _poke(self) -> None:
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"x")
+            except OSError:
+                pass
+
+    def _begin_kill(self, worker: _Worker, grace: float | None = None) -> None:
+        """SIGTERM the worker's group and its escaped descendants (lock held)."""
+        worker.doomed = True
+        if worker in self._idle:
+            self._idle.remove(worker)
+        self._dying.append(worker)
+        worker.tree = proctree.snapshot_tree(worker.pid)
+        proctree.signal_group(worker.pid, signal.SIGTERM)
+        proctree.signal_escapees(worker.tree, worker.pid, signal.SIGTERM)
+        g = self.grace if grace is None else grace
+        worker.kill_deadline = time.monotonic() + g
+        self._poke()
+        if not self._closed:
+            # replace it now, off the critical path of queued work
+            self._spawn()
+            self._drain_to_idle()
+
+    def _loop(self) -> None:
+        assert self._sel is not None
+        while True:
+            timeout = self._next_timeout()
+            events = self._sel.select(timeout)
+            for key, _ in events:
+                if key.data is None:
+                    try:
+                        self._wake_r.recv(4096)  # type: ignore[union-attr]
+                    except OSError:
+                        pass
+                    continue
+                self._on_readable(key.data)
+            self._tick()
+            with self._lock:
+                if self._closed and not self._workers:
+                    break
+        self._cleanup()
+
+    def _next_timeout(self) -> float:
+        now = time.monotonic()
+        t = 1.0
+        with self._lock:
+            for w in self._dying:
+                if w.dead_at is not None:
+                    t = min(t, 0.005)
+                elif w.kill_deadline is not None:
+                    t = min(t, max(0.0, w.kill_deadline - now) + 0.001)
+            if self._queue and len(self._workers) < self.max_workers:
+                t = min(t, self.grow_after)
+        return t
+
+    def _on_readable(self, worker: _Worker) -> None:
+        try:
+            msg = recv_msg(worker.sock)
+        except (OSError, EOFError, pickle.UnpicklingError):
+            msg = None
+        if msg is None:
+            self._on_eof(worker)
+            return
+        job_id, ok, payload, started, ended, out, err, asked_to_stop = msg
+        with self._lock:
+            job = worker.job
+            if job is None or job.id != job_id:
+                return
+            if job.kill_requested:
+                worker.kill_deadline = time.monotonic()  # no need to wait out the grace
+                if asked_to_stop:
+                    # it stopped cooperatively: Cancelled(KILLED) once its group is gone
+                    return
+                # it finished before the cancel reached it: that is the truth to report
+            worker.job = None
+            if ok:
+                state: TaskState = Completed(
+                    pickled=payload, started_at=started, ended_at=ended, stdout=out, stderr=err
+                )
+            else:
+                state = Failed(_unpack_error(payload), payload[2], started, ended, out, err)
+            self._finish(job, state)
+            nxt = None
+            if not worker.doomed:
+                if self._queue:
+                    nxt = self._queue.popleft()
+                    self._assign(worker, nxt)
+                else:
+                    worker.idle_since = time.monotonic()
+                    self._idle.append(worker)
+        if nxt is not None:
+            self._send(worker, nxt)
+        self._notify(job)
+
+    def _on_eof(self, worker: _Worker) -> None:
+        """The worker's socket closed: it died, by our kill or on its own."""
+        with self._lock:
+            if worker.dead_at is not None:
+                return
+            worker.dead_at = time.monotonic()
+            if self._sel is not None:
+                try:
+                    self._sel.unregister(worker.sock)
+                except (KeyError, ValueError):
+                    pass
+            if not worker.doomed:
+                # died on its own (os._exit, segfault, OOM): nothing of its group may stay
+                worker.doomed = True
+                if worker in self._idle:
+                    self._idle.remove(worker)
+                self._dying.append(worker)
+                worker.tree = proctree.snapshot_tree(worker.pid)
+                worker.kill_deadline = time.monotonic()
+                if not self._closed:
+                    self._spawn()
+                    self._drain_to_idle()
+
+    def _tick(self) -> None:
+        """Advance kills: SIGKILL at the deadline, confirm groups gone, reap, report."""
+        now = time.monotonic()
+        finished: list[Job] = []
+        with self._lock:
+            for w in list(self._dying):
+                if w.kill_deadline is not None and now >= w.kill_deadline:
+                    proctree.signal_group(w.pid, signal.SIGKILL)
+                    proctree.signal_escapees(w.tree, w.pid, signal.SIGKILL)
+                    w.kill_deadline = None
+                if w.dead_at is None and w.proc.poll() is None:
+                    continue
+                if proctree.group_members(w.pid) or proctree.alive_escapees(w.tree, w.pid):
+                    if w.kill_deadline is None:
+                        proctree.signal_group(w.pid, signal.SIGKILL)
+                    continue
+                job = self._retire(w)
+                if job is not None:
+                    finished.append(job)
+            if self._closed and not self._dying:
+                for w in list(self._workers.values()):
+                    self._begin_kill(w, grace=0.0)
+            self._shrink(now)
+            if self._queue:
+                self._maybe_grow()
+        for job in finished:
+            self._notify(job)
+
+    def _retire(self, w: _Worker) -> Job | None:
+        """Forget a dead worker whose group is gone; settle its job (lock held)."""
+        try:
+            w.proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            return None
+        self._dying.remove(w)
+        self._workers.pop(w.key, None)
+        w.sock.close()
+        try:
+            os.close(w.lifeline)
+        except OSError:
+            pass
+        job, w.job = w.job, None
+        out, err = _tail(w.out_path), _tail(w.err_path)
+        for p in (w.out_path, w.err_path):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        if job is None or job.state.final:
+            return None
+        started = getattr(job.state, "started_at", None)
+        if job.kill_requested:
+            state: TaskState = Cancelled(CancelOutcome.KILLED, started, time.time(), out, err)
+        else:
+            how = proctree.signal_name(w.proc.returncode)
+            detail = err.strip().splitlines()[-12:]
+            msg = f"the worker process running {job.label or 'the task'} died ({how})"
+            if detail:
+                msg += "; its last output:\n" + "\n".join(detail)
+            state = Failed(WorkerDiedError(msg), "", started, time.time(), out, err)
+        self._finish(job, state)
+        return job
+
+    def _shrink(self, now: float) -> None:
+        live = len(self._workers) - len(self._dying)
+        for w in list(self._idle):
+            if live <= self.min_workers:
+                break
+            if now - w.idle_since > self.idle_timeout:
+                self._begin_kill(w, grace=0.0)
+                live -= 1
+
+    def _cleanup(self) -> None:
+        if self._sel is not None:
+            self._sel.close()
+        for s in (self._wake_r, self._wake_w):
+            if s is not None:
+                s.close()
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+def _cpu_saturated() -> bool:
+    """True when the machine's CPUs are nearly all busy: more workers would not help then."""
+    import psutil
+
+    return psutil.cpu_percent(None) >= 85.0
+
+
+def _unpack_error(payload: tuple) -> BaseException:
+    blob, text, _tb = payload
+    if blob is not None:
+        try:
+            return cloudpickle.loads(blob)
+        except Exception:
+            pass
+    return RemoteError(text)
+
+
+def _tail(path: str, limit: int = 1 << 16) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+__all__ = ["ProcessPool", "Job", "RemoteError", "HEADER"]

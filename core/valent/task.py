@@ -1,0 +1,117 @@
+"""What the dispatcher hands an executor (a :class:`Task`) and what a poll returns (a state)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .status import CancelOutcome
+
+
+@dataclass(slots=True)
+class Task:
+    """One attempt at running one node: the callable with its resolved arguments.
+
+    Executors treat it as read-only. ``run()`` calls the function where it is called;
+    an executor that ships work elsewhere pickles ``fn``, ``args`` and ``kwargs``
+    (or the whole task) and calls ``run()`` (or ``fn(*args, **kwargs)``) there.
+    """
+
+    dispatch_id: str
+    node_id: int
+    name: str
+    fn: Callable[..., Any]
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    timeout: float | None = None
+    attempt: int = 1
+
+    @property
+    def key(self) -> str:
+        """A string unique to this attempt, usable as a file or Dask key."""
+        return f"{self.name}-{self.dispatch_id}-{self.node_id}-{self.attempt}"
+
+    @property
+    def label(self) -> str:
+        """The node's display name, as Covalent prints it: ``task_1(0)``."""
+        return f"{self.name}({self.node_id})"
+
+    def run(self) -> Any:
+        """Call the function with its arguments, here, and return its value."""
+        return self.fn(*self.args, **self.kwargs)
+
+
+class TaskState:
+    """Base of what ``Executor.poll`` returns."""
+
+    __slots__ = ()
+    final: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Pending(TaskState):
+    """Accepted by the executor, not started yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class Running(TaskState):
+    """Started; ``started_at`` is a ``time.time()`` stamp when known."""
+
+    started_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completed(TaskState):
+    """Finished with a value.
+
+    Give ``value``, or ``pickled`` (its cloudpickle bytes, when the value arrived pickled:
+    the dispatcher stores them as they are and unpickles only when it needs the value).
+    """
+
+    value: Any = None
+    pickled: bytes | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    stdout: str = ""
+    stderr: str = ""
+    final = True
+
+    def get_value(self) -> Any:
+        """The value, unpickling ``pickled`` if that is what was given."""
+        if self.pickled is not None:
+            import cloudpickle
+
+            return cloudpickle.loads(self.pickled)
+        return self.value
+
+
+@dataclass(frozen=True, slots=True)
+class Failed(TaskState):
+    """Finished with an error: the task raised, its process died, or it could not start.
+
+    ``error`` is the exception (or a message); ``traceback`` the formatted traceback text.
+    """
+
+    error: BaseException | str
+    traceback: str = ""
+    started_at: float | None = None
+    ended_at: float | None = None
+    stdout: str = ""
+    stderr: str = ""
+    final = True
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled(TaskState):
+    """Stopped by a cancel; ``outcome`` says how (dequeued or killed)."""
+
+    outcome: CancelOutcome
+    started_at: float | None = None
+    ended_at: float | None = None
+    stdout: str = ""
+    stderr: str = ""
+    final = True
+
+
+__all__ = ["Task", "TaskState", "Pending", "Running", "Completed", "Failed", "Cancelled"]
