@@ -1,1 +1,69 @@
-"""valent: run Python workflows on pluggable executors, and stop them for real."""
+"""valent: run Python workflows on pluggable executors, and stop them for real.
+
+``import valent as ct`` and write ``@ct.electron`` tasks and a ``@ct.lattice`` workflow; then
+``ct.dispatch``, ``ct.get_result``, ``ct.cancel``. Plugin authors subclass ``ct.Executor``
+and implement hooks with ``@ct.hookimpl``.
+"""
+
+from . import executors
+from .api import cancel, dispatch, dispatch_sync, get_result
+from .cancel_token import cancel_requested
+from .errors import (
+    ConfigError,
+    DispatchTimeoutError,
+    ExecutorError,
+    PicklingError,
+    PluginError,
+    StoreError,
+    TaskTimeoutError,
+    TracingError,
+    UnknownDispatchError,
+    UnknownExecutorError,
+    ValentError,
+    WorkerDiedError,
+)
+from .executor import Capabilities, Executor, Wake
+from .graph import electron, lattice
+from .plugins import hookimpl
+from .result import Result
+from .status import CancelOutcome, Status
+from .task import Cancelled, Completed, Failed, Pending, Running, Task, TaskState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cancelled",
+    "CancelOutcome",
+    "Capabilities",
+    "Completed",
+    "ConfigError",
+    "DispatchTimeoutError",
+    "Executor",
+    "ExecutorError",
+    "Failed",
+    "Pending",
+    "PicklingError",
+    "PluginError",
+    "Result",
+    "Running",
+    "Status",
+    "StoreError",
+    "Task",
+    "TaskState",
+    "TaskTimeoutError",
+    "TracingError",
+    "UnknownDispatchError",
+    "UnknownExecutorError",
+    "ValentError",
+    "Wake",
+    "WorkerDiedError",
+    "cancel",
+    "cancel_requested",
+    "dispatch",
+    "dispatch_sync",
+    "electron",
+    "executors",
+    "get_result",
+    "hookimpl",
+    "lattice",
+]

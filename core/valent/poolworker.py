@@ -144,7 +144,7 @@ def main(argv: list[str]) -> None:
     import cloudpickle
 
     try:
-        from valent import cancel as _cancel_mod
+        from valent import cancel_token as _cancel_mod
 
         _cancel_mod.set_process_token(_token)
     except Exception:

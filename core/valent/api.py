@@ -1,0 +1,311 @@
+"""The user-facing calls: ``dispatch``, ``dispatch_sync``, ``get_result``, ``cancel``."""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from .errors import DispatchTimeoutError, PicklingError, ValentError
+from .graph import ELECTRON, PARAMETER, Electron, Graph, Lattice, Ref
+from .result import Result
+from .status import FINAL, Status
+
+_lock = threading.Lock()
+_dispatcher = None
+
+
+def get_dispatcher():
+    """This process's dispatcher, started on first use (no work at import time)."""
+    global _dispatcher
+    if _dispatcher is None:
+        with _lock:
+            if _dispatcher is None:
+                from .dispatcher import Dispatcher
+                from .plugins import get_plugins
+                from .store import get_store
+
+                _dispatcher = Dispatcher(get_store(), get_plugins())
+                atexit.register(_at_exit)
+    return _dispatcher
+
+
+def _store():
+    from .store import get_store
+
+    return get_store()
+
+
+# ---------------------------------------------------------------------- dispatch
+
+
+def dispatch(lattice: Lattice) -> Callable[..., str]:
+    """``dispatch(workflow)(*args, **kwargs)`` starts it and returns its id at once."""
+    _check_lattice(lattice, "dispatch")
+
+    def start(*args: Any, **kwargs: Any) -> str:
+        graph = lattice.build_graph(*args, **kwargs)
+        return _start(graph)
+
+    return start
+
+
+def dispatch_sync(lattice: Lattice) -> Callable[..., Result]:
+    """``dispatch_sync(workflow)(*args, **kwargs)`` runs it and returns its final Result."""
+    _check_lattice(lattice, "dispatch_sync")
+
+    def run(*args: Any, **kwargs: Any) -> Result:
+        return get_result(dispatch(lattice)(*args, **kwargs), wait=True)
+
+    return run
+
+
+def _check_lattice(obj: Any, what: str) -> None:
+    if isinstance(obj, Lattice):
+        return
+    if isinstance(obj, Electron):
+        raise ValentError(
+            f"{what}() takes a @lattice, got the electron {obj.name!r}; wrap it in a lattice "
+            "(@ct.lattice def workflow(...): return task(...))"
+        )
+    raise ValentError(f"{what}() takes a function decorated with @ct.lattice, got {obj!r}")
+
+
+def _start(graph: Graph) -> str:
+    from .dispatcher import DispatchRun
+
+    dispatcher = get_dispatcher()
+    store = dispatcher.store
+    dispatch_id = str(uuid.uuid4())
+    try:
+        inputs = cloudpickle.dumps((graph.args, graph.kwargs))
+    except Exception as exc:
+        raise PicklingError(
+            f"the arguments of lattice {graph.lattice_name!r} cannot be pickled: {exc}; "
+            "pass plain data (numbers, strings, lists, dicts, arrays) or paths"
+        ) from exc
+    default_name = _default_executor_name(graph)
+    now = time.time()
+    nodes = []
+    for node in graph.nodes:
+        output = None
+        if node.kind == PARAMETER:
+            try:
+                output = cloudpickle.dumps(node.value)
+            except Exception as exc:
+                raise PicklingError(_param_problem(graph, node.id, exc)) from exc
+        nodes.append(
+            {
+                "dispatch_id": dispatch_id,
+                "node_id": node.id,
+                "name": node.name,
+                "kind": node.kind,
+                "executor": _executor_label(node, default_name),
+                "parents": json.dumps(list(node.parents)),
+                "status": Status.NEW_OBJECT.value,
+                "output": output,
+            }
+        )
+    pid, host, started = dispatcher.owner
+    row = {
+        "dispatch_id": dispatch_id,
+        "lattice_name": graph.lattice_name,
+        "status": Status.NEW_OBJECT.value,
+        "created_at": now,
+        "inputs": inputs,
+        "input_repr": repr((graph.args, graph.kwargs))[:500],
+        "owner_pid": pid,
+        "owner_host": host,
+        "owner_started": started,
+        "node_count": len(graph.nodes),
+    }
+    store.create_dispatch(row, nodes)
+    dispatcher.start(DispatchRun(dispatch_id, graph))
+    return dispatch_id
+
+
+def _default_executor_name(graph: Graph) -> str:
+    if graph.executor is not None:
+        return graph.executor if isinstance(graph.executor, str) else graph.executor.name
+    from .config import default_executor_name
+
+    return default_executor_name()
+
+
+def _executor_label(node: Any, default_name: str) -> str | None:
+    if node.kind != ELECTRON:
+        return None
+    spec = node.electron.executor if node.electron is not None else None
+    if spec is None:
+        return default_name
+    return spec if isinstance(spec, str) else spec.name
+
+
+def _param_problem(graph: Graph, node_id: int, exc: Exception) -> str:
+    node = graph.nodes[node_id]
+    users = []
+    for n in graph.nodes:
+        for i, a in enumerate(n.args):
+            if a == Ref(node_id):
+                users.append(f"argument {i + 1} of {n.label}")
+        for k, a in n.kwargs.items():
+            if a == Ref(node_id):
+                users.append(f"argument {k!r} of {n.label}")
+    where = ", ".join(users) or "an argument"
+    return (
+        f"{where} ({type(node.value).__name__} value, node {node.label}) cannot be pickled, so "
+        f"it cannot be sent to an executor: {exc}. Pass plain data, or create the object "
+        "inside the electron that uses it."
+    )
+
+
+# ---------------------------------------------------------------------- results
+
+
+def _owned_run(dispatch_id: str):
+    d = _dispatcher
+    return None if d is None else d.runs.get(dispatch_id)
+
+
+def get_result(dispatch_id: str, wait: bool = False, timeout: float | None = None) -> Result:
+    """The dispatch's Result; with ``wait=True``, once it is final and every executor
+    confirmed that nothing it started is still running (``timeout`` in seconds)."""
+    store = _store()
+    dispatch_id = store.resolve(dispatch_id)
+    if wait:
+        _wait(store, dispatch_id, timeout)
+    row = store.dispatch_row(dispatch_id)
+    if row["status"] not in _FINAL and _owner_dead(row):
+        store.mark_orphaned(dispatch_id, _orphan_message(row))
+        row = store.dispatch_row(dispatch_id)
+    return Result(row, store.node_rows(dispatch_id), str(store.dir))
+
+
+_FINAL = {s.value for s in FINAL}
+
+
+def _wait(store, dispatch_id: str, timeout: float | None) -> None:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    run = _owned_run(dispatch_id)
+    if run is not None:
+        if not run.done.wait(timeout):
+            raise DispatchTimeoutError(
+                f"dispatch {dispatch_id} is still {run.status} after {timeout} s; it goes on "
+                "(call get_result again, or cancel it)"
+            )
+        if run.store_error is not None:
+            raise run.store_error
+        return
+    delay = 0.02
+    while True:
+        row = store.dispatch_row(dispatch_id)
+        if row["status"] in _FINAL:
+            return
+        if _owner_dead(row):
+            store.mark_orphaned(dispatch_id, _orphan_message(row))
+            return
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DispatchTimeoutError(
+                f"dispatch {dispatch_id} is still {row['status']} after {timeout} s; it goes on"
+            )
+        time.sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 1.5, 0.25)
+
+
+def _owner_dead(row) -> bool:
+    """True when the process that owns a dispatch (on this host) is gone."""
+    if row["owner_host"] != socket.gethostname() or row["owner_pid"] is None:
+        return False
+    pid = row["owner_pid"]
+    if pid == os.getpid() and _dispatcher is not None:
+        return row["dispatch_id"] not in _dispatcher.runs and row["status"] not in _FINAL and (
+            abs(_dispatcher.owner[2] - (row["owner_started"] or 0)) > 1.0
+        )
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if row["owner_started"] and abs(proc.create_time() - row["owner_started"]) > 1.0:
+            return True
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
+
+
+def _orphan_message(row) -> str:
+    return (
+        f"the process that dispatched it (pid {row['owner_pid']} on {row['owner_host']}) "
+        "exited or was killed before the dispatch finished; its unfinished tasks were "
+        "stopped with it. Dispatch the workflow again."
+    )
+
+
+# ---------------------------------------------------------------------- cancel
+
+
+def cancel(dispatch_id: str, task_ids: list[int] | int | None = None) -> str:
+    """Cancel a whole dispatch, or the listed node ids and all their dependents.
+
+    Idempotent; on a dispatch that already finished it says so and changes nothing. Works
+    from any process: the owning process picks the request up within a fraction of a second.
+    """
+    if isinstance(task_ids, int):
+        task_ids = [task_ids]
+    store = _store()
+    dispatch_id = store.resolve(dispatch_id)
+    if _owned_run(dispatch_id) is not None:
+        return get_dispatcher().cancel(dispatch_id, task_ids)
+    row = store.dispatch_row(dispatch_id)
+    if row["status"] in _FINAL:
+        return f"Dispatch {dispatch_id} already finished ({row['status']}); nothing to cancel."
+    if _owner_dead(row):
+        store.mark_orphaned(dispatch_id, _orphan_message(row))
+        return (
+            f"Dispatch {dispatch_id}: its owner process (pid {row['owner_pid']}) is gone; "
+            "marked FAILED, nothing is running."
+        )
+    store.request_cancel(dispatch_id, task_ids)
+    return (
+        f"Dispatch {dispatch_id} cancel requested; its owner (pid {row['owner_pid']}) is "
+        "stopping it."
+    )
+
+
+# ---------------------------------------------------------------------- exit
+
+
+def _at_exit() -> None:
+    """Wait for dispatches still running at interpreter exit; Ctrl-C cancels them."""
+    d = _dispatcher
+    if d is None:
+        return
+    try:
+        runs = d.active()
+        if runs:
+            print(
+                f"valent: waiting for {len(runs)} running dispatch(es) to finish "
+                "(Ctrl-C cancels them)",
+                file=sys.stderr,
+            )
+            try:
+                for run in runs:
+                    run.done.wait()
+            except KeyboardInterrupt:
+                print("valent: cancelling...", file=sys.stderr)
+                for run in d.active():
+                    d.cancel(run.id, None)
+                for run in runs:
+                    run.done.wait(60)
+    finally:
+        d.shutdown_executors()

@@ -1,0 +1,619 @@
+"""The embedded dispatcher: one background thread per process that runs every dispatch it owns.
+
+Event-driven: executors call a task's ``wake`` and the thread polls just that task; timers
+cover electron timeouts, cancel retries and executors that ask for safety-net polls. Node
+changes are written to the store in one transaction per loop turn.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import cloudpickle
+
+from .errors import StoreError, TaskTimeoutError, ValentError
+from .executor import Executor
+from .graph import COLLECTION, ELECTRON, GETATTR, GETITEM, PARAMETER, Graph, Node, Ref
+from .plugins import Plugins
+from .rules import lattice_status
+from .status import CancelOutcome, Status
+from .store import Store
+from .task import Cancelled, Completed, Failed, Running, Task
+
+EXTERNAL_CANCEL_EVERY = 0.2
+CANCEL_RETRIES = 3
+_WAKE, _START, _CANCEL, _CALL = range(4)
+_MISSING = object()
+
+
+class NodeRun:
+    """The dispatcher's live view of one node."""
+
+    __slots__ = (
+        "node", "status", "executor", "handle", "waiting", "value", "pickled", "attempts",
+        "cancel_at", "cancel_outcome", "cancel_tries", "timed_out", "deadline", "reason",
+        "start_time", "end_time", "error", "submitted", "run",
+    )
+
+    def __init__(self, run: DispatchRun, node: Node):
+        self.run = run
+        self.node = node
+        self.status = Status.NEW_OBJECT
+        self.executor: Executor | None = None
+        self.handle: Any = None
+        self.waiting = len(node.parents)
+        self.value: Any = _MISSING
+        self.pickled: bytes | None = None
+        self.attempts = 0
+        self.cancel_at: float | None = None
+        self.cancel_outcome: CancelOutcome | None = None
+        self.cancel_tries = 0
+        self.timed_out = False
+        self.deadline: float | None = None
+        self.reason: str | None = None
+        self.start_time: float | None = None
+        self.end_time: float | None = None
+        self.error: str | None = None
+        self.submitted = False
+
+    @property
+    def final(self) -> bool:
+        return self.status.is_final
+
+    def get_value(self) -> Any:
+        if self.value is _MISSING:
+            self.value = cloudpickle.loads(self.pickled) if self.pickled is not None else None
+        return self.value
+
+
+class DispatchRun:
+    """One dispatch this process owns."""
+
+    def __init__(self, dispatch_id: str, graph: Graph):
+        self.id = dispatch_id
+        self.graph = graph
+        self.nodes = [NodeRun(self, n) for n in graph.nodes]
+        self.children = graph.children()
+        self.remaining = len(self.nodes)
+        self.status = Status.NEW_OBJECT
+        self.cancel_requested = False
+        self.done = threading.Event()
+        self.executors: set[int] = set()
+        self.executor_objs: list[Executor] = []
+        self.store_error: StoreError | None = None
+
+
+class Dispatcher:
+    """Runs dispatches on a background thread; create one per process with ``get_dispatcher``."""
+
+    def __init__(self, store: Store, plugins: Plugins):
+        self.store = store
+        self.plugins = plugins
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.runs: dict[str, DispatchRun] = {}
+        self._named: dict[str, Executor] = {}
+        self._used: dict[int, Executor] = {}
+        self._timers: list[tuple[float, int, Any, Any]] = []
+        self._seq = itertools.count()
+        self._nupd: dict[tuple[str, int], dict[str, Any]] = {}
+        self._dupd: dict[str, dict[str, Any]] = {}
+        self._finishing: list[DispatchRun] = []
+        self._next_external = 0.0
+        self._observers = plugins.has_observers
+        self.owner = (os.getpid(), socket.gethostname(), _process_start())
+        self._thread = threading.Thread(target=self._loop, name="valent-dispatcher", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public (any thread)
+
+    def start(self, run: DispatchRun) -> None:
+        """Begin running ``run`` (already written to the store)."""
+        self.runs[run.id] = run
+        self.q.put((_START, run))
+
+    def cancel(self, dispatch_id: str, task_ids: list[int] | None) -> str:
+        """Cancel a dispatch this process owns; returns the message for the user."""
+        reply: queue.SimpleQueue = queue.SimpleQueue()
+        self.q.put((_CANCEL, (dispatch_id, task_ids, reply)))
+        return reply.get()
+
+    def call(self, fn: Any) -> Any:
+        """Run ``fn()`` on the dispatcher thread and return its result (for tests, tools)."""
+        reply: queue.SimpleQueue = queue.SimpleQueue()
+        self.q.put((_CALL, (fn, reply)))
+        ok, value = reply.get()
+        if not ok:
+            raise value
+        return value
+
+    def active(self) -> list[DispatchRun]:
+        return list(self.runs.values())
+
+    def shutdown_executors(self) -> None:
+        """Shut down every executor this dispatcher used (at interpreter exit)."""
+        for ex in list(self._used.values()):
+            try:
+                ex.shutdown()
+            except Exception:
+                traceback.print_exc()
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self._turn()
+            except Exception:  # a bug here must not stop every dispatch in the process
+                traceback.print_exc()
+
+    def _turn(self) -> None:
+        timeout = self._timeout()
+        try:
+            events = [self.q.get(timeout=timeout)]
+        except queue.Empty:
+            events = []
+        while True:
+            try:
+                events.append(self.q.get_nowait())
+            except queue.Empty:
+                break
+        woken: dict[int, NodeRun] = {}
+        for kind, payload in events:
+            if kind == _WAKE:
+                woken[id(payload)] = payload
+            elif kind == _START:
+                self._start(payload)
+            elif kind == _CANCEL:
+                did, task_ids, reply = payload
+                reply.put(self._cancel(did, task_ids))
+            elif kind == _CALL:
+                fn, reply = payload
+                try:
+                    reply.put((True, fn()))
+                except Exception as exc:
+                    reply.put((False, exc))
+        for nr in woken.values():
+            self._poll(nr)
+        self._fire_timers()
+        now = time.monotonic()
+        if self.runs and now >= self._next_external:
+            self._next_external = now + EXTERNAL_CANCEL_EVERY
+            self._external_cancels()
+        self._flush()
+
+    def _timeout(self) -> float | None:
+        t: float | None = None
+        if self._timers:
+            t = max(0.0, self._timers[0][0] - time.monotonic())
+        if self.runs:
+            t = EXTERNAL_CANCEL_EVERY if t is None else min(t, EXTERNAL_CANCEL_EVERY)
+        return t
+
+    def _at(self, delay: float, what: Any, nr: Any) -> None:
+        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), what, nr))
+
+    def _fire_timers(self) -> None:
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, what, nr = heapq.heappop(self._timers)
+            if nr.final:
+                continue
+            if (
+                what == "timeout"
+                and nr.deadline is not None
+                and now >= nr.deadline - 0.001
+                and not nr.timed_out
+            ):
+                nr.timed_out = True
+                self._cancel_node(nr, "timeout")
+            elif what == "poll":
+                self._poll(nr)
+                if not nr.final and nr.executor is not None and nr.executor.poll_interval:
+                    self._at(nr.executor.poll_interval, "poll", nr)
+            elif what == "recancel":
+                self._send_cancel(nr)
+
+    # ------------------------------------------------------------------ starting
+
+    def _start(self, run: DispatchRun) -> None:
+        now = time.time()
+        run.status = Status.RUNNING
+        self._dupd[run.id] = {"status": Status.RUNNING.value, "start_time": now}
+        ready = []
+        for nr in run.nodes:
+            if nr.node.kind == PARAMETER:
+                nr.value = nr.node.value
+                nr.start_time = nr.end_time = now
+                self._set(nr, Status.COMPLETED)
+            elif nr.waiting == 0:
+                ready.append(nr)
+        for nr in run.nodes:
+            if nr.node.kind == PARAMETER:
+                self._release_children(nr)
+        for nr in ready:
+            if not nr.final and not nr.submitted:
+                self._submit(nr)
+        self._check_done(run)
+
+    def _release_children(self, nr: NodeRun) -> None:
+        run = nr.run
+        for cid in run.children[nr.node.id]:
+            child = run.nodes[cid]
+            child.waiting -= 1
+            if child.waiting == 0 and not child.final and not run.cancel_requested:
+                self._submit(child)
+
+    def _submit(self, nr: NodeRun) -> None:
+        node = nr.node
+        nr.submitted = True
+        try:
+            args = tuple(self._resolve(nr.run, a) for a in node.args)
+            kwargs = {k: self._resolve(nr.run, v) for k, v in node.kwargs.items()}
+        except Exception as exc:
+            self._fail(nr, exc, traceback.format_exc())
+            return
+        if node.kind != ELECTRON:
+            try:
+                nr.value = _compute_inline(node, args, kwargs)
+            except Exception as exc:
+                self._fail(nr, exc, traceback.format_exc())
+                return
+            nr.start_time = nr.end_time = time.time()
+            self._complete(nr, None)
+            return
+        try:
+            executor = self._executor_for(nr)
+        except ValentError as exc:
+            self._fail(nr, exc, "")
+            return
+        nr.attempts += 1
+        electron = node.electron
+        task = Task(
+            nr.run.id, node.id, node.name, node.fn, args, kwargs,
+            electron.timeout if electron else None, nr.attempts,
+        )
+        try:
+            nr.handle = self.plugins.run(executor, task, _waker(self.q, nr))
+        except Exception as exc:
+            self._fail(nr, exc, traceback.format_exc())
+            return
+        self._set(nr, Status.PENDING)
+        if electron is not None and electron.timeout:
+            nr.deadline = time.monotonic() + electron.timeout
+            self._at(electron.timeout, "timeout", nr)
+        if executor.poll_interval:
+            self._at(executor.poll_interval, "poll", nr)
+
+    def _resolve(self, run: DispatchRun, ref: Any) -> Any:
+        return run.nodes[ref.node_id].get_value() if isinstance(ref, Ref) else ref
+
+    def _executor_for(self, nr: NodeRun) -> Executor:
+        electron = nr.node.electron
+        spec = electron.executor if electron is not None else None
+        if spec is None:
+            spec = nr.run.graph.executor
+        if spec is None:
+            from .config import default_executor_name
+
+            spec = default_executor_name()
+        if isinstance(spec, Executor):
+            ex = spec
+        else:
+            ex = self._named.get(spec)
+            if ex is None:
+                ex = self._named[spec] = make_executor(self.plugins, spec)
+        nr.executor = ex
+        if id(ex) not in nr.run.executors:
+            nr.run.executors.add(id(ex))
+            nr.run.executor_objs.append(ex)
+        self._used[id(ex)] = ex
+        return ex
+
+    # ------------------------------------------------------------------ polling
+
+    def _poll(self, nr: NodeRun) -> None:
+        if nr.final or nr.executor is None or nr.handle is None:
+            return
+        try:
+            state = self.plugins.poll(nr.executor, nr.handle)
+        except Exception as exc:
+            self._fail(nr, exc, traceback.format_exc())
+            return
+        if isinstance(state, Running):
+            if nr.status != Status.RUNNING:
+                nr.start_time = state.started_at or time.time()
+                self._set(nr, Status.RUNNING)
+            return
+        if not state.final:
+            return
+        nr.start_time = getattr(state, "started_at", None) or nr.start_time or time.time()
+        nr.end_time = getattr(state, "ended_at", None) or time.time()
+        out = {"stdout": state.stdout or None, "stderr": state.stderr or None}
+        if isinstance(state, Completed):
+            if nr.cancel_at is not None and nr.cancel_outcome != CancelOutcome.RUNS_TO_COMPLETION:
+                nr.cancel_outcome = CancelOutcome.TOO_LATE
+            nr.pickled = state.pickled
+            if state.pickled is None:
+                nr.value = state.value
+            self._complete(nr, out)
+        elif isinstance(state, Failed):
+            if (
+                nr.attempts <= (nr.node.electron.retries if nr.node.electron else 0)
+                and nr.cancel_at is None
+            ):
+                nr.handle = None
+                self._upd(nr, {"attempts": nr.attempts, "error": _err_text(state.error)})
+                self._submit(nr)
+                return
+            self._fail(nr, state.error, state.traceback, out)
+        elif isinstance(state, Cancelled):
+            nr.cancel_outcome = state.outcome
+            if nr.timed_out:
+                err = TaskTimeoutError(
+                    f"{nr.node.label} timed out after {nr.node.electron.timeout} s and was "
+                    f"stopped ({state.outcome.value})"
+                )
+                self._fail(nr, err, "", out)
+            else:
+                self._cancelled(nr, nr.reason or "cancel requested", out)
+
+    # ------------------------------------------------------------------ finishing nodes
+
+    def _set(self, nr: NodeRun, status: Status, extra: dict[str, Any] | None = None) -> None:
+        nr.status = status
+        fields: dict[str, Any] = {"status": status.value}
+        if status == Status.RUNNING or (status.is_final and nr.start_time is not None):
+            fields["start_time"] = nr.start_time
+        if status.is_final:
+            fields["end_time"] = nr.end_time or time.time()
+            if nr.cancel_outcome is not None:
+                fields["cancel_outcome"] = nr.cancel_outcome.value
+                if nr.cancel_outcome in (CancelOutcome.KILLED, CancelOutcome.DEQUEUED):
+                    fields["cancel_confirmed_at"] = time.time()
+            if nr.attempts:
+                fields["attempts"] = nr.attempts
+            if nr.executor is not None:
+                fields["executor"] = nr.executor.name
+        if extra:
+            fields.update(extra)
+        self._upd(nr, fields)
+        if self._observers:
+            try:
+                self.plugins.node_status(nr.run.id, nr.node.id, nr.node.name, status)
+            except Exception:
+                traceback.print_exc()
+        if status.is_final:
+            nr.run.remaining -= 1
+            self._check_done(nr.run)
+
+    def _upd(self, nr: NodeRun, fields: dict[str, Any]) -> None:
+        key = (nr.run.id, nr.node.id)
+        cur = self._nupd.get(key)
+        if cur is None:
+            self._nupd[key] = fields
+        else:
+            cur.update(fields)
+
+    def _complete(self, nr: NodeRun, out: dict[str, Any] | None) -> None:
+        extra = dict(out or {})
+        try:
+            blob = nr.pickled if nr.pickled is not None else cloudpickle.dumps(nr.value)
+            extra.update(self.store.output_fields(nr.run.id, nr.node.id, blob))
+        except Exception as exc:
+            extra["error"] = f"output not stored: {exc}"
+        self._set(nr, Status.COMPLETED, extra)
+        self._release_children(nr)
+
+    def _fail(self, nr: NodeRun, error: Any, tb: str, out: dict[str, Any] | None = None) -> None:
+        nr.error = _err_text(error)
+        extra = {"error": nr.error, "traceback": tb or None, **(out or {})}
+        nr.end_time = time.time()
+        self._set(nr, Status.FAILED, extra)
+        self._cascade(nr, f"upstream: {nr.node.label} failed")
+
+    def _cancelled(self, nr: NodeRun, reason: str, out: dict[str, Any] | None = None) -> None:
+        nr.end_time = nr.end_time or time.time()
+        self._set(nr, Status.CANCELLED, {"reason": reason, **(out or {})})
+        self._cascade(nr, f"upstream: {nr.node.label} cancelled")
+
+    def _cascade(self, nr: NodeRun, reason: str) -> None:
+        """Dependents of a failed or cancelled node never start."""
+        stack = list(nr.run.children[nr.node.id])
+        while stack:
+            child = nr.run.nodes[stack.pop()]
+            if child.final or child.submitted:
+                continue
+            child.reason = reason
+            child.end_time = time.time()
+            self._set(child, Status.CANCELLED, {"reason": "upstream"})
+            stack.extend(nr.run.children[child.node.id])
+
+    # ------------------------------------------------------------------ cancelling
+
+    def _cancel(self, dispatch_id: str, task_ids: list[int] | None) -> str:
+        run = self.runs.get(dispatch_id)
+        if run is None:
+            status = self.store.dispatch_status(dispatch_id)
+            return f"Dispatch {dispatch_id} already finished ({status}); nothing to cancel."
+        if task_ids is None:
+            targets = [nr for nr in run.nodes if not nr.final]
+            run.cancel_requested = True
+        else:
+            bad = [t for t in task_ids if not (isinstance(t, int) and 0 <= t < len(run.nodes))]
+            if bad:
+                return (
+                    f"Dispatch {dispatch_id}: no task id(s) {bad}; "
+                    f"valid ids are 0..{len(run.nodes) - 1}."
+                )
+            wanted: dict[int, None] = {}
+            stack = list(task_ids)
+            while stack:
+                t = stack.pop()
+                if t not in wanted:
+                    wanted[t] = None
+                    stack.extend(run.children[t])
+            targets = [run.nodes[t] for t in sorted(wanted) if not run.nodes[t].final]
+        now = time.time()
+        for nr in reversed(targets):  # dependents first: each is dequeued in its own right
+            if nr.final or nr.cancel_at is not None:
+                continue
+            nr.cancel_at = now
+            self._upd(nr, {"cancel_requested_at": now})
+            self._cancel_node(nr, "cancel requested")
+        if task_ids is None and run.status == Status.RUNNING and run.remaining:
+            run.status = Status.CANCELLING
+            self._dupd.setdefault(run.id, {}).update(
+                {"status": Status.CANCELLING.value, "cancel_requested_at": now}
+            )
+        self._check_done(run)
+        if task_ids is None:
+            return f"Dispatch {dispatch_id} cancelled."
+        return f"Dispatch {dispatch_id}: cancelled task(s) {sorted(set(task_ids))} and dependents."
+
+    def _cancel_node(self, nr: NodeRun, reason: str) -> None:
+        if nr.final:
+            return
+        nr.reason = reason
+        if nr.cancel_at is None:
+            nr.cancel_at = time.time()
+            self._upd(nr, {"cancel_requested_at": nr.cancel_at})
+        if not nr.submitted or nr.handle is None:
+            nr.submitted = True  # never to start
+            nr.cancel_outcome = CancelOutcome.DEQUEUED
+            nr.end_time = time.time()
+            self._cancelled(nr, reason)
+            return
+        self._send_cancel(nr)
+
+    def _send_cancel(self, nr: NodeRun) -> None:
+        nr.cancel_tries += 1
+        try:
+            outcome = self.plugins.cancel(nr.executor, nr.handle)
+        except Exception as exc:
+            outcome = CancelOutcome.FAILED
+            self._upd(nr, {"reason": f"cancel failed: {exc!r}"})
+        outcome = CancelOutcome(outcome) if outcome is not None else CancelOutcome.FAILED
+        if outcome == CancelOutcome.FAILED and nr.cancel_tries < CANCEL_RETRIES:
+            self._at(0.5 * nr.cancel_tries, "recancel", nr)
+            return
+        nr.cancel_outcome = outcome
+        self._upd(nr, {"cancel_outcome": outcome.value})
+        self._poll(nr)
+
+    def _external_cancels(self) -> None:
+        try:
+            requests = self.store.take_cancel_requests(self.runs)
+        except StoreError:
+            return
+        for did, task_ids in requests:
+            self._cancel(did, task_ids)
+
+    # ------------------------------------------------------------------ finishing dispatches
+
+    def _check_done(self, run: DispatchRun) -> None:
+        if run.remaining > 0 or run.status.is_final or run.status == Status.NEW_OBJECT:
+            return
+        status = lattice_status(
+            [nr.status for nr in run.nodes], [nr.cancel_outcome for nr in run.nodes]
+        )
+        fields: dict[str, Any] = {"status": status.value, "end_time": time.time()}
+        if status == Status.COMPLETED:
+            try:
+                value = _structure_value(run, run.graph.result)
+                blob = cloudpickle.dumps(value)
+                f = self.store.output_fields(run.id, None, blob)
+                fields.update({"result": f["output"], "result_file": f["output_file"]})
+            except Exception as exc:
+                status = Status.FAILED
+                fields["status"] = status.value
+                fields["error"] = f"the lattice's return value cannot be stored: {exc}"
+        elif status == Status.FAILED:
+            failed = [nr for nr in run.nodes if nr.status == Status.FAILED]
+            fields["error"] = "; ".join(f"{nr.node.label}: {nr.error}" for nr in failed[:5])
+        run.status = status
+        self._dupd.setdefault(run.id, {}).update(fields)
+        self._finishing.append(run)
+
+    def _flush(self) -> None:
+        if self._nupd or self._dupd:
+            nupd, dupd = self._nupd, self._dupd
+            self._nupd, self._dupd = {}, {}
+            try:
+                self.store.apply(
+                    ((d, n, f) for (d, n), f in nupd.items()), list(dupd.items())
+                )
+            except StoreError as exc:
+                print(f"valent: {exc}", file=sys.stderr)
+                for run in list(self.runs.values()):
+                    run.store_error = exc
+                    if not run.cancel_requested and not run.status.is_final:
+                        self._cancel(run.id, None)
+        finishing, self._finishing = self._finishing, []
+        for run in finishing:
+            self.runs.pop(run.id, None)
+            for ex in run.executor_objs:
+                try:
+                    ex.close_dispatch(run.id)
+                except Exception:
+                    traceback.print_exc()
+            if self._observers:
+                try:
+                    self.plugins.dispatch_finished(run.id, run.status)
+                except Exception:
+                    traceback.print_exc()
+            run.done.set()
+
+
+def make_executor(plugins: Plugins, name: str) -> Executor:
+    """A new executor of the class registered as ``name``, with the config's settings."""
+    from .config import executor_settings
+
+    cls = plugins.executor_class(name)
+    return cls(**executor_settings(name, cls))
+
+
+def _waker(q: queue.SimpleQueue, nr: NodeRun):
+    item = (_WAKE, nr)
+    return lambda: q.put(item)
+
+
+def _compute_inline(node: Node, args: tuple, kwargs: dict) -> Any:
+    if node.kind == GETITEM:
+        return args[0][node.key] if args else None
+    if node.kind == GETATTR:
+        return getattr(args[0], node.key)
+    if node.kind == COLLECTION:
+        return dict(kwargs) if node.value is dict else node.value(args)
+    raise ValentError(f"node {node.label} of kind {node.kind} cannot run inline")
+
+
+def _structure_value(run: DispatchRun, s: Any) -> Any:
+    if isinstance(s, Ref):
+        return run.nodes[s.node_id].get_value()
+    if isinstance(s, list | tuple):
+        return type(s)(_structure_value(run, v) for v in s)
+    if isinstance(s, dict):
+        return {k: _structure_value(run, v) for k, v in s.items()}
+    return s
+
+
+def _err_text(error: Any) -> str:
+    if isinstance(error, BaseException):
+        text = str(error)
+        return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return str(error)
+
+
+def _process_start() -> float:
+    import psutil
+
+    return psutil.Process().create_time()

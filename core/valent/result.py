@@ -1,0 +1,159 @@
+"""``Result``: what ``get_result`` returns, read from the store (so from any process)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from .status import Status
+
+
+def _ts(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, tz=UTC)
+
+
+def load_blob(blob: bytes | None, path: str | None) -> Any:
+    """Unpickle an output stored inline or in a file (None when there is none)."""
+    if path:
+        blob = Path(path).read_bytes()
+    if blob is None:
+        return None
+    return cloudpickle.loads(blob)
+
+
+class Result:
+    """A dispatch's status, inputs, result, error, timings and per-node detail.
+
+    Attributes follow Covalent's: ``status``, ``result``, ``error``, ``inputs``,
+    ``start_time``, ``end_time``, ``dispatch_id``, ``results_dir``, plus ``lattice_name``.
+    """
+
+    def __init__(self, row: sqlite3.Row, nodes: list[sqlite3.Row], results_dir: str):
+        self.dispatch_id: str = row["dispatch_id"]
+        self.lattice_name: str = row["lattice_name"]
+        self.status: Status = Status(row["status"])
+        self.error: str | None = row["error"]
+        self.start_time = _ts(row["start_time"])
+        self.end_time = _ts(row["end_time"])
+        self.created_at = _ts(row["created_at"])
+        self.results_dir = results_dir
+        self.cancel_requested_at = _ts(row["cancel_requested_at"])
+        self._row = row
+        self._nodes = nodes
+        self._outputs: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------ values
+
+    @property
+    def result(self) -> Any:
+        """The lattice's return value (None unless COMPLETED)."""
+        return load_blob(self._row["result"], self._row["result_file"])
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        """``{"args": [...], "kwargs": {...}}`` the lattice was dispatched with."""
+        try:
+            args, kwargs = load_blob(self._row["inputs"], None) or ((), {})
+        except Exception:
+            return {"args": [], "kwargs": {}}
+        return {"args": list(args), "kwargs": dict(kwargs)}
+
+    def _output(self, row: sqlite3.Row) -> Any:
+        nid = row["node_id"]
+        if nid not in self._outputs:
+            try:
+                self._outputs[nid] = load_blob(row["output"], row["output_file"])
+            except Exception as exc:
+                self._outputs[nid] = f"<output cannot be loaded here: {exc!r}>"
+        return self._outputs[nid]
+
+    # ------------------------------------------------------------------ nodes
+
+    @property
+    def node_count(self) -> int:
+        return len(self._nodes)
+
+    def _row_for(self, node_id: int) -> sqlite3.Row:
+        if not 0 <= node_id < len(self._nodes):
+            raise KeyError(f"dispatch {self.dispatch_id} has no node {node_id}")
+        return self._nodes[node_id]
+
+    def get_node_result(self, node_id: int) -> dict[str, Any]:
+        """One node: ``node_id, node_name, status, output, error, start_time, end_time,
+        cancel_outcome`` and more (``executor, reason, traceback, stdout, stderr, attempts,
+        cancel_requested_at, cancel_confirmed_at, parents``)."""
+        r = self._row_for(node_id)
+        return {
+            "node_id": r["node_id"],
+            "node_name": r["name"],
+            "status": Status(r["status"]),
+            "output": self._output(r),
+            "error": r["error"],
+            "start_time": _ts(r["start_time"]),
+            "end_time": _ts(r["end_time"]),
+            "cancel_outcome": r["cancel_outcome"],
+            "executor": r["executor"],
+            "reason": r["reason"],
+            "traceback": r["traceback"],
+            "stdout": r["stdout"] or "",
+            "stderr": r["stderr"] or "",
+            "attempts": r["attempts"],
+            "cancel_requested_at": _ts(r["cancel_requested_at"]),
+            "cancel_confirmed_at": _ts(r["cancel_confirmed_at"]),
+            "parents": json.loads(r["parents"]),
+        }
+
+    def get_all_node_results(self) -> list[dict[str, Any]]:
+        """``get_node_result`` for every node, in node order."""
+        return [self.get_node_result(i) for i in range(len(self._nodes))]
+
+    def get_all_node_outputs(self) -> dict[str, Any]:
+        """``{"task_1(0)": value, ":parameter:10(1)": 10, ...}``; None where there is none."""
+        return {f"{r['name']}({r['node_id']})": self._output(r) for r in self._nodes}
+
+    def node_statuses(self) -> dict[str, Status]:
+        return {f"{r['name']}({r['node_id']})": Status(r["status"]) for r in self._nodes}
+
+    # ------------------------------------------------------------------ printing
+
+    def __str__(self) -> str:
+        inputs = self.inputs
+        try:
+            result = self.result
+        except Exception as exc:
+            result = f"<cannot be loaded here: {exc!r}>"
+        lines = [
+            "",
+            "Lattice Result",
+            "==============",
+            f"status: {self.status}",
+            f"result: {result}",
+            f"input args: {inputs['args']}",
+            f"input kwargs: {inputs['kwargs']}",
+            f"error: {self.error}",
+            "",
+            f"start_time: {self.start_time}",
+            f"end_time: {self.end_time}",
+            "",
+            f"results_dir: {self.results_dir}",
+            f"dispatch_id: {self.dispatch_id}",
+            "",
+            "Node Outputs",
+            "------------",
+        ]
+        for r in self._nodes:
+            detail = r["status"]
+            if r["cancel_outcome"]:
+                detail += f", {r['cancel_outcome']}"
+            elif r["status"] == Status.CANCELLED and r["reason"]:
+                detail += f", {r['reason']}"
+            lines.append(f"{r['name']}({r['node_id']}): {self._output(r)!r}  [{detail}]")
+        return "\n".join(lines) + "\n"
+
+    def __repr__(self) -> str:
+        return f"<Result {self.dispatch_id} {self.lattice_name} {self.status}>"

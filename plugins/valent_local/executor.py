@@ -1,0 +1,95 @@
+"""``LocalExecutor``: each task in a warm worker process of this machine, killable with its tree."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from valent.executor import Capabilities, Executor, Wake
+from valent.procpool import Job, ProcessPool
+from valent.status import CancelOutcome
+from valent.task import Task, TaskState
+
+
+class LocalExecutor(Executor):
+    """Runs tasks in worker processes on this machine.
+
+    Workers are started once and reused; each runs one task at a time in its own process
+    group. Cancel dequeues a task that has not started, or stops a running one: SIGTERM to its
+    group (a task that uses ``cancel_requested()`` gets ``grace`` seconds), then SIGKILL; its
+    subprocesses go too, and the worker is replaced.
+
+    :param workers: a fixed number of worker processes. Default: elastic, from the CPU count
+        up to ``max_workers``, growing only while queued tasks wait behind busy workers and
+        the CPUs are not saturated (so sleeping or waiting tasks run side by side).
+    :param max_workers: the ceiling of the elastic pool (default ``max(32, 4 * CPUs)``).
+    :param grace: seconds between SIGTERM and SIGKILL for cooperative tasks.
+    :param capture_output: capture each task's stdout and stderr into the store.
+    """
+
+    name = "local"
+    capabilities = Capabilities(cancel_pending=True, stop_running=True, kill_tree=True, grace=1.0)
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        max_workers: int | None = None,
+        grace: float = 1.0,
+        capture_output: bool = True,
+    ):
+        if workers is not None and (not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"LocalExecutor(workers=...) must be a whole number >= 1, got {workers!r}")
+        if grace < 0:
+            raise ValueError(f"LocalExecutor(grace=...) must be >= 0 seconds, got {grace!r}")
+        self.workers = workers
+        self.max_workers = max_workers
+        self.grace = grace
+        self.capture_output = capture_output
+        self.capabilities = Capabilities(True, True, True, grace)
+        self._pool: ProcessPool | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def pool(self) -> ProcessPool:
+        """The worker pool, started on first use."""
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    pool = ProcessPool(
+                        self.workers,
+                        max_workers=self.max_workers,
+                        grace=self.grace,
+                        capture=self.capture_output,
+                        name="valent-local",
+                    )
+                    pool.start()
+                    self._pool = pool
+        return self._pool
+
+    def run(self, task: Task, wake: Wake) -> Job:
+        return self.pool.submit(
+            task.fn, task.args, task.kwargs, on_change=lambda _job: wake(), label=task.label
+        )
+
+    def poll(self, handle: Job) -> TaskState:
+        return handle.state
+
+    def cancel(self, handle: Job) -> CancelOutcome:
+        return self.pool.cancel(handle)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()
+
+    def __repr__(self) -> str:
+        args: list[str] = []
+        if self.workers is not None:
+            args.append(f"workers={self.workers}")
+        if self.grace != 1.0:
+            args.append(f"grace={self.grace}")
+        return f"LocalExecutor({', '.join(args)})"
+
+    def __reduce__(self) -> Any:
+        return (LocalExecutor, (self.workers, self.max_workers, self.grace, self.capture_output))
