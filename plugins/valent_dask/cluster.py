@@ -1,0 +1,184 @@
+"""The executor's side of a Dask cluster: one client, a LocalCluster it may own, a collector.
+
+The collector thread turns finished Dask futures into valent task states in batches (one
+``gather`` for everything that finished meanwhile), so ``poll`` never waits on the network.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import threading
+import weakref
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+log = logging.getLogger("valent.dask")
+
+_STOP = object()
+_open: weakref.WeakSet[Connection] = weakref.WeakSet()
+_atexit_registered = False
+_atexit_lock = threading.Lock()
+
+
+def _close_all_at_exit() -> None:
+    for conn in list(_open):
+        try:
+            conn.close(timeout=5.0)
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            pass
+
+
+def _register_atexit() -> None:
+    """Register after ``distributed`` is imported, so ours runs before its own exit hooks."""
+    global _atexit_registered
+    with _atexit_lock:
+        if not _atexit_registered:
+            atexit.register(_close_all_at_exit)
+            _atexit_registered = True
+
+
+def _requeue(conn: Connection, tag: Any, future: Any) -> None:
+    conn.done(future, tag)
+
+
+class Connection:
+    """A connected ``distributed.Client`` (and the LocalCluster we started, if any).
+
+    :param settle: ``settle(items)`` is called on the collector thread with a list of
+        ``((future, tag), value)``: what the task returned, the future's exception, or None
+        when it was cancelled.
+    """
+
+    def __init__(
+        self,
+        *,
+        scheduler_address: str | None,
+        n_workers: int,
+        threads_per_worker: int,
+        processes: bool,
+        connect_timeout: float,
+        settle: Callable[[list[tuple[Any, Any]]], None],
+    ):
+        import distributed
+
+        self.cluster: Any = None
+        if scheduler_address is None:
+            self.cluster = distributed.LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=threads_per_worker,
+                processes=processes,
+                host="127.0.0.1",
+                dashboard_address=None,
+                scheduler_port=0,
+            )
+            try:
+                self.client = distributed.Client(self.cluster, set_as_default=False)
+            except BaseException:
+                self.cluster.close()
+                raise
+        else:
+            self.client = distributed.Client(
+                scheduler_address, set_as_default=False, timeout=connect_timeout
+            )
+        self.address: str = self.client.scheduler.address
+        self._settle = settle
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = False
+        self._collector = threading.Thread(
+            target=self._collect, name="valent-dask-collector", daemon=True
+        )
+        self._collector.start()
+        _register_atexit()
+        _open.add(self)
+
+    @property
+    def owns_cluster(self) -> bool:
+        """True when this connection started the cluster (and will close it)."""
+        return self.cluster is not None
+
+    def done(self, future: Any, tag: Any) -> None:
+        """Queue a finished ``future`` for the collector; ``tag`` comes back with its value."""
+        self._queue.put((future, tag))
+
+    # ------------------------------------------------------------ collector
+
+    def _collect(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            batch = [item]
+            try:
+                while len(batch) < 1000:
+                    item = self._queue.get_nowait()
+                    if item is _STOP:
+                        self._queue.put(_STOP)
+                        break
+                    batch.append(item)
+            except queue.Empty:
+                pass
+            try:
+                self._settle(self._gather(batch))
+            except Exception:  # noqa: BLE001 - never let the collector die
+                log.exception("valent-dask: settling %d finished tasks failed", len(batch))
+
+    def _gather(self, items: list[tuple[Any, Any]]) -> list[tuple[tuple[Any, Any], Any]]:
+        """``[((future, tag), value_or_exception_or_None)]`` for the finished futures."""
+        out: list[tuple[tuple[Any, Any], Any]] = []
+        finished = []
+        for item in items:
+            f = item[0]
+            status = f.status
+            if status == "finished":
+                finished.append(item)
+            elif status == "error":
+                try:
+                    out.append((item, f.exception(timeout=5)))
+                except Exception as exc:  # noqa: BLE001
+                    out.append((item, exc))
+            elif status == "cancelled":
+                out.append((item, None))
+            else:  # its value was lost with a worker and Dask recomputes it: wait again
+                f.add_done_callback(partial(_requeue, self, item[1]))
+        if finished:
+            try:
+                values = self.client.gather([f for f, _ in finished])
+                out.extend(zip(finished, values, strict=True))
+            except Exception:  # noqa: BLE001 - one lost value must not hide the others
+                for item in finished:
+                    try:
+                        out.append((item, self.client.gather(item[0])))
+                    except Exception as exc:  # noqa: BLE001
+                        out.append((item, exc))
+        return out
+
+    # ------------------------------------------------------------ closing
+
+    def broadcast(self, fn: Callable[..., Any], *args: Any, timeout: float = 10.0) -> dict:
+        """``client.run(fn, *args)`` on every worker; a worker's exception is its answer."""
+        return self.client.run(fn, *args, on_error="return", callback_timeout=timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Close the client; close the cluster if we started it (never a user's cluster)."""
+        if self._closed:
+            return
+        self._closed = True
+        _open.discard(self)
+        from .worker_side import close_pools
+
+        try:
+            # a user's cluster keeps its workers; only idle pools of ours are retired there
+            self.broadcast(close_pools, not self.owns_cluster, timeout=timeout)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("valent-dask: closing worker pools failed: %r", exc)
+        self._queue.put(_STOP)
+        self._collector.join(timeout)
+        try:
+            self.client.close(timeout=timeout)
+        finally:
+            if self.cluster is not None:
+                self.cluster.close(timeout=timeout)
+

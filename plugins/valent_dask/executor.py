@@ -1,0 +1,390 @@
+"""``DaskExecutor``: run electrons on a Dask cluster, and stop them for real when asked."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import uuid
+from functools import partial
+from typing import Any, Literal
+
+import cloudpickle
+import valent
+from valent import CancelOutcome, Capabilities, ExecutorError, PicklingError, WorkerDiedError
+from valent.task import Cancelled, Completed, Failed, Pending, Running, Task, TaskState
+
+from . import worker_side as ws
+
+CANCEL_MODES = ("kill", "finish")
+FN_CACHE = 256
+
+
+class _Handle:
+    """One task on the cluster, as ``run`` returns it to the dispatcher."""
+
+    __slots__ = ("task", "wake", "future", "state", "outcome", "submitted_at")
+
+    def __init__(self, task: Task, wake: valent.Wake):
+        self.task = task
+        self.wake = wake
+        self.future: Any = None
+        self.state: TaskState = Pending()
+        self.outcome: CancelOutcome | None = None
+        self.submitted_at = time.time()
+
+    def __repr__(self) -> str:
+        return f"<DaskHandle {self.task.key} {type(self.state).__name__}>"
+
+
+class DaskExecutor(valent.Executor):
+    """Run each task on a Dask cluster: a LocalCluster started on first use, or yours.
+
+    :param scheduler_address: an existing scheduler (``tcp://host:8786``); None starts a
+        ``distributed.LocalCluster`` on first use and closes it at shutdown or exit. A
+        cluster given by address is never shut down by valent.
+    :param n_workers: worker processes of the LocalCluster we start.
+    :param threads_per_worker: threads per worker of the LocalCluster we start.
+    :param processes: LocalCluster workers as processes (True) or threads (False).
+    :param cancel_mode: ``"kill"`` (default): each task body runs in a warm child process on
+        its worker, and cancel kills it (outcome ``killed``); ``"finish"``: native Dask, a
+        running task finishes and keeps its output (outcome ``runs_to_completion``).
+    :param grace: kill mode: seconds a task that checks ``valent.cancel_requested()`` gets
+        between SIGTERM and SIGKILL.
+    :param connect_timeout: seconds to wait for the scheduler when connecting.
+    :param cancel_timeout: seconds a cancel waits for the workers to answer.
+    """
+
+    name = "dask"
+    capabilities = Capabilities(cancel_pending=True, stop_running=True, kill_tree=True, grace=1.0)
+
+    def __init__(
+        self,
+        scheduler_address: str | None = None,
+        n_workers: int = 2,
+        threads_per_worker: int = 1,
+        processes: bool = True,
+        cancel_mode: Literal["kill", "finish"] = "kill",
+        grace: float = 1.0,
+        connect_timeout: float = 30.0,
+        cancel_timeout: float = 10.0,
+    ):
+        if cancel_mode not in CANCEL_MODES:
+            raise ExecutorError(
+                f"DaskExecutor: cancel_mode must be one of {', '.join(map(repr, CANCEL_MODES))}, "
+                f"got {cancel_mode!r}"
+            )
+        if n_workers < 1 or threads_per_worker < 1:
+            raise ExecutorError("DaskExecutor: n_workers and threads_per_worker must be >= 1")
+        if grace < 0:
+            raise ExecutorError(f"DaskExecutor: grace must be >= 0, got {grace!r}")
+        self.scheduler_address = scheduler_address
+        self.n_workers = n_workers
+        self.threads_per_worker = threads_per_worker
+        self.processes = processes
+        self.cancel_mode = cancel_mode
+        self.grace = float(grace)
+        self.connect_timeout = connect_timeout
+        self.cancel_timeout = cancel_timeout
+        if cancel_mode == "kill":
+            self.capabilities = Capabilities(True, True, True, self.grace)
+        else:
+            self.capabilities = Capabilities(True, False, False, None)
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self._lock = threading.RLock()
+        self._conn: Any = None
+        self._starting: threading.Thread | None = None
+        self._start_error: BaseException | None = None
+        self._waiting: list[tuple[_Handle, tuple[str, bytes, bytes]]] = []
+        self._live: dict[str, _Handle] = {}
+        self._fns: collections.OrderedDict[int, tuple[Any, str, bytes]] = (
+            collections.OrderedDict()
+        )
+        self._closed = False
+
+    # ------------------------------------------------------------ pickling, repr
+
+    def _settings_dict(self) -> dict[str, Any]:
+        return {n: getattr(self, n) for n in self.settings()}
+
+    def __reduce__(self) -> tuple:
+        return (_rebuild, (type(self), self._settings_dict()))
+
+    def __repr__(self) -> str:
+        where = self.scheduler_address or f"LocalCluster(n_workers={self.n_workers})"
+        return f"DaskExecutor({where}, cancel_mode={self.cancel_mode!r})"
+
+    # ------------------------------------------------------------ the contract
+
+    def run(self, task: Task, wake: valent.Wake) -> _Handle:
+        """Submit ``task`` to the cluster (starting or connecting on first use); no blocking."""
+        h = _Handle(task, wake)
+        try:
+            blobs = self._blobs(task)
+        except PicklingError as exc:
+            h.state = Failed(exc, "", ended_at=time.time())
+            return h
+        with self._lock:
+            if self._closed:
+                h.state = Failed(ExecutorError("this DaskExecutor was shut down"), "")
+                return h
+            self._live[task.key] = h
+            conn = self._conn
+            if conn is None:
+                self._waiting.append((h, blobs))
+                self._start_async()
+                return h
+        self._submit(conn, h, blobs)
+        return h
+
+    def poll(self, handle: _Handle) -> TaskState:
+        """The task's state; never waits on the network (a collector thread fetches results)."""
+        return handle.state
+
+    def cancel(self, handle: _Handle) -> CancelOutcome:
+        """Dequeue it, kill it (kill mode) or let it finish (finish mode); see the class doc."""
+        with self._lock:
+            if handle.state.final:
+                return CancelOutcome.TOO_LATE
+            if handle.outcome is not None:
+                return handle.outcome
+            if handle.future is None:  # the cluster is still starting: it never reached Dask
+                self._waiting = [(h, b) for h, b in self._waiting if h is not handle]
+                self._finish(handle, Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time()))
+                handle.outcome = CancelOutcome.DEQUEUED
+                notify = True
+            else:
+                notify = False
+            conn, future = self._conn, handle.future
+        if notify:
+            handle.wake()
+            return CancelOutcome.DEQUEUED
+        if future.done():
+            return CancelOutcome.TOO_LATE
+        key = handle.task.key
+        try:
+            answers = conn.broadcast(ws.cancel_keys, [key], timeout=self.cancel_timeout)
+        except Exception:  # noqa: BLE001 - the dispatcher may ask again
+            return CancelOutcome.FAILED
+        said = {a.get(key) for a in answers.values() if isinstance(a, dict)}
+        broken = any(not isinstance(a, dict) for a in answers.values())
+        if ws.KILLED in said:
+            outcome = CancelOutcome.KILLED
+        elif ws.RUNNING in said:
+            outcome = CancelOutcome.RUNS_TO_COMPLETION
+        elif ws.FINISHED in said:
+            return CancelOutcome.TOO_LATE
+        elif broken and not answers:
+            return CancelOutcome.FAILED
+        else:
+            # not started on any worker, and tombstoned on all: it never will start
+            conn.client.cancel([future], force=True)
+            outcome = CancelOutcome.DEQUEUED
+        with self._lock:
+            if handle.state.final:
+                return CancelOutcome.TOO_LATE
+            handle.outcome = outcome
+            if outcome is CancelOutcome.DEQUEUED:
+                self._finish(handle, Cancelled(outcome, ended_at=time.time()))
+            elif not isinstance(handle.state, Running):
+                handle.state = Running()
+        if outcome is CancelOutcome.DEQUEUED:
+            handle.wake()
+        return outcome
+
+    def shutdown(self) -> None:
+        """Stop what still runs (kill mode), close the client and the cluster we started."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            starting = self._starting
+        if starting is not None:
+            starting.join(self.connect_timeout + 30)
+        with self._lock:
+            conn, self._conn = self._conn, None
+            live = [h for h in self._live.values() if not h.state.final]
+        if conn is None:
+            return
+        pending = [h.future for h in live if h.future is not None and not h.future.done()]
+        if pending and self.cancel_mode == "kill":
+            try:
+                conn.broadcast(ws.cancel_keys, [h.task.key for h in live])
+            except Exception:  # noqa: BLE001 - closing the pools below kills them anyway
+                pass
+        if pending:
+            try:
+                conn.client.cancel(pending, force=True)
+            except Exception:  # noqa: BLE001
+                pass
+        conn.close()
+
+    # ------------------------------------------------------------ internals
+
+    def _blobs(self, task: Task) -> tuple[str, bytes, bytes]:
+        fn = task.fn
+        with self._lock:
+            entry = self._fns.get(id(fn))
+            if entry is not None and entry[0] is fn:
+                self._fns.move_to_end(id(fn))
+            else:
+                entry = None
+        if entry is None:
+            try:
+                blob = cloudpickle.dumps(fn, protocol=5)
+            except Exception as exc:
+                msg = f"the function of {task.label} cannot be pickled: {exc}"
+                raise PicklingError(msg) from exc
+            entry = (fn, uuid.uuid4().hex, blob)
+            with self._lock:
+                self._fns[id(fn)] = entry
+                while len(self._fns) > FN_CACHE:
+                    self._fns.popitem(last=False)
+        try:
+            args_blob = cloudpickle.dumps((task.args, task.kwargs), protocol=5)
+        except Exception as exc:
+            raise PicklingError(f"the arguments of {task.label} cannot be pickled: {exc}") from exc
+        return entry[1], entry[2], args_blob
+
+    def _submit(self, conn: Any, h: _Handle, blobs: tuple[str, bytes, bytes]) -> None:
+        key = h.task.key
+        token, fn_blob, args_blob = blobs
+        try:
+            if self.cancel_mode == "kill":
+                fut = conn.client.submit(
+                    ws.run_killable, key, token, fn_blob, args_blob, self.grace,
+                    key=key, pure=False,
+                )
+            else:
+                fut = conn.client.submit(
+                    ws.run_native, key, token, fn_blob, args_blob, key=key, pure=False
+                )
+        except Exception as exc:  # noqa: BLE001 - the client is closed or broken
+            with self._lock:
+                self._finish(h, Failed(ExecutorError(f"Dask refused {h.task.label}: {exc}"), ""))
+            h.wake()
+            return
+        h.future = fut
+        fut.add_done_callback(partial(_on_done, conn, h))
+
+    def _start_async(self) -> None:
+        """Start (or connect to) the cluster in a thread; submit the waiting tasks then."""
+        if self._starting is not None:
+            return
+        t = threading.Thread(target=self._start, name="valent-dask-start", daemon=True)
+        self._starting = t
+        t.start()
+
+    def _start(self) -> None:
+        from .cluster import Connection
+
+        conn = None
+        error: BaseException | None = None
+        try:
+            conn = Connection(
+                scheduler_address=self.scheduler_address,
+                n_workers=self.n_workers,
+                threads_per_worker=self.threads_per_worker,
+                processes=self.processes,
+                connect_timeout=self.connect_timeout,
+                settle=self._settle,
+            )
+        except Exception as exc:  # noqa: BLE001 - reported on every waiting task
+            where = self.scheduler_address or "a new LocalCluster"
+            error = ExecutorError(f"DaskExecutor could not start/connect to {where}: {exc}")
+            error.__cause__ = exc
+        failed: list[_Handle] = []
+        with self._lock:
+            waiting, self._waiting = self._waiting, []
+            self._starting = None
+            if conn is not None and self._closed:
+                error = ExecutorError("this DaskExecutor was shut down while starting")
+            elif conn is not None:
+                self._conn = conn
+                for h, blobs in waiting:
+                    self._submit(conn, h, blobs)
+                return
+            for h, _ in waiting:
+                if not h.state.final:
+                    self._finish(h, Failed(error, "", ended_at=time.time()))
+                    failed.append(h)
+        if conn is not None:
+            conn.close()
+        for h in failed:
+            h.wake()
+
+    def _finish(self, h: _Handle, state: TaskState) -> None:
+        """Record a final state and drop the future, releasing its data (lock held)."""
+        h.state = state
+        h.future = None
+        self._live.pop(h.task.key, None)
+
+    def _settle(self, items: list[tuple[Any, Any]]) -> None:
+        """Collector thread: turn finished futures into states, then wake the dispatcher."""
+        woken = []
+        with self._lock:
+            for (future, h), value in items:
+                if h.state.final or h.future is not future:
+                    continue
+                self._finish(h, _to_state(h, future, value))
+                woken.append(h)
+        for h in woken:
+            h.wake()
+
+
+def _on_done(conn: Any, h: _Handle, future: Any) -> None:
+    conn.done(future, h)
+
+
+def _rebuild(cls: type[DaskExecutor], settings: dict[str, Any]) -> DaskExecutor:
+    return cls(**settings)
+
+
+def _to_state(h: _Handle, future: Any, value: Any) -> TaskState:
+    """Map a task's returned tuple (or the future's error) to a valent state."""
+    now = time.time()
+    label = h.task.label
+    if value is None:
+        if h.outcome is not None:
+            return Cancelled(h.outcome, ended_at=now)
+        msg = f"Dask dropped {label} (its future was cancelled outside valent)"
+        return Failed(ExecutorError(msg), "", ended_at=now)
+    if isinstance(value, BaseException):
+        from distributed.scheduler import KilledWorker
+
+        name = type(value).__name__
+        if isinstance(value, KilledWorker):
+            err: BaseException = WorkerDiedError(
+                f"the Dask worker running {label} died ({name}: {value}); Dask gave up "
+                "after its allowed failures (distributed.scheduler.allowed-failures)"
+            )
+        else:
+            err = ExecutorError(f"Dask could not run {label}: {name}: {value}")
+        err.__cause__ = value
+        return Failed(err, "", ended_at=now)
+    kind = value[0]
+    if kind == ws.OK:
+        _, pickled, started, ended, out, errtxt = value
+        return Completed(
+            pickled=pickled, started_at=started, ended_at=ended, stdout=out, stderr=errtxt
+        )
+    if kind == ws.ERR:
+        _, blob, text, tb, started, ended, out, errtxt = value
+        exc: BaseException | None = None
+        if blob is not None:
+            try:
+                exc = cloudpickle.loads(blob)
+            except Exception:  # noqa: BLE001 - its class may not exist here
+                exc = None
+        if exc is None:
+            from valent.procpool import RemoteError
+
+            exc = RemoteError(text)
+        return Failed(exc, tb, started, ended, out, errtxt)
+    if kind == ws.CANCELLED:
+        _, outcome, started, ended, out, errtxt = value
+        return Cancelled(CancelOutcome(outcome), started, ended, out, errtxt)
+    # SKIPPED: a cancel tombstoned it before it started
+    return Cancelled(h.outcome or CancelOutcome.DEQUEUED, ended_at=now)

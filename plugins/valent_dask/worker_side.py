@@ -1,0 +1,289 @@
+"""What runs inside each Dask worker process: the task bodies and the cancel channel.
+
+Dask ships :func:`run_killable` (kill mode) or :func:`run_native` (finish mode) as the task
+function. Both register the task's key in a per-process registry that :func:`cancel_keys`,
+broadcast by the client with ``client.run``, consults:
+
+- kill mode: the body runs in a warm :class:`valent.procpool.ProcessPool` (one per worker
+  process, sized to its threads; children started with ``subprocess`` in their own session,
+  so daemonic workers are fine); a cancel kills the child's process group and the worker
+  thread returns as soon as the group is confirmed gone.
+- finish mode: the body runs in the worker thread; a cancel sets a flag that
+  ``valent.cancel_requested()`` reads there.
+
+A cancel that arrives before the task started leaves a tombstone: the task then returns
+without running its body. Results go back as small tuples whose values are already
+cloudpickled, so nothing is pickled twice. This module imports no Dask at import time.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+import traceback
+from typing import Any
+
+import cloudpickle
+
+MAX_REMEMBERED = 10_000
+TOMBSTONE_TTL = 3600.0
+FN_CACHE = 256
+
+# result tuples: (kind, ...)
+OK, ERR, CANCELLED, SKIPPED = "ok", "err", "cancelled", "skipped"
+
+# answers of cancel_keys, per key
+KILLED, RUNNING, FINISHED, ABSENT = "killed", "running", "finished", "absent"
+
+_lock = threading.Lock()
+_running: dict[str, Any] = {}
+"""key -> (pool, job) (kill mode), None (kill mode, job starting) or a _Flag (finish mode)."""
+_kill_pending: set[str] = set()
+_tombstones: collections.OrderedDict[str, float] = collections.OrderedDict()
+_finished: collections.OrderedDict[str, None] = collections.OrderedDict()
+_pools: dict[float, Any] = {}
+_fns: collections.OrderedDict[str, Any] = collections.OrderedDict()
+_calls: collections.OrderedDict[str, _Call] = collections.OrderedDict()
+
+
+class _Flag:
+    """A finish-mode task's cancel flag; its bound ``is_set`` is the thread's cancel token."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = False
+
+    def is_set(self) -> bool:
+        return self.value
+
+
+class _Call:
+    """The pool-side callable: unpickles the user's function once per child, then calls it.
+
+    Pickles as its function's cloudpickle bytes, which the pool sends once per child.
+    """
+
+    __slots__ = ("blob", "fn")
+
+    def __init__(self, blob: bytes):
+        self.blob = blob
+        self.fn: Any = None
+
+    def __reduce__(self) -> tuple:
+        return (_Call, (self.blob,))
+
+    def __call__(self, args_blob: bytes) -> Any:
+        if self.fn is None:
+            self.fn = cloudpickle.loads(self.blob)
+        args, kwargs = cloudpickle.loads(args_blob)
+        return self.fn(*args, **kwargs)
+
+
+def _cached(cache: collections.OrderedDict, token: str, make: Any) -> Any:
+    with _lock:
+        obj = cache.get(token)
+        if obj is not None:
+            cache.move_to_end(token)
+            return obj
+    obj = make()
+    with _lock:
+        cache[token] = obj
+        while len(cache) > FN_CACHE:
+            cache.popitem(last=False)
+    return obj
+
+
+def _remember(od: collections.OrderedDict, key: str, value: Any) -> None:
+    """Add to a bounded memory (lock held)."""
+    od[key] = value
+    while len(od) > MAX_REMEMBERED:
+        od.popitem(last=False)
+
+
+def _claim(key: str, entry: Any) -> bool:
+    """Register ``key`` as running here; False if a cancel already tombstoned it (lock held)."""
+    if _tombstones.pop(key, None) is not None:
+        return False
+    _running[key] = entry
+    return True
+
+
+def _release(key: str) -> None:
+    with _lock:
+        _running.pop(key, None)
+        _kill_pending.discard(key)
+        _remember(_finished, key, None)
+
+
+def _nthreads() -> int:
+    try:
+        from distributed import get_worker
+
+        return max(1, int(get_worker().state.nthreads))
+    except Exception:
+        return max(1, os.cpu_count() or 1)
+
+
+def _pool(grace: float) -> Any:
+    pool = _pools.get(grace)
+    if pool is not None:
+        return pool
+    from valent.procpool import ProcessPool
+
+    with _lock:
+        pool = _pools.get(grace)
+        if pool is None:
+            pool = ProcessPool(workers=_nthreads(), grace=grace, name="valent-dask")
+            _pools[grace] = pool
+    return pool
+
+
+def _pack_error(exc: BaseException, tb: str) -> tuple:
+    text = f"{type(exc).__name__}: {exc}"
+    try:
+        blob: bytes | None = cloudpickle.dumps(exc)
+    except Exception:
+        blob = None
+    return (ERR, blob, text, tb)
+
+
+def run_killable(key: str, token: str, fn_blob: bytes, args_blob: bytes, grace: float) -> tuple:
+    """Dask task body in kill mode: run the function in this worker's warm process pool."""
+    with _lock:
+        if not _claim(key, None):
+            return (SKIPPED,)
+    try:
+        call = _cached(_calls, token, lambda: _Call(fn_blob))
+        pool = _pool(grace)
+        job = pool.submit(call, (args_blob,), label=key)
+    except BaseException as exc:
+        _release(key)
+        return _pack_error(exc, traceback.format_exc()) + (None, time.time(), "", "")
+    with _lock:
+        _running[key] = (pool, job)
+        kill = key in _kill_pending
+    if kill:
+        pool.cancel(job)
+    state = job.wait()
+    _release(key)
+    return _pack_state(state)
+
+
+def _pack_state(state: Any) -> tuple:
+    from valent.task import Cancelled, Completed, Failed
+
+    if isinstance(state, Completed):
+        return (OK, state.pickled, state.started_at, state.ended_at, state.stdout, state.stderr)
+    if isinstance(state, Failed):
+        err = state.error
+        if isinstance(err, BaseException):
+            packed = _pack_error(err, state.traceback)
+        else:
+            packed = (ERR, None, str(err), state.traceback)
+        return packed + (state.started_at, state.ended_at, state.stdout, state.stderr)
+    if isinstance(state, Cancelled):
+        return (
+            CANCELLED, str(state.outcome), state.started_at, state.ended_at,
+            state.stdout, state.stderr,
+        )
+    return (ERR, None, f"the task ended in an unexpected state {state!r}", "", None, None, "", "")
+
+
+def run_native(key: str, token: str, fn_blob: bytes, args_blob: bytes) -> tuple:
+    """Dask task body in finish mode: run the function in this worker thread."""
+    from valent.cancel_token import thread_token
+
+    flag = _Flag()
+    with _lock:
+        if not _claim(key, flag):
+            return (SKIPPED,)
+    started = time.time()
+    try:
+        fn = _cached(_fns, token, lambda: cloudpickle.loads(fn_blob))
+        args, kwargs = cloudpickle.loads(args_blob)
+        with thread_token(flag.is_set):
+            value = fn(*args, **kwargs)
+        try:
+            payload = cloudpickle.dumps(value, protocol=5)
+        except Exception as exc:
+            msg = (
+                f"the return value ({type(value).__name__}) cannot be pickled, so it cannot "
+                f"leave the worker: {exc}. Return plain data or write it to a file and "
+                "return the path."
+            )
+            return (ERR, None, msg, traceback.format_exc(), started, time.time(), "", "")
+        return (OK, payload, started, time.time(), "", "")
+    except BaseException as exc:  # noqa: BLE001 - the task's own error, reported as Failed
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__.tb_next))
+        return _pack_error(exc, tb) + (started, time.time(), "", "")
+    finally:
+        _release(key)
+
+
+def cancel_keys(keys: list[str]) -> dict[str, str]:
+    """Broadcast target of a cancel: stop or flag each key running here, tombstone the rest.
+
+    Returns ``{key: "killed" | "running" | "finished" | "absent"}``. Never blocks: kills are
+    started here and confirmed by the task's own thread.
+    """
+    out: dict[str, str] = {}
+    to_kill: list[Any] = []
+    now = time.monotonic()
+    with _lock:
+        _prune_tombstones(now)
+        for key in keys:
+            if key in _running:
+                entry = _running[key]
+                if isinstance(entry, _Flag):
+                    entry.value = True
+                    out[key] = RUNNING
+                    continue
+                if entry is not None:
+                    to_kill.append((key, *entry))
+                else:
+                    _kill_pending.add(key)
+                out[key] = KILLED
+            elif key in _finished:
+                out[key] = FINISHED
+            else:
+                _tombstones[key] = now
+                out[key] = ABSENT
+    for key, pool, job in to_kill:
+        if pool.cancel(job) == "too_late":
+            out[key] = FINISHED
+    return out
+
+
+def _prune_tombstones(now: float) -> None:
+    while _tombstones:
+        key, t = next(iter(_tombstones.items()))
+        if now - t < TOMBSTONE_TTL and len(_tombstones) <= MAX_REMEMBERED:
+            break
+        _tombstones.popitem(last=False)
+
+
+def pool_pids() -> list[int]:
+    """PIDs of this worker process's warm pool children (tests, diagnostics)."""
+    return [pid for pool in list(_pools.values()) for pid in pool.worker_pids()]
+
+
+async def close_pools(only_idle: bool = True) -> int:
+    """Shut this worker's pools down (when idle, unless ``only_idle`` is False).
+
+    A coroutine so that ``client.run`` awaits it without blocking the worker's event loop.
+    Returns the number of pools closed.
+    """
+    import asyncio
+
+    with _lock:
+        if only_idle and _running:
+            return 0
+        pools = list(_pools.values())
+        _pools.clear()
+    loop = asyncio.get_running_loop()
+    for pool in pools:
+        await loop.run_in_executor(None, pool.shutdown)
+    return len(pools)
