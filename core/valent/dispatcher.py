@@ -135,6 +135,10 @@ class Dispatcher:
             raise value
         return value
 
+    def named_executor(self, name: str) -> Executor | None:
+        """The shared instance this dispatcher made for an executor name, if any."""
+        return self._named.get(name)
+
     def active(self) -> list[DispatchRun]:
         return list(self.runs.values())
 

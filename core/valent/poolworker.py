@@ -151,6 +151,7 @@ def main(argv: list[str]) -> None:
         pass
     capture = _Capture(out_path, err_path)
     fns: dict[int, object] = {}
+    send_msg(sock, ("ready",))
     while True:
         msg = recv_msg(sock)
         if msg is None:

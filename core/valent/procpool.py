@@ -77,7 +77,7 @@ class Job:
 class _Worker:
     __slots__ = (
         "proc", "sock", "lifeline", "known", "job", "idle_since", "out_path", "err_path",
-        "doomed", "kill_deadline", "tree", "dead_at", "index", "key",
+        "doomed", "kill_deadline", "tree", "dead_at", "index", "key", "ready", "cpu_mark",
     )
 
     def __init__(self, proc, sock, lifeline, out_path, err_path, index):
@@ -95,6 +95,8 @@ class _Worker:
         self.dead_at: float | None = None
         self.index = index
         self.key = sock.fileno()
+        self.ready = False
+        self.cpu_mark: tuple[float, float] | None = None
 
     @property
     def pid(self) -> int:
@@ -258,6 +260,11 @@ class ProcessPool:
         with self._lock:
             return [w.pid for w in self._workers.values()]
 
+    def busy_pids(self) -> list[int]:
+        """PIDs of the workers running a task now."""
+        with self._lock:
+            return [w.pid for w in self._workers.values() if w.job is not None]
+
     def shutdown(self, wait: bool = True, timeout: float = 10.0) -> None:
         """Cancel what is queued, kill what runs, stop every worker; idempotent."""
         with self._lock:
@@ -307,6 +314,22 @@ class ProcessPool:
                 self._fn_cache.popitem(last=False)
         return entry
 
+    def _busy_cpu_rate(self) -> float:
+        """Mean CPU use (0..1) of busy, booted workers since their task started (lock held).
+
+        Near 1 means the tasks compute (more workers would only oversubscribe the CPUs);
+        near 0 means they wait (sleep, I/O), so queued work may start beside them.
+        """
+        rates = []
+        for w in self._workers.values():
+            if w.job is None or w.doomed or w.cpu_mark is None:
+                continue
+            now = _cpu_mark(w.pid)
+            if now is None or now[1] - w.cpu_mark[1] < 0.02:
+                continue
+            rates.append((now[0] - w.cpu_mark[0]) / (now[1] - w.cpu_mark[1]))
+        return sum(rates) / len(rates) if rates else 0.0
+
     def _spawn(self) -> None:
         """Start one worker (lock held)."""
         assert self._tmpdir is not None and self._sel is not None
@@ -350,8 +373,12 @@ class ProcessPool:
             return
         if total >= self.max_workers or not self._queue:
             return
-        if time.monotonic() - self._last_start >= self.grow_after and not _cpu_saturated():
-            n = min(len(self._queue), max(1, total), self.max_workers - total)
+        booting = sum(1 for w in self._workers.values() if not w.ready and not w.doomed)
+        want = len(self._queue) - booting
+        if want <= 0 or time.monotonic() - self._last_start < self.grow_after:
+            return
+        if self._busy_cpu_rate() < 0.5:
+            n = min(want, max(1, total), self.max_workers - total)
             for _ in range(n):
                 self._spawn()
             self._last_start = time.monotonic()
@@ -376,6 +403,7 @@ class ProcessPool:
         job.worker = worker
         job.state = Running(time.time())
         self._last_start = time.monotonic()
+        worker.cpu_mark = _cpu_mark(worker.pid) if worker.ready else None
 
     def _send(self, worker: _Worker, job: Job) -> None:
         fn, key, blob = job.fn_entry
@@ -473,6 +501,12 @@ class ProcessPool:
             msg = None
         if msg is None:
             self._on_eof(worker)
+            return
+        if len(msg) == 1:  # ("ready",): the interpreter is up
+            with self._lock:
+                worker.ready = True
+                if worker.job is not None:
+                    worker.cpu_mark = _cpu_mark(worker.pid)
             return
         job_id, ok, payload, started, ended, out, err, asked_to_stop = msg
         with self._lock:
@@ -610,11 +644,15 @@ class ProcessPool:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
-def _cpu_saturated() -> bool:
-    """True when the machine's CPUs are nearly all busy: more workers would not help then."""
+def _cpu_mark(pid: int) -> tuple[float, float] | None:
+    """(CPU seconds used, monotonic time) of a process, or None if it is gone."""
     import psutil
 
-    return psutil.cpu_percent(None) >= 85.0
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return (t.user + t.system, time.monotonic())
 
 
 def _unpack_error(payload: tuple) -> BaseException:

@@ -38,7 +38,9 @@ class LocalExecutor(Executor):
         capture_output: bool = True,
     ):
         if workers is not None and (not isinstance(workers, int) or workers < 1):
-            raise ValueError(f"LocalExecutor(workers=...) must be a whole number >= 1, got {workers!r}")
+            raise ValueError(
+                f"LocalExecutor(workers=...) must be a whole number >= 1, got {workers!r}"
+            )
         if grace < 0:
             raise ValueError(f"LocalExecutor(grace=...) must be >= 0 seconds, got {grace!r}")
         self.workers = workers
