@@ -84,7 +84,7 @@ def _start(graph: Graph) -> str:
     from .dispatcher import DispatchRun
 
     dispatcher = get_dispatcher()
-    store = dispatcher.store
+    store = _store()  # the configured one now (VALENT_RESULTS_DIR may have changed)
     dispatch_id = str(uuid.uuid4())
     try:
         inputs = cloudpickle.dumps((graph.args, graph.kwargs))
@@ -129,7 +129,7 @@ def _start(graph: Graph) -> str:
         "node_count": len(graph.nodes),
     }
     store.create_dispatch(row, nodes)
-    dispatcher.start(DispatchRun(dispatch_id, graph))
+    dispatcher.start(DispatchRun(dispatch_id, graph, store))
     return dispatch_id
 
 

@@ -78,9 +78,10 @@ class NodeRun:
 class DispatchRun:
     """One dispatch this process owns."""
 
-    def __init__(self, dispatch_id: str, graph: Graph):
+    def __init__(self, dispatch_id: str, graph: Graph, store: Store | None = None):
         self.id = dispatch_id
         self.graph = graph
+        self.store = store  # where it was created (the dispatcher's store when None)
         self.nodes = [NodeRun(self, n) for n in graph.nodes]
         self.children = graph.children()
         self.remaining = len(self.nodes)
@@ -116,7 +117,9 @@ class Dispatcher:
     # ------------------------------------------------------------------ public (any thread)
 
     def start(self, run: DispatchRun) -> None:
-        """Begin running ``run`` (already written to the store)."""
+        """Begin running ``run`` (already written to its store)."""
+        if run.store is None:
+            run.store = self.store
         self.runs[run.id] = run
         self.q.put((_START, run))
 
@@ -411,7 +414,7 @@ class Dispatcher:
         extra = dict(out or {})
         try:
             blob = nr.pickled if nr.pickled is not None else cloudpickle.dumps(nr.value)
-            extra.update(self.store.output_fields(nr.run.id, nr.node.id, blob))
+            extra.update(nr.run.store.output_fields(nr.run.id, nr.node.id, blob))
         except Exception as exc:
             extra["error"] = f"output not stored: {exc}"
         self._set(nr, Status.COMPLETED, extra)
@@ -514,12 +517,16 @@ class Dispatcher:
         self._poll(nr)
 
     def _external_cancels(self) -> None:
-        try:
-            requests = self.store.take_cancel_requests(self.runs)
-        except StoreError:
-            return
-        for did, task_ids in requests:
-            self._cancel(did, task_ids)
+        by_store: dict[int, tuple[Store, list[str]]] = {}
+        for run in self.runs.values():
+            by_store.setdefault(id(run.store), (run.store, []))[1].append(run.id)
+        for store, ids in by_store.values():
+            try:
+                requests = store.take_cancel_requests(ids)
+            except StoreError:
+                continue
+            for did, task_ids in requests:
+                self._cancel(did, task_ids)
 
     # ------------------------------------------------------------------ finishing dispatches
 
@@ -534,7 +541,7 @@ class Dispatcher:
             try:
                 value = _structure_value(run, run.graph.result)
                 blob = cloudpickle.dumps(value)
-                f = self.store.output_fields(run.id, None, blob)
+                f = run.store.output_fields(run.id, None, blob)
                 fields.update({"result": f["output"], "result_file": f["output_file"]})
             except Exception as exc:
                 status = Status.FAILED
@@ -547,20 +554,33 @@ class Dispatcher:
         self._dupd.setdefault(run.id, {}).update(fields)
         self._finishing.append(run)
 
+    def _store_of(self, dispatch_id: str) -> Store:
+        run = self.runs.get(dispatch_id)
+        return run.store if run is not None and run.store is not None else self.store
+
     def _flush(self) -> None:
         if self._nupd or self._dupd:
             nupd, dupd = self._nupd, self._dupd
             self._nupd, self._dupd = {}, {}
-            try:
-                self.store.apply(
-                    ((d, n, f) for (d, n), f in nupd.items()), list(dupd.items())
-                )
-            except StoreError as exc:
-                print(f"valent: {exc}", file=sys.stderr)
-                for run in list(self.runs.values()):
-                    run.store_error = exc
-                    if not run.cancel_requested and not run.status.is_final:
-                        self._cancel(run.id, None)
+            # each dispatch goes to the store it was created in (VALENT_RESULTS_DIR may differ)
+            batches: dict[int, tuple[Store, list, list]] = {}
+            for (d, n), f in nupd.items():
+                st = self._store_of(d)
+                batches.setdefault(id(st), (st, [], []))[1].append((d, n, f))
+            for d, f in dupd.items():
+                st = self._store_of(d)
+                batches.setdefault(id(st), (st, [], []))[2].append((d, f))
+            for st, nodes, disps in batches.values():
+                try:
+                    st.apply(nodes, disps)
+                except StoreError as exc:
+                    print(f"valent: {exc}", file=sys.stderr)
+                    for run in list(self.runs.values()):
+                        if run.store is not st:
+                            continue
+                        run.store_error = exc
+                        if not run.cancel_requested and not run.status.is_final:
+                            self._cancel(run.id, None)
         finishing, self._finishing = self._finishing, []
         for run in finishing:
             self.runs.pop(run.id, None)
