@@ -1,0 +1,457 @@
+"""One background thread per host: starts, watches and kills remote tasks over one connection.
+
+The dispatcher's thread only queues work here (``submit``, ``cancel``) and reads states
+(``RemoteTask.state``); everything that talks to the network happens on the host's thread,
+which sleeps in ``select`` on the agent's channel and a wake-up pipe: no busy polling. Each
+state change calls the task's ``wake()``. A dropped connection is retried with backoff; the
+remote tasks keep running and are adopted again by the new agent.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import collections
+import enum
+import os
+import re
+import secrets
+import select
+import threading
+import time
+from typing import Any
+
+from valent.errors import PicklingError
+from valent.executor import Wake
+from valent.status import CancelOutcome
+from valent.task import Cancelled, Failed, Pending, Running, Task, TaskState
+
+from .connection import Connection, ConnectionLost, Target
+from .errors import RemoteTaskLostError, SSHError, SSHUnreachableError
+from .payload import pickle_task, result_state
+
+PING_EVERY = 5.0  # seconds between pings to the agent while tasks run
+SILENCE_LIMIT = 20.0  # no word from the agent for this long: the connection is dead
+
+
+class Phase(enum.Enum):
+    QUEUED = "queued"  # waiting for a slot (or a connection)
+    UPLOADING = "uploading"  # the host thread is sending it
+    STARTING = "starting"  # the agent was told to start it
+    RUNNING = "running"  # the agent started it (pid known)
+    KILLING = "killing"  # a kill was sent; waiting for the group to be gone
+    DONE = "done"
+
+
+class RemoteTask:
+    """The handle ``SSHExecutor.run`` returns: one task on one host."""
+
+    def __init__(self, task: Task, wake: Wake, grace: float, host: HostWorker):
+        self.task = task
+        self.wake = wake
+        self.grace = grace
+        self.host = host
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", task.key)[:60]
+        self.rid = f"{safe}-{secrets.token_hex(5)}"
+        self.token = secrets.token_hex(12)
+        self.phase = Phase.QUEUED
+        self.state: TaskState = Pending()
+        self.cancel_requested = False
+        self.promised: CancelOutcome | None = None
+        self.dir: str | None = None
+        self.pid: int | None = None
+        self.started_at: float | None = None
+        self.done = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"<RemoteTask {self.task.label} on {self.host.target.where} {self.phase.value}>"
+
+
+class HostWorker:
+    """The thread and connection serving every task of one host (and one set of settings)."""
+
+    def __init__(self, target: Target, max_parallel: int, reconnect_timeout: float):
+        self.target = target
+        self.max_parallel = max_parallel
+        self.reconnect_timeout = reconnect_timeout
+        self._lock = threading.Lock()
+        self._queue: collections.deque[RemoteTask] = collections.deque()
+        self._active: dict[str, RemoteTask] = {}
+        self._kills: list[RemoteTask] = []
+        self._cleanup: list[tuple[str, str]] = []
+        self._conn: Connection | None = None
+        self._pinned: dict[str, Any] = {}
+        self._ever_connected = False
+        self._lost_since: float | None = None
+        self._lost_cause: BaseException | None = None
+        self._attempts = 0
+        self._next_attempt = 0.0
+        self._last_heard = 0.0
+        self._last_ping = 0.0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    # -- called from the dispatcher's thread ----------------------------------------------
+
+    def submit(self, rt: RemoteTask) -> None:
+        with self._lock:
+            self._queue.append(rt)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._main, name=f"valent-ssh-{self.target.where}", daemon=True
+                )
+                self._thread.start()
+        self._poke()
+
+    def cancel(self, rt: RemoteTask) -> CancelOutcome:
+        """Dequeue it, or have the host thread kill its remote group; never blocks."""
+        with self._lock:
+            if rt.promised is not None:
+                return rt.promised
+            if rt.phase is Phase.DONE:
+                return CancelOutcome.TOO_LATE
+            rt.cancel_requested = True
+            if rt.phase is Phase.QUEUED:
+                self._queue.remove(rt)
+                rt.promised = CancelOutcome.DEQUEUED
+                finished = self._finish_locked(rt, Cancelled(CancelOutcome.DEQUEUED))
+            elif rt.phase is Phase.UPLOADING:  # the host thread will not start it
+                rt.promised = CancelOutcome.DEQUEUED
+                finished = False
+            else:
+                rt.promised = CancelOutcome.KILLED
+                rt.phase = Phase.KILLING
+                self._kills.append(rt)
+                finished = False
+        if finished:
+            rt.wake()
+        self._poke()
+        return rt.promised
+
+    def active_count(self) -> int:
+        with self._lock:
+            return len(self._queue) + len(self._active)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread and close the connection (remote tasks are not touched)."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        self._poke()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _poke(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _finish_locked(self, rt: RemoteTask, state: TaskState) -> bool:
+        if rt.phase is Phase.DONE:
+            return False
+        rt.phase = Phase.DONE
+        rt.state = state
+        rt.done.set()
+        self._active.pop(rt.rid, None)
+        return True
+
+    def _finish(self, rt: RemoteTask, state: TaskState) -> None:
+        with self._lock:
+            done = self._finish_locked(rt, state)
+        if done:
+            rt.wake()
+
+    def _fail_all(self, error: BaseException) -> None:
+        """The host cannot be reached (or refuses us): every task it holds ends."""
+        with self._lock:
+            tasks = list(self._queue) + list(self._active.values())
+            self._queue.clear()
+            self._kills.clear()
+            done = []
+            for rt in tasks:
+                if rt.cancel_requested and rt.phase in (Phase.KILLING,):
+                    state: TaskState = Cancelled(CancelOutcome.FAILED, started_at=rt.started_at)
+                elif rt.cancel_requested:
+                    state = Cancelled(CancelOutcome.DEQUEUED)
+                else:
+                    state = Failed(error, "", started_at=rt.started_at, ended_at=time.time())
+                if self._finish_locked(rt, state):
+                    done.append(rt)
+        for rt in done:
+            rt.wake()
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    busy = bool(self._queue or self._active)
+                    if self._closed:
+                        break
+                if self._conn is None:
+                    if busy:
+                        self._connect_step()
+                    else:
+                        self._sleep(None)
+                    continue
+                try:
+                    self._start_queued()
+                    self._send_kills_and_cleanups()
+                    self._heartbeat(busy)
+                    self._sleep(PING_EVERY if busy else 30.0)
+                    for event in self._conn.events():
+                        self._last_heard = time.monotonic()
+                        self._on_event(event)
+                except (ConnectionLost, OSError, EOFError) as exc:
+                    self._lost(exc)
+                except Exception as exc:  # paramiko.SSHException and kin: the session broke
+                    if self._conn is not None and self._conn.alive():
+                        raise
+                    self._lost(exc)
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def _sleep(self, timeout: float | None) -> None:
+        fds: list[Any] = [self._wake_r]
+        if self._conn is not None:
+            fds.append(self._conn.fileno())
+        if timeout is None and self._lost_since is not None:
+            timeout = max(0.0, self._next_attempt - time.monotonic())
+        select.select(fds, [], [], timeout)
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _connect_step(self) -> None:
+        now = time.monotonic()
+        if now < self._next_attempt:
+            self._sleep(self._next_attempt - now)
+            return
+        conn = Connection(self.target, self._pinned)
+        try:
+            conn.open()
+        except SSHUnreachableError as exc:
+            if not self._ever_connected:
+                self._fail_all(exc)
+                return
+            if self._lost_since is None:
+                self._lost_since = now
+            if now - self._lost_since > self.reconnect_timeout:
+                t = self.target
+                self._lost_since = None
+                self._fail_all(
+                    SSHUnreachableError(
+                        f"lost the connection to {t.where} ({self._lost_cause!r}) and could not "
+                        f"reconnect within reconnect_timeout={self.reconnect_timeout}s: {exc}. "
+                        "Tasks started there may still be running; check the host and its "
+                        "network, or raise reconnect_timeout.",
+                        t.hostname,
+                        t.port,
+                    )
+                )
+                return
+            self._attempts += 1
+            self._next_attempt = now + min(2.0, 0.05 * 2**self._attempts)
+            return
+        except SSHError as exc:  # wrong key, host key, remote python: retrying will not help
+            self._lost_since = None
+            self._fail_all(exc)
+            return
+        self._conn = conn
+        self._ever_connected = True
+        self._lost_since = None
+        self._attempts = 0
+        self._last_heard = time.monotonic()
+        with self._lock:
+            readopt = [rt for rt in self._active.values()]
+            self._kills = [rt for rt in readopt if rt.phase is Phase.KILLING]
+        for rt in readopt:  # the agent adopts tasks started before the drop
+            conn.send(op="start", key=rt.rid, dir=rt.dir, token=rt.token, pid=rt.pid)
+
+    def _lost(self, exc: BaseException) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._lost_cause = exc
+        with self._lock:
+            busy = bool(self._queue or self._active)
+        if busy and self._lost_since is None:
+            self._lost_since = time.monotonic()
+            self._attempts = 0
+            self._next_attempt = 0.0
+
+    def _heartbeat(self, busy: bool) -> None:
+        now = time.monotonic()
+        if not busy:
+            return
+        if now - self._last_heard > SILENCE_LIMIT:
+            raise ConnectionLost(f"no word from the remote agent for {SILENCE_LIMIT}s")
+        if now - self._last_ping > PING_EVERY:
+            self._last_ping = now
+            self._conn.send(op="ping", n=int(now))
+
+    def _start_queued(self) -> None:
+        conn = self._conn
+        started = []
+        while True:
+            with self._lock:
+                if not self._queue or len(self._active) >= self.max_parallel:
+                    break
+                rt = self._queue.popleft()
+                rt.phase = Phase.UPLOADING
+                dropped = rt.cancel_requested and self._finish_locked(
+                    rt, Cancelled(CancelOutcome.DEQUEUED)
+                )  # dequeued while its upload was cut off by a dropped connection
+            if dropped:
+                rt.wake()
+                continue
+            try:
+                blob = pickle_task(rt.task)
+            except PicklingError as exc:
+                self._finish(
+                    rt,
+                    Cancelled(CancelOutcome.DEQUEUED) if rt.cancel_requested else Failed(exc, ""),
+                )
+                continue
+            rt.dir = f"{conn.workdir}/{rt.rid}"
+            try:
+                conn.upload_task(rt.dir, blob)
+            except Exception as exc:
+                if not conn.alive():
+                    with self._lock:
+                        rt.phase = Phase.QUEUED
+                        self._queue.appendleft(rt)
+                    raise ConnectionLost(repr(exc)) from exc
+                t = self.target
+                self._finish(
+                    rt,
+                    Failed(
+                        SSHError(
+                            f"cannot write the task to {rt.dir} on {t.where}: {exc!r}; check "
+                            "remote_workdir's permissions and free space",
+                            t.hostname,
+                            t.port,
+                        ),
+                        "",
+                    ),
+                )
+                continue
+            with self._lock:
+                if rt.cancel_requested:
+                    self._cleanup.append((rt.rid, rt.dir))
+                    dequeued = self._finish_locked(rt, Cancelled(CancelOutcome.DEQUEUED))
+                else:
+                    rt.phase = Phase.STARTING
+                    self._active[rt.rid] = rt
+                    dequeued = False
+                    started.append(rt)
+            if dequeued:
+                rt.wake()
+        for rt in started:
+            conn.send(op="start", key=rt.rid, dir=rt.dir, token=rt.token)
+
+    def _send_kills_and_cleanups(self) -> None:
+        with self._lock:
+            kills, self._kills = self._kills, []
+            cleanups, self._cleanup = self._cleanup, []
+        for i, rt in enumerate(kills):
+            try:
+                self._conn.send(op="kill", key=rt.rid, grace=rt.grace)
+            except ConnectionLost:
+                with self._lock:
+                    self._kills.extend(kills[i:])
+                raise
+        for rid, d in cleanups:
+            self._conn.send(op="clean", key=rid, dir=d)
+
+    def _on_event(self, ev: dict[str, Any]) -> None:
+        kind = ev.get("ev")
+        with self._lock:
+            rt = self._active.get(ev.get("key", ""))
+        if rt is None:
+            return
+        if kind == "started":
+            with self._lock:
+                rt.pid = ev.get("pid")
+                if rt.phase is Phase.STARTING:
+                    rt.phase = Phase.RUNNING
+                if rt.started_at is None:
+                    rt.started_at = time.time()
+                changed = not isinstance(rt.state, Running)
+                rt.state = Running(started_at=rt.started_at)
+            if changed:
+                rt.wake()
+            return
+        t = self.target
+        out, err = ev.get("stdout", ""), ev.get("stderr", "")
+        now = time.time()
+        if kind == "start_failed":
+            error = RemoteTaskLostError(f"{ev.get('error')} on {t.where}", t.hostname, t.port)
+            state: TaskState = Failed(error, "", ended_at=now)
+        elif rt.cancel_requested:  # "gone", or an "exit" that beat the kill
+            state = Cancelled(
+                CancelOutcome.KILLED, started_at=rt.started_at, ended_at=now, stdout=out, stderr=err
+            )
+        elif "result" in ev or "big" in ev:
+            if "result" in ev:
+                payload = base64.b64decode(ev["result"])
+            else:
+                payload = self._conn.fetch(f"{rt.dir}/result")
+            state = result_state(payload, rt.started_at, now, out, err)
+        else:
+            rc = ev.get("rc")
+            how = (
+                "it was gone when the connection came back"
+                if rc is None
+                else (f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}")
+            )
+            error = RemoteTaskLostError(
+                f"the remote runner of task {rt.task.label} on {t.where} ended ({how}) without "
+                "writing a result: it was killed from outside, or ran out of memory",
+                t.hostname,
+                t.port,
+            )
+            state = Failed(
+                error, err, started_at=rt.started_at, ended_at=now, stdout=out, stderr=err
+            )
+        if rt.dir:
+            self._conn.send(op="clean", key=rt.rid, dir=rt.dir)
+        self._finish(rt, state)
+
+
+# -- the registry: one worker per host and settings, shared by executors --------------------
+
+_registry: dict[tuple, HostWorker] = {}
+_registry_lock = threading.Lock()
+
+
+def get_worker(target: Target, max_parallel: int, reconnect_timeout: float) -> HostWorker:
+    """The worker for these settings, created on first use."""
+    key = (target, max_parallel, reconnect_timeout)
+    with _registry_lock:
+        worker = _registry.get(key)
+        if worker is None:
+            if not _registry:
+                atexit.register(close_all)
+            worker = _registry[key] = HostWorker(target, max_parallel, reconnect_timeout)
+        return worker
+
+
+def close_all() -> None:
+    """Close every host connection (at exit; remote tasks are not touched)."""
+    with _registry_lock:
+        workers = list(_registry.values())
+        _registry.clear()
+    for w in workers:
+        w.close(timeout=2.0)
