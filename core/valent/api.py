@@ -176,17 +176,22 @@ def _owned_run(dispatch_id: str):
     return None if d is None else d.runs.get(dispatch_id)
 
 
-def get_result(dispatch_id: str, wait: bool = False, timeout: float | None = None) -> Result:
+def get_result(
+    dispatch_id: str, wait: bool = False, timeout: float | None = None, progress: bool = False
+) -> Result:
     """The dispatch's Result; with ``wait=True``, once it is final and every executor
-    confirmed that nothing it started is still running (``timeout`` in seconds)."""
+    confirmed that nothing it started is still running (``timeout`` in seconds).
+    ``progress=True`` shows a progress bar of finished nodes on stderr while waiting."""
     store = _store()
     dispatch_id = store.resolve(dispatch_id)
-    if wait:
+    if wait and progress:
+        from .progress import StoreProgress
+
+        with StoreProgress(store, dispatch_id):
+            _wait(store, dispatch_id, timeout)
+    elif wait:
         _wait(store, dispatch_id, timeout)
-    row = store.dispatch_row(dispatch_id)
-    if row["status"] not in _FINAL and _owner_dead(row):
-        store.mark_orphaned(dispatch_id, _orphan_message(row))
-        row = store.dispatch_row(dispatch_id)
+    row = check_owner(store, store.dispatch_row(dispatch_id))
     return Result(row, store.node_rows(dispatch_id), str(store.dir))
 
 
@@ -241,6 +246,28 @@ def _owner_dead(row) -> bool:
         return True
     except psutil.Error:
         return False
+
+
+def check_owner(store, row):
+    """The dispatch row, after marking the dispatch FAILED if its owner process died.
+
+    Every reader (``get_result``, ``cancel``, the CLI's list/status/show/watch) goes through
+    this, so a dispatch whose owner was killed is never reported RUNNING.
+    """
+    if row["status"] in _FINAL or not _owner_dead(row):
+        return row
+    store.mark_orphaned(row["dispatch_id"], _orphan_message(row))
+    return store.dispatch_row(row["dispatch_id"])
+
+
+def reap_orphans(store) -> int:
+    """Mark every unfinished dispatch whose owner died (``check_owner``); how many were."""
+    n = 0
+    for status in (Status.NEW_OBJECT, Status.RUNNING, Status.CANCELLING):
+        for row in store.list_dispatches(status=status.value, limit=1_000_000):
+            if check_owner(store, row) is not row:
+                n += 1
+    return n
 
 
 def _orphan_message(row) -> str:

@@ -1,9 +1,570 @@
-"""CLI commands (filled in by their owner)."""
+"""``valent list | status | show | cancel | watch | logs``: look at and control dispatches.
+
+Every command reads the results store (``VALENT_RESULTS_DIR``), so it works from any process
+on the machine, whoever dispatched. A dispatch id may be shortened to a unique prefix (at
+least 4 characters). Errors are one line on stderr: exit 1 for an unknown id, an ambiguous
+prefix or a store that cannot be opened; ``cancel`` exits 3 when the stop is not confirmed
+within ``--timeout``; ``watch`` exits 130 on Ctrl-C (the dispatch goes on).
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
 import click
+
+from .errors import ValentError
+from .progress import dispatch_seconds, fmt_secs, make_bar, node_counts, update_bar
+from .status import FINAL, Status
+
+_FINAL = {s.value for s in FINAL}
+_ALL_STATUSES = [s.value for s in Status]
+EXIT_ERROR = 1
+EXIT_CANCEL_TIMEOUT = 3
+EXIT_INTERRUPTED = 130
+_STATUS_COLORS = {
+    "COMPLETED": "green", "FAILED": "red", "CANCELLED": "yellow", "CANCELLING": "magenta",
+    "RUNNING": "cyan", "PENDING": "blue",
+}
+
+
+class _Fail(Exception):
+    """A one-line error for the user, with an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _errors(fn: Callable[..., None]) -> Callable[..., None]:
+    """Turn valent, store and expected errors into one line on stderr and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except _Fail as exc:
+            click.echo(f"valent: {_one_line(str(exc))}", err=True)
+            sys.exit(exc.code)
+        except ValentError as exc:
+            click.echo(f"valent: error: {_one_line(str(exc))}", err=True)
+            sys.exit(EXIT_ERROR)
+        except sqlite3.Error as exc:
+            from .store import get_store
+
+            click.echo(
+                f"valent: error: cannot read the results store {get_store().path}: "
+                f"{_one_line(str(exc))}; check VALENT_RESULTS_DIR",
+                err=True,
+            )
+            sys.exit(EXIT_ERROR)
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------- reading
+
+
+def _store() -> Any:
+    from .store import get_store
+
+    return get_store()
+
+
+def _row(store: Any, dispatch_id: str) -> Any:
+    """The dispatch's row (a full id or unique prefix), its owner checked for death."""
+    from .api import check_owner
+
+    return check_owner(store, store.dispatch_row(store.resolve(dispatch_id)))
+
+
+def _ts(value: float | None) -> str | None:
+    return None if value is None else datetime.fromtimestamp(value, tz=UTC).isoformat()
+
+
+def _local(value: float | None) -> str:
+    return "-" if value is None else datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _seconds(start: float | None, end: float | None, running: bool) -> float | None:
+    if start is None:
+        return None
+    if end is None:
+        return time.time() - start if running else None
+    return max(0.0, end - start)
+
+
+_fmt_secs = fmt_secs
+_duration = dispatch_seconds
+
+
+def _node_duration(n: Any) -> float | None:
+    return _seconds(n["start_time"], n["end_time"], n["status"] == Status.RUNNING)
+
+
+def _node_note(n: Any) -> str:
+    """The reason a node ended as it did (cancel reason, or the first line of its error)."""
+    if n["error"]:
+        return _one_line(n["error"])[:100]
+    return n["reason"] or ""
+
+
+def _label(n: Any) -> str:
+    return f"{n['name']}({n['node_id']})"
+
+
+def _styled(status: str) -> str:
+    return click.style(status, fg=_STATUS_COLORS.get(status))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], color_col: int = -1) -> str:
+    """Plain aligned columns (colored status when the output is a terminal)."""
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for r in cells:
+        parts = [
+            (_styled(c) + " " * (w - len(c))) if i == color_col else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        out.append("  ".join(parts).rstrip())
+    return "\n".join(out)
+
+
+def _dispatch_json(row: Any, nodes: Sequence[Any]) -> dict[str, Any]:
+    done, total, counts = node_counts(nodes)
+    return {
+        "dispatch_id": row["dispatch_id"],
+        "lattice_name": row["lattice_name"],
+        "status": row["status"],
+        "created_at": _ts(row["created_at"]),
+        "start_time": _ts(row["start_time"]),
+        "end_time": _ts(row["end_time"]),
+        "duration": _duration(row),
+        "error": row["error"],
+        "owner": {"pid": row["owner_pid"], "host": row["owner_host"]},
+        "nodes_done": done,
+        "node_count": total,
+        "node_statuses": dict(counts),
+    }
+
+
+def _node_json(n: Any) -> dict[str, Any]:
+    return {
+        "node_id": n["node_id"],
+        "name": n["name"],
+        "kind": n["kind"],
+        "status": n["status"],
+        "executor": n["executor"],
+        "cancel_outcome": n["cancel_outcome"],
+        "start_time": _ts(n["start_time"]),
+        "end_time": _ts(n["end_time"]),
+        "duration": _node_duration(n),
+        "cancel_requested_at": _ts(n["cancel_requested_at"]),
+        "cancel_confirmed_at": _ts(n["cancel_confirmed_at"]),
+        "reason": n["reason"],
+        "error": n["error"],
+        "attempts": n["attempts"],
+    }
+
+
+def _node_table(nodes: Sequence[Any]) -> str:
+    rows = [
+        (
+            n["node_id"], n["name"], n["status"], n["executor"] or "-",
+            n["cancel_outcome"] or "-", _fmt_secs(_node_duration(n)), _node_note(n),
+        )
+        for n in nodes
+    ]
+    return _table(
+        ("ID", "NAME", "STATUS", "EXECUTOR", "CANCEL", "DURATION", "REASON"), rows, color_col=2
+    )
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+# ---------------------------------------------------------------------- commands
+
+
+@click.command("list")
+@click.option("--status", "status", type=click.Choice(_ALL_STATUSES, case_sensitive=False),
+              help="Only dispatches with this status.")
+@click.option("--limit", "-n", type=click.IntRange(min=1), default=20, show_default=True,
+              help="How many dispatches to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of objects).")
+@_errors
+def list_cmd(status: str | None, limit: int, as_json: bool) -> None:
+    """Recent dispatches, newest first."""
+    from .api import reap_orphans
+
+    store = _store()
+    reap_orphans(store)
+    rows = store.list_dispatches(status=status.upper() if status else None, limit=limit)
+    if as_json:
+        _echo_json([
+            {
+                "dispatch_id": r["dispatch_id"],
+                "lattice_name": r["lattice_name"],
+                "status": r["status"],
+                "created_at": _ts(r["created_at"]),
+                "start_time": _ts(r["start_time"]),
+                "end_time": _ts(r["end_time"]),
+                "duration": _duration(r),
+                "nodes_done": r["done"],
+                "node_count": r["node_count"],
+                "error": r["error"],
+            }
+            for r in rows
+        ])
+        return
+    if not rows:
+        click.echo(f"no dispatches{f' with status {status.upper()}' if status else ''} "
+                   f"in {store.path}")
+        return
+    table = [
+        (
+            r["dispatch_id"][:8], r["lattice_name"], r["status"],
+            _local(r["start_time"] or r["created_at"]), _fmt_secs(_duration(r)),
+            f"{r['done']}/{r['node_count']}",
+        )
+        for r in rows
+    ]
+    click.echo(_table(("ID", "LATTICE", "STATUS", "STARTED", "DURATION", "NODES"), table, 2))
+
+
+@click.command("status")
+@click.argument("dispatch_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_errors
+def status_cmd(dispatch_id: str, as_json: bool) -> None:
+    """A short summary of one dispatch (ID or a unique prefix)."""
+    store = _store()
+    row = _row(store, dispatch_id)
+    nodes = store.node_rows(row["dispatch_id"], with_outputs=False)
+    if as_json:
+        data = _dispatch_json(row, nodes)
+        data["nodes"] = [_node_json(n) for n in nodes]
+        _echo_json(data)
+        return
+    done, total, counts = node_counts(nodes)
+    spread = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    lines = [
+        f"dispatch  {row['dispatch_id']}",
+        f"lattice   {row['lattice_name']}",
+        f"status    {_styled(row['status'])}",
+        f"started   {_local(row['start_time'] or row['created_at'])}"
+        f"   duration {_fmt_secs(_duration(row))}",
+        f"nodes     {done}/{total} done ({spread})",
+        f"owner     pid {row['owner_pid']} on {row['owner_host']}",
+    ]
+    running = [_label(n) for n in nodes if n["status"] == Status.RUNNING]
+    if running:
+        more = f" and {len(running) - 8} more" if len(running) > 8 else ""
+        lines.append(f"running   {', '.join(running[:8])}{more}")
+    if row["error"]:
+        lines.append(f"error     {row['error']}")
+    click.echo("\n".join(lines))
+
+
+@click.command("show")
+@click.argument("dispatch_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (outputs as repr strings).")
+@_errors
+def show_cmd(dispatch_id: str, as_json: bool) -> None:
+    """The full Result of one dispatch, as print(result) shows it, and a per-node table."""
+    from .result import Result
+
+    store = _store()
+    row = _row(store, dispatch_id)
+    nodes = store.node_rows(row["dispatch_id"])
+    result = Result(row, nodes, str(store.dir))
+    if as_json:
+        data = _dispatch_json(row, nodes)
+        data["result"] = _safe_repr(lambda: result.result)
+        data["inputs"] = _safe_repr(lambda: result.inputs)
+        data["nodes"] = []
+        for n in nodes:
+            item = _node_json(n)
+            item["output"] = _safe_repr(lambda n=n: result.get_node_result(n["node_id"])["output"])
+            item["traceback"] = n["traceback"]
+            data["nodes"].append(item)
+        _echo_json(data)
+        return
+    click.echo(str(result))
+    click.echo("Nodes\n-----")
+    click.echo(_node_table(nodes))
+
+
+def _safe_repr(get: Callable[[], Any]) -> str:
+    try:
+        return repr(get())
+    except Exception as exc:
+        return f"<cannot be loaded here: {exc!r}>"
+
+
+@click.command("cancel")
+@click.argument("dispatch_id")
+@click.option("--task", "-t", "tasks", type=int, multiple=True, metavar="N",
+              help="Cancel only node N and its dependents (repeatable).")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait until the owner confirms the tasks stopped, then print the outcomes.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds to wait for the confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
+@_errors
+def cancel_cmd(
+    dispatch_id: str, tasks: tuple[int, ...], wait: bool, timeout: float, as_json: bool
+) -> None:
+    """Cancel a dispatch (or some of its tasks) from any process, and report what stopped."""
+    from . import api
+
+    store = _store()
+    row = _row(store, dispatch_id)
+    did = row["dispatch_id"]
+    nodes = store.node_rows(did, with_outputs=False)
+    bad = [t for t in tasks if not 0 <= t < len(nodes)]
+    if bad:
+        raise _Fail(
+            f"error: dispatch {did[:8]} has no task id(s) {bad}; valid ids are "
+            f"0..{len(nodes) - 1} (`valent show {did[:8]}` lists them)"
+        )
+    t0 = time.monotonic()
+    message = api.cancel(did, list(tasks) or None)
+    targets = _targets(nodes, tasks)
+    if not wait or row["status"] in _FINAL:
+        if as_json:
+            _echo_json({"dispatch_id": did, "message": message, "status": row["status"]})
+        else:
+            click.echo(message)
+        return
+    if not as_json:
+        click.echo(message)
+    row, nodes, finished = _wait_stopped(store, did, targets, timeout)
+    took = time.monotonic() - t0
+    shown = [n for n in nodes if n["node_id"] in targets and n["kind"] != "parameter"]
+    outcomes: dict[str, int] = {}
+    for n in shown:
+        if n["cancel_outcome"]:
+            outcomes[n["cancel_outcome"]] = outcomes.get(n["cancel_outcome"], 0) + 1
+    if as_json:
+        data = _dispatch_json(row, nodes)
+        data.update(
+            message=message, confirmed=finished, seconds=round(took, 4), outcomes=outcomes,
+            nodes=[_node_json(n) for n in shown],
+        )
+        _echo_json(data)
+    else:
+        click.echo(_node_table(shown))
+        spread = ", ".join(f"{v} {k}" for k, v in sorted(outcomes.items())) or "no outcomes"
+        state = "stopped" if finished else "NOT confirmed stopped"
+        click.echo(
+            f"dispatch {did[:8]} {_styled(row['status'])}: {state} after {took:.2f}s ({spread})"
+        )
+    if not finished:
+        raise _Fail(
+            f"cancel of {did[:8]} not confirmed within {timeout:g}s; the owner (pid "
+            f"{row['owner_pid']}) may be busy; `valent watch {did[:8]}` follows it",
+            EXIT_CANCEL_TIMEOUT,
+        )
+
+
+def _targets(nodes: Sequence[Any], tasks: Sequence[int]) -> set[int]:
+    """Node ids a cancel of ``tasks`` reaches: them and every dependent (all when empty)."""
+    if not tasks:
+        return {n["node_id"] for n in nodes}
+    children: dict[int, list[int]] = {n["node_id"]: [] for n in nodes}
+    for n in nodes:
+        for p in json.loads(n["parents"]):
+            children[p].append(n["node_id"])
+    seen: set[int] = set()
+    stack = list(tasks)
+    while stack:
+        t = stack.pop()
+        if t not in seen:
+            seen.add(t)
+            stack.extend(children[t])
+    return seen
+
+
+def _wait_stopped(
+    store: Any, did: str, targets: set[int], timeout: float
+) -> tuple[Any, list[Any], bool]:
+    """Poll the store until every target node is final (or the dispatch is)."""
+    from .api import check_owner
+
+    deadline = time.monotonic() + timeout
+    while True:
+        row = check_owner(store, store.dispatch_row(did))
+        nodes = store.node_rows(did, with_outputs=False)
+        if row["status"] in _FINAL or all(
+            n["status"] in _FINAL for n in nodes if n["node_id"] in targets
+        ):
+            return row, nodes, True
+        if time.monotonic() >= deadline:
+            return row, nodes, False
+        time.sleep(0.02)
+
+
+@click.command("watch")
+@click.argument("dispatch_id")
+@click.option("--interval", type=click.FloatRange(min=0.05), default=0.25, show_default=True,
+              help="Seconds between refreshes.")
+@_errors
+def watch_cmd(dispatch_id: str, interval: float) -> None:
+    """Follow a dispatch live until it ends; Ctrl-C stops watching, not the dispatch.
+
+    On a terminal: a live table and progress bar. Otherwise: one line per node change.
+    """
+    store = _store()
+    row = _row(store, dispatch_id)
+    did = row["dispatch_id"]
+    try:
+        if sys.stdout.isatty():
+            row = _watch_live(store, did, interval)
+        else:
+            row = _watch_lines(store, did, interval)
+    except KeyboardInterrupt:
+        click.echo(
+            f"\nstopped watching; dispatch {did[:8]} goes on "
+            f"(`valent cancel {did[:8]}` stops it)",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    click.echo(f"dispatch {did[:8]} ended {_styled(row['status'])} after "
+               f"{_fmt_secs(_duration(row))}")
+    if row["error"]:
+        click.echo(f"error: {row['error']}")
+
+
+def _snapshot(store: Any, did: str) -> tuple[Any, list[Any]]:
+    from .api import check_owner
+
+    row = check_owner(store, store.dispatch_row(did))
+    return row, store.node_rows(did, with_outputs=False)
+
+
+def _watch_lines(store: Any, did: str, interval: float) -> Any:
+    seen: dict[int, str] = {}
+    last_status = None
+    while True:
+        row, nodes = _snapshot(store, did)
+        done, total, _ = node_counts(nodes)
+        if row["status"] != last_status:
+            last_status = row["status"]
+            click.echo(f"{_clock()}  dispatch {did[:8]} ({row['lattice_name']}) "
+                       f"{_styled(row['status'])}  [{done}/{total}]")
+        for n in nodes:
+            if n["kind"] == "parameter" or seen.get(n["node_id"]) == n["status"]:
+                continue
+            seen[n["node_id"]] = n["status"]
+            extra = f" ({n['cancel_outcome']})" if n["cancel_outcome"] else ""
+            note = _node_note(n) if n["status"] in ("FAILED", "CANCELLED") else ""
+            click.echo(f"{_clock()}  {_label(n)} {_styled(n['status'])}{extra}"
+                       f"{'  ' + note if note else ''}  [{done}/{total}]")
+        if row["status"] in _FINAL:
+            return row
+        time.sleep(interval)
+
+
+def _clock() -> str:
+    return datetime.now().strftime("%H:%M:%S")
+
+
+def _watch_live(store: Any, did: str, interval: float) -> Any:
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.table import Table
+
+    console = Console()
+    bar = make_bar(console)
+    task = bar.add_task(did[:8], total=None, elapsed="")
+
+    def render(row: Any, nodes: list[Any]) -> Any:
+        update_bar(bar, task, row, nodes)
+        table = Table(box=None, pad_edge=False)
+        for col in ("ID", "NAME", "STATUS", "EXECUTOR", "CANCEL", "DURATION", "REASON"):
+            table.add_column(col, no_wrap=col != "REASON")
+        for n in nodes:
+            st = n["status"]
+            table.add_row(
+                str(n["node_id"]), n["name"], f"[{_STATUS_COLORS.get(st, 'white')}]{st}",
+                n["executor"] or "-", n["cancel_outcome"] or "-",
+                _fmt_secs(_node_duration(n)), _node_note(n),
+            )
+        return Group(table, bar)
+
+    row, nodes = _snapshot(store, did)
+    with Live(render(row, nodes), console=console, auto_refresh=False) as live:
+        while row["status"] not in _FINAL:
+            time.sleep(interval)
+            row, nodes = _snapshot(store, did)
+            live.update(render(row, nodes), refresh=True)
+    return row
+
+
+@click.command("logs")
+@click.argument("dispatch_id")
+@click.argument("node", required=False)
+@click.option("--stream", type=click.Choice(["both", "stdout", "stderr"]), default="both",
+              show_default=True, help="Which captured stream to print.")
+@_errors
+def logs_cmd(dispatch_id: str, node: str | None, stream: str) -> None:
+    """A task's captured stdout/stderr (NODE: an id, a name, or name(id)); all tasks if omitted.
+
+    Output is stored when a task ends (completed, failed or cancelled).
+    """
+    store = _store()
+    row = _row(store, dispatch_id)
+    nodes = [n for n in store.node_rows(row["dispatch_id"]) if n["kind"] == "electron"]
+    if node is not None:
+        nodes = [_pick_node(row["dispatch_id"], nodes, node)]
+    streams = ("stdout", "stderr") if stream == "both" else (stream,)
+    printed = False
+    for n in nodes:
+        texts = [(s, n[s]) for s in streams if n[s]]
+        if not texts and node is None:
+            continue
+        header = f"== {_label(n)} [{n['status']}]"
+        if not texts:
+            why = "it is still running; output is stored when it ends" if n["status"] in (
+                "RUNNING", "PENDING", "NEW_OBJECT") else "it printed nothing"
+            click.echo(f"{header}: no {' or '.join(streams)} ({why})")
+            printed = True
+            continue
+        for s, text in texts:
+            click.echo(f"{header} {s} ==")
+            click.echo(text, nl=not text.endswith("\n"))
+            printed = True
+    if not printed:
+        click.echo(f"no captured {' or '.join(streams)} in dispatch {row['dispatch_id'][:8]}")
+
+
+def _pick_node(did: str, nodes: Sequence[Any], spec: str) -> Any:
+    if spec.isdigit():
+        hits = [n for n in nodes if n["node_id"] == int(spec)]
+    else:
+        hits = [n for n in nodes if _label(n) == spec] or [n for n in nodes if n["name"] == spec]
+    if len(hits) == 1:
+        return hits[0]
+    names = ", ".join(_label(n) for n in (hits or nodes)[:10])
+    what = f"{spec!r} is ambiguous" if hits else f"no task {spec!r}"
+    raise _Fail(f"error: dispatch {did[:8]}: {what}; its tasks: {names}")
 
 
 def register(cli: click.Group) -> None:
     """Add this module's commands to the `valent` group."""
+    for cmd in (list_cmd, status_cmd, show_cmd, cancel_cmd, watch_cmd, logs_cmd):
+        cli.add_command(cmd)

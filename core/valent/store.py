@@ -322,7 +322,8 @@ class Store:
                 raise UnknownDispatchError(
                     id_or_prefix, str(self.path), "ambiguous prefix; give more characters"
                 )
-        raise UnknownDispatchError(id_or_prefix, str(self.path))
+        short = "a prefix needs at least 4 characters" if len(id_or_prefix) < 4 else ""
+        raise UnknownDispatchError(id_or_prefix, str(self.path), short)
 
     def dispatch_row(self, dispatch_id: str) -> sqlite3.Row:
         row = self._conn().execute(
