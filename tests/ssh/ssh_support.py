@@ -1,0 +1,61 @@
+"""Helpers of the SSH executor tests (imported by the tests and the benchmark)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import valent
+
+
+def wait_until(pred, timeout: float, step: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return bool(pred())
+
+
+class Submitted:
+    """A task handed to an executor, with the Event its ``wake`` sets."""
+
+    def __init__(self, ex, fn, *args, **kwargs):
+        self.ex = ex
+        self.woken = threading.Event()
+        self.task = valent.Task(
+            dispatch_id=uuid.uuid4().hex[:8],
+            node_id=0,
+            name=fn.__name__,
+            fn=fn,
+            args=args,
+            kwargs=kwargs,
+        )
+        self.handle = ex.run(self.task, self.woken.set)
+
+    def state(self):
+        return self.ex.poll(self.handle)
+
+    def wait(self, timeout: float = 60.0):
+        """Wait, woken by ``wake`` only (no polling loop), until the state is final."""
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.ex.poll(self.handle)
+            if st.final:
+                return st
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"task still {st} after {timeout}s")
+            self.woken.wait(left)
+            self.woken.clear()
+
+    def wait_running(self, timeout: float = 30.0):
+        deadline = time.monotonic() + timeout
+        while not isinstance(self.ex.poll(self.handle), valent.Running):
+            left = deadline - time.monotonic()
+            if left <= 0 or self.ex.poll(self.handle).final:
+                raise AssertionError(f"task not running: {self.ex.poll(self.handle)}")
+            self.woken.wait(left)
+            self.woken.clear()
+        return self.ex.poll(self.handle)
