@@ -342,7 +342,9 @@ class Dispatcher:
             return
         if not state.final:
             return
-        nr.start_time = getattr(state, "started_at", None) or nr.start_time or time.time()
+        nr.start_time = getattr(state, "started_at", None) or nr.start_time
+        if nr.start_time is None and not isinstance(state, Cancelled):
+            nr.start_time = time.time()  # a dequeued task never started: no start time
         nr.end_time = getattr(state, "ended_at", None) or time.time()
         out = {"stdout": state.stdout or None, "stderr": state.stderr or None}
         if isinstance(state, Completed):
