@@ -82,3 +82,23 @@ def no_processes_left():
     assert not left, "processes left behind: " + ", ".join(
         f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in left
     )
+
+
+def wait_for(predicate, timeout: float = 10.0, every: float = 0.02):
+    """Poll ``predicate()`` until it returns something truthy (returned) or ``timeout`` passes
+    (then None)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(every)
+
+
+def read_pid(path, timeout: float = 10.0) -> int:
+    """The pid a task wrote to ``path`` (waiting for the file to appear)."""
+    text = wait_for(lambda: path.exists() and path.read_text().strip(), timeout)
+    assert text, f"the task never wrote {path}"
+    return int(text)
