@@ -86,6 +86,14 @@ def _start(graph: Graph) -> str:
     dispatcher = get_dispatcher()
     store = _store()  # the configured one now (VALENT_RESULTS_DIR may have changed)
     dispatch_id = str(uuid.uuid4())
+    # parameters first: an unpicklable lattice argument is reported with the node using it
+    params: dict[int, bytes] = {}
+    for node in graph.nodes:
+        if node.kind == PARAMETER:
+            try:
+                params[node.id] = cloudpickle.dumps(node.value)
+            except Exception as exc:
+                raise PicklingError(_param_problem(graph, node.id, exc)) from exc
     try:
         inputs = cloudpickle.dumps((graph.args, graph.kwargs))
     except Exception as exc:
@@ -94,15 +102,11 @@ def _start(graph: Graph) -> str:
             "pass plain data (numbers, strings, lists, dicts, arrays) or paths"
         ) from exc
     default_name = _default_executor_name(graph)
+    _check_executor_config(graph, default_name)
     now = time.time()
     nodes = []
     for node in graph.nodes:
-        output = None
-        if node.kind == PARAMETER:
-            try:
-                output = cloudpickle.dumps(node.value)
-            except Exception as exc:
-                raise PicklingError(_param_problem(graph, node.id, exc)) from exc
+        output = params.get(node.id)
         nodes.append(
             {
                 "dispatch_id": dispatch_id,
@@ -139,6 +143,21 @@ def _default_executor_name(graph: Graph) -> str:
     from .config import default_executor_name
 
     return default_executor_name()
+
+
+def _check_executor_config(graph: Graph, default_name: str) -> None:
+    """Raise ``ConfigError`` now for a bad ``[executors.NAME]`` table that a node would use."""
+    from .config import executor_settings
+    from .plugins import get_plugins
+
+    names = {default_name}
+    for node in graph.nodes:
+        spec = node.electron.executor if node.electron is not None else None
+        if isinstance(spec, str):
+            names.add(spec)
+    plugins = get_plugins()
+    for name in sorted(names):
+        executor_settings(name, plugins.executor_class(name))
 
 
 def _executor_label(node: Any, default_name: str) -> str | None:
