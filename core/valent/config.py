@@ -42,6 +42,11 @@ def _load(path: str, mtime: float) -> dict[str, Any]:  # noqa: ARG001 - mtime ke
             f"{path}: unknown top-level key(s) {sorted(unknown)}; "
             f"valid keys: {sorted(TOP_LEVEL_KEYS)}"
         )
+    for key in ("results_dir", "default_executor"):
+        if key in data and not isinstance(data[key], str):
+            raise ConfigError(
+                f"{path}: {key} = {data[key]!r} has the wrong type; expected a string"
+            )
     execs = data.get("executors", {})
     if not isinstance(execs, dict) or not all(isinstance(v, dict) for v in execs.values()):
         raise ConfigError(f"{path}: [executors] must hold tables like [executors.local]")
@@ -77,7 +82,18 @@ def results_dir() -> Path:
 
 def default_executor_name() -> str:
     """The executor electrons use when neither they nor their lattice name one."""
-    return load_config().get("default_executor", "local")
+    config = load_config()
+    name = config.get("default_executor", "local")
+    if "default_executor" in config:
+        from .plugins import get_plugins
+
+        installed = get_plugins().executors
+        if name not in installed:
+            raise ConfigError(
+                f"{config_path()}: default_executor = {name!r} is not an installed executor; "
+                f"installed: {', '.join(sorted(installed))}"
+            )
+    return name
 
 
 def executor_settings(name: str, cls: type) -> dict[str, Any]:
