@@ -598,6 +598,13 @@ class ProcessPool:
             return None
         self._dying.remove(w)
         self._workers.pop(w.key, None)
+        if w.dead_at is None and self._sel is not None:
+            # retired on its exit status before the selector saw EOF: unregister before the
+            # close, or a new worker's socket reusing this fd cannot be registered
+            try:
+                self._sel.unregister(w.sock)
+            except (KeyError, ValueError):
+                pass
         w.sock.close()
         try:
             os.close(w.lifeline)
