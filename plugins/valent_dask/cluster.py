@@ -65,6 +65,7 @@ class Connection:
         import distributed
 
         self.cluster: Any = None
+        self._tracker_was_running = _tracker_running()
         if scheduler_address is None:
             self.cluster = distributed.LocalCluster(
                 n_workers=n_workers,
@@ -72,6 +73,8 @@ class Connection:
                 processes=processes,
                 host="127.0.0.1",
                 dashboard_address=None,
+                # no dashboard; its HTTP server (health, metrics) on a free port, not 8787
+                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                 scheduler_port=0,
             )
             try:
@@ -181,4 +184,25 @@ class Connection:
         finally:
             if self.cluster is not None:
                 self.cluster.close(timeout=timeout)
+                if not self._tracker_was_running:
+                    _stop_tracker()
+
+
+def _tracker_running() -> bool:
+    from multiprocessing import resource_tracker
+
+    return getattr(resource_tracker._resource_tracker, "_fd", None) is not None  # noqa: SLF001
+
+
+def _stop_tracker() -> None:
+    """Stop the multiprocessing resource tracker that our LocalCluster's spawned workers
+    started, so that closing the cluster leaves no process behind (it restarts on demand)."""
+    from multiprocessing import resource_tracker
+
+    stop = getattr(resource_tracker._resource_tracker, "_stop", None)  # noqa: SLF001
+    if stop is not None:
+        try:
+            stop()
+        except Exception as exc:  # noqa: BLE001
+            log.debug("valent-dask: could not stop the resource tracker: %r", exc)
 

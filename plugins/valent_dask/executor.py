@@ -145,57 +145,14 @@ class DaskExecutor(valent.Executor):
 
     def cancel(self, handle: _Handle) -> CancelOutcome:
         """Dequeue it, kill it (kill mode) or let it finish (finish mode); see the class doc."""
-        with self._lock:
-            if handle.state.final:
-                return CancelOutcome.TOO_LATE
-            if handle.outcome is not None:
-                return handle.outcome
-            if handle.future is None:  # the cluster is still starting: it never reached Dask
-                self._waiting = [(h, b) for h, b in self._waiting if h is not handle]
-                self._finish(handle, Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time()))
-                handle.outcome = CancelOutcome.DEQUEUED
-                notify = True
-            else:
-                notify = False
-            conn, future = self._conn, handle.future
-        if notify:
-            handle.wake()
-            return CancelOutcome.DEQUEUED
-        if future.done():
-            return CancelOutcome.TOO_LATE
-        key = handle.task.key
-        try:
-            answers = conn.broadcast(ws.cancel_keys, [key], timeout=self.cancel_timeout)
-        except Exception:  # noqa: BLE001 - the dispatcher may ask again
-            return CancelOutcome.FAILED
-        said = {a.get(key) for a in answers.values() if isinstance(a, dict)}
-        broken = any(not isinstance(a, dict) for a in answers.values())
-        if ws.KILLED in said:
-            outcome = CancelOutcome.KILLED
-        elif ws.RUNNING in said:
-            outcome = CancelOutcome.RUNS_TO_COMPLETION
-        elif ws.FINISHED in said:
-            return CancelOutcome.TOO_LATE
-        elif broken and not answers:
-            return CancelOutcome.FAILED
-        else:
-            # not started on any worker, and tombstoned on all: it never will start
-            conn.client.cancel([future], force=True)
-            outcome = CancelOutcome.DEQUEUED
-        with self._lock:
-            if handle.state.final:
-                return CancelOutcome.TOO_LATE
-            handle.outcome = outcome
-            if outcome is CancelOutcome.DEQUEUED:
-                self._finish(handle, Cancelled(outcome, ended_at=time.time()))
-            elif not isinstance(handle.state, Running):
-                handle.state = Running()
-        if outcome is CancelOutcome.DEQUEUED:
-            handle.wake()
-        return outcome
+        return self._cancel_many([handle])[0]
 
     def shutdown(self) -> None:
-        """Stop what still runs (kill mode), close the client and the cluster we started."""
+        """Stop what still runs (kill mode), close the client and the cluster we started.
+
+        A cluster given by ``scheduler_address`` stays up; only our idle warm pools on its
+        workers are retired.
+        """
         with self._lock:
             if self._closed:
                 return
@@ -204,22 +161,81 @@ class DaskExecutor(valent.Executor):
         if starting is not None:
             starting.join(self.connect_timeout + 30)
         with self._lock:
-            conn, self._conn = self._conn, None
             live = [h for h in self._live.values() if not h.state.final]
-        if conn is None:
-            return
-        pending = [h.future for h in live if h.future is not None and not h.future.done()]
-        if pending and self.cancel_mode == "kill":
+        outcomes = self._cancel_many(live) if live else []
+        killed = [h for h, o in zip(live, outcomes, strict=True) if o is CancelOutcome.KILLED]
+        deadline = time.monotonic() + self.grace + 5.0
+        while killed and time.monotonic() < deadline:  # let the kills be confirmed
+            killed = [h for h in killed if not h.state.final]
+            time.sleep(0.01)
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+        dropped = []
+        with self._lock:
+            for h in list(self._live.values()):
+                if not h.state.final:
+                    msg = f"the DaskExecutor was shut down before {h.task.label} finished"
+                    self._finish(h, Failed(ExecutorError(msg), "", ended_at=time.time()))
+                    dropped.append(h)
+        for h in dropped:
+            h.wake()
+
+    def _cancel_many(self, handles: list[_Handle]) -> list[CancelOutcome]:
+        """Cancel several tasks with one broadcast to the workers."""
+        out: dict[int, CancelOutcome] = {}
+        ask: list[tuple[int, _Handle, Any]] = []
+        woken: list[_Handle] = []
+        with self._lock:
+            conn = self._conn
+            for i, h in enumerate(handles):
+                if h.state.final:
+                    out[i] = CancelOutcome.TOO_LATE
+                elif h.outcome is not None:
+                    out[i] = h.outcome
+                elif h.future is None:  # the cluster is still starting: it never reached Dask
+                    self._waiting = [(w, b) for w, b in self._waiting if w is not h]
+                    h.outcome = out[i] = CancelOutcome.DEQUEUED
+                    self._finish(h, Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time()))
+                    woken.append(h)
+                elif h.future.done():
+                    out[i] = CancelOutcome.TOO_LATE
+                else:
+                    ask.append((i, h, h.future))
+        for h in woken:
+            h.wake()
+        if ask:
+            keys = [h.task.key for _, h, _ in ask]
             try:
-                conn.broadcast(ws.cancel_keys, [h.task.key for h in live])
-            except Exception:  # noqa: BLE001 - closing the pools below kills them anyway
-                pass
-        if pending:
-            try:
-                conn.client.cancel(pending, force=True)
-            except Exception:  # noqa: BLE001
-                pass
-        conn.close()
+                answers = conn.broadcast(ws.cancel_keys, keys, timeout=self.cancel_timeout)
+            except Exception:  # noqa: BLE001 - the dispatcher asks again
+                answers = None
+            dequeued = []
+            for i, h, _ in ask:
+                outcome = _outcome(answers, h.task.key)
+                out[i] = self._commit(h, outcome)
+                if out[i] is CancelOutcome.DEQUEUED and outcome is CancelOutcome.DEQUEUED:
+                    dequeued.append(h)
+            if dequeued:
+                conn.client.cancel([f for _, h, f in ask if h in dequeued], force=True)
+            for h in dequeued:
+                h.wake()
+        return [out[i] for i in range(len(handles))]
+
+    def _commit(self, h: _Handle, outcome: CancelOutcome) -> CancelOutcome:
+        """Record what the cancel will do to ``h``; a task that ended meanwhile is too late."""
+        if outcome in (CancelOutcome.FAILED, CancelOutcome.TOO_LATE):
+            return outcome
+        with self._lock:
+            if h.state.final:
+                return CancelOutcome.TOO_LATE
+            h.outcome = outcome
+            if outcome is CancelOutcome.DEQUEUED:
+                self._finish(h, Cancelled(outcome, ended_at=time.time()))
+            elif not isinstance(h.state, Running):
+                h.state = Running()
+        return outcome
 
     # ------------------------------------------------------------ internals
 
@@ -332,6 +348,23 @@ class DaskExecutor(valent.Executor):
                 woken.append(h)
         for h in woken:
             h.wake()
+
+
+def _outcome(answers: dict | None, key: str) -> CancelOutcome:
+    """What the workers' answers to a cancel broadcast mean for ``key``."""
+    if answers is None:
+        return CancelOutcome.FAILED
+    said = {a.get(key) for a in answers.values() if isinstance(a, dict)}
+    if ws.KILLED in said:
+        return CancelOutcome.KILLED
+    if ws.RUNNING in said:
+        return CancelOutcome.RUNS_TO_COMPLETION
+    if ws.FINISHED in said:
+        return CancelOutcome.TOO_LATE
+    if any(not isinstance(a, dict) for a in answers.values()):
+        return CancelOutcome.FAILED  # a worker that did not answer may be running it
+    # not running on any worker, and tombstoned on all: it never will start
+    return CancelOutcome.DEQUEUED
 
 
 def _on_done(conn: Any, h: _Handle, future: Any) -> None:

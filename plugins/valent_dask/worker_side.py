@@ -270,14 +270,18 @@ def pool_pids() -> list[int]:
     return [pid for pool in list(_pools.values()) for pid in pool.worker_pids()]
 
 
-async def close_pools(only_idle: bool = True) -> int:
-    """Shut this worker's pools down (when idle, unless ``only_idle`` is False).
+async def close_pools(only_idle: bool = True, wait: float = 5.0) -> int:
+    """Shut this worker's pools down; with ``only_idle``, only once no task of ours runs here
+    (waiting up to ``wait`` seconds for the last ones to end).
 
     A coroutine so that ``client.run`` awaits it without blocking the worker's event loop.
     Returns the number of pools closed.
     """
     import asyncio
 
+    deadline = time.monotonic() + wait
+    while only_idle and _running and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
     with _lock:
         if only_idle and _running:
             return 0

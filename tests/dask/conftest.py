@@ -1,0 +1,102 @@
+"""Fixtures of the Dask executor tests: one real LocalCluster for the session, and helpers.
+
+The cluster is ``distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1)``
+on 127.0.0.1. Executors under test connect to it by address, so they must never close it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import valent
+from dask_support import Runner, cluster_pids, descendants, is_resource_tracker, wait_until
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """A real LocalCluster (2 worker processes × 1 thread); closed, and checked gone, at the end."""
+    import distributed
+    from valent_dask.cluster import _stop_tracker, _tracker_running
+
+    before = set(descendants())
+    tracker_was_running = _tracker_running()
+    cluster = distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        # no dashboard; its HTTP server (health, metrics) on a free port, not 8787
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+    )
+    yield cluster
+    cluster.close()
+    if not tracker_was_running:
+        _stop_tracker()  # the spawned workers started it; the session must end with no process
+    assert wait_until(
+        lambda: not [
+            p for pid, p in descendants().items()
+            if pid not in before and not is_resource_tracker(p)
+        ],
+        20,
+        0.1,
+    ), "the test cluster left processes behind"
+
+
+@pytest.fixture(scope="session")
+def dask_client(dask_cluster):
+    """The test's own client of the cluster (for PIDs and scheduler facts)."""
+    import distributed
+
+    client = distributed.Client(dask_cluster, set_as_default=False)
+    yield client
+    client.close()
+
+
+@pytest.fixture(autouse=True)
+def no_stray_processes(request):
+    """After each test, every descendant is the cluster's (workers, warm pools) or is gone."""
+    before = set(descendants())
+    yield
+    if "dask_client" not in request.fixturenames:
+        return
+    client = request.getfixturevalue("dask_client")
+
+    def strays() -> list[str]:
+        known = cluster_pids(client) | before
+        return [
+            f"{pid} {' '.join(p.cmdline()[:4])}"
+            for pid, p in descendants().items()
+            if pid not in known and not is_resource_tracker(p)
+        ]
+
+    assert wait_until(lambda: not strays(), 15, 0.1), f"processes left behind: {strays()}"
+
+
+@pytest.fixture(scope="session")
+def kill_executor(dask_cluster):
+    """A kill-mode DaskExecutor on the session cluster (by address)."""
+    ex = valent.executors.DaskExecutor(
+        scheduler_address=dask_cluster.scheduler_address, cancel_mode="kill", grace=0.5
+    )
+    yield ex
+    ex.shutdown()
+
+
+@pytest.fixture(scope="session")
+def finish_executor(dask_cluster):
+    """A finish-mode DaskExecutor on the session cluster (by address)."""
+    ex = valent.executors.DaskExecutor(
+        scheduler_address=dask_cluster.scheduler_address, cancel_mode="finish"
+    )
+    yield ex
+    ex.shutdown()
+
+
+@pytest.fixture
+def kill_runner(kill_executor, dask_client):
+    return Runner(kill_executor)
+
+
+@pytest.fixture
+def finish_runner(finish_executor, dask_client):
+    return Runner(finish_executor)
