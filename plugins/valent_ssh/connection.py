@@ -97,10 +97,11 @@ class _HostKeyPolicy:
         t = self.target
         if not t.accept_unknown_host_key:
             kh = t.known_hosts or "(none: known_hosts=None)"
+            target = t.known_hosts or "~/.ssh/known_hosts"
             raise SSHHostKeyError(
                 f"the host key of {t.where} ({key.get_name()} {_fingerprint(key)}) is not in "
                 f"known_hosts file {kh}. Check the fingerprint with the host's administrator, "
-                f"then add it (`ssh-keyscan -p {t.port} {t.hostname} >> ~/.ssh/known_hosts`, or "
+                f"then add it (`ssh-keyscan -p {t.port} {t.hostname} >> {target}`, or "
                 f"log in once with `ssh -p {t.port} {t.user}@{t.hostname}`), point known_hosts "
                 "at a file that has it, or set accept_unknown_host_key=True to trust it on "
                 "first use.",
@@ -215,7 +216,8 @@ class Connection:
             raise SSHAuthenticationError(
                 f"{t.where} refused the login as {t.user!r} "
                 f"({'key ' + t.ssh_key_file if t.ssh_key_file else 'agent/default keys'}): "
-                f"{exc}. Check username and ssh_key_file, and that the matching public key "
+                f"{str(exc).rstrip('.')}. Check username and ssh_key_file, and that the "
+                "matching public key "
                 f"is in ~{t.user}/.ssh/authorized_keys on the host.",
                 t.hostname,
                 t.port,

@@ -168,9 +168,27 @@ class HostWorker:
             rt.wake()
 
     def _fail_all(self, error: BaseException) -> None:
-        """The host cannot be reached (or refuses us): every task it holds ends."""
+        """The host cannot be reached (or refuses us): every task it holds ends.
+
+        Tasks that were started are remembered as orphans: the next connection to the host
+        kills what is left of them and removes their directories.
+        """
         with self._lock:
             tasks = list(self._queue) + list(self._active.values())
+            for rt in self._active.values():
+                if rt.dir is None:
+                    continue
+                with _registry_lock:
+                    _orphans.setdefault(self.target, []).append(
+                        dict(
+                            op="reap",
+                            key=rt.rid,
+                            dir=rt.dir,
+                            token=rt.token,
+                            pid=rt.pid,
+                            grace=rt.grace,
+                        )
+                    )
             self._queue.clear()
             self._kills.clear()
             done = []
@@ -278,6 +296,10 @@ class HostWorker:
             self._kills = [rt for rt in readopt if rt.phase is Phase.KILLING]
         for rt in readopt:  # the agent adopts tasks started before the drop
             conn.send(op="start", key=rt.rid, dir=rt.dir, token=rt.token, pid=rt.pid)
+        with _registry_lock:
+            orphans = _orphans.pop(self.target, [])
+        for cmd in orphans:
+            conn.send(**cmd)
 
     def _lost(self, exc: BaseException) -> None:
         if self._conn is not None:
@@ -433,6 +455,7 @@ class HostWorker:
 # -- the registry: one worker per host and settings, shared by executors --------------------
 
 _registry: dict[tuple, HostWorker] = {}
+_orphans: dict[Target, list[dict[str, Any]]] = {}  # "reap" commands for the next connection
 _registry_lock = threading.Lock()
 
 

@@ -244,6 +244,7 @@ class _Task:
         self.kill_at = None  # when SIGKILL is due; None: no kill requested
         self.killed = False
         self.reported = False
+        self.reap = False  # remove it silently once gone
 
 
 class Agent:
@@ -292,8 +293,27 @@ class Agent:
         elif op == "clean":
             self.tasks.pop(cmd.get("key"), None)
             shutil.rmtree(cmd["dir"], ignore_errors=True)
+        elif op == "reap":
+            self.reap(cmd["key"], cmd["dir"], cmd["token"], cmd.get("pid"), cmd.get("grace", 1.0))
         elif op == "ping":
             self.emit(ev="pong", n=cmd.get("n"))
+
+    def reap(self, key, taskdir, token, pid, grace):
+        """A task the host gave up on (unreachable for too long): kill it, then remove it."""
+        if pid is None:
+            try:
+                with open(os.path.join(taskdir, "pid")) as f:
+                    pid = int(f.read().strip() or 0) or None
+            except (OSError, ValueError):
+                pid = None
+        if pid is None or not (_alive(pid) and _has_token(pid, token)):
+            shutil.rmtree(taskdir, ignore_errors=True)
+            return
+        t = _Task(key, taskdir, token)
+        t.pid = pid
+        t.reap = True
+        self.tasks[key] = t
+        self.kill(key, float(grace))
 
     def start(self, key, taskdir, token, pid=None):
         """Start the task, or adopt it if it was started before (a reconnect)."""
@@ -392,7 +412,11 @@ class Agent:
             group, escaped = _members(t.pid, t.token) if t.pid is not None else ([], [])
             if not group and not escaped:
                 t.reported = True
-                self.report(t, "gone")
+                if t.reap:
+                    self.tasks.pop(key, None)
+                    shutil.rmtree(t.dir, ignore_errors=True)
+                else:
+                    self.report(t, "gone")
             elif now >= t.kill_at and (not t.killed or now >= t.kill_at + 1.0):
                 t.killed = True
                 t.kill_at = max(t.kill_at, now - 0.5)  # re-send SIGKILL every second

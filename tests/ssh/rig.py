@@ -152,6 +152,7 @@ LoginGraceTime 20
         self.proc: subprocess.Popen | None = None
         if os.geteuid() == 0:
             os.makedirs("/run/sshd", exist_ok=True)
+            shutil.rmtree(self.workdir(), ignore_errors=True)  # left by an earlier session
         _run(SSHD, "-t", "-f", str(self.config))
 
     # -- life cycle ------------------------------------------------------------------------

@@ -50,13 +50,16 @@ def test_big_result_is_fetched_over_sftp(ssh, submit):
 
 def test_task_directories_are_cleaned_up(ssh, submit, rig):
     ex = ssh()
-    for i in range(3):
-        assert submit(ex, T.add, i, i).wait().get_value() == 2 * i
+    jobs = [submit(ex, T.add, i, i) for i in range(3)]
+    assert [j.wait().get_value() for j in jobs] == [0, 2, 4]
+    dirs = {os.path.basename(j.handle.dir) for j in jobs}
+    assert dirs
+
+    def left():
+        return dirs & set(os.listdir(rig.workdir()))
+
     # the clean command is sent after the result arrived: give the agent a moment
-    assert wait_until(
-        lambda: [p for p in os.listdir(rig.workdir()) if not p.startswith(".valent-runner")] == [],
-        10,
-    ), os.listdir(rig.workdir())
+    assert wait_until(lambda: not left(), 10), left()
 
 
 def test_unpicklable_argument_fails_the_task(ssh, submit):
@@ -261,9 +264,16 @@ def test_host_unreachable_past_reconnect_timeout_fails_the_task(ssh, submit, rig
         assert isinstance(st.error, SSHUnreachableError)
         msg = str(st.error)
         assert f"127.0.0.1:{rig.port}" in msg and "reconnect_timeout" in msg
-    finally:
+        # The remote task outlived the connection; the next connection to the host reaps it.
+        assert rigmod.token_processes(token)
         rig.start()
-        for pid in rigmod.token_processes(token):  # the orphaned remote task: ours to clean up
+        assert submit(ex, T.add, 1, 1).wait().get_value() == 2
+        assert wait_until(lambda: not rigmod.token_processes(token), 10)
+        assert wait_until(lambda: not os.path.exists(job.handle.dir), 10)
+    finally:
+        if rig.proc is None:
+            rig.start()
+        for pid in rigmod.token_processes(token):  # a safety net if the reaping failed
             os.kill(pid, signal.SIGKILL)
 
 
@@ -278,7 +288,8 @@ def test_cancel_fails_when_host_stays_unreachable(ssh, submit, rig):
         st = job.wait(30)
         assert st == valent.Cancelled(CancelOutcome.FAILED, started_at=st.started_at)
     finally:
-        rig.start()
+        if rig.proc is None:
+            rig.start()
         for pid in rigmod.token_processes(token):
             os.kill(pid, signal.SIGKILL)
 
