@@ -6,9 +6,11 @@ never through ``pm.hook`` directly.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -63,13 +65,28 @@ class Plugins:
     executors: dict[str, ExecutorInfo] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     """One line per plugin that could not be loaded (shown by ``valent plugins``)."""
+    unavailable: dict[str, str] = field(default_factory=dict)
+    """Why a name (entry point or executor) is missing: its plugin's problem, or disabled."""
 
     def executor_class(self, name: str) -> type[Executor]:
-        """The class registered under ``name``; ``UnknownExecutorError`` if none."""
+        """The class registered under ``name``.
+
+        Raises ``PluginError`` saying why when ``name`` belongs to a plugin that failed to
+        load or is disabled, else ``UnknownExecutorError`` listing the installed names.
+        """
         try:
             return self.executors[name].cls
         except KeyError:
-            raise UnknownExecutorError(name, list(self.executors)) from None
+            pass
+        if name in self.unavailable:
+            raise PluginError(f"executor {name!r} is not available: {self.unavailable[name]}")
+        exc = UnknownExecutorError(name, list(self.executors))
+        if self.problems:
+            exc.add_note(
+                f"{len(self.problems)} valent plugin(s) failed to load; `valent plugins` "
+                "shows why."
+            )
+        raise exc
 
     def run(self, executor: Executor, task: Task, wake: Wake) -> Any:
         return self.pm.hook.valent_run(executor=executor, task=task, wake=wake)
@@ -96,18 +113,33 @@ class Plugins:
             or self.pm.hook.valent_dispatch_finished.get_hookimpls()
         )
 
-    def register(self, plugin: Any, name: str, dist: metadata.Distribution | None = None) -> None:
-        """Register one plugin object and the executors it provides; raise ``PluginError``."""
-        where = f"plugin {name!r}" + (
+    def register(
+        self,
+        plugin: Any,
+        name: str,
+        dist: metadata.Distribution | None = None,
+        where: str | None = None,
+    ) -> None:
+        """Register one plugin object and the executors it provides.
+
+        Raises ``PluginError`` (starting with ``where``, which names the plugin) when a hook
+        has a wrong signature or an unknown name, ``valent_executors`` fails, or an executor
+        class is incomplete or takes a name already in use; the plugin is then left out.
+        """
+        where = where or f"plugin {name!r}" + (
             f" (distribution {dist.metadata['Name']} {dist.version})" if dist else ""
         )
         if self.pm.has_plugin(name) or self.pm.is_registered(plugin):
             return
         try:
             self.pm.register(plugin, name=name)
-        except pluggy.PluginValidationError as exc:
-            raise PluginError(f"{where}: {exc}") from exc
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            # pluggy leaves a half-registered plugin behind on a bad hook: take it out.
+            if self.pm.get_plugin(name) is plugin:
+                self.pm.unregister(plugin, name)
+            raise PluginError(f"{where}: {_one_line(exc)}") from exc
         try:
+            self._check_hook_names(plugin, where)
             classes = self._classes_of(plugin)
             new: dict[str, ExecutorInfo] = {}
             for cls in classes:
@@ -116,7 +148,10 @@ class Plugins:
                     other = self.executors.get(cls.name) or new[cls.name]
                     raise PluginError(
                         f"{where}: executor name {cls.name!r} is already provided by plugin "
-                        f"{other.plugin!r}; rename one of them (names must be unique)"
+                        f"{other.plugin!r}"
+                        + (f" of distribution {other.distribution}" if other.distribution else "")
+                        + "; rename one of them (names must be unique); "
+                        + "this plugin is left out"
                     )
                 new[cls.name] = ExecutorInfo(
                     cls.name,
@@ -129,6 +164,18 @@ class Plugins:
             self.pm.unregister(plugin)
             raise
         self.executors.update(new)
+
+    def _check_hook_names(self, plugin: Any, where: str) -> None:
+        """A ``valent_*`` hookimpl that no hookspec declares is a typo: say which."""
+        known = [n for n in dir(hookspecs) if n.startswith(f"{hookspecs.PROJECT}_")]
+        for caller in self.pm.get_hookcallers(plugin) or []:
+            if caller.spec is None:
+                close = difflib.get_close_matches(caller.name, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise PluginError(
+                    f"{where}: implements {caller.name!r}, which is not a valent hook{hint}; "
+                    f"the hooks are {', '.join(known)}"
+                )
 
     def _classes_of(self, plugin: Any) -> list[type[Executor]]:
         impl = getattr(plugin, "valent_executors", None)
@@ -149,38 +196,78 @@ def _disabled() -> set[str]:
     return {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or repr(exc)
+
+
+def _dist_name(ep: metadata.EntryPoint) -> str:
+    return ep.dist.metadata["Name"] if ep.dist is not None else ""
+
+
+def _entry_points() -> list[metadata.EntryPoint]:
+    """The group's entry points, valent's own first, then by distribution and name.
+
+    A fixed order makes "who wins a clash" (the first) the same on every machine.
+    """
+    eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return sorted(eps, key=lambda ep: (_dist_name(ep) != "valent", _dist_name(ep), ep.name))
+
+
 def build_plugins() -> Plugins:
     """Make a plugin manager with the hookspecs, the entry-point plugins and the built-ins.
 
     A plugin that fails to import, clashes or breaks the contract is left out and recorded in
-    ``problems``; the rest keep working. (pluggy's own ``load_setuptools_entrypoints`` stops at
-    the first broken plugin, so valent walks the entry points itself.)
+    ``problems`` (naming its entry point and distribution); the rest keep working. (pluggy's
+    own ``load_setuptools_entrypoints`` stops at the first broken plugin, so valent walks the
+    entry points itself.) Names listed in ``VALENT_DISABLE_PLUGINS`` are not loaded.
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     plugins = Plugins(pm)
     pm.register(_Defaults(), name="valent.defaults")
     disabled = _disabled()
-    seen: set[str] = set()
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in seen:
-            continue
-        seen.add(ep.name)
-        if ep.name in disabled:
-            continue
+    seen: dict[str, metadata.EntryPoint] = {}
+    for ep in _entry_points():
         dist = ep.dist
         label = f"entry point {ep.name!r} = {ep.value!r}" + (
             f" of distribution {dist.metadata['Name']} {dist.version}" if dist else ""
         )
+        first = seen.get(ep.name)
+        if first is not None:
+            if (first.value, _dist_name(first)) != (ep.value, _dist_name(ep)):
+                plugins.problems.append(
+                    f"{label}: skipped, the name {ep.name!r} is already taken by entry point "
+                    f"{first.value!r} of distribution {_dist_name(first) or '?'}; "
+                    "entry-point names in group 'valent' must be unique"
+                )
+            continue  # (the same distribution found twice on sys.path is no problem)
+        seen[ep.name] = ep
+        if ep.name in disabled:
+            plugins.unavailable[ep.name] = f"{label} is disabled by {DISABLE_ENV}"
+            continue
         try:
             module = ep.load()
         except Exception as exc:
-            plugins.problems.append(f"{label}: failed to import: {exc!r}")
+            problem = f"{label}: failed to import: {exc!r}"
+            plugins.problems.append(problem)
+            plugins.unavailable[ep.name] = problem
             continue
+        before = set(plugins.executors)
         try:
-            plugins.register(module, ep.name, dist)
+            plugins.register(module, ep.name, dist, where=label)
         except PluginError as exc:
-            plugins.problems.append(f"{label}: {exc}")
+            problem = str(exc)
+            plugins.problems.append(problem)
+            plugins.unavailable.setdefault(ep.name, problem)
+            for cls in _declared_classes(module):
+                plugins.unavailable.setdefault(cls, problem)
+            continue
+        if not pm.get_hookcallers(module) and set(plugins.executors) == before:
+            plugins.problems.append(
+                f"{label}: module {getattr(module, '__name__', module)!r} has no "
+                "@valent.hookimpl functions, so the plugin does nothing; does the entry "
+                "point name the right module?"
+            )
     # A checkout run without installing has no entry points: register the built-ins by name.
     for name, module_name in BUILTINS.items():
         if name in disabled or name in seen:
@@ -195,6 +282,21 @@ def build_plugins() -> Plugins:
     return plugins
 
 
+def _declared_classes(module: Any) -> list[str]:
+    """Executor names a broken plugin's module declares (so selecting one says why)."""
+    names = []
+    for value in vars(module).values() if hasattr(module, "__dict__") else []:
+        if isinstance(value, type) and issubclass(value, Executor) and value is not Executor:
+            name = value.__dict__.get("name")
+            if isinstance(name, str):
+                names.append(name)
+    return names
+
+
+class PluginWarning(UserWarning):
+    """Some installed valent plugin could not be loaded (the others work)."""
+
+
 _lock = threading.Lock()
 _plugins: Plugins | None = None
 
@@ -206,6 +308,15 @@ def get_plugins() -> Plugins:
         with _lock:
             if _plugins is None:
                 _plugins = build_plugins()
+                if _plugins.problems:
+                    warnings.warn(
+                        PluginWarning(
+                            f"{len(_plugins.problems)} valent plugin(s) left out: "
+                            + "; ".join(_plugins.problems)
+                            + " (`valent plugins` lists them)"
+                        ),
+                        stacklevel=2,
+                    )
     return _plugins
 
 
