@@ -1,0 +1,138 @@
+"""The Local executor through the executor contract (run/poll/cancel) and inside dispatches."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+import time
+
+import pytest
+import valent as ct
+from conftest import read_pid, wait_gone
+from valent.api import get_dispatcher
+
+
+def pid_and_group():
+    return os.getpid(), os.getpgid(0)
+
+
+def nap(seconds, pid_file=None):
+    if pid_file:
+        with open(f"{pid_file}.tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(f"{pid_file}.tmp", pid_file)
+    time.sleep(seconds)
+    return seconds
+
+
+@ct.electron
+def where():
+    return os.getpid()
+
+
+def _task(fn, *args, node_id=0):
+    return ct.Task("d-test", node_id, fn.__name__, fn, args, {})
+
+
+def _poll_until_final(ex, handle, woke: threading.Event, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = ex.poll(handle)
+        if state.final:
+            return state
+        woke.wait(0.5)  # the executor wakes us; the timeout is only a safety net
+        woke.clear()
+    raise AssertionError("the task never finished")
+
+
+def test_it_is_the_installed_local_executor():
+    cls = ct.executors.LocalExecutor
+    assert cls.name == "local"
+    assert issubclass(cls, ct.Executor)
+    ex = cls(workers=3, grace=0.2)
+    assert ex.capabilities == ct.Capabilities(True, True, True, 0.2)
+    assert repr(ex) == "LocalExecutor(workers=3, grace=0.2)"
+    copy = pickle.loads(pickle.dumps(ex))  # travels without its pool
+    assert copy.workers == 3 and copy._pool is None
+    with pytest.raises(ValueError, match="workers"):
+        cls(workers=0)
+    with pytest.raises(ValueError, match="grace"):
+        cls(grace=-1)
+
+
+def test_run_poll_with_wake(local_executor):
+    woke = threading.Event()
+    handle = local_executor.run(_task(pid_and_group), woke.set)
+    state = _poll_until_final(local_executor, handle, woke)
+    assert isinstance(state, ct.Completed)
+    pid, pgid = state.get_value()
+    assert pid == pgid and pid in local_executor.pool.worker_pids()
+
+
+def test_cancel_through_the_contract(local_executor, tmp_path):
+    woke = threading.Event()
+    a = local_executor.run(_task(nap, 30, str(tmp_path / "a")), woke.set)
+    b = local_executor.run(_task(nap, 30, str(tmp_path / "b"), node_id=1), woke.set)
+    c = local_executor.run(_task(nap, 0, str(tmp_path / "c"), node_id=2), woke.set)
+    pids = [read_pid(tmp_path / "a", 20), read_pid(tmp_path / "b", 20)]
+    assert isinstance(local_executor.poll(c), ct.Pending)  # two workers, both busy
+    assert local_executor.cancel(c) == ct.CancelOutcome.DEQUEUED
+    assert local_executor.poll(c).outcome == ct.CancelOutcome.DEQUEUED
+    assert isinstance(local_executor.poll(a), ct.Running)
+    assert local_executor.cancel(a) == ct.CancelOutcome.KILLED
+    assert local_executor.cancel(b) == ct.CancelOutcome.KILLED
+    for h in (a, b):
+        state = _poll_until_final(local_executor, h, woke)
+        assert isinstance(state, ct.Cancelled) and state.outcome == ct.CancelOutcome.KILLED
+    assert wait_gone(pids, 5) == []
+    assert not (tmp_path / "c").exists()
+    assert local_executor.cancel(a) == ct.CancelOutcome.TOO_LATE
+
+
+def test_an_executor_instance_in_a_lattice(local_executor):
+    @ct.lattice(executor=local_executor)
+    def wf():
+        return [where(), where(), where()]
+
+    result = ct.dispatch_sync(wf)()
+    assert result.status == "COMPLETED"
+    assert set(result.result) <= set(local_executor.pool.worker_pids())
+    assert {n["executor"] for n in result.get_all_node_results() if n["executor"]} == {"local"}
+
+
+def test_per_electron_executor_overrides_the_lattices(local_executor):
+    pinned = ct.electron(executor=local_executor)(where.fn)
+
+    @ct.lattice(executor="local")
+    def wf():
+        return [pinned(), where()]
+
+    result = ct.dispatch_sync(wf)()
+    assert result.status == "COMPLETED"
+    mine, default = result.result
+    assert mine in local_executor.pool.worker_pids()
+    shared = get_dispatcher().named_executor("local")
+    assert shared is not local_executor and default in shared.pool.worker_pids()
+
+
+def test_workers_are_reused_across_dispatches(local_executor):
+    @ct.lattice(executor=local_executor)
+    def wf():
+        return where()
+
+    first = {ct.dispatch_sync(wf)().result for _ in range(6)}
+    assert first <= set(local_executor.pool.worker_pids())
+    assert len(first) <= 2
+
+
+def test_many_small_tasks(local_executor):
+    @ct.lattice(executor=local_executor)
+    def wf(n):
+        return [where() for _ in range(n)]
+
+    t0 = time.monotonic()
+    result = ct.dispatch_sync(wf)(200)
+    took = time.monotonic() - t0
+    assert result.status == "COMPLETED" and len(result.result) == 200
+    assert took < 60, f"200 no-op tasks took {took:.1f} s"

@@ -1,0 +1,144 @@
+"""The SQLite store: where it lives, what it keeps, large outputs, ids, cancel requests."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+import valent as ct
+from valent.store import INLINE_LIMIT, Store, get_store
+
+
+@ct.electron
+def big(n):
+    return b"x" * n
+
+
+@ct.electron
+def size(b):
+    return len(b)
+
+
+@ct.electron
+def shout(s):
+    print(s.upper())
+    return s.upper()
+
+
+@ct.electron
+def fail():
+    raise KeyError("missing")
+
+
+@ct.lattice
+def wf(n):
+    data = big(n)
+    return {"size": size(data), "data": data}
+
+
+def test_store_file_is_sqlite_wal_in_the_results_dir(results_dir):
+    result = ct.dispatch_sync(wf)(10)
+    db = results_dir / "valent.db"
+    assert db.exists()
+    assert result.results_dir == str(results_dir)
+    assert results_dir.stat().st_mode & 0o777 == 0o700  # outputs are private
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        row = conn.execute(
+            "SELECT status, lattice_name, node_count FROM dispatches WHERE dispatch_id = ?",
+            (result.dispatch_id,),
+        ).fetchone()
+        assert row == ("COMPLETED", "wf", 3)
+        nodes = conn.execute(
+            "SELECT node_id, name, status FROM nodes WHERE dispatch_id = ? ORDER BY node_id",
+            (result.dispatch_id,),
+        ).fetchall()
+        assert nodes == [
+            (0, "big", "COMPLETED"),
+            (1, ":parameter:10", "COMPLETED"),
+            (2, "size", "COMPLETED"),
+        ]
+    finally:
+        conn.close()
+
+
+def test_large_outputs_go_to_files_and_come_back(results_dir):
+    n = INLINE_LIMIT + 1000
+    result = ct.dispatch_sync(wf)(n)
+    assert result.status == "COMPLETED"
+    assert result.result["size"] == n and result.result["data"] == b"x" * n
+    assert result.get_node_result(0)["output"] == b"x" * n
+    files = sorted(p.name for p in (results_dir / "outputs" / result.dispatch_id).iterdir())
+    assert "node-0.pkl" in files and "result.pkl" in files
+    again = ct.get_result(result.dispatch_id)  # a fresh read from the store
+    assert again.result["size"] == n
+
+
+def test_errors_tracebacks_output_and_timings_are_kept():
+    @ct.lattice
+    def flow():
+        return [shout("hi"), fail()]
+
+    result = ct.dispatch_sync(flow)()
+    ok = result.get_node_result(0)
+    assert ok["output"] == "HI" and ok["stdout"] == "HI\n" and ok["executor"] == "local"
+    bad = [n for n in result.get_all_node_results() if n["node_name"] == "fail"][0]
+    assert bad["error"] == "KeyError: 'missing'"
+    assert "KeyError" in bad["traceback"] and "in fail" in bad["traceback"]
+    for node in (ok, bad):
+        assert node["start_time"] <= node["end_time"]
+        assert node["attempts"] == 1
+    assert result.start_time <= result.end_time
+
+
+def test_ids_resolve_by_unique_prefix():
+    a = ct.dispatch_sync(wf)(1).dispatch_id
+    store = get_store()
+    assert store.resolve(a) == a and store.resolve(a[:6]) == a
+    with pytest.raises(ct.UnknownDispatchError):
+        store.resolve("abc")  # too short to be a prefix
+    listed = store.list_dispatches()
+    assert [r["dispatch_id"] for r in listed] == [a] and listed[0]["done"] == 3
+
+
+def test_cancel_requests_are_claimed_once(tmp_path):
+    store = Store(tmp_path / "s")
+    store.create_dispatch(
+        {"dispatch_id": "d1", "lattice_name": "x", "status": "RUNNING", "created_at": 0.0}, []
+    )
+    store.request_cancel("d1", None)
+    store.request_cancel("d1", [3, 4])
+    store.request_cancel("other", None)
+    assert store.take_cancel_requests(["d1"]) == [("d1", None), ("d1", [3, 4])]
+    assert store.take_cancel_requests(["d1"]) == []
+    assert store.take_cancel_requests(["other"]) == [("other", None)]
+    store.close()
+
+
+def test_orphaned_dispatch_is_marked_failed_and_its_open_nodes_cancelled(tmp_path):
+    store = Store(tmp_path / "s")
+    store.create_dispatch(
+        {"dispatch_id": "d1", "lattice_name": "x", "status": "RUNNING", "created_at": 0.0},
+        [
+            {"dispatch_id": "d1", "node_id": 0, "name": "a", "kind": "electron",
+             "status": "COMPLETED"},
+            {"dispatch_id": "d1", "node_id": 1, "name": "b", "kind": "electron",
+             "status": "RUNNING"},
+        ],
+    )
+    assert store.mark_orphaned("d1", "owner gone") is True
+    assert store.mark_orphaned("d1", "owner gone") is False  # only once
+    row = store.dispatch_row("d1")
+    assert row["status"] == "FAILED" and row["error"] == "owner gone"
+    nodes = store.node_rows("d1")
+    assert [n["status"] for n in nodes] == ["COMPLETED", "CANCELLED"]
+    assert nodes[1]["reason"] == "owner process died"
+    store.close()
+
+
+def test_an_unwritable_results_dir_is_a_store_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ct.StoreError, match="VALENT_RESULTS_DIR"):
+        Store(blocker / "results").dispatch_status("x")
