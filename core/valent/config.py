@@ -10,7 +10,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, ValentError
 
 CONFIG_ENV = "VALENT_CONFIG"
 RESULTS_ENV = "VALENT_RESULTS_DIR"
@@ -102,6 +102,25 @@ def executor_settings(name: str, cls: type) -> dict[str, Any]:
     if table:
         check_settings(cls, table, where=f"{config_path()}: [executors.{name}]")
     return dict(table)
+
+
+def executor_from_config(name: str, cls: type) -> Any:
+    """A new ``cls`` made with the ``[executors.NAME]`` settings.
+
+    Raises ``ConfigError`` naming the file and table for a key ``cls`` does not take, a value
+    of the wrong type, or a value its ``__init__`` rejects (``ValueError``/``TypeError``/
+    ``ValentError``), so a bad config never surfaces as a bare traceback from an executor.
+    """
+    settings = executor_settings(name, cls)
+    try:
+        return cls(**settings)
+    except (TypeError, ValueError, ValentError) as exc:
+        if not settings or isinstance(exc, ConfigError) and str(config_path()) in str(exc):
+            raise
+        raise ConfigError(
+            f"{config_path()}: [executors.{name}]: {cls.__name__} rejected these settings: "
+            f"{exc}"
+        ) from exc
 
 
 def check_settings(cls: type, values: dict[str, Any], where: str) -> None:
