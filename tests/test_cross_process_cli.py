@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -71,6 +72,22 @@ def valent_json(*args: str) -> dict | list:
     return json.loads(res.stdout)
 
 
+def read_rest(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """The rest of a process's stdout and stderr once it exits (killed after ``timeout``).
+
+    Unlike ``communicate``, keeps what an earlier ``readline`` already buffered.
+    """
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    try:
+        out = proc.stdout.read()
+        err = proc.stderr.read()
+        proc.wait()
+    finally:
+        timer.cancel()
+    return out, err
+
+
 class Owner:
     """A dispatching process: its Popen, dispatch id and the pids its tasks wrote."""
 
@@ -101,7 +118,7 @@ class Owner:
 
     def finish(self, timeout: float = 30) -> str:
         """Wait for the owner to exit; its stdout."""
-        out, err = self.proc.communicate(timeout=timeout)
+        out, err = read_rest(self.proc, timeout)
         assert self.proc.returncode == 0, err
         return out
 
@@ -165,7 +182,7 @@ def test_listed_watched_and_cancelled_from_another_process(owner):
         assert took < 30, took  # expected well under 1 s (bench_cli_cancel.py)
         assert wait_gone(pids, timeout=5) == [], "cancelled tasks still running"
 
-        out, err = watch.communicate(timeout=20)
+        out, err = read_rest(watch, timeout=20)
     finally:
         if watch.poll() is None:
             watch.kill()
@@ -264,7 +281,7 @@ def test_watch_ctrl_c_leaves_the_dispatch_running(owner):
     try:
         assert "RUNNING" in watch.stdout.readline()
         watch.send_signal(signal.SIGINT)
-        out, err = watch.communicate(timeout=20)
+        out, err = read_rest(watch, timeout=20)
     finally:
         if watch.poll() is None:
             watch.kill()

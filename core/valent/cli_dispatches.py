@@ -15,13 +15,14 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import click
 
+from . import cli_format as fmt
 from .errors import ValentError
-from .progress import dispatch_seconds, fmt_secs, make_bar, node_counts, update_bar
+from .progress import make_bar, node_counts, update_bar
 from .status import FINAL, Status
 
 _FINAL = {s.value for s in FINAL}
@@ -29,10 +30,6 @@ _ALL_STATUSES = [s.value for s in Status]
 EXIT_ERROR = 1
 EXIT_CANCEL_TIMEOUT = 3
 EXIT_INTERRUPTED = 130
-_STATUS_COLORS = {
-    "COMPLETED": "green", "FAILED": "red", "CANCELLED": "yellow", "CANCELLING": "magenta",
-    "RUNNING": "cyan", "PENDING": "blue",
-}
 
 
 class _Fail(Exception):
@@ -43,10 +40,6 @@ class _Fail(Exception):
         self.code = code
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
 def _errors(fn: Callable[..., None]) -> Callable[..., None]:
     """Turn valent, store and expected errors into one line on stderr and an exit code."""
 
@@ -55,17 +48,17 @@ def _errors(fn: Callable[..., None]) -> Callable[..., None]:
         try:
             fn(*args, **kwargs)
         except _Fail as exc:
-            click.echo(f"valent: {_one_line(str(exc))}", err=True)
+            click.echo(f"valent: {fmt.one_line(str(exc))}", err=True)
             sys.exit(exc.code)
         except ValentError as exc:
-            click.echo(f"valent: error: {_one_line(str(exc))}", err=True)
+            click.echo(f"valent: error: {fmt.one_line(str(exc))}", err=True)
             sys.exit(EXIT_ERROR)
         except sqlite3.Error as exc:
             from .store import get_store
 
             click.echo(
                 f"valent: error: cannot read the results store {get_store().path}: "
-                f"{_one_line(str(exc))}; check VALENT_RESULTS_DIR",
+                f"{fmt.one_line(str(exc))}; check VALENT_RESULTS_DIR",
                 err=True,
             )
             sys.exit(EXIT_ERROR)
@@ -89,113 +82,6 @@ def _row(store: Any, dispatch_id: str) -> Any:
     return check_owner(store, store.dispatch_row(store.resolve(dispatch_id)))
 
 
-def _ts(value: float | None) -> str | None:
-    return None if value is None else datetime.fromtimestamp(value, tz=UTC).isoformat()
-
-
-def _local(value: float | None) -> str:
-    return "-" if value is None else datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _seconds(start: float | None, end: float | None, running: bool) -> float | None:
-    if start is None:
-        return None
-    if end is None:
-        return time.time() - start if running else None
-    return max(0.0, end - start)
-
-
-_fmt_secs = fmt_secs
-_duration = dispatch_seconds
-
-
-def _node_duration(n: Any) -> float | None:
-    return _seconds(n["start_time"], n["end_time"], n["status"] == Status.RUNNING)
-
-
-def _node_note(n: Any) -> str:
-    """The reason a node ended as it did (cancel reason, or the first line of its error)."""
-    if n["error"]:
-        return _one_line(n["error"])[:100]
-    return n["reason"] or ""
-
-
-def _label(n: Any) -> str:
-    return f"{n['name']}({n['node_id']})"
-
-
-def _styled(status: str) -> str:
-    return click.style(status, fg=_STATUS_COLORS.get(status))
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], color_col: int = -1) -> str:
-    """Plain aligned columns (colored status when the output is a terminal)."""
-    cells = [[str(c) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    for r in cells:
-        parts = [
-            (_styled(c) + " " * (w - len(c))) if i == color_col else c.ljust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        ]
-        out.append("  ".join(parts).rstrip())
-    return "\n".join(out)
-
-
-def _dispatch_json(row: Any, nodes: Sequence[Any]) -> dict[str, Any]:
-    done, total, counts = node_counts(nodes)
-    return {
-        "dispatch_id": row["dispatch_id"],
-        "lattice_name": row["lattice_name"],
-        "status": row["status"],
-        "created_at": _ts(row["created_at"]),
-        "start_time": _ts(row["start_time"]),
-        "end_time": _ts(row["end_time"]),
-        "duration": _duration(row),
-        "error": row["error"],
-        "owner": {"pid": row["owner_pid"], "host": row["owner_host"]},
-        "nodes_done": done,
-        "node_count": total,
-        "node_statuses": dict(counts),
-    }
-
-
-def _node_json(n: Any) -> dict[str, Any]:
-    return {
-        "node_id": n["node_id"],
-        "name": n["name"],
-        "kind": n["kind"],
-        "status": n["status"],
-        "executor": n["executor"],
-        "cancel_outcome": n["cancel_outcome"],
-        "start_time": _ts(n["start_time"]),
-        "end_time": _ts(n["end_time"]),
-        "duration": _node_duration(n),
-        "cancel_requested_at": _ts(n["cancel_requested_at"]),
-        "cancel_confirmed_at": _ts(n["cancel_confirmed_at"]),
-        "reason": n["reason"],
-        "error": n["error"],
-        "attempts": n["attempts"],
-    }
-
-
-def _node_table(nodes: Sequence[Any]) -> str:
-    rows = [
-        (
-            n["node_id"], n["name"], n["status"], n["executor"] or "-",
-            n["cancel_outcome"] or "-", _fmt_secs(_node_duration(n)), _node_note(n),
-        )
-        for n in nodes
-    ]
-    return _table(
-        ("ID", "NAME", "STATUS", "EXECUTOR", "CANCEL", "DURATION", "REASON"), rows, color_col=2
-    )
-
-
-def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
-
-
 # ---------------------------------------------------------------------- commands
 
 
@@ -214,15 +100,15 @@ def list_cmd(status: str | None, limit: int, as_json: bool) -> None:
     reap_orphans(store)
     rows = store.list_dispatches(status=status.upper() if status else None, limit=limit)
     if as_json:
-        _echo_json([
+        fmt.echo_json([
             {
                 "dispatch_id": r["dispatch_id"],
                 "lattice_name": r["lattice_name"],
                 "status": r["status"],
-                "created_at": _ts(r["created_at"]),
-                "start_time": _ts(r["start_time"]),
-                "end_time": _ts(r["end_time"]),
-                "duration": _duration(r),
+                "created_at": fmt.ts(r["created_at"]),
+                "start_time": fmt.ts(r["start_time"]),
+                "end_time": fmt.ts(r["end_time"]),
+                "duration": fmt.duration(r),
                 "nodes_done": r["done"],
                 "node_count": r["node_count"],
                 "error": r["error"],
@@ -237,12 +123,12 @@ def list_cmd(status: str | None, limit: int, as_json: bool) -> None:
     table = [
         (
             r["dispatch_id"][:8], r["lattice_name"], r["status"],
-            _local(r["start_time"] or r["created_at"]), _fmt_secs(_duration(r)),
+            fmt.local(r["start_time"] or r["created_at"]), fmt.fmt_secs(fmt.duration(r)),
             f"{r['done']}/{r['node_count']}",
         )
         for r in rows
     ]
-    click.echo(_table(("ID", "LATTICE", "STATUS", "STARTED", "DURATION", "NODES"), table, 2))
+    click.echo(fmt.table(("ID", "LATTICE", "STATUS", "STARTED", "DURATION", "NODES"), table, 2))
 
 
 @click.command("status")
@@ -255,22 +141,22 @@ def status_cmd(dispatch_id: str, as_json: bool) -> None:
     row = _row(store, dispatch_id)
     nodes = store.node_rows(row["dispatch_id"], with_outputs=False)
     if as_json:
-        data = _dispatch_json(row, nodes)
-        data["nodes"] = [_node_json(n) for n in nodes]
-        _echo_json(data)
+        data = fmt.dispatch_json(row, nodes)
+        data["nodes"] = [fmt.node_json(n) for n in nodes]
+        fmt.echo_json(data)
         return
     done, total, counts = node_counts(nodes)
     spread = ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
     lines = [
         f"dispatch  {row['dispatch_id']}",
         f"lattice   {row['lattice_name']}",
-        f"status    {_styled(row['status'])}",
-        f"started   {_local(row['start_time'] or row['created_at'])}"
-        f"   duration {_fmt_secs(_duration(row))}",
+        f"status    {fmt.styled(row['status'])}",
+        f"started   {fmt.local(row['start_time'] or row['created_at'])}"
+        f"   duration {fmt.fmt_secs(fmt.duration(row))}",
         f"nodes     {done}/{total} done ({spread})",
         f"owner     pid {row['owner_pid']} on {row['owner_host']}",
     ]
-    running = [_label(n) for n in nodes if n["status"] == Status.RUNNING]
+    running = [fmt.label(n) for n in nodes if n["status"] == Status.RUNNING]
     if running:
         more = f" and {len(running) - 8} more" if len(running) > 8 else ""
         lines.append(f"running   {', '.join(running[:8])}{more}")
@@ -292,27 +178,22 @@ def show_cmd(dispatch_id: str, as_json: bool) -> None:
     nodes = store.node_rows(row["dispatch_id"])
     result = Result(row, nodes, str(store.dir))
     if as_json:
-        data = _dispatch_json(row, nodes)
-        data["result"] = _safe_repr(lambda: result.result)
-        data["inputs"] = _safe_repr(lambda: result.inputs)
+        data = fmt.dispatch_json(row, nodes)
+        data["result"] = fmt.safe_repr(lambda: result.result)
+        data["inputs"] = fmt.safe_repr(lambda: result.inputs)
         data["nodes"] = []
         for n in nodes:
-            item = _node_json(n)
-            item["output"] = _safe_repr(lambda n=n: result.get_node_result(n["node_id"])["output"])
+            item = fmt.node_json(n)
+            item["output"] = fmt.safe_repr(
+                lambda n=n: result.get_node_result(n["node_id"])["output"]
+            )
             item["traceback"] = n["traceback"]
             data["nodes"].append(item)
-        _echo_json(data)
+        fmt.echo_json(data)
         return
     click.echo(str(result))
     click.echo("Nodes\n-----")
-    click.echo(_node_table(nodes))
-
-
-def _safe_repr(get: Callable[[], Any]) -> str:
-    try:
-        return repr(get())
-    except Exception as exc:
-        return f"<cannot be loaded here: {exc!r}>"
+    click.echo(fmt.node_table(nodes))
 
 
 @click.command("cancel")
@@ -346,7 +227,7 @@ def cancel_cmd(
     targets = _targets(nodes, tasks)
     if not wait or row["status"] in _FINAL:
         if as_json:
-            _echo_json({"dispatch_id": did, "message": message, "status": row["status"]})
+            fmt.echo_json({"dispatch_id": did, "message": message, "status": row["status"]})
         else:
             click.echo(message)
         return
@@ -360,18 +241,20 @@ def cancel_cmd(
         if n["cancel_outcome"]:
             outcomes[n["cancel_outcome"]] = outcomes.get(n["cancel_outcome"], 0) + 1
     if as_json:
-        data = _dispatch_json(row, nodes)
+        data = fmt.dispatch_json(row, nodes)
         data.update(
             message=message, confirmed=finished, seconds=round(took, 4), outcomes=outcomes,
-            nodes=[_node_json(n) for n in shown],
+            nodes=[fmt.node_json(n) for n in shown],
         )
-        _echo_json(data)
+        fmt.echo_json(data)
     else:
-        click.echo(_node_table(shown))
+        click.echo(fmt.node_table(shown))
         spread = ", ".join(f"{v} {k}" for k, v in sorted(outcomes.items())) or "no outcomes"
+        what = f"task(s) {sorted(set(tasks))} and dependents " if tasks else ""
         state = "stopped" if finished else "NOT confirmed stopped"
         click.echo(
-            f"dispatch {did[:8]} {_styled(row['status'])}: {state} after {took:.2f}s ({spread})"
+            f"dispatch {did[:8]} {fmt.styled(row['status'])}: {what}{state} after {took:.2f}s "
+            f"({spread})"
         )
     if not finished:
         raise _Fail(
@@ -443,8 +326,8 @@ def watch_cmd(dispatch_id: str, interval: float) -> None:
             err=True,
         )
         sys.exit(EXIT_INTERRUPTED)
-    click.echo(f"dispatch {did[:8]} ended {_styled(row['status'])} after "
-               f"{_fmt_secs(_duration(row))}")
+    click.echo(f"dispatch {did[:8]} ended {fmt.styled(row['status'])} after "
+               f"{fmt.fmt_secs(fmt.duration(row))}")
     if row["error"]:
         click.echo(f"error: {row['error']}")
 
@@ -465,14 +348,14 @@ def _watch_lines(store: Any, did: str, interval: float) -> Any:
         if row["status"] != last_status:
             last_status = row["status"]
             click.echo(f"{_clock()}  dispatch {did[:8]} ({row['lattice_name']}) "
-                       f"{_styled(row['status'])}  [{done}/{total}]")
+                       f"{fmt.styled(row['status'])}  [{done}/{total}]")
         for n in nodes:
             if n["kind"] == "parameter" or seen.get(n["node_id"]) == n["status"]:
                 continue
             seen[n["node_id"]] = n["status"]
             extra = f" ({n['cancel_outcome']})" if n["cancel_outcome"] else ""
-            note = _node_note(n) if n["status"] in ("FAILED", "CANCELLED") else ""
-            click.echo(f"{_clock()}  {_label(n)} {_styled(n['status'])}{extra}"
+            note = fmt.node_note(n) if n["status"] in ("FAILED", "CANCELLED") else ""
+            click.echo(f"{_clock()}  {fmt.label(n)} {fmt.styled(n['status'])}{extra}"
                        f"{'  ' + note if note else ''}  [{done}/{total}]")
         if row["status"] in _FINAL:
             return row
@@ -500,9 +383,9 @@ def _watch_live(store: Any, did: str, interval: float) -> Any:
         for n in nodes:
             st = n["status"]
             table.add_row(
-                str(n["node_id"]), n["name"], f"[{_STATUS_COLORS.get(st, 'white')}]{st}",
+                str(n["node_id"]), n["name"], f"[{fmt.STATUS_COLORS.get(st, 'white')}]{st}",
                 n["executor"] or "-", n["cancel_outcome"] or "-",
-                _fmt_secs(_node_duration(n)), _node_note(n),
+                fmt.fmt_secs(fmt.node_duration(n)), fmt.node_note(n),
             )
         return Group(table, bar)
 
@@ -537,7 +420,7 @@ def logs_cmd(dispatch_id: str, node: str | None, stream: str) -> None:
         texts = [(s, n[s]) for s in streams if n[s]]
         if not texts and node is None:
             continue
-        header = f"== {_label(n)} [{n['status']}]"
+        header = f"== {fmt.label(n)} [{n['status']}]"
         if not texts:
             why = "it is still running; output is stored when it ends" if n["status"] in (
                 "RUNNING", "PENDING", "NEW_OBJECT") else "it printed nothing"
@@ -556,10 +439,10 @@ def _pick_node(did: str, nodes: Sequence[Any], spec: str) -> Any:
     if spec.isdigit():
         hits = [n for n in nodes if n["node_id"] == int(spec)]
     else:
-        hits = [n for n in nodes if _label(n) == spec] or [n for n in nodes if n["name"] == spec]
+        hits = [n for n in nodes if fmt.label(n) == spec] or [n for n in nodes if n["name"] == spec]
     if len(hits) == 1:
         return hits[0]
-    names = ", ".join(_label(n) for n in (hits or nodes)[:10])
+    names = ", ".join(fmt.label(n) for n in (hits or nodes)[:10])
     what = f"{spec!r} is ambiguous" if hits else f"no task {spec!r}"
     raise _Fail(f"error: dispatch {did[:8]}: {what}; its tasks: {names}")
 
