@@ -201,3 +201,39 @@ def test_get_result_progress_bar(local_executor, capsys):
     total = result.node_count
     assert f"naps {result.dispatch_id[:8]} COMPLETED" in err
     assert f"{total}/{total} nodes" in err
+
+
+def test_watch_on_a_terminal_draws_the_live_view(finished):
+    """Under a pseudo-terminal `valent watch` draws rich's table and bar, then exits."""
+    import pty
+
+    good, _ = finished
+    cmd = [VALENT_SCRIPT] if VALENT_SCRIPT else [sys.executable, "-m", "valent.cli"]
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [*cmd, "watch", good.dispatch_id[:8]], stdin=follower, stdout=follower,
+        stderr=follower, env={**os.environ, "COLUMNS": "120", "TERM": "xterm"},
+    )
+    os.close(follower)
+    chunks = []
+    try:
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(leader)
+    text = b"".join(chunks).decode("utf-8", "replace")
+    total = good.node_count
+    assert "\x1b[" in text  # drawn with terminal control codes, not plain lines
+    assert "EXECUTOR" in text and "shout" in text
+    assert f"{total}/{total}" in text and "nodes" in text
+    assert f"dispatch {good.dispatch_id[:8]} ended" in text
