@@ -279,6 +279,9 @@ def build_plugins() -> Plugins:
             continue
         except PluginError as exc:
             plugins.problems.append(str(exc))
+    from .timing import register_from_env  # the opt-in built-in observer (VALENT_TIMING=1)
+
+    register_from_env(pm)
     return plugins
 
 
