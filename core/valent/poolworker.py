@@ -90,6 +90,7 @@ class _Capture:
     def start(self) -> None:
         for fd, target in zip(self.files, (1, 2), strict=True):
             os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)  # else the next task writes after a hole of NULs
             os.dup2(fd, target)
 
     def stop(self) -> tuple[str, str]:
