@@ -128,7 +128,7 @@ class DaskExecutor(valent.Executor):
             return h
         with self._lock:
             if self._closed:
-                h.state = Failed(ExecutorError("this DaskExecutor was shut down"), "")
+                h.state = Failed(ExecutorError("this DaskExecutor is shutting down"), "")
                 return h
             self._live[task.key] = h
             conn = self._conn
@@ -151,7 +151,8 @@ class DaskExecutor(valent.Executor):
         """Stop what still runs (kill mode), close the client and the cluster we started.
 
         A cluster given by ``scheduler_address`` stays up; only our idle warm pools on its
-        workers are retired.
+        workers are retired. Tasks submitted while this runs fail; a later ``run`` starts
+        (or connects) afresh.
         """
         with self._lock:
             if self._closed:
@@ -179,6 +180,8 @@ class DaskExecutor(valent.Executor):
                     msg = f"the DaskExecutor was shut down before {h.task.label} finished"
                     self._finish(h, Failed(ExecutorError(msg), "", ended_at=time.time()))
                     dropped.append(h)
+        with self._lock:
+            self._closed = False  # released; a later run starts (or connects) afresh
         for h in dropped:
             h.wake()
 

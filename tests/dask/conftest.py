@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import pytest
 import valent
-from dask_support import Runner, cluster_pids, descendants, is_resource_tracker, wait_until
+from dask_support import (
+    Runner,
+    cluster_pids,
+    descendants,
+    is_resource_tracker,
+    local_pool_pids,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +42,7 @@ def dask_cluster():
     assert wait_until(
         lambda: not [
             p for pid, p in descendants().items()
-            if pid not in before and not is_resource_tracker(p)
+            if pid not in before | local_pool_pids() and not is_resource_tracker(p)
         ],
         20,
         0.1,
@@ -62,7 +69,7 @@ def no_stray_processes(request):
     client = request.getfixturevalue("dask_client")
 
     def strays() -> list[str]:
-        known = cluster_pids(client) | before
+        known = cluster_pids(client) | before | local_pool_pids()
         return [
             f"{pid} {' '.join(p.cmdline()[:4])}"
             for pid, p in descendants().items()

@@ -61,6 +61,18 @@ def cluster_pids(client) -> set[int]:
     return pids
 
 
+def local_pool_pids() -> set[int]:
+    """PIDs of the warm pool of the dispatcher's shared "local" executor (not ours to check)."""
+    from valent import api
+
+    if api._dispatcher is None:
+        return set()
+    ex = api._dispatcher.named_executor("local")
+    if ex is None or getattr(ex, "_pool", None) is None:
+        return set()
+    return set(ex.pool.worker_pids())
+
+
 class Runner:
     """Drives one executor the way the dispatcher does: run, wake, poll, cancel."""
 
