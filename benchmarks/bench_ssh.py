@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests", "ssh"))
 import rig as rigmod  # noqa: E402
 import valent as ct  # noqa: E402
 from common import print_table, row  # noqa: E402
-from ssh_support import Submitted  # noqa: E402
+from ssh_support import Submitted, task_processes  # noqa: E402
 
 N_TASKS = 50
 
@@ -105,9 +105,8 @@ def _cancel_runs(ex, runs: int) -> list[float]:
     for _ in range(runs):
         job = Submitted(ex, spawn_sleep)
         job.wait_running()
-        token = job.handle.token
         deadline = time.monotonic() + 30
-        while len(rigmod.token_processes(token)) < 2:  # the runner and its sleep
+        while len(task_processes(job.handle)) < 2:  # the runner and its sleep
             assert time.monotonic() < deadline, "the task did not start its subprocess"
             time.sleep(0.005)
         t0 = time.perf_counter()
@@ -115,7 +114,7 @@ def _cancel_runs(ex, runs: int) -> list[float]:
         st = job.wait(30)
         out.append(time.perf_counter() - t0)
         assert st.outcome == ct.CancelOutcome.KILLED
-        assert rigmod.token_processes(token) == [], "reported killed while processes live"
+        assert task_processes(job.handle) == [], "reported killed while processes live"
     return out
 
 

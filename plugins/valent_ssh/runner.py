@@ -5,26 +5,31 @@ not installed on the remote host. Kept to Python 3.6 syntax (f-strings at most) 
 remote interpreter can still start and report its version. Two modes:
 
 ``python runner.py agent``
-    One per SSH connection. Reads JSON commands on stdin (start, kill, clean, ping), starts
-    each task detached in its own session (``setsid``: it survives the connection), watches
+    One per SSH connection. Reads JSON commands on stdin (start, kill, clean, reap, ping),
+    starts each task as a forked child in its own session (``setsid``, all three standard
+    streams redirected: it survives the connection), records its pid and start time, watches
     it (SIGCHLD for its own children, ``/proc`` for tasks adopted after a reconnect), kills a
-    task's process group on request (SIGTERM, grace, SIGKILL; zombies count as dead; it acts
-    only on a group one of whose live members carries the task's token), and writes JSON
-    events on stdout (hello, started, exit, gone, pong). Exits at end of stdin.
+    task's process group on request (SIGTERM, grace, SIGKILL; zombies count as dead), and
+    writes JSON events on stdout (hello, started, exit, gone, pong). Exits at end of stdin.
+    Against pid reuse it signals a group only while its leader is still the runner it
+    started (pid and start time) or a live member carries the task's token (an environment
+    variable that everything the task starts inherits).
 
 ``python runner.py run TASKDIR``
     Runs one task: unpickles ``task.pkl``, calls it, writes ``result`` atomically (tmp,
     fsync, rename). Its stdout/stderr go to files in TASKDIR (redirected by the agent).
+    The agent does not exec this: it forks itself (cloudpickle already imported) and calls
+    ``run_task`` in the child; the mode is kept for running a task dir by hand.
 """
 
 import base64
+import io
 import json
 import os
 import pickle
 import select
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import traceback
@@ -165,6 +170,42 @@ def _alive(pid):
         return True
 
 
+def _starttime(pid):
+    """When ``pid`` started (clock ticks since boot), or None: with the pid, an identity."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return int(data[data.rindex(b")") + 2 :].split()[19])
+
+
+def _read_pidfile(taskdir):
+    """(pid, starttime) the agent recorded when it started the task, or (None, None)."""
+    try:
+        with open(os.path.join(taskdir, "pid")) as f:
+            fields = f.read().split()
+        return int(fields[0]), (int(fields[1]) if len(fields) > 1 else None)
+    except (OSError, ValueError, IndexError):
+        return None, None
+
+
+def _is_runner(pid, started, token):
+    """Is ``pid`` still the task's runner (not a recycled pid)?"""
+    if pid is None or not _alive(pid):
+        return False
+    now = _starttime(pid)
+    if started is not None and now is not None:
+        return now == started
+    return _has_token(pid, token)
+
+
+def _exit_code(status):
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
 def _has_token(pid, token):
     try:
         with open(f"/proc/{pid}/environ", "rb") as f:
@@ -238,7 +279,8 @@ class _Task:
         self.dir = taskdir
         self.token = token
         self.pid = None
-        self.proc = None  # a Popen when this agent started it
+        self.started = None  # the runner's start time (/proc): guards against pid reuse
+        self.child = False  # started by this agent (so it is reaped here)
         self.rc = None
         self.exited = False
         self.kill_at = None  # when SIGKILL is due; None: no kill requested
@@ -253,10 +295,10 @@ class Agent:
         self.tasks = {}
         self.leftovers = []  # groups of finished tasks still holding processes: [pgid, token, t]
         self.buf = b""
-        self.wake_r, wake_w = os.pipe()
+        self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda s, f: None)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
@@ -300,18 +342,13 @@ class Agent:
 
     def reap(self, key, taskdir, token, pid, grace):
         """A task the host gave up on (unreachable for too long): kill it, then remove it."""
-        if pid is None:
-            try:
-                with open(os.path.join(taskdir, "pid")) as f:
-                    pid = int(f.read().strip() or 0) or None
-            except (OSError, ValueError):
-                pid = None
-        if pid is None or not (_alive(pid) and _has_token(pid, token)):
+        fpid, started = _read_pidfile(taskdir)
+        pid = pid or fpid
+        if not _is_runner(pid, started, token):
             shutil.rmtree(taskdir, ignore_errors=True)
             return
         t = _Task(key, taskdir, token)
-        t.pid = pid
-        t.reap = True
+        t.pid, t.started, t.reap = pid, started, True
         self.tasks[key] = t
         self.kill(key, float(grace))
 
@@ -320,16 +357,11 @@ class Agent:
         if key in self.tasks:
             return
         t = _Task(key, taskdir, token)
-        pidfile = os.path.join(taskdir, "pid")
-        if pid is None and os.path.exists(pidfile):
-            try:
-                with open(pidfile) as f:
-                    pid = int(f.read().strip() or 0) or None
-            except (OSError, ValueError):
-                pid = None
+        fpid, started = _read_pidfile(taskdir)
+        pid = pid or fpid
         if pid is not None or os.path.exists(os.path.join(taskdir, "result")):
-            t.pid = pid
-            if pid is None or not (_alive(pid) and _has_token(pid, token)):
+            t.pid, t.started = pid, started
+            if not _is_runner(pid, started, token):
                 t.exited = True  # finished (or lost) while nobody was watching
             self.tasks[key] = t
             self.emit(ev="started", key=key, pid=pid, adopted=True)
@@ -337,33 +369,70 @@ class Agent:
         if not os.path.exists(os.path.join(taskdir, "task.pkl")):
             self.emit(ev="start_failed", key=key, error=f"task directory {taskdir} is missing")
             return
-        env = dict(os.environ)
-        env[TOKEN_ENV] = token
-        env["PYTHONUNBUFFERED"] = "1"
         try:
-            out = open(os.path.join(taskdir, "stdout"), "wb")
-            err = open(os.path.join(taskdir, "stderr"), "wb")
-            try:
-                t.proc = subprocess.Popen(
-                    [sys.executable, self.runner, "run", taskdir],
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    cwd=os.path.expanduser("~"),
-                    env=env,
-                    start_new_session=True,
-                    close_fds=True,
-                )
-            finally:
-                out.close()
-                err.close()
+            t.pid = self.spawn(t)
         except OSError as exc:
             self.emit(ev="start_failed", key=key, error=f"cannot start the runner: {exc}")
             return
-        t.pid = t.proc.pid
-        _write_atomic(pidfile, str(t.pid).encode())
+        t.child = True
+        t.started = _starttime(t.pid)
+        _write_atomic(os.path.join(taskdir, "pid"), f"{t.pid} {t.started or ''}".encode())
         self.tasks[key] = t
         self.emit(ev="started", key=key, pid=t.pid, t=time.time())
+
+    def spawn(self, t):
+        """Fork a runner for ``t`` in its own session (setsid), streams to files; its pid.
+
+        A fork of this small single-threaded agent, which has cloudpickle imported already:
+        much cheaper than starting a new interpreter per task.
+        """
+        null = os.open(os.devnull, os.O_RDONLY)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        out = os.open(os.path.join(t.dir, "stdout"), flags, 0o600)
+        err = os.open(os.path.join(t.dir, "stderr"), flags, 0o600)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._child(t, null, out, err)  # never returns
+        finally:
+            for fd in (null, out, err):
+                os.close(fd)
+        return pid
+
+    def _child(self, t, null, out, err):
+        code = 1
+        try:
+            os.setsid()
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as in any Python process
+            os.dup2(null, 0)
+            os.dup2(out, 1)
+            os.dup2(err, 2)
+            for fd in (null, out, err, self.wake_r, self.wake_w):
+                os.close(fd)
+            for fd, name in ((1, "stdout"), (2, "stderr")):  # unbuffered, like python -u
+                raw = io.FileIO(fd, "w", closefd=False)
+                stream = io.TextIOWrapper(
+                    raw, encoding="utf-8", errors="backslashreplace", write_through=True
+                )
+                setattr(sys, name, stream)
+            os.environ[TOKEN_ENV] = t.token  # inherited by everything the task starts
+            os.environ["PYTHONUNBUFFERED"] = "1"
+            os.chdir(os.path.expanduser("~"))
+            sys.argv = [self.runner, "run", t.dir]
+            code = run_task(t.dir)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+            os._exit(code)
 
     def kill(self, key, grace):
         t = self.tasks.get(key)
@@ -374,7 +443,11 @@ class Agent:
             return
         self._reap(t)
         group, escaped = _members(t.pid, t.token)
-        ours = any(_has_token(p, t.token) for p in group) or not t.exited
+        ours = (
+            (t.child and not t.exited)  # our unreaped child: its pid cannot be reused
+            or _is_runner(t.pid, t.started, t.token)
+            or any(_has_token(p, t.token) for p in group)
+        )
         if group and ours:
             try:
                 os.killpg(t.pid, signal.SIGTERM)
@@ -385,14 +458,18 @@ class Agent:
     # -- watching ------------------------------------------------------------------------
 
     def _reap(self, t):
-        if t.proc is not None and not t.exited:
-            rc = t.proc.poll()
-            if rc is not None:
-                t.rc = rc
+        if t.exited or t.pid is None:
+            return
+        if t.child:
+            try:
+                pid, status = os.waitpid(t.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = t.pid, None
+            if pid == t.pid:
+                t.rc = None if status is None else _exit_code(status)
                 t.exited = True
-        elif t.proc is None and not t.exited and t.pid is not None:
-            if not _alive(t.pid):
-                t.exited = True
+        elif not _is_runner(t.pid, t.started, t.token):
+            t.exited = True
 
     def check(self):
         """Report tasks that ended or whose kill is confirmed; push kills along."""
@@ -474,7 +551,7 @@ class Agent:
                 continue
             if t.kill_at is not None:
                 return 0.01
-            if t.proc is None:
+            if not t.child:
                 timeout = min(timeout, 0.05)
         return timeout
 

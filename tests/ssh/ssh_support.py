@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -59,3 +60,22 @@ class Submitted:
             self.woken.wait(left)
             self.woken.clear()
         return self.ex.poll(self.handle)
+
+
+def task_processes(handle) -> list[int]:
+    """Live processes of a remote task: its process group (the runner and what it started
+    there) and any process elsewhere carrying its token (what left the group)."""
+    import psutil
+    import rig
+
+    found = set(rig.token_processes(handle.token))
+    if handle.pid is not None:
+        for p in psutil.process_iter(["status"]):
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            try:
+                if os.getpgid(p.pid) == handle.pid:
+                    found.add(p.pid)
+            except ProcessLookupError:
+                continue
+    return sorted(found)

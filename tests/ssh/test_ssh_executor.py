@@ -15,7 +15,7 @@ import pytest
 import rig as rigmod
 import ssh_tasks as T
 import valent
-from ssh_support import wait_until
+from ssh_support import task_processes, wait_until
 from valent.status import CancelOutcome
 
 
@@ -114,8 +114,7 @@ def test_max_parallel_queues_the_rest(ssh, submit):
 def test_cancel_running_task_kills_its_subprocesses(ssh, submit):
     job = submit(ssh(grace=5.0), T.spawn_and_wait, 300)
     job.wait_running()
-    token = job.handle.token
-    assert wait_until(lambda: len(rigmod.token_processes(token)) >= 3, 10)  # runner, sh, sleep
+    assert wait_until(lambda: len(task_processes(job.handle)) >= 3, 10)  # runner, sh, sleep
     pgid = job.handle.pid
     t0 = time.monotonic()
     assert job.ex.cancel(job.handle) == CancelOutcome.KILLED
@@ -126,7 +125,7 @@ def test_cancel_running_task_kills_its_subprocesses(ssh, submit):
     )
     # the task never asked cancel_requested(): SIGTERM ended it at once, not after the grace
     assert elapsed < 5.0
-    assert rigmod.token_processes(token) == []
+    assert task_processes(job.handle) == []
     group = [p for p in rigmod.user_processes("valentssh") if _pgid(p.pid) == pgid]
     assert group == []
     assert job.ex.cancel(job.handle) == CancelOutcome.KILLED  # idempotent
@@ -136,10 +135,12 @@ def test_cancel_kills_a_subprocess_that_left_the_group(ssh, submit):
     job = submit(ssh(grace=0.5), T.spawn_escapee_and_wait, 300)
     job.wait_running()
     token = job.handle.token
-    assert wait_until(lambda: len(rigmod.token_processes(token)) >= 3, 10)
+    # the runner and the sleep in its group, the sleep that left it (carrying the token)
+    assert wait_until(lambda: len(task_processes(job.handle)) >= 3, 10)
+    assert wait_until(lambda: len(rigmod.token_processes(token)) >= 2, 10)
     job.ex.cancel(job.handle)
     assert job.wait().outcome == CancelOutcome.KILLED
-    assert rigmod.token_processes(token) == []
+    assert task_processes(job.handle) == []
 
 
 def test_cancel_waits_for_the_group_to_be_gone(ssh, submit):
@@ -154,7 +155,7 @@ def test_cancel_waits_for_the_group_to_be_gone(ssh, submit):
     elapsed = time.monotonic() - t0
     assert st.outcome == CancelOutcome.KILLED
     assert 0.5 <= elapsed < 5.0
-    assert rigmod.token_processes(job.handle.token) == []
+    assert task_processes(job.handle) == []
 
 
 def test_cancel_requested_works_inside_an_ssh_task(ssh, submit):
@@ -207,7 +208,7 @@ def test_cancel_after_finish_is_too_late(ssh, submit):
 def test_background_child_of_a_finished_task_is_stopped(ssh, submit):
     job = submit(ssh(), T.leave_background_child, 300)
     assert job.wait().get_value() == "returned"
-    assert wait_until(lambda: rigmod.token_processes(job.handle.token) == [], 10)
+    assert wait_until(lambda: task_processes(job.handle) == [], 10)
 
 
 def test_shutdown_stops_running_tasks(ssh, submit):
@@ -216,7 +217,7 @@ def test_shutdown_stops_running_tasks(ssh, submit):
     job.wait_running()
     ex.shutdown()
     assert job.state().outcome == CancelOutcome.KILLED
-    assert rigmod.token_processes(job.handle.token) == []
+    assert task_processes(job.handle) == []
 
 
 # -- dropped connections --------------------------------------------------------------------
@@ -247,14 +248,13 @@ def test_cancel_during_a_dropped_connection_is_delivered_after_reconnect(ssh, su
     assert isinstance(job.state(), valent.Running)  # not confirmed: the host is down
     rig.start()
     assert job.wait(60).outcome == CancelOutcome.KILLED
-    assert rigmod.token_processes(job.handle.token) == []
+    assert task_processes(job.handle) == []
 
 
 def test_host_unreachable_past_reconnect_timeout_fails_the_task(ssh, submit, rig):
     ex = ssh(reconnect_timeout=1.0)
     job = submit(ex, T.sleep_then, 300, "never")
     job.wait_running()
-    token = job.handle.token
     rig.kill()
     try:
         st = job.wait(30)
@@ -265,15 +265,15 @@ def test_host_unreachable_past_reconnect_timeout_fails_the_task(ssh, submit, rig
         msg = str(st.error)
         assert f"127.0.0.1:{rig.port}" in msg and "reconnect_timeout" in msg
         # The remote task outlived the connection; the next connection to the host reaps it.
-        assert rigmod.token_processes(token)
+        assert task_processes(job.handle)
         rig.start()
         assert submit(ex, T.add, 1, 1).wait().get_value() == 2
-        assert wait_until(lambda: not rigmod.token_processes(token), 10)
+        assert wait_until(lambda: not task_processes(job.handle), 10)
         assert wait_until(lambda: not os.path.exists(job.handle.dir), 10)
     finally:
         if rig.proc is None:
             rig.start()
-        for pid in rigmod.token_processes(token):  # a safety net if the reaping failed
+        for pid in task_processes(job.handle):  # a safety net if the reaping failed
             os.kill(pid, signal.SIGKILL)
 
 
@@ -281,7 +281,6 @@ def test_cancel_fails_when_host_stays_unreachable(ssh, submit, rig):
     ex = ssh(reconnect_timeout=1.0)
     job = submit(ex, T.sleep_then, 300, "never")
     job.wait_running()
-    token = job.handle.token
     rig.kill()
     try:
         assert ex.cancel(job.handle) == CancelOutcome.KILLED
@@ -290,7 +289,7 @@ def test_cancel_fails_when_host_stays_unreachable(ssh, submit, rig):
     finally:
         if rig.proc is None:
             rig.start()
-        for pid in rigmod.token_processes(token):
+        for pid in task_processes(job.handle):
             os.kill(pid, signal.SIGKILL)
 
 
