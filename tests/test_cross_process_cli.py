@@ -266,8 +266,11 @@ def test_owner_killed_is_detected_by_every_reader(owner, results_dir):
     sleepers = [n for n in status["nodes"] if n["name"] == "sleeper"]
     assert {(n["status"], n["reason"]) for n in sleepers} == {("CANCELLED", "owner process died")}
 
+    back_to_running()
     res = valent("cancel", did)
-    assert res.returncode == 0 and "nothing to cancel" in res.stdout
+    assert res.returncode == 0 and "already finished (FAILED)" in res.stdout, res.stdout
+    assert "killed before the dispatch finished" in res.stdout
+    assert stored_status() == "FAILED"
 
 
 def test_watch_ctrl_c_leaves_the_dispatch_running(owner):

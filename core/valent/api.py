@@ -231,11 +231,8 @@ def _wait(store, dispatch_id: str, timeout: float | None) -> None:
         return
     delay = 0.02
     while True:
-        row = store.dispatch_row(dispatch_id)
+        row = check_owner(store, store.dispatch_row(dispatch_id))
         if row["status"] in _FINAL:
-            return
-        if _owner_dead(row):
-            store.mark_orphaned(dispatch_id, _orphan_message(row))
             return
         if deadline is not None and time.monotonic() >= deadline:
             raise DispatchTimeoutError(
@@ -315,8 +312,7 @@ def cancel(dispatch_id: str, task_ids: list[int] | int | None = None) -> str:
     row = store.dispatch_row(dispatch_id)
     if row["status"] in _FINAL:
         return f"Dispatch {dispatch_id} already finished ({row['status']}); nothing to cancel."
-    if _owner_dead(row):
-        store.mark_orphaned(dispatch_id, _orphan_message(row))
+    if check_owner(store, row) is not row:
         return (
             f"Dispatch {dispatch_id}: its owner process (pid {row['owner_pid']}) is gone; "
             "marked FAILED, nothing is running."

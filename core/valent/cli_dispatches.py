@@ -227,9 +227,12 @@ def cancel_cmd(
     targets = _targets(nodes, tasks)
     if not wait or row["status"] in _FINAL:
         if as_json:
-            fmt.echo_json({"dispatch_id": did, "message": message, "status": row["status"]})
+            fmt.echo_json({"dispatch_id": did, "message": message, "status": row["status"],
+                           "error": row["error"]})
         else:
             click.echo(message)
+            if row["status"] in _FINAL and row["error"]:
+                click.echo(f"error: {row['error']}")
         return
     if not as_json:
         click.echo(message)
