@@ -127,7 +127,10 @@ class Dispatcher:
         """Cancel a dispatch this process owns; returns the message for the user."""
         reply: queue.SimpleQueue = queue.SimpleQueue()
         self.q.put((_CANCEL, (dispatch_id, task_ids, reply)))
-        return reply.get()
+        answer = reply.get()
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
     def call(self, fn: Any) -> Any:
         """Run ``fn()`` on the dispatcher thread and return its result (for tests, tools)."""
@@ -174,28 +177,38 @@ class Dispatcher:
             except queue.Empty:
                 break
         woken: dict[int, NodeRun] = {}
-        for kind, payload in events:
-            if kind == _WAKE:
-                woken[id(payload)] = payload
-            elif kind == _START:
-                self._start(payload)
-            elif kind == _CANCEL:
-                did, task_ids, reply = payload
-                reply.put(self._cancel(did, task_ids))
-            elif kind == _CALL:
-                fn, reply = payload
-                try:
-                    reply.put((True, fn()))
-                except Exception as exc:
-                    reply.put((False, exc))
-        for nr in woken.values():
-            self._poll(nr)
-        self._fire_timers()
-        now = time.monotonic()
-        if self.runs and now >= self._next_external:
-            self._next_external = now + EXTERNAL_CANCEL_EVERY
-            self._external_cancels()
-        self._flush()
+        # cancel replies wait for this turn's flush: once cancel() returns, a get_result()
+        # sees CANCELLING (or the final status), never the RUNNING of before the cancel
+        replies: list[tuple[queue.SimpleQueue, Any]] = []
+        try:
+            for kind, payload in events:
+                if kind == _WAKE:
+                    woken[id(payload)] = payload
+                elif kind == _START:
+                    self._start(payload)
+                elif kind == _CANCEL:
+                    did, task_ids, reply = payload
+                    try:
+                        replies.append((reply, self._cancel(did, task_ids)))
+                    except Exception as exc:
+                        replies.append((reply, exc))
+                elif kind == _CALL:
+                    fn, reply = payload
+                    try:
+                        reply.put((True, fn()))
+                    except Exception as exc:
+                        reply.put((False, exc))
+            for nr in woken.values():
+                self._poll(nr)
+            self._fire_timers()
+            now = time.monotonic()
+            if self.runs and now >= self._next_external:
+                self._next_external = now + EXTERNAL_CANCEL_EVERY
+                self._external_cancels()
+            self._flush()
+        finally:
+            for reply, answer in replies:
+                reply.put(answer)
 
     def _timeout(self) -> float | None:
         t: float | None = None
