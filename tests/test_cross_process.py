@@ -181,3 +181,23 @@ def test_owner_killed_mid_run_is_reported_failed_not_running(tmp_path):
     assert "already finished" in ct.cancel(dispatch_id)
     # the owner's workers and their subprocesses do not outlive it
     assert wait_gone(pids, 10) == []
+
+
+def test_exit_waits_for_a_running_dispatch_and_ctrl_c_cancels_it(tmp_path):
+    proc, dispatch_id = _owner(tmp_path, "exit", 60)  # the script ends at once
+    try:
+        pids = _task_pids(tmp_path)
+        time.sleep(0.3)
+        assert proc.poll() is None  # waiting for its dispatch at exit, not gone
+        assert ct.get_result(dispatch_id).status == "RUNNING"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert "waiting for 1 running dispatch" in err and "cancelling" in err, err
+        result = ct.get_result(dispatch_id, wait=True, timeout=10)
+        assert result.status == "CANCELLED", result.error
+        assert {n["cancel_outcome"] for n in result.get_all_node_results()} >= {"killed"}
+        assert wait_gone(pids, 5) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
