@@ -92,12 +92,14 @@ def _install_valent_token(module_name):
         sys.modules[module_name] = sub
 
 
-def _write_atomic(path, data):
+def _write_atomic(path, data, sync=True):
+    """Write ``data`` to ``path`` so that no reader ever sees a partial file."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -376,7 +378,8 @@ class Agent:
             return
         t.child = True
         t.started = _starttime(t.pid)
-        _write_atomic(os.path.join(taskdir, "pid"), f"{t.pid} {t.started or ''}".encode())
+        pid_line = f"{t.pid} {t.started or ''}".encode()
+        _write_atomic(os.path.join(taskdir, "pid"), pid_line, sync=False)
         self.tasks[key] = t
         self.emit(ev="started", key=key, pid=t.pid, t=time.time())
 

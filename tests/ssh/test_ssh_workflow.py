@@ -128,3 +128,39 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except ProcessLookupError:
         return None
+
+
+def test_ssh_executor_by_name_from_the_config_file(ssh, rig, tmp_path, monkeypatch):
+    ssh()
+    s = rig.settings()
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        "[executors.ssh]\n"
+        + "".join(
+            f"{k} = {v!r}\n".replace("'", '"')
+            for k, v in s.items()
+            if k in ("hostname", "port", "username", "ssh_key_file", "known_hosts", "python_path")
+        )
+    )
+    monkeypatch.setenv("VALENT_CONFIG", str(cfg))
+
+    @ct.electron(executor="ssh")
+    def where():
+        import os
+
+        return os.getuid()
+
+    @ct.lattice
+    def flow():
+        return where()
+
+    try:
+        result = ct.get_result(ct.dispatch(flow)(), wait=True, timeout=120)
+        assert result.status == ct.Status.COMPLETED, result
+        assert result.result == rigmod_uid(rig)
+    finally:
+        from valent.api import get_dispatcher
+
+        named = get_dispatcher().named_executor("ssh")
+        if named is not None:
+            named.shutdown()
