@@ -214,7 +214,7 @@ class ProcessPool:
         with self._lock:
             if self._closed:
                 raise RuntimeError("this ProcessPool was shut down")
-            worker = self._idle.pop() if self._idle else None
+            worker = self._take_idle()
             if worker is None:
                 self._queue.append(job)
                 self._maybe_grow()
@@ -322,10 +322,13 @@ class ProcessPool:
         """
         rates = []
         for w in self._workers.values():
-            if w.job is None or w.doomed or w.cpu_mark is None:
+            if w.job is None or w.doomed or not w.ready:
                 continue
             now = _cpu_mark(w.pid)
-            if now is None or now[1] - w.cpu_mark[1] < 0.02:
+            if now is None:
+                continue
+            if w.cpu_mark is None or now[1] - w.cpu_mark[1] < 0.02:
+                w.cpu_mark = w.cpu_mark or now  # first look at this task: measure from here
                 continue
             rates.append((now[0] - w.cpu_mark[0]) / (now[1] - w.cpu_mark[1]))
         return sum(rates) / len(rates) if rates else 0.0
@@ -387,7 +390,7 @@ class ProcessPool:
     def _drain_to_idle(self) -> None:
         pairs = []
         while self._idle and self._queue:
-            w, j = self._idle.pop(), self._queue.popleft()
+            w, j = self._take_idle(), self._queue.popleft()
             self._assign(w, j)
             pairs.append((w, j))
         if pairs:
@@ -397,13 +400,20 @@ class ProcessPool:
         for w, j in pairs:
             self._send(w, j)
 
+    def _take_idle(self) -> _Worker | None:
+        """An idle worker, preferring one whose interpreter is up (lock held)."""
+        for i in range(len(self._idle) - 1, -1, -1):
+            if self._idle[i].ready:
+                return self._idle.pop(i)
+        return self._idle.pop() if self._idle else None
+
     def _assign(self, worker: _Worker, job: Job) -> None:
         """Bind ``job`` to an idle ``worker`` (lock held); the send happens outside the lock."""
         worker.job = job
         job.worker = worker
         job.state = Running(time.time())
         self._last_start = time.monotonic()
-        worker.cpu_mark = _cpu_mark(worker.pid) if worker.ready else None
+        worker.cpu_mark = None
 
     def _send(self, worker: _Worker, job: Job) -> None:
         fn, key, blob = job.fn_entry
@@ -505,8 +515,6 @@ class ProcessPool:
         if len(msg) == 1:  # ("ready",): the interpreter is up
             with self._lock:
                 worker.ready = True
-                if worker.job is not None:
-                    worker.cpu_mark = _cpu_mark(worker.pid)
             return
         job_id, ok, payload, started, ended, out, err, asked_to_stop = msg
         with self._lock:
