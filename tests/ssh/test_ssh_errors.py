@@ -19,6 +19,8 @@ from valent_ssh import (
     SSHUnreachableError,
 )
 
+pytest_plugins = ["ssh_fixtures"]
+
 
 def fails_with(submit, ex, cls) -> SSHError:
     st = submit(ex, T.add, 1, 2).wait(60)

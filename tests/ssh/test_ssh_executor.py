@@ -18,6 +18,8 @@ import valent
 from ssh_support import task_processes, wait_until
 from valent.status import CancelOutcome
 
+pytest_plugins = ["ssh_fixtures"]
+
 
 def test_result_and_output_come_back(ssh, submit):
     job = submit(ssh(), T.add, 2, 40)

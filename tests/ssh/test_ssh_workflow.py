@@ -9,6 +9,8 @@ import rig as rigmod
 import valent as ct
 from ssh_support import wait_until
 
+pytest_plugins = ["ssh_fixtures"]
+
 
 def _node(result, name):
     nodes = [n for n in result.get_all_node_results() if n["node_name"] == name]

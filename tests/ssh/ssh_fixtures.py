@@ -1,5 +1,9 @@
 """Fixtures of the SSH executor tests: one real sshd on 127.0.0.1 for the session.
 
+A plugin module, not a ``conftest.py``: the test modules load it with
+``pytest_plugins = ["ssh_fixtures"]``, so it never becomes ``sys.modules["conftest"]``
+(the top-level tests import helpers with ``from conftest import ...``).
+
 See ``rig.py``. After each test every SSH connection is closed and the login user must have
 no process left (the remote agent exits when its connection closes; tasks must be gone).
 """
