@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import atexit
-import json
 import os
+import pickle
 import socket
 import sys
 import threading
@@ -91,7 +91,7 @@ def _start(graph: Graph) -> str:
     for node in graph.nodes:
         if node.kind == PARAMETER:
             try:
-                params[node.id] = cloudpickle.dumps(node.value)
+                params[node.id] = _dumps(node.value)
             except Exception as exc:
                 raise PicklingError(_param_problem(graph, node.id, exc)) from exc
     try:
@@ -104,21 +104,20 @@ def _start(graph: Graph) -> str:
     default_name = _default_executor_name(graph)
     _check_executor_config(graph, default_name)
     now = time.time()
-    nodes = []
-    for node in graph.nodes:
-        output = params.get(node.id)
-        nodes.append(
-            {
-                "dispatch_id": dispatch_id,
-                "node_id": node.id,
-                "name": node.name,
-                "kind": node.kind,
-                "executor": _executor_label(node, default_name),
-                "parents": json.dumps(list(node.parents)),
-                "status": Status.NEW_OBJECT.value,
-                "output": output,
-            }
+    new = Status.NEW_OBJECT.value
+    nodes = [
+        (
+            dispatch_id,
+            node.id,
+            node.name,
+            node.kind,
+            _executor_label(node, default_name),
+            "[" + ",".join(map(str, node.parents)) + "]",
+            new,
+            params.get(node.id),
         )
+        for node in graph.nodes
+    ]
     pid, host, started = dispatcher.owner
     row = {
         "dispatch_id": dispatch_id,
@@ -132,9 +131,23 @@ def _start(graph: Graph) -> str:
         "owner_started": started,
         "node_count": len(graph.nodes),
     }
-    store.create_dispatch(row, nodes)
+    store.create_dispatch(row, nodes, NODE_COLUMNS)
     dispatcher.start(DispatchRun(dispatch_id, graph, store))
     return dispatch_id
+
+
+NODE_COLUMNS = ("dispatch_id", "node_id", "name", "kind", "executor", "parents", "status", "output")
+
+
+_PLAIN = (int, float, str, bytes, bool, type(None))
+
+
+def _dumps(value: Any) -> bytes:
+    """Pickle a parameter: the C pickler for plain scalars, cloudpickle for everything else
+    (so functions and classes from ``__main__`` load in other processes too)."""
+    if type(value) in _PLAIN:
+        return pickle.dumps(value, protocol=5)
+    return cloudpickle.dumps(value, protocol=5)
 
 
 def _default_executor_name(graph: Graph) -> str:

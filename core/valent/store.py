@@ -179,8 +179,19 @@ class Store:
 
     # ------------------------------------------------------------------ writes
 
-    def create_dispatch(self, row: dict[str, Any], nodes: Sequence[dict[str, Any]]) -> None:
-        """Insert a new dispatch and all its nodes in one transaction."""
+    def create_dispatch(
+        self,
+        row: dict[str, Any],
+        nodes: Sequence[dict[str, Any]] | Sequence[tuple],
+        node_columns: Sequence[str] | None = None,
+    ) -> None:
+        """Insert a new dispatch and all its nodes in one transaction.
+
+        ``nodes`` are dicts, or tuples in the order of ``node_columns`` (faster for big graphs).
+        """
+        if nodes and node_columns is None:
+            node_columns = list(nodes[0])  # type: ignore[arg-type]
+            nodes = [tuple(n[k] for k in node_columns) for n in nodes]  # type: ignore[index]
 
         def op(conn: sqlite3.Connection) -> None:
             cols = ", ".join(row)
@@ -189,11 +200,9 @@ class Store:
                 tuple(row.values()),
             )
             if nodes:
-                keys = list(nodes[0])
-                conn.executemany(
-                    f"INSERT INTO nodes ({', '.join(keys)}) VALUES ({', '.join('?' * len(keys))})",
-                    [tuple(n[k] for k in keys) for n in nodes],
-                )
+                names = ", ".join(node_columns)  # type: ignore[arg-type]
+                marks = ", ".join("?" * len(node_columns))  # type: ignore[arg-type]
+                conn.executemany(f"INSERT INTO nodes ({names}) VALUES ({marks})", nodes)
 
         self._write(op)
 
@@ -235,7 +244,8 @@ class Store:
         path = folder / name
         tmp = path.with_suffix(".tmp")
         try:
-            with open(tmp, "wb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
                 f.write(blob)
             os.replace(tmp, path)
         except OSError as exc:
