@@ -227,6 +227,8 @@ class ProcessPool:
     def cancel(self, job: Job) -> CancelOutcome:
         """Cancel ``job`` without blocking; its state turns ``Cancelled`` when confirmed."""
         with self._lock:
+            if isinstance(job.state, Cancelled):
+                return job.state.outcome  # cancelled before: the same answer again
             if job.state.final:
                 return CancelOutcome.TOO_LATE
             if job.worker is None:
