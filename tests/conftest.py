@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import time
 
-import psutil
 import pytest
+from core_support import live_descendants, read_pid, wait_for, wait_gone  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
@@ -18,40 +17,6 @@ def results_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("VALENT_CONFIG")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg-config"))
     return d
-
-
-def live_descendants(pid: int | None = None) -> list[psutil.Process]:
-    """Non-zombie descendants of this process (or ``pid``)."""
-    try:
-        procs = psutil.Process(pid or os.getpid()).children(recursive=True)
-    except psutil.Error:
-        return []
-    out = []
-    for p in procs:
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
-
-
-def wait_gone(pids, timeout: float = 10.0) -> list[int]:
-    """Wait until none of ``pids`` is alive (zombies count as gone); return those left."""
-    deadline = time.monotonic() + timeout
-    left = list(pids)
-    while left and time.monotonic() < deadline:
-        left = [p for p in left if _alive(p)]
-        if left:
-            time.sleep(0.02)
-    return left
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 @pytest.fixture
@@ -83,22 +48,3 @@ def no_processes_left():
         f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in left
     )
 
-
-def wait_for(predicate, timeout: float = 10.0, every: float = 0.02):
-    """Poll ``predicate()`` until it returns something truthy (returned) or ``timeout`` passes
-    (then None)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(every)
-
-
-def read_pid(path, timeout: float = 10.0) -> int:
-    """The pid a task wrote to ``path`` (waiting for the file to appear)."""
-    text = wait_for(lambda: path.exists() and path.read_text().strip(), timeout)
-    assert text, f"the task never wrote {path}"
-    return int(text)

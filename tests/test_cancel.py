@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 import valent as ct
-from conftest import read_pid, wait_for, wait_gone
+from core_support import read_pid, wait_for, wait_gone
 
 
 def _put(path, text: str) -> None:

@@ -12,7 +12,7 @@ import time
 
 import psutil
 import valent as ct
-from conftest import wait_for, wait_gone
+from core_support import wait_for, wait_gone
 
 OWNER = textwrap.dedent(
     """

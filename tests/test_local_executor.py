@@ -9,7 +9,7 @@ import time
 
 import pytest
 import valent as ct
-from conftest import read_pid, wait_gone
+from core_support import read_pid, wait_gone
 from valent.api import get_dispatcher
 
 
@@ -87,7 +87,10 @@ def test_cancel_through_the_contract(local_executor, tmp_path):
         assert isinstance(state, ct.Cancelled) and state.outcome == ct.CancelOutcome.KILLED
     assert wait_gone(pids, 5) == []
     assert not (tmp_path / "c").exists()
-    assert local_executor.cancel(a) == ct.CancelOutcome.TOO_LATE
+    assert local_executor.cancel(a) == ct.CancelOutcome.KILLED  # asked again: same answer
+    done = local_executor.run(_task(nap, 0), woke.set)
+    assert isinstance(_poll_until_final(local_executor, done, woke), ct.Completed)
+    assert local_executor.cancel(done) == ct.CancelOutcome.TOO_LATE
 
 
 def test_an_executor_instance_in_a_lattice(local_executor):

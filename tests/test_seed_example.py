@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import valent as ct
-from conftest import wait_for, wait_gone
+from core_support import wait_for, wait_gone
 from valent.api import get_dispatcher
 
 
