@@ -61,6 +61,7 @@ class Connection:
         processes: bool,
         connect_timeout: float,
         settle: Callable[[list[tuple[Any, Any]]], None],
+        pump: Callable[[Connection], None],
     ):
         import distributed
 
@@ -88,12 +89,19 @@ class Connection:
             )
         self.address: str = self.client.scheduler.address
         self._settle = settle
+        self._pump = pump
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._kick = threading.Event()
+        self._watchers: set[Any] = set()
         self._closed = False
         self._collector = threading.Thread(
             target=self._collect, name="valent-dask-collector", daemon=True
         )
         self._collector.start()
+        self._submitter = threading.Thread(
+            target=self._submit_loop, name="valent-dask-submitter", daemon=True
+        )
+        self._submitter.start()
         _register_atexit()
         _open.add(self)
 
@@ -105,6 +113,47 @@ class Connection:
     def done(self, future: Any, tag: Any) -> None:
         """Queue a finished ``future`` for the collector; ``tag`` comes back with its value."""
         self._queue.put((future, tag))
+
+    # ------------------------------------------------------------ submitting
+
+    def kick(self) -> None:
+        """Tell the submitter thread that tasks wait: it calls ``pump(self)``."""
+        self._kick.set()
+
+    def _submit_loop(self) -> None:
+        while True:
+            self._kick.wait()
+            self._kick.clear()
+            if self._closed:
+                return
+            try:
+                self._pump(self)
+            except Exception:  # noqa: BLE001 - never let the submitter die
+                log.exception("valent-dask: submitting tasks failed")
+
+    def submit_many(self, fn: Callable[..., Any], columns: list[list], keys: list[str]) -> list:
+        """Submit ``fn(*row)`` for each row of ``columns`` under ``keys``: one graph update."""
+        if len(keys) == 1:
+            return [self.client.submit(fn, *(c[0] for c in columns), key=keys[0], pure=False)]
+        return self.client.map(fn, *columns, key=keys, pure=False)
+
+    def watch(self, pairs: list[tuple[Any, Any]]) -> None:
+        """Queue each ``(future, tag)`` for the collector when the future is done.
+
+        One event-loop callback per batch (``Future.add_done_callback`` costs a loop wake-up
+        and a hop through Dask's callback thread per future).
+        """
+        self.client.loop.add_callback(self._watch_in_loop, pairs)
+
+    def _watch_in_loop(self, pairs: list[tuple[Any, Any]]) -> None:
+        import asyncio
+
+        from distributed.client import done_callback
+
+        for future, tag in pairs:
+            t = asyncio.ensure_future(done_callback(future, partial(_requeue, self, tag)))
+            self._watchers.add(t)
+            t.add_done_callback(self._watchers.discard)
 
     # ------------------------------------------------------------ collector
 
@@ -145,7 +194,7 @@ class Connection:
             elif status == "cancelled":
                 out.append((item, None))
             else:  # its value was lost with a worker and Dask recomputes it: wait again
-                f.add_done_callback(partial(_requeue, self, item[1]))
+                self.watch([item])
         if finished:
             try:
                 values = self.client.gather([f for f, _ in finished])
@@ -178,7 +227,9 @@ class Connection:
         except Exception as exc:  # noqa: BLE001
             log.debug("valent-dask: closing worker pools failed: %r", exc)
         self._queue.put(_STOP)
+        self._kick.set()
         self._collector.join(timeout)
+        self._submitter.join(timeout)
         try:
             self.client.close(timeout=timeout)
         finally:

@@ -6,7 +6,6 @@ import collections
 import threading
 import time
 import uuid
-from functools import partial
 from typing import Any, Literal
 
 import cloudpickle
@@ -94,6 +93,7 @@ class DaskExecutor(valent.Executor):
 
     def _init_state(self) -> None:
         self._lock = threading.RLock()
+        self._submit_lock = threading.Lock()
         self._conn: Any = None
         self._starting: threading.Thread | None = None
         self._start_error: BaseException | None = None
@@ -131,12 +131,12 @@ class DaskExecutor(valent.Executor):
                 h.state = Failed(ExecutorError("this DaskExecutor is shutting down"), "")
                 return h
             self._live[task.key] = h
+            self._waiting.append((h, blobs))
             conn = self._conn
             if conn is None:
-                self._waiting.append((h, blobs))
                 self._start_async()
                 return h
-        self._submit(conn, h, blobs)
+        conn.kick()
         return h
 
     def poll(self, handle: _Handle) -> TaskState:
@@ -190,14 +190,14 @@ class DaskExecutor(valent.Executor):
         out: dict[int, CancelOutcome] = {}
         ask: list[tuple[int, _Handle, Any]] = []
         woken: list[_Handle] = []
-        with self._lock:
+        with self._submit_lock, self._lock:  # a handle is either waiting or submitted
             conn = self._conn
             for i, h in enumerate(handles):
                 if h.state.final:
                     out[i] = CancelOutcome.TOO_LATE
                 elif h.outcome is not None:
                     out[i] = h.outcome
-                elif h.future is None:  # the cluster is still starting: it never reached Dask
+                elif h.future is None:  # not sent to Dask yet (starting, or queued to send)
                     self._waiting = [(w, b) for w, b in self._waiting if w is not h]
                     h.outcome = out[i] = CancelOutcome.DEQUEUED
                     self._finish(h, Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time()))
@@ -267,26 +267,35 @@ class DaskExecutor(valent.Executor):
             raise PicklingError(f"the arguments of {task.label} cannot be pickled: {exc}") from exc
         return entry[1], entry[2], args_blob
 
-    def _submit(self, conn: Any, h: _Handle, blobs: tuple[str, bytes, bytes]) -> None:
-        key = h.task.key
-        token, fn_blob, args_blob = blobs
-        try:
-            if self.cancel_mode == "kill":
-                fut = conn.client.submit(
-                    ws.run_killable, key, token, fn_blob, args_blob, self.grace,
-                    key=key, pure=False,
-                )
-            else:
-                fut = conn.client.submit(
-                    ws.run_native, key, token, fn_blob, args_blob, key=key, pure=False
-                )
-        except Exception as exc:  # noqa: BLE001 - the client is closed or broken
+    def _pump(self, conn: Any) -> None:
+        """Submitter thread: send every waiting task to Dask in one graph update."""
+        with self._submit_lock:
             with self._lock:
-                self._finish(h, Failed(ExecutorError(f"Dask refused {h.task.label}: {exc}"), ""))
-            h.wake()
-            return
-        h.future = fut
-        fut.add_done_callback(partial(_on_done, conn, h))
+                batch, self._waiting = self._waiting, []
+            if not batch:
+                return
+            keys = [h.task.key for h, _ in batch]
+            cols = [list(c) for c in zip(*(b for _, b in batch), strict=True)]
+            if self.cancel_mode == "kill":
+                fn = ws.run_killable
+                cols = [keys, *cols, [self.grace] * len(keys)]
+            else:
+                fn = ws.run_native
+                cols = [keys, *cols]
+            try:
+                futures = conn.submit_many(fn, cols, keys)
+            except Exception as exc:  # noqa: BLE001 - the client is closed or broken
+                with self._lock:
+                    for h, _ in batch:
+                        msg = f"Dask refused {h.task.label}: {exc}"
+                        self._finish(h, Failed(ExecutorError(msg), "", ended_at=time.time()))
+                for h, _ in batch:
+                    h.wake()
+                return
+            with self._lock:
+                for (h, _), f in zip(batch, futures, strict=True):
+                    h.future = f
+        conn.watch([(f, h) for (h, _), f in zip(batch, futures, strict=True)])
 
     def _start_async(self) -> None:
         """Start (or connect to) the cluster in a thread; submit the waiting tasks then."""
@@ -309,6 +318,7 @@ class DaskExecutor(valent.Executor):
                 processes=self.processes,
                 connect_timeout=self.connect_timeout,
                 settle=self._settle,
+                pump=self._pump,
             )
         except Exception as exc:  # noqa: BLE001 - reported on every waiting task
             where = self.scheduler_address or "a new LocalCluster"
@@ -316,15 +326,14 @@ class DaskExecutor(valent.Executor):
             error.__cause__ = exc
         failed: list[_Handle] = []
         with self._lock:
-            waiting, self._waiting = self._waiting, []
             self._starting = None
             if conn is not None and self._closed:
                 error = ExecutorError("this DaskExecutor was shut down while starting")
             elif conn is not None:
                 self._conn = conn
-                for h, blobs in waiting:
-                    self._submit(conn, h, blobs)
+                conn.kick()
                 return
+            waiting, self._waiting = self._waiting, []
             for h, _ in waiting:
                 if not h.state.final:
                     self._finish(h, Failed(error, "", ended_at=time.time()))
@@ -368,10 +377,6 @@ def _outcome(answers: dict | None, key: str) -> CancelOutcome:
         return CancelOutcome.FAILED  # a worker that did not answer may be running it
     # not running on any worker, and tombstoned on all: it never will start
     return CancelOutcome.DEQUEUED
-
-
-def _on_done(conn: Any, h: _Handle, future: Any) -> None:
-    conn.done(future, h)
 
 
 def _rebuild(cls: type[DaskExecutor], settings: dict[str, Any]) -> DaskExecutor:
