@@ -5,8 +5,8 @@
 and implement hooks with ``@ct.hookimpl``.
 """
 
-from . import executors
-from .api import cancel, dispatch, dispatch_sync, get_result
+from typing import TYPE_CHECKING, Any
+
 from .cancel_token import cancel_requested
 from .errors import (
     ConfigError,
@@ -24,12 +24,41 @@ from .errors import (
 )
 from .executor import Capabilities, Executor, Wake
 from .graph import electron, lattice
-from .plugins import hookimpl
-from .result import Result
 from .status import CancelOutcome, Status
 from .task import Cancelled, Completed, Failed, Pending, Running, Task, TaskState
 
+if TYPE_CHECKING:
+    from . import executors
+    from .api import cancel, dispatch, dispatch_sync, get_result
+    from .plugins import hookimpl
+    from .result import Result
+
 __version__ = "0.1.0"
+
+# Loaded on first use, so that `import valent` stays fast (and cheap in worker processes).
+_LAZY = {
+    "cancel": "api",
+    "dispatch": "api",
+    "dispatch_sync": "api",
+    "get_result": "api",
+    "hookimpl": "plugins",
+    "Result": "result",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "executors":
+        from . import executors
+
+        return executors
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'valent' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
 
 __all__ = [
     "Cancelled",

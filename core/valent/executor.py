@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -76,8 +75,11 @@ class Executor(abc.ABC):
         """Called when a dispatch ends: drop per-dispatch state (optional)."""
 
     @classmethod
-    def settings(cls) -> dict[str, inspect.Parameter]:
-        """The settings this executor accepts: its ``__init__`` keyword parameters."""
+    def settings(cls) -> dict[str, Any]:
+        """The settings this executor accepts: its ``__init__`` keyword parameters
+        (``inspect.Parameter`` objects by name)."""
+        import inspect
+
         sig = inspect.signature(cls.__init__)
         return {
             n: p
