@@ -47,15 +47,13 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    if name == "executors":
-        from . import executors
+    import importlib
 
-        return executors
+    if name == "executors":
+        return importlib.import_module(f"{__name__}.executors")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'valent' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value
     return value
