@@ -150,17 +150,19 @@ def test_cancel_from_another_process_reaches_the_owner(tmp_path):
             proc.wait()
 
 
-def test_cancel_from_another_process_of_a_dispatch_owned_here(tmp_path):
+def test_cancel_of_chosen_tasks_from_another_process_of_a_dispatch_owned_here(tmp_path):
     gate = tmp_path / "never-opened"
     dispatch_id = ct.dispatch(gated_flow)(str(gate), 1)
     assert wait_for(
         lambda: ct.get_result(dispatch_id).get_node_result(0)["status"] == "RUNNING", 20
     )
-    out = _read(f"print(ct.cancel({dispatch_id!r}))", dispatch_id)
+    out = _read(f"print(ct.cancel({dispatch_id!r}, task_ids=[0]))", dispatch_id)
     assert "cancel requested" in out and str(os.getpid()) in out
     result = ct.get_result(dispatch_id, wait=True, timeout=30)
     assert result.status == "CANCELLED"
     assert result.get_node_result(0)["cancel_outcome"] == "killed"
+    quick_node = result.get_node_result(3)
+    assert quick_node["status"] == "COMPLETED" and quick_node["output"] == 2
 
 
 def test_owner_killed_mid_run_is_reported_failed_not_running(tmp_path):

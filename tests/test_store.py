@@ -142,3 +142,46 @@ def test_an_unwritable_results_dir_is_a_store_error(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ct.StoreError, match="VALENT_RESULTS_DIR"):
         Store(blocker / "results").dispatch_status("x")
+
+
+def test_several_processes_write_one_store_at_once(results_dir):
+    """Three dispatching processes, each with two 50-task dispatches, on one SQLite file."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import valent as ct
+
+        @ct.electron
+        def noop(i):
+            return i
+
+        @ct.lattice
+        def wf(n):
+            return [noop(i) for i in range(n)]
+
+        ids = [ct.dispatch(wf)(50) for _ in range(2)]
+        for i in ids:
+            r = ct.get_result(i, wait=True)
+            print(i, r.status, sum(r.result))
+        """
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    lines = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        lines += out.split("\n")[:2]
+    assert len(lines) == 6
+    for line in lines:
+        dispatch_id, status, total = line.split()
+        assert (status, total) == ("COMPLETED", str(sum(range(50))))
+        result = ct.get_result(dispatch_id)  # and this process reads each of them
+        assert result.status == "COMPLETED" and result.result == list(range(50))
+    assert len(get_store().list_dispatches()) == 6
