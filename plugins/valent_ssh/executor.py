@@ -12,7 +12,7 @@ from valent.status import CancelOutcome
 from valent.task import Task, TaskState
 
 from .connection import Target
-from .host import Phase, RemoteTask, get_worker
+from .host import Phase, RemoteTask, close_idle, get_worker
 
 
 class SSHExecutor(Executor):
@@ -126,6 +126,7 @@ class SSHExecutor(Executor):
         deadline = time.monotonic() + (timeout if timeout is not None else self.grace + 5.0)
         for h in live:
             h.done.wait(max(0.0, deadline - time.monotonic()))
+        close_idle()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -13,6 +13,7 @@ import atexit
 import base64
 import collections
 import enum
+import logging
 import os
 import re
 import secrets
@@ -29,6 +30,8 @@ from valent.task import Cancelled, Failed, Pending, Running, Task, TaskState
 from .connection import Connection, ConnectionLost, Target
 from .errors import RemoteTaskLostError, SSHError, SSHUnreachableError
 from .payload import pickle_task, result_state
+
+logger = logging.getLogger("valent.ssh")
 
 PING_EVERY = 5.0  # seconds between pings to the agent while tasks run
 SILENCE_LIMIT = 20.0  # no word from the agent for this long: the connection is dead
@@ -127,7 +130,7 @@ class HostWorker:
                 self._kills.append(rt)
                 finished = False
         if finished:
-            rt.wake()
+            _wake(rt)
         self._poke()
         return rt.promised
 
@@ -165,7 +168,7 @@ class HostWorker:
         with self._lock:
             done = self._finish_locked(rt, state)
         if done:
-            rt.wake()
+            _wake(rt)
 
     def _fail_all(self, error: BaseException) -> None:
         """The host cannot be reached (or refuses us): every task it holds ends.
@@ -202,7 +205,7 @@ class HostWorker:
                 if self._finish_locked(rt, state):
                     done.append(rt)
         for rt in done:
-            rt.wake()
+            _wake(rt)
 
     # -- the thread ------------------------------------------------------------------------
 
@@ -231,12 +234,28 @@ class HostWorker:
                     self._lost(exc)
                 except Exception as exc:  # paramiko.SSHException and kin: the session broke
                     if self._conn is not None and self._conn.alive():
-                        raise
-                    self._lost(exc)
+                        self._internal_error(exc)
+                    else:
+                        self._lost(exc)
         finally:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
+
+    def _internal_error(self, exc: BaseException) -> None:
+        """A bug, not a network problem: fail the host's tasks rather than hang them."""
+        logger.error("valent SSH executor thread for %s failed", self.target.where, exc_info=exc)
+        t = self.target
+        self._lost(exc)
+        self._lost_since = None
+        self._fail_all(
+            SSHError(
+                f"internal error in the SSH executor's thread for {t.where}: {exc!r} "
+                "(please report it)",
+                t.hostname,
+                t.port,
+            )
+        )
 
     def _sleep(self, timeout: float | None) -> None:
         fds: list[Any] = [self._wake_r]
@@ -336,7 +355,7 @@ class HostWorker:
                     rt, Cancelled(CancelOutcome.DEQUEUED)
                 )  # dequeued while its upload was cut off by a dropped connection
             if dropped:
-                rt.wake()
+                _wake(rt)
                 continue
             try:
                 blob = pickle_task(rt.task)
@@ -379,7 +398,7 @@ class HostWorker:
                     dequeued = False
                     started.append(rt)
             if dequeued:
-                rt.wake()
+                _wake(rt)
         for rt in started:
             conn.send(op="start", key=rt.rid, dir=rt.dir, token=rt.token)
 
@@ -413,7 +432,7 @@ class HostWorker:
                 changed = not isinstance(rt.state, Running)
                 rt.state = Running(started_at=rt.started_at)
             if changed:
-                rt.wake()
+                _wake(rt)
             return
         t = self.target
         out, err = ev.get("stdout", ""), ev.get("stderr", "")
@@ -452,6 +471,14 @@ class HostWorker:
         self._finish(rt, state)
 
 
+def _wake(rt: RemoteTask) -> None:
+    """Call the task's ``wake``; a failing callback must not stop the host's thread."""
+    try:
+        rt.wake()
+    except Exception:
+        logger.exception("wake() of %r raised", rt)
+
+
 # -- the registry: one worker per host and settings, shared by executors --------------------
 
 _registry: dict[tuple, HostWorker] = {}
@@ -466,15 +493,28 @@ def get_worker(target: Target, max_parallel: int, reconnect_timeout: float) -> H
         worker = _registry.get(key)
         if worker is None:
             if not _registry:
-                atexit.register(close_all)
+                atexit.register(close_idle)
             worker = _registry[key] = HostWorker(target, max_parallel, reconnect_timeout)
         return worker
 
 
 def close_all() -> None:
-    """Close every host connection (at exit; remote tasks are not touched)."""
+    """Close every host connection (remote tasks are not touched; tests call it)."""
     with _registry_lock:
         workers = list(_registry.values())
         _registry.clear()
+    for w in workers:
+        w.close(timeout=2.0)
+
+
+def close_idle() -> None:
+    """Close the connections that serve no task (at exit, and after an executor's shutdown).
+
+    A connection with tasks stays open: at interpreter exit valent's dispatcher may still be
+    waiting for them, then shuts the executors down (which cancels what is left).
+    """
+    with _registry_lock:
+        idle = [k for k, w in _registry.items() if w.active_count() == 0]
+        workers = [_registry.pop(k) for k in idle]
     for w in workers:
         w.close(timeout=2.0)

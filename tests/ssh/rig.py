@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -116,6 +117,9 @@ class SSHRig:
         self.user = ensure_user()
         self.home = pwd.getpwnam(self.user).pw_dir
         self.python = remote_python(True)
+        # Every process of this rig's sessions carries VALENT_RIG=<id> (sshd's SetEnv), so
+        # two test sessions on one machine (same login user) never touch each other's.
+        self.id = uuid.uuid4().hex[:10]
         self.dir = Path(tempfile.mkdtemp(prefix="valent-sshd-"))
         os.chmod(self.dir, 0o755)
         self.port = _free_port()
@@ -146,13 +150,13 @@ Subsystem sftp internal-sftp
 MaxStartups 100:30:200
 MaxSessions 100
 LoginGraceTime 20
+SetEnv VALENT_RIG={self.id}
 """
         )
         self.log = self.dir / "sshd.log"
         self.proc: subprocess.Popen | None = None
         if os.geteuid() == 0:
             os.makedirs("/run/sshd", exist_ok=True)
-            shutil.rmtree(self.workdir(), ignore_errors=True)  # left by an earlier session
         _run(SSHD, "-t", "-f", str(self.config))
 
     # -- life cycle ------------------------------------------------------------------------
@@ -214,15 +218,45 @@ LoginGraceTime 20
         self.start()
 
     def stop(self) -> None:
-        """Stop sshd (connections too) and every process the login user still runs."""
+        """Stop sshd (connections too) and every process its sessions left; remove files."""
         self.kill()
-        if self.user == USER:
-            for p in user_processes(self.user):
-                try:
-                    p.kill()
-                except psutil.Error:
-                    pass
+        for p in self.processes():
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        shutil.rmtree(self.workdir(), ignore_errors=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def processes(self) -> list[psutil.Process]:
+        """Live processes started through this rig's sshd (they carry its VALENT_RIG)."""
+        needle = f"VALENT_RIG={self.id}".encode()
+        out = []
+        for p in user_processes(self.user):
+            try:
+                with open(f"/proc/{p.pid}/environ", "rb") as f:
+                    if needle in f.read().split(b"\0"):
+                        out.append(p)
+            except OSError:
+                continue
+        return out
+
+    def session_processes(self) -> list[psutil.Process]:
+        """This sshd's per-connection processes for the login user (one per connection)."""
+        if self.proc is None:
+            return []
+        try:
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+        out = []
+        for p in kids:
+            try:
+                if p.name() == "sshd" and f"{self.user}@notty" in " ".join(p.cmdline()):
+                    out.append(p)
+            except psutil.Error:
+                continue
+        return out
 
     # -- for tests -------------------------------------------------------------------------
 
@@ -235,7 +269,7 @@ LoginGraceTime 20
             ssh_key_file=str(self.client_key),
             known_hosts=str(self.known_hosts),
             python_path=self.python,
-            remote_workdir="~/.valent/work",
+            remote_workdir=f"~/.valent/work-{self.id}",
             grace=0.5,
             reconnect_timeout=30.0,
         )
@@ -243,7 +277,7 @@ LoginGraceTime 20
         return kw
 
     def workdir(self) -> Path:
-        return Path(self.home) / ".valent" / "work"
+        return Path(self.home) / ".valent" / f"work-{self.id}"
 
 
 def _wait_dead(pids: list[int], timeout: float = 10.0) -> None:

@@ -53,9 +53,9 @@ def ssh(rig):
     host.close_all()
     if rig.proc is None:
         rig.start()
-    left = wait_until(lambda: not rigmod.user_processes(rig.user), 10)
+    left = wait_until(lambda: not rig.processes(), 10)
     assert left, "processes left on the SSH host: " + ", ".join(
-        f"{p.pid} {' '.join(p.cmdline()[:5])}" for p in rigmod.user_processes(rig.user)
+        f"{p.pid} {' '.join(p.cmdline()[:5])}" for p in rig.processes()
     )
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 
-import rig as rigmod
 import valent as ct
 from ssh_support import wait_until
 
@@ -115,7 +114,7 @@ def test_cancel_dispatch_with_a_running_ssh_task(ssh, rig):
     assert _node(result, "after")["status"] == ct.Status.CANCELLED
     assert elapsed < 10.0
     # get_result(wait=True) returned only once the remote group was confirmed gone
-    left = [p for p in rigmod.user_processes(rig.user) if _pgid(p.pid) == pgid]
+    left = [p for p in rig.processes() if _pgid(p.pid) == pgid]
     assert left == []
 
 
