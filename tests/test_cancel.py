@@ -43,8 +43,12 @@ def after(x):
 
 @ct.electron
 def spawner(pid_file, marker, escape, seconds):
-    """Start a grandchild (optionally in its own session), then sleep, then write a marker."""
-    child = subprocess.Popen(["sleep", "60"], start_new_session=escape)
+    """Start a grandchild (in the task's group, in its own session, or one that ignores
+    SIGTERM), then sleep, then write a marker."""
+    if escape == "ignores-sigterm":
+        child = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 60"])
+    else:
+        child = subprocess.Popen(["sleep", "60"], start_new_session=escape == "own-session")
     _put(pid_file, f"{os.getpid()} {child.pid}")
     time.sleep(seconds)
     _put(marker, "done")
@@ -112,7 +116,7 @@ def _nodes(result, name):
 # ------------------------------------------------------------------------------ killing
 
 
-@pytest.mark.parametrize("escape", [False, True], ids=["same-group", "own-session"])
+@pytest.mark.parametrize("escape", ["same-group", "own-session", "ignores-sigterm"])
 def test_cancel_kills_the_task_and_its_grandchild(tmp_path, escape):
     @ct.lattice
     def wf(pid_file, marker):
