@@ -49,6 +49,7 @@ def test_table_lists_builtin_executors_with_capabilities_and_settings():
     assert "LocalExecutor" in out
     assert "cancel" in out and "pending" in out and "kill" in out and "grace" in out
     assert "workers=None" in out and "capture_output=True" in out
+    assert "[executors.NAME]" in out
     assert "problem" not in out
 
 

@@ -134,8 +134,8 @@ def register(cli: click.Group) -> None:
         for e in data["executors"]:
             settings.add_row(e["name"], _settings_text(e["settings"]))
         console.print(
-            f"\nSettings: keyword=default; set them in the config file's [executors.NAME] "
-            f"table ({escape(data['config'])})."
+            "\nSettings: keyword=default; set them in the config file's "
+            + escape(f"[executors.NAME] table ({data['config']}).")
         )
         console.print(settings)
         for o in data["observers"]:
