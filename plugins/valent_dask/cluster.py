@@ -1,23 +1,22 @@
-"""The executor's side of a Dask cluster: one client, a LocalCluster it may own, a collector.
+"""The executor's side of a Dask cluster: one client, and the LocalCluster it may own.
 
-The collector thread turns finished Dask futures into valent task states in batches (one
-``gather`` for everything that finished meanwhile), so ``poll`` never waits on the network.
+Finished futures are followed on the client's event loop: a coroutine per future waits for
+it, fetches its value (Dask merges concurrent fetches into one ``gather``) and hands it to
+``settle``, so ``poll`` never waits on the network and no thread hop is added per task.
+Submissions go through one submitter thread, which sends whatever waits as one graph update.
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import queue
 import threading
 import weakref
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 log = logging.getLogger("valent.dask")
 
-_STOP = object()
 _open: weakref.WeakSet[Connection] = weakref.WeakSet()
 _atexit_registered = False
 _atexit_lock = threading.Lock()
@@ -40,16 +39,17 @@ def _register_atexit() -> None:
             _atexit_registered = True
 
 
-def _requeue(conn: Connection, tag: Any, future: Any) -> None:
-    conn.done(future, tag)
+def _ignore(future: Any) -> None:
+    """A done-callback that does nothing (the follower continues after it)."""
 
 
 class Connection:
     """A connected ``distributed.Client`` (and the LocalCluster we started, if any).
 
-    :param settle: ``settle(items)`` is called on the collector thread with a list of
+    :param settle: ``settle(items)`` is called on the event loop with a list of
         ``((future, tag), value)``: what the task returned, the future's exception, or None
-        when it was cancelled.
+        when it was cancelled. It must not block.
+    :param pump: ``pump(self)`` is called on the submitter thread after ``kick()``.
     """
 
     def __init__(
@@ -90,14 +90,9 @@ class Connection:
         self.address: str = self.client.scheduler.address
         self._settle = settle
         self._pump = pump
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._kick = threading.Event()
-        self._watchers: set[Any] = set()
+        self._followers: set[Any] = set()
         self._closed = False
-        self._collector = threading.Thread(
-            target=self._collect, name="valent-dask-collector", daemon=True
-        )
-        self._collector.start()
         self._submitter = threading.Thread(
             target=self._submit_loop, name="valent-dask-submitter", daemon=True
         )
@@ -109,10 +104,6 @@ class Connection:
     def owns_cluster(self) -> bool:
         """True when this connection started the cluster (and will close it)."""
         return self.cluster is not None
-
-    def done(self, future: Any, tag: Any) -> None:
-        """Queue a finished ``future`` for the collector; ``tag`` comes back with its value."""
-        self._queue.put((future, tag))
 
     # ------------------------------------------------------------ submitting
 
@@ -138,7 +129,7 @@ class Connection:
         return self.client.map(fn, *columns, key=keys, pure=False)
 
     def watch(self, pairs: list[tuple[Any, Any]]) -> None:
-        """Queue each ``(future, tag)`` for the collector when the future is done.
+        """Follow each ``(future, tag)``: ``settle`` gets its value when it is done.
 
         One event-loop callback per batch (``Future.add_done_callback`` costs a loop wake-up
         and a hop through Dask's callback thread per future).
@@ -148,64 +139,35 @@ class Connection:
     def _watch_in_loop(self, pairs: list[tuple[Any, Any]]) -> None:
         import asyncio
 
+        for future, tag in pairs:
+            t = asyncio.ensure_future(self._follow(future, tag))
+            self._followers.add(t)
+            t.add_done_callback(self._followers.discard)
+
+    async def _follow(self, future: Any, tag: Any) -> None:
         from distributed.client import done_callback
 
-        for future, tag in pairs:
-            t = asyncio.ensure_future(done_callback(future, partial(_requeue, self, tag)))
-            self._watchers.add(t)
-            t.add_done_callback(self._watchers.discard)
-
-    # ------------------------------------------------------------ collector
-
-    def _collect(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            batch = [item]
-            try:
-                while len(batch) < 1000:
-                    item = self._queue.get_nowait()
-                    if item is _STOP:
-                        self._queue.put(_STOP)
-                        break
-                    batch.append(item)
-            except queue.Empty:
-                pass
-            try:
-                self._settle(self._gather(batch))
-            except Exception:  # noqa: BLE001 - never let the collector die
-                log.exception("valent-dask: settling %d finished tasks failed", len(batch))
-
-    def _gather(self, items: list[tuple[Any, Any]]) -> list[tuple[tuple[Any, Any], Any]]:
-        """``[((future, tag), value_or_exception_or_None)]`` for the finished futures."""
-        out: list[tuple[tuple[Any, Any], Any]] = []
-        finished = []
-        for item in items:
-            f = item[0]
-            status = f.status
-            if status == "finished":
-                finished.append(item)
-            elif status == "error":
-                try:
-                    out.append((item, f.exception(timeout=5)))
-                except Exception as exc:  # noqa: BLE001
-                    out.append((item, exc))
-            elif status == "cancelled":
-                out.append((item, None))
-            else:  # its value was lost with a worker and Dask recomputes it: wait again
-                self.watch([item])
-        if finished:
-            try:
-                values = self.client.gather([f for f, _ in finished])
-                out.extend(zip(finished, values, strict=True))
-            except Exception:  # noqa: BLE001 - one lost value must not hide the others
-                for item in finished:
+        try:
+            while True:
+                await done_callback(future, _ignore)
+                status = future.status
+                if status == "finished":
                     try:
-                        out.append((item, self.client.gather(item[0])))
-                    except Exception as exc:  # noqa: BLE001
-                        out.append((item, exc))
-        return out
+                        value = await self.client.gather(future, asynchronous=True)
+                    except Exception as exc:  # noqa: BLE001 - e.g. the value was lost
+                        if future.status == "pending":
+                            continue  # Dask recomputes it: follow it again
+                        value = exc
+                elif status == "error":
+                    value = await future.exception(asynchronous=True)
+                elif status == "cancelled":
+                    value = None
+                else:  # lost with a worker and recomputed by Dask: follow it again
+                    continue
+                break
+            self._settle([((future, tag), value)])
+        except Exception:  # noqa: BLE001 - a follower must never die silently
+            log.exception("valent-dask: following %s failed", getattr(future, "key", future))
 
     # ------------------------------------------------------------ closing
 
@@ -226,9 +188,7 @@ class Connection:
             self.broadcast(close_pools, not self.owns_cluster, timeout=timeout)
         except Exception as exc:  # noqa: BLE001
             log.debug("valent-dask: closing worker pools failed: %r", exc)
-        self._queue.put(_STOP)
         self._kick.set()
-        self._collector.join(timeout)
         self._submitter.join(timeout)
         try:
             self.client.close(timeout=timeout)

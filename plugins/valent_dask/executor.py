@@ -16,6 +16,8 @@ from valent.task import Cancelled, Completed, Failed, Pending, Running, Task, Ta
 from . import worker_side as ws
 
 CANCEL_MODES = ("kill", "finish")
+INLINE_GAP = 0.005
+"""A task submitted this long after the previous one goes out at once, not batched."""
 FN_CACHE = 256
 
 
@@ -94,6 +96,7 @@ class DaskExecutor(valent.Executor):
     def _init_state(self) -> None:
         self._lock = threading.RLock()
         self._submit_lock = threading.Lock()
+        self._last_run = 0.0
         self._conn: Any = None
         self._starting: threading.Thread | None = None
         self._start_error: BaseException | None = None
@@ -131,12 +134,22 @@ class DaskExecutor(valent.Executor):
                 h.state = Failed(ExecutorError("this DaskExecutor is shutting down"), "")
                 return h
             self._live[task.key] = h
-            self._waiting.append((h, blobs))
             conn = self._conn
-            if conn is None:
-                self._start_async()
+            now = time.monotonic()
+            alone = not self._waiting and now - self._last_run > INLINE_GAP
+            self._last_run = now
+            if conn is None or not alone or not self._submit_lock.acquire(blocking=False):
+                self._waiting.append((h, blobs))
+                if conn is None:
+                    self._start_async()
+                else:
+                    conn.kick()
                 return h
-        conn.kick()
+        # a lone task (a chain, a trickle) goes out at once; bursts go out in batches
+        try:
+            self._send(conn, [(h, blobs)])
+        finally:
+            self._submit_lock.release()
         return h
 
     def poll(self, handle: _Handle) -> TaskState:
@@ -272,29 +285,32 @@ class DaskExecutor(valent.Executor):
         with self._submit_lock:
             with self._lock:
                 batch, self._waiting = self._waiting, []
-            if not batch:
-                return
-            keys = [h.task.key for h, _ in batch]
-            cols = [list(c) for c in zip(*(b for _, b in batch), strict=True)]
-            if self.cancel_mode == "kill":
-                fn = ws.run_killable
-                cols = [keys, *cols, [self.grace] * len(keys)]
-            else:
-                fn = ws.run_native
-                cols = [keys, *cols]
-            try:
-                futures = conn.submit_many(fn, cols, keys)
-            except Exception as exc:  # noqa: BLE001 - the client is closed or broken
-                with self._lock:
-                    for h, _ in batch:
-                        msg = f"Dask refused {h.task.label}: {exc}"
-                        self._finish(h, Failed(ExecutorError(msg), "", ended_at=time.time()))
-                for h, _ in batch:
-                    h.wake()
-                return
+            if batch:
+                self._send(conn, batch)
+
+    def _send(self, conn: Any, batch: list[tuple[_Handle, tuple[str, bytes, bytes]]]) -> None:
+        """Submit ``batch`` as one graph update and follow its futures (submit lock held)."""
+        keys = [h.task.key for h, _ in batch]
+        cols = [list(c) for c in zip(*(b for _, b in batch), strict=True)]
+        if self.cancel_mode == "kill":
+            fn = ws.run_killable
+            cols = [keys, *cols, [self.grace] * len(keys)]
+        else:
+            fn = ws.run_native
+            cols = [keys, *cols]
+        try:
+            futures = conn.submit_many(fn, cols, keys)
+        except Exception as exc:  # noqa: BLE001 - the client is closed or broken
             with self._lock:
-                for (h, _), f in zip(batch, futures, strict=True):
-                    h.future = f
+                for h, _ in batch:
+                    msg = f"Dask refused {h.task.label}: {exc}"
+                    self._finish(h, Failed(ExecutorError(msg), "", ended_at=time.time()))
+            for h, _ in batch:
+                h.wake()
+            return
+        with self._lock:
+            for (h, _), f in zip(batch, futures, strict=True):
+                h.future = f
         conn.watch([(f, h) for (h, _), f in zip(batch, futures, strict=True)])
 
     def _start_async(self) -> None:
