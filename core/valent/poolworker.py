@@ -22,10 +22,11 @@ MAX_CAPTURE = 1 << 20
 
 _cooperative = False
 _cancelled = False
+_in_task = False
 
 
 def _token() -> bool:
-    global _cooperative
+    global _cooperative, _in_task
     _cooperative = True
     return _cancelled
 
@@ -34,7 +35,7 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
     """A task that never asked ``cancel_requested()`` ends at once; one that did gets the grace."""
     global _cancelled
     _cancelled = True
-    if not _cooperative:
+    if _in_task and not _cooperative:
         os._exit(128 + signal.SIGTERM)
 
 
@@ -168,10 +169,19 @@ def main(argv: list[str]) -> None:
                 fns[fn_key] = cloudpickle.loads(fn_blob)
             fn = fns[fn_key]
             args, kwargs = cloudpickle.loads(args_blob)
-            value = fn(*args, **kwargs)
+            _in_task = True
+            if _cancelled and not _cooperative:
+                os._exit(128 + signal.SIGTERM)  # the cancel arrived before the task began
+            try:
+                value = fn(*args, **kwargs)
+            finally:
+                _in_task = False
             ok = True
         except BaseException as exc:  # noqa: BLE001 - a task's SystemExit is its error too
             ok, value = False, exc
+        # whether the cancel reached the task while it ran; a SIGTERM from now on only
+        # marks it (the result is delivered and reported as finished before the cancel)
+        stopped_by_cancel = _cancelled
         ended = time.time()
         out, err = capture.stop()
         if ok:
@@ -187,7 +197,7 @@ def main(argv: list[str]) -> None:
                 payload = (None, msg_text, "".join(traceback.format_exception(exc)))
         else:
             payload = _pack_error(value)
-        send_msg(sock, (job_id, ok, payload, started, ended, out, err, _cancelled))
+        send_msg(sock, (job_id, ok, payload, started, ended, out, err, stopped_by_cancel))
 
 
 if __name__ == "__main__":
