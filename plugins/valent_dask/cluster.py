@@ -101,6 +101,11 @@ class Connection:
         _open.add(self)
 
     @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called."""
+        return self._closed
+
+    @property
     def owns_cluster(self) -> bool:
         """True when this connection started the cluster (and will close it)."""
         return self.cluster is not None

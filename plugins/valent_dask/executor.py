@@ -18,6 +18,8 @@ from . import worker_side as ws
 CANCEL_MODES = ("kill", "finish")
 INLINE_GAP = 0.005
 """A task submitted this long after the previous one goes out at once, not batched."""
+RUNNING_CHECK = 0.5
+"""Seconds between asks to the workers which of our pending tasks have started."""
 FN_CACHE = 256
 
 
@@ -348,6 +350,9 @@ class DaskExecutor(valent.Executor):
             elif conn is not None:
                 self._conn = conn
                 conn.kick()
+                threading.Thread(
+                    target=self._watch_starts, args=(conn,), name="valent-dask-starts", daemon=True
+                ).start()
                 return
             waiting, self._waiting = self._waiting, []
             for h, _ in waiting:
@@ -358,6 +363,35 @@ class DaskExecutor(valent.Executor):
             conn.close()
         for h in failed:
             h.wake()
+
+    def _watch_starts(self, conn: Any) -> None:
+        """Turn ``Pending`` into ``Running(started_at)`` for tasks whose body has started.
+
+        Dask does not tell a client when a task starts; every ``RUNNING_CHECK`` seconds,
+        while some task of ours is pending, the workers are asked (one small broadcast).
+        """
+        while not conn.closed:
+            time.sleep(RUNNING_CHECK)
+            with self._lock:
+                if not any(isinstance(h.state, Pending) for h in self._live.values()):
+                    continue
+            try:
+                answers = conn.broadcast(ws.running_keys, timeout=self.cancel_timeout)
+            except Exception:  # noqa: BLE001 - closing, or a worker is gone: ask again later
+                continue
+            started: dict[str, float] = {}
+            for a in answers.values():
+                if isinstance(a, dict):
+                    started.update(a)
+            woken = []
+            with self._lock:
+                for key, t in started.items():
+                    h = self._live.get(key)
+                    if h is not None and isinstance(h.state, Pending):
+                        h.state = Running(t)
+                        woken.append(h)
+            for h in woken:
+                h.wake()
 
     def _finish(self, h: _Handle, state: TaskState) -> None:
         """Record a final state and drop the future, releasing its data (lock held)."""

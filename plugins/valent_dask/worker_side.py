@@ -41,6 +41,8 @@ _lock = threading.Lock()
 _running: dict[str, Any] = {}
 """key -> (pool, job) (kill mode), None (kill mode, job starting) or a _Flag (finish mode)."""
 _kill_pending: set[str] = set()
+_started: dict[str, float] = {}
+"""key -> time.time() when its body started here."""
 _tombstones: collections.OrderedDict[str, float] = collections.OrderedDict()
 _finished: collections.OrderedDict[str, None] = collections.OrderedDict()
 _pools: dict[float, Any] = {}
@@ -108,12 +110,14 @@ def _claim(key: str, entry: Any) -> bool:
     if _tombstones.pop(key, None) is not None:
         return False
     _running[key] = entry
+    _started[key] = time.time()
     return True
 
 
 def _release(key: str) -> None:
     with _lock:
         _running.pop(key, None)
+        _started.pop(key, None)
         _kill_pending.discard(key)
         _remember(_finished, key, None)
 
@@ -263,6 +267,12 @@ def _prune_tombstones(now: float) -> None:
         if now - t < TOMBSTONE_TTL and len(_tombstones) <= MAX_REMEMBERED:
             break
         _tombstones.popitem(last=False)
+
+
+def running_keys() -> dict[str, float]:
+    """``{key: started_at}`` of every valent task body running in this worker process."""
+    with _lock:
+        return dict(_started)
 
 
 def pool_pids() -> list[int]:

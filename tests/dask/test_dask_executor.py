@@ -186,6 +186,18 @@ def test_worker_is_free_at_once_after_a_kill(kill_runner, dask_client, tmp_path)
     assert not [p for p in child_pids if alive(p)]
 
 
+@pytest.mark.parametrize("runner", MODES, indirect=True)
+def test_running_is_reported_once_the_body_starts(runner, tmp_path):
+    t0 = time.time()
+    h, w = runner.start(T.sleep_then_mark, 1.5, str(tmp_path / "pids"), str(tmp_path / "m"))
+    assert wait_until(lambda: isinstance(runner.executor.poll(h), valent.Running), 10, 0.02)
+    assert w.is_set(), "the executor woke the dispatcher when the task started"
+    started = runner.executor.poll(h).started_at
+    assert started is not None and t0 - 1 <= started <= time.time()
+    state = runner.wait(h, w)
+    assert isinstance(state, valent.Completed) and abs(state.started_at - started) < 0.5
+
+
 def test_finish_mode_runs_to_completion(finish_runner, tmp_path):
     marker = tmp_path / "marker"
     h, w = finish_runner.start(T.sleep_then_mark, 1.5, str(tmp_path / "pids"), str(marker))
