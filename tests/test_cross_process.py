@@ -100,9 +100,12 @@ def gated_flow(gate, value):
 def test_results_read_from_another_process_while_running_and_after(tmp_path):
     gate = tmp_path / "gate"
     dispatch_id = ct.dispatch(gated_flow)(str(gate), 21)
-    assert wait_for(
-        lambda: ct.get_result(dispatch_id).get_node_result(0)["status"] == "RUNNING", 20
-    )
+
+    def gated_runs_quick_done():
+        statuses = ct.get_result(dispatch_id).node_statuses()
+        return statuses["gated(0)"] == "RUNNING" and statuses["quick(3)"] == "COMPLETED"
+
+    assert wait_for(gated_runs_quick_done, 20)
     seen = _read(
         "print(r.status, r.get_node_result(0)['status'], r.get_all_node_outputs()['quick(3)'])",
         dispatch_id,

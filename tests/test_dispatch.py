@@ -150,3 +150,14 @@ def test_many_independent_tasks_and_a_fan_in():
     result = ct.dispatch_sync(fan)(40)
     assert result.status == "COMPLETED"
     assert result.result == sum(i * i for i in range(40))
+
+
+def test_status_and_cancel_outcome_values():
+    assert [s.value for s in ct.Status] == [
+        "NEW_OBJECT", "PENDING", "RUNNING", "CANCELLING", "COMPLETED", "FAILED", "CANCELLED",
+    ]
+    assert ct.Status.CANCELLED == "CANCELLED" and str(ct.Status.FAILED) == "FAILED"
+    assert {s for s in ct.Status if s.is_final} == {"COMPLETED", "FAILED", "CANCELLED"}
+    assert [o.value for o in ct.CancelOutcome] == [
+        "dequeued", "killed", "runs_to_completion", "too_late", "failed",
+    ]
