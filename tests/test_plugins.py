@@ -12,7 +12,8 @@ import warnings
 
 import pytest
 import valent as ct
-from valent.plugins import PluginWarning, build_plugins, get_plugins, reset_plugins
+from valent import plugins as plugins_module
+from valent.plugins import PluginWarning, build_plugins, get_plugins
 from valent_local import LocalExecutor
 
 GOOD_EXECUTOR = """
@@ -52,7 +53,6 @@ def make_dist(tmp_path, monkeypatch):
     yield make
     for module in modules:
         sys.modules.pop(module, None)
-    reset_plugins()
 
 
 def _problem(plugins, needle: str) -> str:
@@ -203,9 +203,12 @@ def test_disable_plugins_env(make_dist, monkeypatch):
         plugins.executor_class("dask")
 
 
-def test_user_sees_a_warning_on_first_use_and_a_clear_error_on_the_broken_name(make_dist):
+def test_user_sees_a_warning_on_first_use_and_a_clear_error_on_the_broken_name(
+    make_dist, monkeypatch
+):
     make_dist("valent-slurm", {"slurm": "vt_slurm2"}, {"vt_slurm2": "raise ImportError('x')\n"})
-    reset_plugins()
+    # A fresh process's plugins; the process's own (which its dispatcher uses) come back after.
+    monkeypatch.setattr(plugins_module, "_plugins", None)
     with pytest.warns(PluginWarning, match="valent-slurm.*`valent plugins`"):
         get_plugins()
     with warnings.catch_warnings():

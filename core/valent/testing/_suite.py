@@ -96,7 +96,15 @@ class Harness:
             left = deadline - time.monotonic()
             if done(state) or left <= 0:
                 return state
-            s.woken.wait(left if interval is None else min(left, interval))
+            woke = s.woken.wait(left if interval is None else min(left, interval))
+            if not woke and interval is None:
+                state = self.poll(s)
+                assert not done(state), (
+                    f"{s.task.label} reached {state!r} without calling wake() after the "
+                    f"change (wake() was called {s.wakes} times), so the dispatcher would "
+                    "never see it; call wake() whenever a task's state changes"
+                )
+                return state
 
     def wait_final(self, s: Started, timeout: float | None = None) -> TaskState:
         """Wait for a final state; fail with a clear message when none comes."""
