@@ -129,7 +129,7 @@ def _pack_error(exc: BaseException) -> tuple:
 
 
 def main(argv: list[str]) -> None:
-    global _cooperative
+    global _cooperative, _in_task
     sock_fd, life_fd = int(argv[0]), int(argv[1])
     out_path, err_path = argv[2], argv[3]
     threading.Thread(target=_watch_lifeline, args=(life_fd,), daemon=True).start()
