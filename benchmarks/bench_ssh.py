@@ -6,8 +6,9 @@ an ordinary login user with its own Python 3.x venv), so run it as root on a mac
 
 - 50 no-op tasks submitted at once to ``SSHExecutor`` (executor level: run / wake / poll),
   wall time per task; and the same 50 as electrons of one ``ct.dispatch``ed lattice;
-- one no-op task at a time, per-task latency (p50), against the floor of starting the
-  remote Python with cloudpickle over an already open connection (paramiko exec);
+- one no-op task at a time, per-task latency (p50), against what starting a remote Python
+  with cloudpickle per task would cost on the already open connection (paramiko exec; the
+  agent forks runners instead, with cloudpickle already imported);
 - cancel latency: a running task that spawned a ``sleep`` subprocess; from ``cancel()`` to
   the executor reporting ``Cancelled(KILLED)``, which it does only once the remote group
   is confirmed gone (checked again here: no process carries the task's token). Goal <= 1 s.
@@ -168,7 +169,7 @@ def run(repeats: int = 3, cancel_runs: int = 20) -> list[dict]:
                 f"{N_TASKS} no-op tasks at once, executor level (max_parallel=16)",
                 batch * 1000,
                 "ms/task",
-                note="wall time / tasks; each task is a fresh remote Python process",
+                note="wall time / tasks; each task is a fresh process forked by the remote agent",
             )
         )
         disp = statistics.median(_dispatch_batch(ex) for _ in range(repeats))

@@ -226,6 +226,8 @@ SetEnv VALENT_RIG={self.id}
             except psutil.Error:
                 pass
         shutil.rmtree(self.workdir(), ignore_errors=True)
+        if os.geteuid() == 0:
+            shutil.rmtree(Path("/root/.valent") / f"work-{self.id}", ignore_errors=True)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def processes(self) -> list[psutil.Process]:
@@ -273,6 +275,13 @@ SetEnv VALENT_RIG={self.id}
             grace=0.5,
             reconnect_timeout=30.0,
         )
+        kw.update(overrides)
+        return kw
+
+    def root_settings(self, **overrides) -> dict:
+        """Log in as root with this very interpreter (it has valent installed): for suites
+        whose tasks must write under pytest's tmp_path and import ``valent.testing``."""
+        kw = self.settings(username="root", python_path=sys.executable)
         kw.update(overrides)
         return kw
 
