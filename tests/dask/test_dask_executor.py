@@ -164,6 +164,22 @@ def test_kill_takes_the_task_and_its_subprocess(kill_runner, tmp_path):
     assert not marker.exists()
 
 
+def test_a_task_that_does_not_cooperate_dies_at_sigterm(dask_cluster, dask_client, tmp_path):
+    """The grace is only for tasks that watch cancel_requested(); others stop at once."""
+    ex = valent.executors.DaskExecutor(scheduler_address=dask_cluster.scheduler_address, grace=5)
+    r = Runner(ex)
+    try:
+        h, w = r.start(T.sleep_then_mark, 60, str(tmp_path / "pids"), str(tmp_path / "m"))
+        (pid,) = _read_pids(str(tmp_path / "pids"))
+        t0 = time.monotonic()
+        assert ex.cancel(h) == CancelOutcome.KILLED
+        assert r.wait(h, w, timeout=20).outcome == CancelOutcome.KILLED
+        assert time.monotonic() - t0 < 2.5, "the kill waited for the grace period"
+        assert not alive(pid)
+    finally:
+        ex.shutdown()
+
+
 def test_worker_is_free_at_once_after_a_kill(kill_runner, dask_client, tmp_path):
     busy = [
         kill_runner.start(T.sleep_then_mark, 60, str(tmp_path / f"b{i}"), str(tmp_path / f"m{i}"))
