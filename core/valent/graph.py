@@ -221,6 +221,14 @@ class Placeholder:
     __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = __add__
     __floordiv__ = __mod__ = __pow__ = __neg__ = __add__
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # out.method(...) or **out: the attribute is a placeholder too, and cannot be called
+        raise TracingError(
+            f"cannot call {self!r} while building the lattice (a method of an electron's "
+            "output, or ** unpacking of it): its value does not exist until the workflow "
+            "runs. Do this inside an electron that takes the output as an argument."
+        )
+
     def __reduce__(self):
         raise self._refuse("pickle")
 
