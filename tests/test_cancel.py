@@ -408,3 +408,25 @@ def test_a_cooperative_task_that_ignores_the_request_is_killed_after_the_grace(t
         assert result.get_node_result(0)["cancel_outcome"] == "killed"
         assert 0.9 <= took < 10, f"grace 1 s, took {took:.2f} s"
         assert wait_gone([pid], 5) == []
+
+
+def test_cancelling_one_dispatch_leaves_another_on_the_same_executor_alone(tmp_path):
+    with executor(workers=2, grace=0.5) as ex:
+
+        @ct.lattice(executor=ex)
+        def victim(pid_file):
+            return sleeper(30, pid_file)
+
+        @ct.lattice(executor=ex)
+        def bystander(pid_file):
+            return after(sleeper(1.5, pid_file))
+
+        v = ct.dispatch(victim)(str(tmp_path / "v"))
+        b = ct.dispatch(bystander)(str(tmp_path / "b"))
+        v_pid, b_pid = read_pid(tmp_path / "v", 20), read_pid(tmp_path / "b", 20)
+        ct.cancel(v)
+        assert ct.get_result(v, wait=True, timeout=30).status == "CANCELLED"
+        assert wait_gone([v_pid], 5) == []
+        assert psutil.pid_exists(b_pid)
+        result = ct.get_result(b, wait=True, timeout=30)
+        assert result.status == "COMPLETED" and result.result == ("after", 1.5)
