@@ -431,7 +431,12 @@ class Dispatcher:
             blob = nr.pickled if nr.pickled is not None else cloudpickle.dumps(nr.value)
             extra.update(nr.run.store.output_fields(nr.run.id, nr.node.id, blob))
         except Exception as exc:
-            extra["error"] = f"output not stored: {exc}"
+            # an output that cannot be kept fails the node, and the dispatch stops cleanly
+            # (what is already stored stays as it is)
+            self._fail(nr, ValentError(f"its output could not be stored: {exc}"), "", out)
+            if not nr.run.cancel_requested:
+                self._cancel(nr.run.id, None)
+            return
         self._set(nr, Status.COMPLETED, extra)
         self._release_children(nr)
 

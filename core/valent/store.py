@@ -122,7 +122,23 @@ class Store:
             self._local.conn = conn
         return conn
 
+    def _read_only_media(self) -> bool:
+        """True when the store exists on a file system we cannot write (read it as is then)."""
+        return self.path.exists() and not os.access(self.dir, os.W_OK)
+
     def _connect(self) -> sqlite3.Connection:
+        if self._read_only_media():
+            try:
+                # immutable: nobody can write read-only media, so no locks or -shm are needed
+                conn = sqlite3.connect(
+                    f"file:{self.path}?mode=ro&immutable=1", uri=True, isolation_level=None
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(
+                    f"cannot open the read-only results store {self.path}: {exc}"
+                ) from exc
+            conn.row_factory = sqlite3.Row
+            return conn
         try:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -139,6 +155,9 @@ class Store:
     def _initialize(self) -> None:
         with self._init_lock:
             if self._initialized:
+                return
+            if self._read_only_media():
+                self._initialized = True  # read what is there; writes will say why they fail
                 return
             ensure_private_dir(self.dir)
             conn = self._connect()
