@@ -89,7 +89,7 @@ def _sequential(ex, n: int) -> float:
 
 def _python_floor(ex, n: int) -> float:
     """Starting the remote Python with cloudpickle over an open connection: the floor."""
-    from valent_ssh.host import get_worker
+    from valent_ssh.registry import get_worker
 
     conn = get_worker(ex.target, ex.max_parallel, ex.reconnect_timeout)._conn
     times = []
@@ -154,7 +154,7 @@ def run(repeats: int = 3, cancel_runs: int = 20) -> list[dict]:
     """Start the rig, measure, stop it; return the rows."""
     import tempfile
 
-    from valent_ssh import SSHExecutor, host
+    from valent_ssh import SSHExecutor, registry
 
     os.environ.setdefault("VALENT_RESULTS_DIR", tempfile.mkdtemp(prefix="valent-bench-ssh-"))
     rig = rigmod.SSHRig()
@@ -210,7 +210,7 @@ def run(repeats: int = 3, cancel_runs: int = 20) -> list[dict]:
 
         if api._dispatcher is not None:
             api._dispatcher.shutdown_executors()
-        host.close_all()
+        registry.close_all()
         rig.stop()
     return rows
 

@@ -1,9 +1,9 @@
 """One SSH connection to one host: connect, verify the host key, prepare the remote side.
 
 A :class:`Connection` owns a paramiko client (TCP_NODELAY, host key checked against
-known_hosts, never added silently), an SFTP session, and the remote agent (``runner.py
-agent``) whose JSON events the host thread reads. paramiko is imported here, on first use,
-never when valent or the plugin is imported.
+known_hosts, never added silently), an SFTP session, and the remote agent
+(``valent_ssh_agent.py agent``) whose JSON events the host thread reads. paramiko is
+imported here, on first use, never when valent or the plugin is imported.
 """
 
 from __future__ import annotations
@@ -30,8 +30,19 @@ from .errors import (
     where,
 )
 
-RUNNER_SOURCE = (Path(__file__).with_name("runner.py")).read_bytes()
-RUNNER_NAME = f".valent-runner-{hashlib.sha256(RUNNER_SOURCE).hexdigest()[:12]}.py"
+# The remote side: three files copied side by side into one directory on the host, named
+# by a hash of their content (a new valent version gets a new directory).
+REMOTE_FILES = {
+    f"valent_ssh_{name}.py": (Path(__file__).with_name(f"{name}.py")).read_bytes()
+    for name in ("agent", "runner", "procs")
+}
+RUNNER_DIR = (
+    ".valent-runner-"
+    + hashlib.sha256(
+        b"".join(n.encode() + b"\0" + src for n, src in sorted(REMOTE_FILES.items()))
+    ).hexdigest()[:12]
+)
+AGENT = f"{RUNNER_DIR}/valent_ssh_agent.py"
 HELLO_TIMEOUT = 30.0
 
 
@@ -236,7 +247,7 @@ class Connection:
         t = self.target
         wd = _shell_path(t.remote_workdir)
         rc, out, err = self.exec(
-            f"mkdir -p {wd} && cd {wd} && pwd && if [ -f {RUNNER_NAME} ]; then echo have; fi"
+            f"mkdir -p {wd} && cd {wd} && pwd && if [ -f {AGENT} ]; then echo have; fi"
         )
         lines = out.split()
         if rc != 0 or not lines:
@@ -249,17 +260,23 @@ class Connection:
         self.workdir = lines[0]
         if "have" not in lines[1:]:
             sftp = self.sftp()
-            tmp = f"{self.workdir}/{RUNNER_NAME}.{os.getpid()}.{time.monotonic_ns()}"
-            sftp.putfo(io.BytesIO(RUNNER_SOURCE), tmp)
-            sftp.posix_rename(tmp, f"{self.workdir}/{RUNNER_NAME}")
+            tmp = f"{self.workdir}/{RUNNER_DIR}.{os.getpid()}.{time.monotonic_ns()}"
+            sftp.mkdir(tmp, 0o755)
+            for name, source in REMOTE_FILES.items():
+                sftp.putfo(io.BytesIO(source), f"{tmp}/{name}")
+            try:
+                sftp.posix_rename(tmp, f"{self.workdir}/{RUNNER_DIR}")
+            except OSError:  # another client installed the same files meanwhile
+                for name in REMOTE_FILES:
+                    sftp.remove(f"{tmp}/{name}")
+                sftp.rmdir(tmp)
         self._start_agent()
 
     def _start_agent(self) -> None:
         t = self.target
         chan = self.transport.open_session(timeout=t.connect_timeout)
         chan.exec_command(
-            f"cd {shlex.quote(self.workdir)} && exec {_shell_path(t.python_path)} "
-            f"{RUNNER_NAME} agent"
+            f"cd {shlex.quote(self.workdir)} && exec {_shell_path(t.python_path)} {AGENT} agent"
         )
         self.chan = chan
         hello = self._read_hello()

@@ -12,7 +12,8 @@ from valent.status import CancelOutcome
 from valent.task import Task, TaskState
 
 from .connection import Target
-from .host import Phase, RemoteTask, close_idle, get_worker
+from .handle import Phase, RemoteTask
+from .registry import close_idle, get_worker
 
 
 class SSHExecutor(Executor):

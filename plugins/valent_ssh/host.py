@@ -9,65 +9,28 @@ remote tasks keep running and are adopted again by the new agent.
 
 from __future__ import annotations
 
-import atexit
-import base64
 import collections
-import enum
 import logging
 import os
-import re
-import secrets
 import select
 import threading
 import time
 from typing import Any
 
 from valent.errors import PicklingError
-from valent.executor import Wake
 from valent.status import CancelOutcome
-from valent.task import Cancelled, Failed, Pending, Running, Task, TaskState
+from valent.task import Cancelled, Failed, Running, TaskState
 
 from .connection import Connection, ConnectionLost, Target
-from .errors import RemoteTaskLostError, SSHError, SSHUnreachableError
-from .payload import pickle_task, result_state
+from .errors import SSHError, SSHUnreachableError
+from .handle import Phase, RemoteTask, final_state
+from .payload import pickle_task
+from .registry import remember_orphan, take_orphans
 
 logger = logging.getLogger("valent.ssh")
 
 PING_EVERY = 5.0  # seconds between pings to the agent while tasks run
 SILENCE_LIMIT = 20.0  # no word from the agent for this long: the connection is dead
-
-
-class Phase(enum.Enum):
-    QUEUED = "queued"  # waiting for a slot (or a connection)
-    UPLOADING = "uploading"  # the host thread is sending it
-    STARTING = "starting"  # the agent was told to start it
-    RUNNING = "running"  # the agent started it (pid known)
-    KILLING = "killing"  # a kill was sent; waiting for the group to be gone
-    DONE = "done"
-
-
-class RemoteTask:
-    """The handle ``SSHExecutor.run`` returns: one task on one host."""
-
-    def __init__(self, task: Task, wake: Wake, grace: float, host: HostWorker):
-        self.task = task
-        self.wake = wake
-        self.grace = grace
-        self.host = host
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", task.key)[:60]
-        self.rid = f"{safe}-{secrets.token_hex(5)}"
-        self.token = secrets.token_hex(12)
-        self.phase = Phase.QUEUED
-        self.state: TaskState = Pending()
-        self.cancel_requested = False
-        self.promised: CancelOutcome | None = None
-        self.dir: str | None = None
-        self.pid: int | None = None
-        self.started_at: float | None = None
-        self.done = threading.Event()
-
-    def __repr__(self) -> str:
-        return f"<RemoteTask {self.task.label} on {self.host.target.where} {self.phase.value}>"
 
 
 class HostWorker:
@@ -130,7 +93,7 @@ class HostWorker:
                 self._kills.append(rt)
                 finished = False
         if finished:
-            _wake(rt)
+            rt.wake_safely()
         self._poke()
         return rt.promised
 
@@ -168,7 +131,7 @@ class HostWorker:
         with self._lock:
             done = self._finish_locked(rt, state)
         if done:
-            _wake(rt)
+            rt.wake_safely()
 
     def _fail_all(self, error: BaseException) -> None:
         """The host cannot be reached (or refuses us): every task it holds ends.
@@ -181,17 +144,17 @@ class HostWorker:
             for rt in self._active.values():
                 if rt.dir is None:
                     continue
-                with _registry_lock:
-                    _orphans.setdefault(self.target, []).append(
-                        dict(
-                            op="reap",
-                            key=rt.rid,
-                            dir=rt.dir,
-                            token=rt.token,
-                            pid=rt.pid,
-                            grace=rt.grace,
-                        )
-                    )
+                remember_orphan(
+                    self.target,
+                    dict(
+                        op="reap",
+                        key=rt.rid,
+                        dir=rt.dir,
+                        token=rt.token,
+                        pid=rt.pid,
+                        grace=rt.grace,
+                    ),
+                )
             self._queue.clear()
             self._kills.clear()
             done = []
@@ -205,7 +168,7 @@ class HostWorker:
                 if self._finish_locked(rt, state):
                     done.append(rt)
         for rt in done:
-            _wake(rt)
+            rt.wake_safely()
 
     # -- the thread ------------------------------------------------------------------------
 
@@ -315,8 +278,7 @@ class HostWorker:
             self._kills = [rt for rt in readopt if rt.phase is Phase.KILLING]
         for rt in readopt:  # the agent adopts tasks started before the drop
             conn.send(op="start", key=rt.rid, dir=rt.dir, token=rt.token, pid=rt.pid)
-        with _registry_lock:
-            orphans = _orphans.pop(self.target, [])
+        orphans = take_orphans(self.target)
         for cmd in orphans:
             conn.send(**cmd)
 
@@ -355,7 +317,7 @@ class HostWorker:
                     rt, Cancelled(CancelOutcome.DEQUEUED)
                 )  # dequeued while its upload was cut off by a dropped connection
             if dropped:
-                _wake(rt)
+                rt.wake_safely()
                 continue
             try:
                 blob = pickle_task(rt.task)
@@ -398,7 +360,7 @@ class HostWorker:
                     dequeued = False
                     started.append(rt)
             if dequeued:
-                _wake(rt)
+                rt.wake_safely()
         for rt in started:
             conn.send(op="start", key=rt.rid, dir=rt.dir, token=rt.token)
 
@@ -432,89 +394,10 @@ class HostWorker:
                 changed = not isinstance(rt.state, Running)
                 rt.state = Running(started_at=rt.started_at)
             if changed:
-                _wake(rt)
+                rt.wake_safely()
             return
-        t = self.target
-        out, err = ev.get("stdout", ""), ev.get("stderr", "")
-        now = time.time()
-        if kind == "start_failed":
-            error = RemoteTaskLostError(f"{ev.get('error')} on {t.where}", t.hostname, t.port)
-            state: TaskState = Failed(error, "", ended_at=now)
-        elif rt.cancel_requested:  # "gone", or an "exit" that beat the kill
-            state = Cancelled(
-                CancelOutcome.KILLED, started_at=rt.started_at, ended_at=now, stdout=out, stderr=err
-            )
-        elif "result" in ev or "big" in ev:
-            if "result" in ev:
-                payload = base64.b64decode(ev["result"])
-            else:
-                payload = self._conn.fetch(f"{rt.dir}/result")
-            state = result_state(payload, rt.started_at, now, out, err)
-        else:
-            rc = ev.get("rc")
-            how = (
-                "it was gone when the connection came back"
-                if rc is None
-                else (f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}")
-            )
-            error = RemoteTaskLostError(
-                f"the remote runner of task {rt.task.label} on {t.where} ended ({how}) without "
-                "writing a result: it was killed from outside, or ran out of memory",
-                t.hostname,
-                t.port,
-            )
-            state = Failed(
-                error, err, started_at=rt.started_at, ended_at=now, stdout=out, stderr=err
-            )
+        fetch = self._conn.fetch  # a result too big to travel inline
+        state = final_state(rt, ev, self.target, lambda: fetch(f"{rt.dir}/result"))
         if rt.dir:
             self._conn.send(op="clean", key=rt.rid, dir=rt.dir)
         self._finish(rt, state)
-
-
-def _wake(rt: RemoteTask) -> None:
-    """Call the task's ``wake``; a failing callback must not stop the host's thread."""
-    try:
-        rt.wake()
-    except Exception:
-        logger.exception("wake() of %r raised", rt)
-
-
-# -- the registry: one worker per host and settings, shared by executors --------------------
-
-_registry: dict[tuple, HostWorker] = {}
-_orphans: dict[Target, list[dict[str, Any]]] = {}  # "reap" commands for the next connection
-_registry_lock = threading.Lock()
-
-
-def get_worker(target: Target, max_parallel: int, reconnect_timeout: float) -> HostWorker:
-    """The worker for these settings, created on first use."""
-    key = (target, max_parallel, reconnect_timeout)
-    with _registry_lock:
-        worker = _registry.get(key)
-        if worker is None:
-            if not _registry:
-                atexit.register(close_idle)
-            worker = _registry[key] = HostWorker(target, max_parallel, reconnect_timeout)
-        return worker
-
-
-def close_all() -> None:
-    """Close every host connection (remote tasks are not touched; tests call it)."""
-    with _registry_lock:
-        workers = list(_registry.values())
-        _registry.clear()
-    for w in workers:
-        w.close(timeout=2.0)
-
-
-def close_idle() -> None:
-    """Close the connections that serve no task (at exit, and after an executor's shutdown).
-
-    A connection with tasks stays open: at interpreter exit valent's dispatcher may still be
-    waiting for them, then shuts the executors down (which cancels what is left).
-    """
-    with _registry_lock:
-        idle = [k for k, w in _registry.items() if w.active_count() == 0]
-        workers = [_registry.pop(k) for k in idle]
-    for w in workers:
-        w.close(timeout=2.0)

@@ -29,16 +29,16 @@ def rig():
     r = rigmod.SSHRig()
     r.start()
     yield r
-    from valent_ssh import host
+    from valent_ssh import registry
 
-    host.close_all()
+    registry.close_all()
     r.stop()
 
 
 @pytest.fixture
 def ssh(rig):
     """Make SSHExecutors for the rig; afterwards close connections, check nothing is left."""
-    from valent_ssh import SSHExecutor, host
+    from valent_ssh import SSHExecutor, registry
 
     made = []
 
@@ -50,7 +50,7 @@ def ssh(rig):
     yield make
     for ex in made:
         ex.shutdown()
-    host.close_all()
+    registry.close_all()
     if rig.proc is None:
         rig.start()
     left = wait_until(lambda: not rig.processes(), 10)

@@ -1,0 +1,102 @@
+"""The handle of one remote task, and how the agent's last word about it becomes a state."""
+
+from __future__ import annotations
+
+import base64
+import enum
+import logging
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from valent.executor import Wake
+from valent.status import CancelOutcome
+from valent.task import Cancelled, Failed, Pending, Task, TaskState
+
+from .errors import RemoteTaskLostError
+from .payload import result_state
+
+if TYPE_CHECKING:
+    from .connection import Target
+    from .host import HostWorker
+
+logger = logging.getLogger("valent.ssh")
+
+
+class Phase(enum.Enum):
+    QUEUED = "queued"  # waiting for a slot (or a connection)
+    UPLOADING = "uploading"  # the host thread is sending it
+    STARTING = "starting"  # the agent was told to start it
+    RUNNING = "running"  # the agent started it (pid known)
+    KILLING = "killing"  # a kill was sent; waiting for the group to be gone
+    DONE = "done"
+
+
+class RemoteTask:
+    """The handle ``SSHExecutor.run`` returns: one task on one host."""
+
+    def __init__(self, task: Task, wake: Wake, grace: float, host: HostWorker):
+        self.task = task
+        self.wake = wake
+        self.grace = grace
+        self.host = host
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", task.key)[:60]
+        self.rid = f"{safe}-{secrets.token_hex(5)}"
+        self.token = secrets.token_hex(12)
+        self.phase = Phase.QUEUED
+        self.state: TaskState = Pending()
+        self.cancel_requested = False
+        self.promised: CancelOutcome | None = None
+        self.dir: str | None = None
+        self.pid: int | None = None
+        self.started_at: float | None = None
+        self.done = threading.Event()
+
+    def wake_safely(self) -> None:
+        """Call ``wake``; a failing callback must not stop the host's thread."""
+        try:
+            self.wake()
+        except Exception:
+            logger.exception("wake() of %r raised", self)
+
+    def __repr__(self) -> str:
+        return f"<RemoteTask {self.task.label} on {self.host.target.where} {self.phase.value}>"
+
+
+def final_state(
+    rt: RemoteTask, ev: dict[str, Any], t: Target, fetch_result: Callable[[], bytes]
+) -> TaskState:
+    """The final state of ``rt`` from the agent's ``exit``, ``gone`` or ``start_failed``."""
+    out, err = ev.get("stdout", ""), ev.get("stderr", "")
+    now = time.time()
+    if ev.get("ev") == "start_failed":
+        error = RemoteTaskLostError(f"{ev.get('error')} on {t.where}", t.hostname, t.port)
+        state: TaskState = Failed(error, "", ended_at=now)
+    elif rt.cancel_requested:  # "gone", or an "exit" that beat the kill
+        state = Cancelled(
+            CancelOutcome.KILLED, started_at=rt.started_at, ended_at=now, stdout=out, stderr=err
+        )
+    elif "result" in ev or "big" in ev:
+        if "result" in ev:
+            payload = base64.b64decode(ev["result"])
+        else:
+            payload = fetch_result()
+        state = result_state(payload, rt.started_at, now, out, err)
+    else:
+        rc = ev.get("rc")
+        how = (
+            "it was gone when the connection came back"
+            if rc is None
+            else (f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}")
+        )
+        error = RemoteTaskLostError(
+            f"the remote runner of task {rt.task.label} on {t.where} ended ({how}) without "
+            "writing a result: it was killed from outside, or ran out of memory",
+            t.hostname,
+            t.port,
+        )
+        state = Failed(error, err, started_at=rt.started_at, ended_at=now, stdout=out, stderr=err)
+    return state
