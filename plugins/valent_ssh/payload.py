@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import sys
@@ -23,6 +24,7 @@ class RemoteTaskError(Exception):
     """Stands in for a remote task's exception that cannot be unpickled here."""
 
 
+@functools.cache
 def _installed_roots() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
     roots = {paths.get(k, "") for k in ("stdlib", "platstdlib", "purelib", "platlib")}
