@@ -307,9 +307,7 @@ class Dispatcher:
             self._fail(nr, exc, traceback.format_exc())
             return
         self._set(nr, Status.PENDING)
-        if electron is not None and electron.timeout:
-            nr.deadline = time.monotonic() + electron.timeout
-            self._at(electron.timeout, "timeout", nr)
+        nr.deadline = None  # a timeout counts from when the task is running
         if executor.poll_interval:
             self._at(executor.poll_interval, "poll", nr)
 
@@ -352,6 +350,10 @@ class Dispatcher:
             if nr.status != Status.RUNNING:
                 nr.start_time = state.started_at or time.time()
                 self._set(nr, Status.RUNNING)
+                electron = nr.node.electron
+                if electron is not None and electron.timeout and nr.deadline is None:
+                    nr.deadline = time.monotonic() + electron.timeout
+                    self._at(electron.timeout, "timeout", nr)
             return
         if not state.final:
             return

@@ -17,7 +17,8 @@ import threading
 import time
 import traceback
 
-HEADER = struct.Struct("!Q")
+HEADER = struct.Struct("!QQ")  # length of the pickled message, length of the blob + 1 (0: none)
+SMALL = 1 << 16
 MAX_CAPTURE = 1 << 20
 
 _cooperative = False
@@ -52,19 +53,28 @@ def _watch_lifeline(fd: int) -> None:
         os._exit(137)
 
 
-def recv_msg(sock: socket.socket) -> object | None:
+def recv_msg(sock: socket.socket) -> tuple[object, bytes | bytearray | None] | None:
+    """One message and its blob (None when the message carried none); None at EOF."""
     head = _recv_exact(sock, HEADER.size)
     if head is None:
         return None
-    (n,) = HEADER.unpack(head)
-    body = _recv_exact(sock, n)
-    if body is None:
+    meta_len, blob_len = HEADER.unpack(head)
+    meta = _recv_exact(sock, meta_len)
+    if meta is None:
         return None
-    return pickle.loads(body)
+    blob = None
+    if blob_len:
+        blob = _recv_exact(sock, blob_len - 1)
+        if blob is None:
+            return None
+    return pickle.loads(meta), blob
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    buf = bytearray(n)
+def _recv_exact(sock: socket.socket, n: int) -> bytes | bytearray | None:
+    if n <= SMALL:
+        data = sock.recv(n, socket.MSG_WAITALL) if n else b""
+        return data if len(data) == n else None
+    buf = bytearray(n)  # large: filled in place, returned without a copy
     view = memoryview(buf)
     got = 0
     while got < n:
@@ -72,12 +82,21 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
         if k == 0:
             return None
         got += k
-    return bytes(buf)
+    return buf
 
 
-def send_msg(sock: socket.socket, msg: object) -> None:
-    body = pickle.dumps(msg, protocol=5)
-    sock.sendall(HEADER.pack(len(body)) + body)
+def send_msg(sock: socket.socket, msg: object, blob: bytes | None = None) -> None:
+    """Send a small picklable message and, optionally, a blob of raw bytes beside it."""
+    meta = pickle.dumps(msg, protocol=5)
+    blob_len = 0 if blob is None else len(blob) + 1
+    head = HEADER.pack(len(meta), blob_len)
+    if blob is None:
+        sock.sendall(head + meta)
+    elif len(blob) <= SMALL:
+        sock.sendall(head + meta + blob)
+    else:  # large: no concatenated copy
+        sock.sendall(head + meta)
+        sock.sendall(blob)
 
 
 class _Capture:
@@ -139,9 +158,10 @@ def main(argv: list[str]) -> None:
 
     faulthandler.enable()
     sock = socket.socket(fileno=sock_fd)
-    init = recv_msg(sock)
-    if init is None:
+    got = recv_msg(sock)
+    if got is None:
         return
+    init, _ = got
     sys.path[:] = init["sys_path"]
     import cloudpickle
 
@@ -155,10 +175,10 @@ def main(argv: list[str]) -> None:
     fns: dict[int, object] = {}
     send_msg(sock, ("ready",))
     while True:
-        msg = recv_msg(sock)
-        if msg is None:
+        got = recv_msg(sock)
+        if got is None:
             return
-        job_id, fn_key, fn_blob, forget, args_blob = msg
+        (job_id, fn_key, fn_blob, forget), args_blob = got
         for k in forget:
             fns.pop(k, None)
         _cooperative = False
@@ -197,7 +217,10 @@ def main(argv: list[str]) -> None:
                 payload = (None, msg_text, "".join(traceback.format_exception(exc)))
         else:
             payload = _pack_error(value)
-        send_msg(sock, (job_id, ok, payload, started, ended, out, err, stopped_by_cancel))
+        if ok:
+            send_msg(sock, (job_id, ok, None, started, ended, out, err, stopped_by_cancel), payload)
+        else:
+            send_msg(sock, (job_id, ok, payload, started, ended, out, err, stopped_by_cancel))
 
 
 if __name__ == "__main__":

@@ -413,7 +413,8 @@ class ProcessPool:
         """Bind ``job`` to an idle ``worker`` (lock held); the send happens outside the lock."""
         worker.job = job
         job.worker = worker
-        job.state = Running(time.time())
+        if worker.ready:  # else it starts (and is reported Running) once the worker is up
+            job.state = Running(time.time())
         self._last_start = time.monotonic()
         worker.cpu_mark = None
 
@@ -430,7 +431,7 @@ class ProcessPool:
                 while len(worker.known) > FN_CACHE_SIZE:
                     forget.append(worker.known.popitem(last=False)[0])
         try:
-            send_msg(worker.sock, (job.id, key, send_blob, forget, job.args_blob))
+            send_msg(worker.sock, (job.id, key, send_blob, forget), job.args_blob)
         except OSError:
             pass  # the worker died; the I/O thread sees EOF and handles the job
         job.args_blob = b""
@@ -508,15 +509,23 @@ class ProcessPool:
 
     def _on_readable(self, worker: _Worker) -> None:
         try:
-            msg = recv_msg(worker.sock)
+            got = recv_msg(worker.sock)
         except (OSError, EOFError, pickle.UnpicklingError):
-            msg = None
-        if msg is None:
+            got = None
+        if got is None:
             self._on_eof(worker)
             return
-        if len(msg) == 1:  # ("ready",): the interpreter is up
+        msg, blob = got
+        if len(msg) == 1:  # ("ready",): the interpreter is up; its job (if any) starts now
             with self._lock:
                 worker.ready = True
+                job = worker.job
+                if job is not None and isinstance(job.state, Pending):
+                    job.state = Running(time.time())
+                else:
+                    job = None
+            if job is not None:
+                self._notify(job)
             return
         job_id, ok, payload, started, ended, out, err, asked_to_stop = msg
         with self._lock:
@@ -532,7 +541,7 @@ class ProcessPool:
             worker.job = None
             if ok:
                 state: TaskState = Completed(
-                    pickled=payload, started_at=started, ended_at=ended, stdout=out, stderr=err
+                    pickled=blob, started_at=started, ended_at=ended, stdout=out, stderr=err
                 )
             else:
                 state = Failed(_unpack_error(payload), payload[2], started, ended, out, err)
