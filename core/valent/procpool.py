@@ -35,7 +35,7 @@ import cloudpickle
 
 from . import proctree
 from .errors import PicklingError, WorkerDiedError
-from .poolworker import HEADER, recv_msg, send_msg
+from .poolworker import HEADER, send_msg
 from .status import CancelOutcome
 from .task import Cancelled, Completed, Failed, Pending, Running, TaskState
 
@@ -78,6 +78,7 @@ class _Worker:
     __slots__ = (
         "proc", "sock", "lifeline", "known", "job", "idle_since", "out_path", "err_path",
         "doomed", "kill_deadline", "tree", "dead_at", "index", "key", "ready", "cpu_mark",
+        "rbuf",
     )
 
     def __init__(self, proc, sock, lifeline, out_path, err_path, index):
@@ -97,6 +98,7 @@ class _Worker:
         self.key = sock.fileno()
         self.ready = False
         self.cpu_mark: tuple[float, float] | None = None
+        self.rbuf = bytearray()  # bytes received from the worker, not yet a whole message
 
     @property
     def pid(self) -> int:
@@ -164,6 +166,8 @@ class ProcessPool:
         self._wake_w: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._worker_index = itertools.count()
+        self._rbuf = bytearray(1 << 18)  # the I/O thread's receive buffer
+        self._rview = memoryview(self._rbuf)
         self._spawning = 0
 
     # ---------------------------------------------------------------- public API
@@ -508,14 +512,32 @@ class ProcessPool:
         return t
 
     def _on_readable(self, worker: _Worker) -> None:
+        """Read what the worker sent (one recv, however many messages) and handle each."""
         try:
-            got = recv_msg(worker.sock)
-        except (OSError, EOFError, pickle.UnpicklingError):
-            got = None
-        if got is None:
+            n = worker.sock.recv_into(self._rbuf)
+        except OSError:
+            n = 0
+        if n == 0:
             self._on_eof(worker)
             return
-        msg, blob = got
+        buf = worker.rbuf
+        buf += self._rview[:n]
+        while len(buf) >= HEADER.size:
+            meta_len, blob_len = HEADER.unpack_from(buf)
+            start = HEADER.size + meta_len
+            end = start + max(blob_len - 1, 0)
+            if len(buf) < end:
+                break
+            try:
+                msg = pickle.loads(buf[HEADER.size:start])
+            except (pickle.UnpicklingError, EOFError, ValueError):
+                self._on_eof(worker)
+                return
+            blob = bytes(buf[start:end]) if blob_len else None
+            del buf[:end]
+            self._on_message(worker, msg, blob)
+
+    def _on_message(self, worker: _Worker, msg: Any, blob: bytes | None) -> None:
         if len(msg) == 1:  # ("ready",): the interpreter is up; its job (if any) starts now
             with self._lock:
                 worker.ready = True
