@@ -1,8 +1,9 @@
 """The executor's side of a Dask cluster: one client, and the LocalCluster it may own.
 
 Finished futures are followed on the client's event loop: a coroutine per future waits for
-it, fetches its value (Dask merges concurrent fetches into one ``gather``) and hands it to
-``settle``, so ``poll`` never waits on the network and no thread hop is added per task.
+it; values are fetched one ``gather`` at a time (what finishes meanwhile goes in the next)
+and handed to ``settle``, so ``poll`` never waits on the network, no thread hop is added
+per task, and a burst costs a few round trips, not one per task.
 Submissions go through one submitter thread, which sends whatever waits as one graph update.
 """
 
@@ -17,6 +18,8 @@ from typing import Any
 
 log = logging.getLogger("valent.dask")
 
+FETCH_COALESCE = 0.005
+"""Seconds the fetcher waits after a multi-task gather, so that the next one takes more."""
 _open: weakref.WeakSet[Connection] = weakref.WeakSet()
 _atexit_registered = False
 _atexit_lock = threading.Lock()
@@ -92,6 +95,8 @@ class Connection:
         self._pump = pump
         self._kick = threading.Event()
         self._followers: set[Any] = set()
+        self._to_fetch: list[tuple[Any, Any]] = []
+        self._fetching = False
         self._closed = False
         self._submitter = threading.Thread(
             target=self._submit_loop, name="valent-dask-submitter", daemon=True
@@ -142,12 +147,8 @@ class Connection:
         self.client.loop.add_callback(self._watch_in_loop, pairs)
 
     def _watch_in_loop(self, pairs: list[tuple[Any, Any]]) -> None:
-        import asyncio
-
         for future, tag in pairs:
-            t = asyncio.ensure_future(self._follow(future, tag))
-            self._followers.add(t)
-            t.add_done_callback(self._followers.discard)
+            self._keep(self._follow(future, tag))
 
     async def _follow(self, future: Any, tag: Any) -> None:
         from distributed.client import done_callback
@@ -157,22 +158,58 @@ class Connection:
                 await done_callback(future, _ignore)
                 status = future.status
                 if status == "finished":
-                    try:
-                        value = await self.client.gather(future, asynchronous=True)
-                    except Exception as exc:  # noqa: BLE001 - e.g. the value was lost
-                        if future.status == "pending":
-                            continue  # Dask recomputes it: follow it again
-                        value = exc
-                elif status == "error":
+                    self._to_fetch.append((future, tag))
+                    if not self._fetching:
+                        self._fetching = True
+                        self._keep(self._fetch_loop())
+                    return
+                if status == "error":
                     value = await future.exception(asynchronous=True)
                 elif status == "cancelled":
                     value = None
                 else:  # lost with a worker and recomputed by Dask: follow it again
                     continue
-                break
-            self._settle([((future, tag), value)])
+                self._settle([((future, tag), value)])
+                return
         except Exception:  # noqa: BLE001 - a follower must never die silently
             log.exception("valent-dask: following %s failed", getattr(future, "key", future))
+
+    async def _fetch_loop(self) -> None:
+        """Fetch finished values, one ``gather`` at a time: what finishes meanwhile waits and
+        goes in the next one (a lone task is fetched at once; a burst in few round trips)."""
+        import asyncio
+
+        try:
+            while self._to_fetch:
+                batch, self._to_fetch = self._to_fetch, []
+                try:
+                    values = await self.client.gather([f for f, _ in batch], asynchronous=True)
+                    out = list(zip(batch, values, strict=True))
+                except Exception:  # noqa: BLE001 - one lost value must not hide the others
+                    out = []
+                    for item in batch:
+                        try:
+                            out.append((item, await self.client.gather(item[0], asynchronous=True)))
+                        except Exception as exc:  # noqa: BLE001
+                            if item[0].status == "pending":  # recomputed: follow it again
+                                self._keep(self._follow(*item))
+                            else:
+                                out.append((item, exc))
+                self._settle(out)
+                if len(batch) > 1:  # a burst is finishing: let the next gather take more
+                    await asyncio.sleep(FETCH_COALESCE)
+        except Exception:  # noqa: BLE001
+            log.exception("valent-dask: fetching results failed")
+        finally:
+            self._fetching = False
+
+    def _keep(self, coro: Any) -> None:
+        """Run ``coro`` on the loop, holding a reference until it ends (lock-free: loop only)."""
+        import asyncio
+
+        t = asyncio.ensure_future(coro)
+        self._followers.add(t)
+        t.add_done_callback(self._followers.discard)
 
     # ------------------------------------------------------------ closing
 
