@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import wait_gone
+from core_support import wait_gone
 
 OWNER = textwrap.dedent(
     """

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 import valent as ct
-from conftest import wait_gone
+from core_support import wait_gone
 
 
 def _pid_task(path, seconds):

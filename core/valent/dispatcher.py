@@ -110,6 +110,11 @@ class Dispatcher:
         self._finishing: list[DispatchRun] = []
         self._next_external = 0.0
         self._observers = plugins.has_observers
+        # follow the process's plugins when built from them: a plugin registered (or
+        # valent.timing enabled) after the first dispatch still takes part
+        from .plugins import get_plugins
+
+        self._follow_plugins = plugins is get_plugins()
         self.owner = (os.getpid(), socket.gethostname(), _process_start())
         self._thread = threading.Thread(target=self._loop, name="valent-dispatcher", daemon=True)
         self._thread.start()
@@ -171,6 +176,11 @@ class Dispatcher:
             events = [self.q.get(timeout=timeout)]
         except queue.Empty:
             events = []
+        if self._follow_plugins:
+            from .plugins import get_plugins
+
+            self.plugins = get_plugins()
+        self._observers = self.plugins.has_observers
         while True:
             try:
                 events.append(self.q.get_nowait())
@@ -292,8 +302,8 @@ class Dispatcher:
             return
         try:
             executor = self._executor_for(nr)
-        except ValentError as exc:
-            self._fail(nr, exc, "")
+        except Exception as exc:  # a bad config or an executor that cannot be made
+            self._fail(nr, exc, "" if isinstance(exc, ValentError) else traceback.format_exc())
             return
         nr.attempts += 1
         electron = node.electron
@@ -621,10 +631,9 @@ class Dispatcher:
 
 def make_executor(plugins: Plugins, name: str) -> Executor:
     """A new executor of the class registered as ``name``, with the config's settings."""
-    from .config import executor_settings
+    from .config import executor_from_config
 
-    cls = plugins.executor_class(name)
-    return cls(**executor_settings(name, cls))
+    return executor_from_config(name, plugins.executor_class(name))
 
 
 def _waker(q: queue.SimpleQueue, nr: NodeRun):

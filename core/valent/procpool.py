@@ -169,6 +169,7 @@ class ProcessPool:
         self._rbuf = bytearray(1 << 18)  # the I/O thread's receive buffer
         self._rview = memoryview(self._rbuf)
         self._spawning = 0
+        self._respawn = 0
 
     # ---------------------------------------------------------------- public API
 
@@ -473,11 +474,9 @@ class ProcessPool:
         proctree.signal_escapees(worker.tree, worker.pid, signal.SIGTERM)
         g = self.grace if grace is None else grace
         worker.kill_deadline = time.monotonic() + g
-        self._poke()
         if not self._closed:
-            # replace it now, off the critical path of queued work
-            self._spawn()
-            self._drain_to_idle()
+            self._respawn += 1  # the I/O thread starts a replacement (not the canceller)
+        self._poke()
 
     def _loop(self) -> None:
         assert self._sel is not None
@@ -608,6 +607,10 @@ class ProcessPool:
         now = time.monotonic()
         finished: list[Job] = []
         with self._lock:
+            while self._respawn and not self._closed:
+                self._respawn -= 1
+                self._spawn()
+                self._drain_to_idle()
             for w in list(self._dying):
                 if w.kill_deadline is not None and now >= w.kill_deadline:
                     proctree.signal_group(w.pid, signal.SIGKILL)
