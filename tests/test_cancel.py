@@ -430,3 +430,17 @@ def test_cancelling_one_dispatch_leaves_another_on_the_same_executor_alone(tmp_p
         assert psutil.pid_exists(b_pid)
         result = ct.get_result(b, wait=True, timeout=30)
         assert result.status == "COMPLETED" and result.result == ("after", 1.5)
+
+
+def test_timeout_counts_from_the_start_not_from_the_queue():
+    quick_with_timeout = ct.electron(timeout=1.0)(inc.fn)
+    with executor(workers=1, grace=0.5) as ex:
+
+        @ct.lattice(executor=ex)
+        def wf():
+            # one worker: the second task waits 2 s in the queue, then runs in no time
+            return [sleeper(2.0), quick_with_timeout(1)]
+
+        result = ct.dispatch_sync(wf)()
+        assert result.status == "COMPLETED", str(result)
+        assert result.result == [2.0, 2]
