@@ -71,10 +71,8 @@ def recv_msg(sock: socket.socket) -> tuple[object, bytes | bytearray | None] | N
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | bytearray | None:
-    if n <= SMALL:
-        data = sock.recv(n, socket.MSG_WAITALL) if n else b""
-        return data if len(data) == n else None
-    buf = bytearray(n)  # large: filled in place, returned without a copy
+    """Exactly ``n`` bytes (None at EOF); a short read (e.g. cut by a signal) just continues."""
+    buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
@@ -82,7 +80,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | bytearray | None:
         if k == 0:
             return None
         got += k
-    return buf
+    return bytes(buf) if n <= SMALL else buf  # large: returned without a copy
 
 
 def send_msg(sock: socket.socket, msg: object, blob: bytes | None = None) -> None:
