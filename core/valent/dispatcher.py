@@ -449,6 +449,11 @@ class Dispatcher:
             if not nr.run.cancel_requested:
                 self._cancel(nr.run.id, None)
             return
+        if nr.attempts > 1 and nr.error is None:
+            # earlier attempts failed: the node succeeded, say so rather than keep their error
+            extra.setdefault("error", None)
+            extra.setdefault("traceback", None)
+            extra.setdefault("reason", f"succeeded on attempt {nr.attempts}")
         self._set(nr, Status.COMPLETED, extra)
         self._release_children(nr)
 
