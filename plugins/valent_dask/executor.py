@@ -209,7 +209,7 @@ class DaskExecutor(valent.Executor):
             conn = self._conn
             for i, h in enumerate(handles):
                 if h.state.final:
-                    out[i] = CancelOutcome.TOO_LATE
+                    out[i] = _final_outcome(h.state)
                 elif h.outcome is not None:
                     out[i] = h.outcome
                 elif h.future is None:  # not sent to Dask yet (starting, or queued to send)
@@ -246,8 +246,8 @@ class DaskExecutor(valent.Executor):
         if outcome in (CancelOutcome.FAILED, CancelOutcome.TOO_LATE):
             return outcome
         with self._lock:
-            if h.state.final:
-                return CancelOutcome.TOO_LATE
+            if h.state.final:  # it ended while the workers answered (a kill can be that fast)
+                return _final_outcome(h.state)
             h.outcome = outcome
             if outcome is CancelOutcome.DEQUEUED:
                 self._finish(h, Cancelled(outcome, ended_at=time.time()))
@@ -410,6 +410,11 @@ class DaskExecutor(valent.Executor):
                 woken.append(h)
         for h in woken:
             h.wake()
+
+
+def _final_outcome(state: TaskState) -> CancelOutcome:
+    """What a cancel of a task already in ``state`` (final) amounts to."""
+    return state.outcome if isinstance(state, Cancelled) else CancelOutcome.TOO_LATE
 
 
 def _outcome(answers: dict | None, key: str) -> CancelOutcome:

@@ -19,6 +19,13 @@ def noop():
     return None
 
 
+def shout(text):
+    print(text)
+    print("to stderr", file=sys.stderr)
+    subprocess.run([sys.executable, "-c", f"print('child says {text}')"], check=True)
+    return len(text)
+
+
 def boom(msg):
     raise ValueError(msg)
 

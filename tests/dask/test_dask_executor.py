@@ -99,6 +99,13 @@ def test_value_and_exception(runner):
     assert "boom" in state.traceback and "ValueError: no good" in state.traceback
 
 
+def test_kill_mode_captures_output_of_the_task_and_its_children(kill_runner):
+    state = kill_runner.call(T.shout, "hello")
+    assert state.get_value() == 5
+    assert "hello\n" in state.stdout and "child says hello" in state.stdout
+    assert "to stderr" in state.stderr
+
+
 def test_where_the_body_runs(kill_runner, finish_runner, dask_client):
     workers = set(dask_client.run(os.getpid).values())
     pid, ppid = kill_runner.call(T.whoami).get_value()
@@ -138,7 +145,7 @@ def test_cancel_pending_task_is_dequeued(runner, tmp_path):
     assert got == CancelOutcome.DEQUEUED, (runner.executor.poll(h), h.future)
     state = runner.executor.poll(h)
     assert state == valent.Cancelled(CancelOutcome.DEQUEUED, ended_at=state.ended_at)
-    assert runner.executor.cancel(h) == CancelOutcome.TOO_LATE  # idempotent: already final
+    assert runner.executor.cancel(h) == CancelOutcome.DEQUEUED  # idempotent
     expected = CancelOutcome.KILLED if busy_for == 30 else CancelOutcome.RUNS_TO_COMPLETION
     for bh, _ in busy:
         assert runner.executor.cancel(bh) == expected
