@@ -18,7 +18,6 @@ store poll for cancel requests (every 0.2 s), so expect a few hundred ms.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -30,7 +29,7 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import print_table, row  # noqa: E402
+from common import report, row  # noqa: E402
 
 TASKS = 2
 OWNER = textwrap.dedent(
@@ -150,10 +149,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     rows = run(args.repeats)
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    report(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import print_table, row  # noqa: E402
+from common import report, row  # noqa: E402
 
 PROBE = (
     "import time, sys; t = time.perf_counter(); import valent; "
@@ -48,10 +47,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     rows = run(args.repeats)
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    report(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
 import multiprocessing as mp
 import os
 import statistics
@@ -22,7 +21,7 @@ import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import valent as ct  # noqa: E402
-from common import print_table, row  # noqa: E402
+from common import report, row  # noqa: E402
 
 
 def noop_fn(x):
@@ -156,10 +155,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("VALENT_RESULTS_DIR", tempfile.mkdtemp(prefix="valent-bench-"))
     rows = run(args.repeats)
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    report(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import print_table, row  # noqa: E402
+from common import report, row  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time
@@ -101,10 +101,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     rows = run(args.repeats, not args.no_run)
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    report(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ an ordinary login user with its own Python 3.x venv), so run it as root on a mac
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,7 +31,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests", "ssh"))
 
 import rig as rigmod  # noqa: E402
 import valent as ct  # noqa: E402
-from common import print_table, row  # noqa: E402
+from common import report, row  # noqa: E402
 from ssh_support import Submitted, task_processes  # noqa: E402
 
 N_TASKS = 50
@@ -222,10 +221,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     rows = run(args.repeats, args.cancel_runs)
-    print_table(rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    report(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,16 @@ def row(
     }
 
 
+def report(rows: list[dict[str, Any]], json_path: str | None = None) -> None:
+    """Print the rows as a table, and write them as JSON when a path is given."""
+    print_table(rows)
+    if json_path:
+        import json
+
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     """Print rows as a table (rich when available)."""
     headers = ["case", "valent", "baseline", "ratio", "goal", "met", "note"]
