@@ -81,7 +81,7 @@ def _check_lattice(obj: Any, what: str) -> None:
 
 
 def _start(graph: Graph) -> str:
-    from .dispatcher import DispatchRun
+    from .runstate import DispatchRun
 
     dispatcher = get_dispatcher()
     store = _store()  # the configured one now (VALENT_RESULTS_DIR may have changed)

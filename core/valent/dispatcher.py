@@ -20,80 +20,22 @@ from typing import Any
 
 import cloudpickle
 
+from .cancelling import CancelMixin
 from .errors import StoreError, TaskTimeoutError, ValentError
 from .executor import Executor
-from .graph import COLLECTION, ELECTRON, GETATTR, GETITEM, PARAMETER, Graph, Node, Ref
+from .graph import ELECTRON, PARAMETER, Ref
 from .plugins import Plugins
 from .rules import lattice_status
+from .runstate import DispatchRun, NodeRun, compute_inline, error_text, structure_value
 from .status import CancelOutcome, Status
 from .store import Store
 from .task import Cancelled, Completed, Failed, Running, Task
 
 EXTERNAL_CANCEL_EVERY = 0.2
-CANCEL_RETRIES = 3
 _WAKE, _START, _CANCEL, _CALL = range(4)
-_MISSING = object()
 
 
-class NodeRun:
-    """The dispatcher's live view of one node."""
-
-    __slots__ = (
-        "node", "status", "executor", "handle", "waiting", "value", "pickled", "attempts",
-        "cancel_at", "cancel_outcome", "cancel_tries", "timed_out", "deadline", "reason",
-        "start_time", "end_time", "error", "submitted", "run",
-    )
-
-    def __init__(self, run: DispatchRun, node: Node):
-        self.run = run
-        self.node = node
-        self.status = Status.NEW_OBJECT
-        self.executor: Executor | None = None
-        self.handle: Any = None
-        self.waiting = len(node.parents)
-        self.value: Any = _MISSING
-        self.pickled: bytes | None = None
-        self.attempts = 0
-        self.cancel_at: float | None = None
-        self.cancel_outcome: CancelOutcome | None = None
-        self.cancel_tries = 0
-        self.timed_out = False
-        self.deadline: float | None = None
-        self.reason: str | None = None
-        self.start_time: float | None = None
-        self.end_time: float | None = None
-        self.error: str | None = None
-        self.submitted = False
-
-    @property
-    def final(self) -> bool:
-        return self.status.is_final
-
-    def get_value(self) -> Any:
-        if self.value is _MISSING:
-            self.value = cloudpickle.loads(self.pickled) if self.pickled is not None else None
-        return self.value
-
-
-class DispatchRun:
-    """One dispatch this process owns."""
-
-    def __init__(self, dispatch_id: str, graph: Graph, store: Store | None = None):
-        self.id = dispatch_id
-        self.graph = graph
-        self.store = store  # where it was created (the dispatcher's store when None)
-        self.nodes = [NodeRun(self, n) for n in graph.nodes]
-        self.children = graph.children()
-        self.remaining = len(self.nodes)
-        self.status = Status.NEW_OBJECT
-        self.cancel_requested = False
-        self.done = threading.Event()
-        self.executors: set[int] = set()
-        self.executor_objs: list[Executor] = []
-        self.store_error: StoreError | None = None
-
-
-class Dispatcher:
+class Dispatcher(CancelMixin):
     """Runs dispatches on a background thread; create one per process with ``get_dispatcher``."""
 
     def __init__(self, store: Store, plugins: Plugins):
@@ -293,7 +235,7 @@ class Dispatcher:
             return
         if node.kind != ELECTRON:
             try:
-                nr.value = _compute_inline(node, args, kwargs)
+                nr.value = compute_inline(node, args, kwargs)
             except Exception as exc:
                 self._fail(nr, exc, traceback.format_exc())
                 return
@@ -385,7 +327,7 @@ class Dispatcher:
                 and nr.cancel_at is None
             ):
                 nr.handle = None
-                self._upd(nr, {"attempts": nr.attempts, "error": _err_text(state.error)})
+                self._upd(nr, {"attempts": nr.attempts, "error": error_text(state.error)})
                 self._submit(nr)
                 return
             self._fail(nr, state.error, state.traceback, out)
@@ -458,7 +400,7 @@ class Dispatcher:
         self._release_children(nr)
 
     def _fail(self, nr: NodeRun, error: Any, tb: str, out: dict[str, Any] | None = None) -> None:
-        nr.error = _err_text(error)
+        nr.error = error_text(error)
         extra = {"error": nr.error, "traceback": tb or None, **(out or {})}
         nr.end_time = time.time()
         self._set(nr, Status.FAILED, extra)
@@ -481,90 +423,6 @@ class Dispatcher:
             self._set(child, Status.CANCELLED, {"reason": "upstream"})
             stack.extend(nr.run.children[child.node.id])
 
-    # ------------------------------------------------------------------ cancelling
-
-    def _cancel(self, dispatch_id: str, task_ids: list[int] | None) -> str:
-        run = self.runs.get(dispatch_id)
-        if run is None:
-            status = self.store.dispatch_status(dispatch_id)
-            return f"Dispatch {dispatch_id} already finished ({status}); nothing to cancel."
-        if task_ids is None:
-            targets = [nr for nr in run.nodes if not nr.final]
-            run.cancel_requested = True
-        else:
-            bad = [t for t in task_ids if not (isinstance(t, int) and 0 <= t < len(run.nodes))]
-            if bad:
-                return (
-                    f"Dispatch {dispatch_id}: no task id(s) {bad}; "
-                    f"valid ids are 0..{len(run.nodes) - 1}."
-                )
-            wanted: dict[int, None] = {}
-            stack = list(task_ids)
-            while stack:
-                t = stack.pop()
-                if t not in wanted:
-                    wanted[t] = None
-                    stack.extend(run.children[t])
-            targets = [run.nodes[t] for t in sorted(wanted) if not run.nodes[t].final]
-        now = time.time()
-        for nr in reversed(targets):  # dependents first: each is dequeued in its own right
-            if nr.final or nr.cancel_at is not None:
-                continue
-            nr.cancel_at = now
-            self._upd(nr, {"cancel_requested_at": now})
-            self._cancel_node(nr, "cancel requested")
-        if task_ids is None and run.status == Status.RUNNING and run.remaining:
-            run.status = Status.CANCELLING
-            self._dupd.setdefault(run.id, {}).update(
-                {"status": Status.CANCELLING.value, "cancel_requested_at": now}
-            )
-        self._check_done(run)
-        if task_ids is None:
-            return f"Dispatch {dispatch_id} cancelled."
-        return f"Dispatch {dispatch_id}: cancelled task(s) {sorted(set(task_ids))} and dependents."
-
-    def _cancel_node(self, nr: NodeRun, reason: str) -> None:
-        if nr.final:
-            return
-        nr.reason = reason
-        if nr.cancel_at is None:
-            nr.cancel_at = time.time()
-            self._upd(nr, {"cancel_requested_at": nr.cancel_at})
-        if not nr.submitted or nr.handle is None:
-            nr.submitted = True  # never to start
-            nr.cancel_outcome = CancelOutcome.DEQUEUED
-            nr.end_time = time.time()
-            self._cancelled(nr, reason)
-            return
-        self._send_cancel(nr)
-
-    def _send_cancel(self, nr: NodeRun) -> None:
-        nr.cancel_tries += 1
-        try:
-            outcome = self.plugins.cancel(nr.executor, nr.handle)
-        except Exception as exc:
-            outcome = CancelOutcome.FAILED
-            self._upd(nr, {"reason": f"cancel failed: {exc!r}"})
-        outcome = CancelOutcome(outcome) if outcome is not None else CancelOutcome.FAILED
-        if outcome == CancelOutcome.FAILED and nr.cancel_tries < CANCEL_RETRIES:
-            self._at(0.5 * nr.cancel_tries, "recancel", nr)
-            return
-        nr.cancel_outcome = outcome
-        self._upd(nr, {"cancel_outcome": outcome.value})
-        self._poll(nr)
-
-    def _external_cancels(self) -> None:
-        by_store: dict[int, tuple[Store, list[str]]] = {}
-        for run in self.runs.values():
-            by_store.setdefault(id(run.store), (run.store, []))[1].append(run.id)
-        for store, ids in by_store.values():
-            try:
-                requests = store.take_cancel_requests(ids)
-            except StoreError:
-                continue
-            for did, task_ids in requests:
-                self._cancel(did, task_ids)
-
     # ------------------------------------------------------------------ finishing dispatches
 
     def _check_done(self, run: DispatchRun) -> None:
@@ -576,7 +434,7 @@ class Dispatcher:
         fields: dict[str, Any] = {"status": status.value, "end_time": time.time()}
         if status == Status.COMPLETED:
             try:
-                value = _structure_value(run, run.graph.result)
+                value = structure_value(run, run.graph.result)
                 blob = cloudpickle.dumps(value)
                 f = run.store.output_fields(run.id, None, blob)
                 fields.update({"result": f["output"], "result_file": f["output_file"]})
@@ -644,33 +502,6 @@ def make_executor(plugins: Plugins, name: str) -> Executor:
 def _waker(q: queue.SimpleQueue, nr: NodeRun):
     item = (_WAKE, nr)
     return lambda: q.put(item)
-
-
-def _compute_inline(node: Node, args: tuple, kwargs: dict) -> Any:
-    if node.kind == GETITEM:
-        return args[0][node.key] if args else None
-    if node.kind == GETATTR:
-        return getattr(args[0], node.key)
-    if node.kind == COLLECTION:
-        return dict(kwargs) if node.value is dict else node.value(args)
-    raise ValentError(f"node {node.label} of kind {node.kind} cannot run inline")
-
-
-def _structure_value(run: DispatchRun, s: Any) -> Any:
-    if isinstance(s, Ref):
-        return run.nodes[s.node_id].get_value()
-    if isinstance(s, list | tuple):
-        return type(s)(_structure_value(run, v) for v in s)
-    if isinstance(s, dict):
-        return {k: _structure_value(run, v) for k, v in s.items()}
-    return s
-
-
-def _err_text(error: Any) -> str:
-    if isinstance(error, BaseException):
-        text = str(error)
-        return f"{type(error).__name__}: {text}" if text else type(error).__name__
-    return str(error)
 
 
 def _process_start() -> float:

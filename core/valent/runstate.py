@@ -1,0 +1,101 @@
+"""The dispatcher's live view of a dispatch and its nodes, and the values flowing between them."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import cloudpickle
+
+from .errors import StoreError, ValentError
+from .executor import Executor
+from .graph import COLLECTION, GETATTR, GETITEM, Graph, Node, Ref
+from .status import CancelOutcome, Status
+from .store import Store
+
+_MISSING = object()
+
+
+class NodeRun:
+    """The dispatcher's live view of one node."""
+
+    __slots__ = (
+        "node", "status", "executor", "handle", "waiting", "value", "pickled", "attempts",
+        "cancel_at", "cancel_outcome", "cancel_tries", "timed_out", "deadline", "reason",
+        "start_time", "end_time", "error", "submitted", "run",
+    )
+
+    def __init__(self, run: DispatchRun, node: Node):
+        self.run = run
+        self.node = node
+        self.status = Status.NEW_OBJECT
+        self.executor: Executor | None = None
+        self.handle: Any = None
+        self.waiting = len(node.parents)
+        self.value: Any = _MISSING
+        self.pickled: bytes | None = None
+        self.attempts = 0
+        self.cancel_at: float | None = None
+        self.cancel_outcome: CancelOutcome | None = None
+        self.cancel_tries = 0
+        self.timed_out = False
+        self.deadline: float | None = None
+        self.reason: str | None = None
+        self.start_time: float | None = None
+        self.end_time: float | None = None
+        self.error: str | None = None
+        self.submitted = False
+
+    @property
+    def final(self) -> bool:
+        return self.status.is_final
+
+    def get_value(self) -> Any:
+        if self.value is _MISSING:
+            self.value = cloudpickle.loads(self.pickled) if self.pickled is not None else None
+        return self.value
+
+
+class DispatchRun:
+    """One dispatch this process owns."""
+
+    def __init__(self, dispatch_id: str, graph: Graph, store: Store | None = None):
+        self.id = dispatch_id
+        self.graph = graph
+        self.store = store  # where it was created (the dispatcher's store when None)
+        self.nodes = [NodeRun(self, n) for n in graph.nodes]
+        self.children = graph.children()
+        self.remaining = len(self.nodes)
+        self.status = Status.NEW_OBJECT
+        self.cancel_requested = False
+        self.done = threading.Event()
+        self.executors: set[int] = set()
+        self.executor_objs: list[Executor] = []
+        self.store_error: StoreError | None = None
+
+
+def compute_inline(node: Node, args: tuple, kwargs: dict) -> Any:
+    if node.kind == GETITEM:
+        return args[0][node.key] if args else None
+    if node.kind == GETATTR:
+        return getattr(args[0], node.key)
+    if node.kind == COLLECTION:
+        return dict(kwargs) if node.value is dict else node.value(args)
+    raise ValentError(f"node {node.label} of kind {node.kind} cannot run inline")
+
+
+def structure_value(run: DispatchRun, s: Any) -> Any:
+    if isinstance(s, Ref):
+        return run.nodes[s.node_id].get_value()
+    if isinstance(s, list | tuple):
+        return type(s)(structure_value(run, v) for v in s)
+    if isinstance(s, dict):
+        return {k: structure_value(run, v) for k, v in s.items()}
+    return s
+
+
+def error_text(error: Any) -> str:
+    if isinstance(error, BaseException):
+        text = str(error)
+        return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return str(error)
