@@ -21,7 +21,6 @@ import os
 import pickle
 import selectors
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -33,8 +32,9 @@ from typing import Any
 
 import cloudpickle
 
-from . import proctree
-from .errors import PicklingError, WorkerDiedError
+from .errors import PicklingError
+from .pooljobs import Job, RemoteError, _Worker, cpu_mark, unpack_error
+from .poolkill import KillMixin
 from .poolworker import HEADER, send_msg
 from .status import CancelOutcome
 from .task import Cancelled, Completed, Failed, Pending, Running, TaskState
@@ -42,70 +42,7 @@ from .task import Cancelled, Completed, Failed, Pending, Running, TaskState
 FN_CACHE_SIZE = 256
 
 
-class RemoteError(Exception):
-    """Stands in for a task's exception that could not be pickled back."""
-
-
-class Job:
-    """One task in the pool. ``state`` is a valent ``TaskState``; ``done`` is an Event."""
-
-    __slots__ = (
-        "id", "fn_entry", "args_blob", "on_change", "state", "worker", "done",
-        "kill_requested", "label",
-    )
-
-    def __init__(self, jid: int, fn_entry, args_blob: bytes, on_change, label: str):
-        self.id = jid
-        self.fn_entry = fn_entry
-        self.args_blob = args_blob
-        self.on_change = on_change
-        self.state: TaskState = Pending()
-        self.worker: _Worker | None = None
-        self.done = threading.Event()
-        self.kill_requested = False
-        self.label = label
-
-    def wait(self, timeout: float | None = None) -> TaskState:
-        """Block until the job is final (or ``timeout``); return its state."""
-        self.done.wait(timeout)
-        return self.state
-
-    def __repr__(self) -> str:
-        return f"<Job {self.id} {self.label} {type(self.state).__name__}>"
-
-
-class _Worker:
-    __slots__ = (
-        "proc", "sock", "lifeline", "known", "job", "idle_since", "out_path", "err_path",
-        "doomed", "kill_deadline", "tree", "dead_at", "index", "key", "ready", "cpu_mark",
-        "rbuf",
-    )
-
-    def __init__(self, proc, sock, lifeline, out_path, err_path, index):
-        self.proc: subprocess.Popen = proc
-        self.sock: socket.socket = sock
-        self.lifeline: int = lifeline
-        self.known: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self.job: Job | None = None
-        self.idle_since = time.monotonic()
-        self.out_path = out_path
-        self.err_path = err_path
-        self.doomed = False
-        self.kill_deadline: float | None = None
-        self.tree: list[tuple[int, float]] = []
-        self.dead_at: float | None = None
-        self.index = index
-        self.key = sock.fileno()
-        self.ready = False
-        self.cpu_mark: tuple[float, float] | None = None
-        self.rbuf = bytearray()  # bytes received from the worker, not yet a whole message
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-
-class ProcessPool:
+class ProcessPool(KillMixin):
     """Warm, reusable, killable worker processes.
 
     :param workers: a fixed number of workers; or None for an elastic pool of
@@ -331,7 +268,7 @@ class ProcessPool:
         for w in self._workers.values():
             if w.job is None or w.doomed or not w.ready:
                 continue
-            now = _cpu_mark(w.pid)
+            now = cpu_mark(w.pid)
             if now is None:
                 continue
             if w.cpu_mark is None or now[1] - w.cpu_mark[1] < 0.02:
@@ -463,21 +400,6 @@ class ProcessPool:
             except OSError:
                 pass
 
-    def _begin_kill(self, worker: _Worker, grace: float | None = None) -> None:
-        """SIGTERM the worker's group and its escaped descendants (lock held)."""
-        worker.doomed = True
-        if worker in self._idle:
-            self._idle.remove(worker)
-        self._dying.append(worker)
-        worker.tree = proctree.snapshot_tree(worker.pid)
-        proctree.signal_group(worker.pid, signal.SIGTERM)
-        proctree.signal_escapees(worker.tree, worker.pid, signal.SIGTERM)
-        g = self.grace if grace is None else grace
-        worker.kill_deadline = time.monotonic() + g
-        if not self._closed:
-            self._respawn += 1  # the I/O thread starts a replacement (not the canceller)
-        self._poke()
-
     def _loop(self) -> None:
         assert self._sel is not None
         while True:
@@ -565,7 +487,7 @@ class ProcessPool:
                     pickled=blob, started_at=started, ended_at=ended, stdout=out, stderr=err
                 )
             else:
-                state = Failed(_unpack_error(payload), payload[2], started, ended, out, err)
+                state = Failed(unpack_error(payload), payload[2], started, ended, out, err)
             self._finish(job, state)
             nxt = None
             if not worker.doomed:
@@ -579,112 +501,6 @@ class ProcessPool:
             self._send(worker, nxt)
         self._notify(job)
 
-    def _on_eof(self, worker: _Worker) -> None:
-        """The worker's socket closed: it died, by our kill or on its own."""
-        with self._lock:
-            if worker.dead_at is not None:
-                return
-            worker.dead_at = time.monotonic()
-            if self._sel is not None:
-                try:
-                    self._sel.unregister(worker.sock)
-                except (KeyError, ValueError):
-                    pass
-            if not worker.doomed:
-                # died on its own (os._exit, segfault, OOM): nothing of its group may stay
-                worker.doomed = True
-                if worker in self._idle:
-                    self._idle.remove(worker)
-                self._dying.append(worker)
-                worker.tree = proctree.snapshot_tree(worker.pid)
-                worker.kill_deadline = time.monotonic()
-                if not self._closed:
-                    self._spawn()
-                    self._drain_to_idle()
-
-    def _tick(self) -> None:
-        """Advance kills: SIGKILL at the deadline, confirm groups gone, reap, report."""
-        now = time.monotonic()
-        finished: list[Job] = []
-        with self._lock:
-            while self._respawn and not self._closed:
-                self._respawn -= 1
-                self._spawn()
-                self._drain_to_idle()
-            for w in list(self._dying):
-                if w.kill_deadline is not None and now >= w.kill_deadline:
-                    proctree.signal_group(w.pid, signal.SIGKILL)
-                    proctree.signal_escapees(w.tree, w.pid, signal.SIGKILL)
-                    w.kill_deadline = None
-                if w.dead_at is None and w.proc.poll() is None:
-                    continue
-                if proctree.group_members(w.pid) or proctree.alive_escapees(w.tree, w.pid):
-                    if w.kill_deadline is None:
-                        proctree.signal_group(w.pid, signal.SIGKILL)
-                    continue
-                job = self._retire(w)
-                if job is not None:
-                    finished.append(job)
-            if self._closed and not self._dying:
-                for w in list(self._workers.values()):
-                    self._begin_kill(w, grace=0.0)
-            self._shrink(now)
-            if self._queue:
-                self._maybe_grow()
-        for job in finished:
-            self._notify(job)
-
-    def _retire(self, w: _Worker) -> Job | None:
-        """Forget a dead worker whose group is gone; settle its job (lock held)."""
-        try:
-            w.proc.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            return None
-        self._dying.remove(w)
-        self._workers.pop(w.key, None)
-        if w.dead_at is None and self._sel is not None:
-            # retired on its exit status before the selector saw EOF: unregister before the
-            # close, or a new worker's socket reusing this fd cannot be registered
-            try:
-                self._sel.unregister(w.sock)
-            except (KeyError, ValueError):
-                pass
-        w.sock.close()
-        try:
-            os.close(w.lifeline)
-        except OSError:
-            pass
-        job, w.job = w.job, None
-        out, err = _tail(w.out_path), _tail(w.err_path)
-        for p in (w.out_path, w.err_path):
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
-        if job is None or job.state.final:
-            return None
-        started = getattr(job.state, "started_at", None)
-        if job.kill_requested:
-            state: TaskState = Cancelled(CancelOutcome.KILLED, started, time.time(), out, err)
-        else:
-            how = proctree.signal_name(w.proc.returncode)
-            detail = err.strip().splitlines()[-12:]
-            msg = f"the worker process running {job.label or 'the task'} died ({how})"
-            if detail:
-                msg += "; its last output:\n" + "\n".join(detail)
-            state = Failed(WorkerDiedError(msg), "", started, time.time(), out, err)
-        self._finish(job, state)
-        return job
-
-    def _shrink(self, now: float) -> None:
-        live = len(self._workers) - len(self._dying)
-        for w in list(self._idle):
-            if live <= self.min_workers:
-                break
-            if now - w.idle_since > self.idle_timeout:
-                self._begin_kill(w, grace=0.0)
-                live -= 1
-
     def _cleanup(self) -> None:
         if self._sel is not None:
             self._sel.close()
@@ -693,38 +509,6 @@ class ProcessPool:
                 s.close()
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
-
-
-def _cpu_mark(pid: int) -> tuple[float, float] | None:
-    """(CPU seconds used, monotonic time) of a process, or None if it is gone."""
-    import psutil
-
-    try:
-        t = psutil.Process(pid).cpu_times()
-    except psutil.Error:
-        return None
-    return (t.user + t.system, time.monotonic())
-
-
-def _unpack_error(payload: tuple) -> BaseException:
-    blob, text, _tb = payload
-    if blob is not None:
-        try:
-            return cloudpickle.loads(blob)
-        except Exception:
-            pass
-    return RemoteError(text)
-
-
-def _tail(path: str, limit: int = 1 << 16) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - limit))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
 
 
 __all__ = ["ProcessPool", "Job", "RemoteError", "HEADER"]
