@@ -9,9 +9,11 @@ Cases (``N`` = 1,000 by default):
 - ``fanout``: N independent no-op tasks. Raw: ``client.submit`` each, then ``gather``.
   valent: ``DaskExecutor.run`` each, wait for every ``wake``/``poll`` to be final
   (executor level), and a lattice of N electrons through ``ct.dispatch`` / ``get_result``.
-- ``chain``: N dependent no-op tasks. Raw: each ``submit`` gets the previous future.
-  valent: the next task starts when the previous one's value is back (executor level), and
-  a lattice whose electrons form a chain.
+- ``chain``: N dependent no-op tasks. Raw: each ``submit`` gets the previous future (Dask
+  passes values worker to worker), and "raw client-driven": ``submit(...).result()`` in a
+  loop, the way any dispatcher that needs each value must drive Dask. valent: the next task
+  starts when the previous one's value is back (executor level), and a lattice whose
+  electrons form a chain.
 - ``cancel``: kill mode, a running task (and so its child process) is cancelled; the time
   from ``cancel()`` to the state ``Cancelled(killed)`` (the pool has confirmed the child's
   process group gone), p50 and p95.
@@ -109,6 +111,16 @@ def raw_chain(client, n: int) -> float:
     for _ in range(n - 1):
         f = client.submit(inc, f, pure=False)
     assert f.result() == n
+    return time.perf_counter() - t0
+
+
+def raw_chain_client_driven(client, n: int) -> float:
+    """The chain as a dispatcher drives it: each value back to the client, then the next."""
+    t0 = time.perf_counter()
+    v = 0
+    for _ in range(n):
+        v = client.submit(inc, v, pure=False).result()
+    assert v == n
     return time.perf_counter() - t0
 
 
@@ -216,7 +228,9 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[k]
 
 
-def run(repeats: int = 3, n: int = 1000, cancel_runs: int = 25, dispatch: bool = True) -> list[dict]:
+def run(
+    repeats: int = 3, n: int = 1000, cancel_runs: int = 25, dispatch: bool = True
+) -> list[dict]:
     """Run every case ``repeats`` times; return one row per (case, variant)."""
     import distributed
     import valent as ct
@@ -246,6 +260,10 @@ def run(repeats: int = 3, n: int = 1000, cancel_runs: int = 25, dispatch: bool =
                 for name, ex in variants:
                     if ex is None:
                         times.setdefault((case, "raw dask"), []).append(raw_fn(client, n))
+                        if case == "chain":
+                            times.setdefault((case, "raw client-driven"), []).append(
+                                raw_chain_client_driven(client, n)
+                            )
                         continue
                     times.setdefault((case, f"executor {name}"), []).append(ex_fn(ex, n))
                     if dispatch:
