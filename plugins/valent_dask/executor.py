@@ -155,7 +155,7 @@ class DaskExecutor(valent.Executor):
         return h
 
     def poll(self, handle: _Handle) -> TaskState:
-        """The task's state; never waits on the network (a collector thread fetches results)."""
+        """The task's state; never waits on the network (values are fetched on the event loop)."""
         return handle.state
 
     def cancel(self, handle: _Handle) -> CancelOutcome:
