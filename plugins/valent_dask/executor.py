@@ -10,10 +10,11 @@ from typing import Any, Literal
 
 import cloudpickle
 import valent
-from valent import CancelOutcome, Capabilities, ExecutorError, PicklingError, WorkerDiedError
-from valent.task import Cancelled, Completed, Failed, Pending, Running, Task, TaskState
+from valent import CancelOutcome, Capabilities, ExecutorError, PicklingError
+from valent.task import Cancelled, Failed, Pending, Running, Task, TaskState
 
 from . import worker_side as ws
+from .handles import Handle, cancel_outcome, final_outcome, to_state
 
 CANCEL_MODES = ("kill", "finish")
 INLINE_GAP = 0.005
@@ -21,23 +22,6 @@ INLINE_GAP = 0.005
 RUNNING_CHECK = 0.5
 """Seconds between asks to the workers which of our pending tasks have started."""
 FN_CACHE = 256
-
-
-class _Handle:
-    """One task on the cluster, as ``run`` returns it to the dispatcher."""
-
-    __slots__ = ("task", "wake", "future", "state", "outcome", "submitted_at")
-
-    def __init__(self, task: Task, wake: valent.Wake):
-        self.task = task
-        self.wake = wake
-        self.future: Any = None
-        self.state: TaskState = Pending()
-        self.outcome: CancelOutcome | None = None
-        self.submitted_at = time.time()
-
-    def __repr__(self) -> str:
-        return f"<DaskHandle {self.task.key} {type(self.state).__name__}>"
 
 
 class DaskExecutor(valent.Executor):
@@ -102,8 +86,8 @@ class DaskExecutor(valent.Executor):
         self._conn: Any = None
         self._starting: threading.Thread | None = None
         self._start_error: BaseException | None = None
-        self._waiting: list[tuple[_Handle, tuple[str, bytes, bytes]]] = []
-        self._live: dict[str, _Handle] = {}
+        self._waiting: list[tuple[Handle, tuple[str, bytes, bytes]]] = []
+        self._live: dict[str, Handle] = {}
         self._fns: collections.OrderedDict[int, tuple[Any, str, bytes]] = (
             collections.OrderedDict()
         )
@@ -123,9 +107,9 @@ class DaskExecutor(valent.Executor):
 
     # ------------------------------------------------------------ the contract
 
-    def run(self, task: Task, wake: valent.Wake) -> _Handle:
+    def run(self, task: Task, wake: valent.Wake) -> Handle:
         """Submit ``task`` to the cluster (starting or connecting on first use); no blocking."""
-        h = _Handle(task, wake)
+        h = Handle(task, wake)
         try:
             blobs = self._blobs(task)
         except PicklingError as exc:
@@ -154,11 +138,11 @@ class DaskExecutor(valent.Executor):
             self._submit_lock.release()
         return h
 
-    def poll(self, handle: _Handle) -> TaskState:
+    def poll(self, handle: Handle) -> TaskState:
         """The task's state; never waits on the network (values are fetched on the event loop)."""
         return handle.state
 
-    def cancel(self, handle: _Handle) -> CancelOutcome:
+    def cancel(self, handle: Handle) -> CancelOutcome:
         """Dequeue it, kill it (kill mode) or let it finish (finish mode); see the class doc."""
         return self._cancel_many([handle])[0]
 
@@ -200,16 +184,16 @@ class DaskExecutor(valent.Executor):
         for h in dropped:
             h.wake()
 
-    def _cancel_many(self, handles: list[_Handle]) -> list[CancelOutcome]:
+    def _cancel_many(self, handles: list[Handle]) -> list[CancelOutcome]:
         """Cancel several tasks with one broadcast to the workers."""
         out: dict[int, CancelOutcome] = {}
-        ask: list[tuple[int, _Handle, Any]] = []
-        woken: list[_Handle] = []
+        ask: list[tuple[int, Handle, Any]] = []
+        woken: list[Handle] = []
         with self._submit_lock, self._lock:  # a handle is either waiting or submitted
             conn = self._conn
             for i, h in enumerate(handles):
                 if h.state.final:
-                    out[i] = _final_outcome(h.state)
+                    out[i] = final_outcome(h.state)
                 elif h.outcome is not None:
                     out[i] = h.outcome
                 elif h.future is None:  # not sent to Dask yet (starting, or queued to send)
@@ -231,7 +215,7 @@ class DaskExecutor(valent.Executor):
                 answers = None
             dequeued = []
             for i, h, _ in ask:
-                outcome = _outcome(answers, h.task.key)
+                outcome = cancel_outcome(answers, h.task.key)
                 out[i] = self._commit(h, outcome)
                 if out[i] is CancelOutcome.DEQUEUED and outcome is CancelOutcome.DEQUEUED:
                     dequeued.append(h)
@@ -241,13 +225,13 @@ class DaskExecutor(valent.Executor):
                 h.wake()
         return [out[i] for i in range(len(handles))]
 
-    def _commit(self, h: _Handle, outcome: CancelOutcome) -> CancelOutcome:
+    def _commit(self, h: Handle, outcome: CancelOutcome) -> CancelOutcome:
         """Record what the cancel will do to ``h``; a task that ended meanwhile is too late."""
         if outcome in (CancelOutcome.FAILED, CancelOutcome.TOO_LATE):
             return outcome
         with self._lock:
             if h.state.final:  # it ended while the workers answered (a kill can be that fast)
-                return _final_outcome(h.state)
+                return final_outcome(h.state)
             h.outcome = outcome
             if outcome is CancelOutcome.DEQUEUED:
                 self._finish(h, Cancelled(outcome, ended_at=time.time()))
@@ -290,7 +274,7 @@ class DaskExecutor(valent.Executor):
             if batch:
                 self._send(conn, batch)
 
-    def _send(self, conn: Any, batch: list[tuple[_Handle, tuple[str, bytes, bytes]]]) -> None:
+    def _send(self, conn: Any, batch: list[tuple[Handle, tuple[str, bytes, bytes]]]) -> None:
         """Submit ``batch`` as one graph update and follow its futures (submit lock held)."""
         keys = [h.task.key for h, _ in batch]
         cols = [list(c) for c in zip(*(b for _, b in batch), strict=True)]
@@ -342,7 +326,7 @@ class DaskExecutor(valent.Executor):
             where = self.scheduler_address or "a new LocalCluster"
             error = ExecutorError(f"DaskExecutor could not start/connect to {where}: {exc}")
             error.__cause__ = exc
-        failed: list[_Handle] = []
+        failed: list[Handle] = []
         with self._lock:
             self._starting = None
             if conn is not None and self._closed:
@@ -393,7 +377,7 @@ class DaskExecutor(valent.Executor):
             for h in woken:
                 h.wake()
 
-    def _finish(self, h: _Handle, state: TaskState) -> None:
+    def _finish(self, h: Handle, state: TaskState) -> None:
         """Record a final state and drop the future, releasing its data (lock held)."""
         h.state = state
         h.future = None
@@ -406,81 +390,11 @@ class DaskExecutor(valent.Executor):
             for (future, h), value in items:
                 if h.state.final or h.future is not future:
                     continue
-                self._finish(h, _to_state(h, future, value))
+                self._finish(h, to_state(h, future, value))
                 woken.append(h)
         for h in woken:
             h.wake()
 
 
-def _final_outcome(state: TaskState) -> CancelOutcome:
-    """What a cancel of a task already in ``state`` (final) amounts to."""
-    return state.outcome if isinstance(state, Cancelled) else CancelOutcome.TOO_LATE
-
-
-def _outcome(answers: dict | None, key: str) -> CancelOutcome:
-    """What the workers' answers to a cancel broadcast mean for ``key``."""
-    if answers is None:
-        return CancelOutcome.FAILED
-    said = {a.get(key) for a in answers.values() if isinstance(a, dict)}
-    if ws.KILLED in said:
-        return CancelOutcome.KILLED
-    if ws.RUNNING in said:
-        return CancelOutcome.RUNS_TO_COMPLETION
-    if ws.FINISHED in said:
-        return CancelOutcome.TOO_LATE
-    if any(not isinstance(a, dict) for a in answers.values()):
-        return CancelOutcome.FAILED  # a worker that did not answer may be running it
-    # not running on any worker, and tombstoned on all: it never will start
-    return CancelOutcome.DEQUEUED
-
-
 def _rebuild(cls: type[DaskExecutor], settings: dict[str, Any]) -> DaskExecutor:
     return cls(**settings)
-
-
-def _to_state(h: _Handle, future: Any, value: Any) -> TaskState:
-    """Map a task's returned tuple (or the future's error) to a valent state."""
-    now = time.time()
-    label = h.task.label
-    if value is None:
-        if h.outcome is not None:
-            return Cancelled(h.outcome, ended_at=now)
-        msg = f"Dask dropped {label} (its future was cancelled outside valent)"
-        return Failed(ExecutorError(msg), "", ended_at=now)
-    if isinstance(value, BaseException):
-        from distributed.scheduler import KilledWorker
-
-        name = type(value).__name__
-        if isinstance(value, KilledWorker):
-            err: BaseException = WorkerDiedError(
-                f"the Dask worker running {label} died ({name}: {value}); Dask gave up "
-                "after its allowed failures (distributed.scheduler.allowed-failures)"
-            )
-        else:
-            err = ExecutorError(f"Dask could not run {label}: {name}: {value}")
-        err.__cause__ = value
-        return Failed(err, "", ended_at=now)
-    kind = value[0]
-    if kind == ws.OK:
-        _, pickled, started, ended, out, errtxt = value
-        return Completed(
-            pickled=pickled, started_at=started, ended_at=ended, stdout=out, stderr=errtxt
-        )
-    if kind == ws.ERR:
-        _, blob, text, tb, started, ended, out, errtxt = value
-        exc: BaseException | None = None
-        if blob is not None:
-            try:
-                exc = cloudpickle.loads(blob)
-            except Exception:  # noqa: BLE001 - its class may not exist here
-                exc = None
-        if exc is None:
-            from valent.procpool import RemoteError
-
-            exc = RemoteError(text)
-        return Failed(exc, tb, started, ended, out, errtxt)
-    if kind == ws.CANCELLED:
-        _, outcome, started, ended, out, errtxt = value
-        return Cancelled(CancelOutcome(outcome), started, ended, out, errtxt)
-    # SKIPPED: a cancel tombstoned it before it started
-    return Cancelled(h.outcome or CancelOutcome.DEQUEUED, ended_at=now)
