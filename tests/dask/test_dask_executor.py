@@ -291,6 +291,36 @@ def test_own_local_cluster_started_lazily_and_closed():
     )
 
 
+EXIT_SCRIPT = """
+import os, threading, sys
+import valent
+
+def body():
+    return os.getpid(), os.getppid()
+
+if __name__ == "__main__":
+    ex = valent.executors.DaskExecutor(n_workers=1)
+    woke = threading.Event()
+    h = ex.run(valent.Task("exit", 1, "body", body), woke.set)
+    while not ex.poll(h).final:
+        woke.wait(1); woke.clear()
+    print(*ex.poll(h).get_value(), flush=True)
+    # no shutdown(): the interpreter's exit must close the cluster it started
+"""
+
+
+def test_own_cluster_closed_at_interpreter_exit(tmp_path):
+    script = tmp_path / "exit_script.py"
+    script.write_text(EXIT_SCRIPT)
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True
+    ).stdout.split()
+    child, worker = int(out[0]), int(out[1])
+    assert wait_until(lambda: not alive(child) and not alive(worker), 20, 0.1), (
+        "the LocalCluster's worker or its warm child outlived the process"
+    )
+
+
 def _trackers() -> set[int]:
     return {pid for pid, p in descendants().items() if is_resource_tracker(p)}
 
