@@ -291,6 +291,28 @@ def run(
     return rows
 
 
+def table_rows(rows: list[dict]) -> list[dict]:
+    """The rows in benchmarks/common.py's format (for benchmarks/run.py's one table)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import row
+
+    out = []
+    raw = {r["case"]: r for r in rows if r.get("variant") == "raw dask"}
+    for r in rows:
+        if r["case"] == "cancel":
+            out.append(row("dask kill cancel latency p50", r["p50_ms"], "ms", goal_abs=250))
+            out.append(row("dask kill cancel latency p95", r["p95_ms"], "ms", goal_abs=250,
+                           note=f"{r['n']} runs"))
+            continue
+        if r["variant"] == "raw dask":
+            continue
+        goal = 1.5 if "kill" in r["variant"] else 1.2
+        base = raw[r["case"]]["per_task_ms"]
+        out.append(row(f"dask {r['case']} {r['n']}: {r['variant']}", r["per_task_ms"], "ms/task",
+                       baseline=base, baseline_name="raw client.submit/gather", goal_ratio=goal))
+    return out
+
+
 def _print(rows: list[dict]) -> None:
     print(f"{'case':<8} {'variant':<18} {'n':>6} {'median s':>9} {'ms/task':>8} {'vs raw':>7}")
     for r in rows:

@@ -53,6 +53,8 @@ def main() -> None:
         try:
             module = importlib.import_module(module_name)
             got = module.run(args.repeats, **kwargs)
+            if hasattr(module, "table_rows"):
+                got = module.table_rows(got)
         except Exception:
             traceback.print_exc()
             failed.append(name)
@@ -61,10 +63,10 @@ def main() -> None:
             r.setdefault("family", name)
         rows.extend(got)
         print(f"   {len(got)} rows in {time.perf_counter() - t:.0f} s", flush=True)
-    print_table(rows)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}, f, indent=2)
+    print_table(rows)
     print(f"wrote {args.json}")
     if failed:
         print(f"families that failed: {', '.join(failed)}", file=sys.stderr)

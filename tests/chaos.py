@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
 import valent as ct
 from valent.rules import lattice_status
+from valent.testing.procs import alive
 
 
 def chaos_task(tag: str, folder: str, seconds: float, *inputs: int) -> int:
@@ -110,13 +110,6 @@ def run_and_check(plan: Plan, folder: str, executor_objs: dict[str, Any],
     return result
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
 def check(plan: Plan, folder: str, result: ct.Result, index_to_node: dict[int, int]) -> None:
     """Every node final; the dispatch status follows the rule; outcomes match reality."""
     where = f"seed {plan.seed} ({plan.shape}, cancel {plan.cancel_ids} after {plan.cancel_after}s)"
@@ -182,5 +175,5 @@ def check(plan: Plan, folder: str, result: ct.Result, index_to_node: dict[int, i
                     )
         # the task's child is gone in every case; a killed task's own process too
         check_pids = pids if outcome == "killed" else pids[1:]
-        left += [f"t{i}:{p}" for p in check_pids if _alive(p)]
+        left += [f"t{i}:{p}" for p in check_pids if alive(p)]
     assert not left, f"{where}: processes left when get_result returned: {left}"

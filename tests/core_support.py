@@ -6,44 +6,9 @@ conftest.py: whichever was imported last answers. conftest.py re-exports these.)
 
 from __future__ import annotations
 
-import os
 import time
 
-import psutil
-
-
-def live_descendants(pid: int | None = None) -> list[psutil.Process]:
-    """Non-zombie descendants of this process (or ``pid``)."""
-    try:
-        procs = psutil.Process(pid or os.getpid()).children(recursive=True)
-    except psutil.Error:
-        return []
-    out = []
-    for p in procs:
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
-
-
-def wait_gone(pids, timeout: float = 10.0) -> list[int]:
-    """Wait until none of ``pids`` is alive (zombies count as gone); return those left."""
-    deadline = time.monotonic() + timeout
-    left = list(pids)
-    while left and time.monotonic() < deadline:
-        left = [p for p in left if _alive(p)]
-        if left:
-            time.sleep(0.02)
-    return left
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+from valent.testing.procs import alive, live_descendants, wait_gone  # noqa: F401
 
 
 def wait_for(predicate, timeout: float = 10.0, every: float = 0.02):

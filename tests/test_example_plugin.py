@@ -10,11 +10,11 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-import psutil
 import pytest
 import valent as ct
 from valent.plugins import get_plugins
 from valent.testing import ExecutorConformance
+from valent.testing.procs import alive
 
 valent_subprocess = pytest.importorskip(
     "valent_subprocess",
@@ -101,14 +101,7 @@ def test_cancel_kills_the_running_task_and_its_subprocess(tmp_path):
     assert long_node["cancel_confirmed_at"] is not None
     assert after_node["status"] == ct.Status.CANCELLED
     for pid in (task_pid, child_pid):  # confirmed gone when get_result returns
-        assert not _alive(pid), f"process {pid} survived the cancel"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+        assert not alive(pid), f"process {pid} survived the cancel"
 
 
 class TestSubprocessConformance(ExecutorConformance):

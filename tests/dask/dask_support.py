@@ -9,6 +9,7 @@ import uuid
 
 import psutil
 import valent
+from valent.testing.procs import alive, wait_until  # noqa: F401
 
 
 def descendants() -> dict[int, psutil.Process]:
@@ -25,23 +26,6 @@ def descendants() -> dict[int, psutil.Process]:
         except psutil.Error:
             continue
     return out
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie counts as gone)."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def wait_until(pred, timeout: float, step: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 def is_resource_tracker(p: psutil.Process) -> bool:

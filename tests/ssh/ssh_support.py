@@ -8,15 +8,7 @@ import time
 import uuid
 
 import valent
-
-
-def wait_until(pred, timeout: float, step: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return bool(pred())
+from valent.testing.procs import wait_until  # noqa: F401
 
 
 class Submitted:

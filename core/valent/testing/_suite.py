@@ -23,6 +23,7 @@ from valent.status import CancelOutcome, Status
 from valent.task import Cancelled, Completed, Failed, Pending, Task, TaskState
 
 from . import tasks
+from .procs import alive, wait_gone
 
 
 @dataclass
@@ -159,24 +160,6 @@ def _descendants() -> dict[int, float]:
         except psutil.Error:
             continue
     return out
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs; a zombie counts as gone."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def wait_gone(pids: list[int], timeout: float) -> list[int]:
-    """Wait until none of ``pids`` is alive; return those still alive at the deadline."""
-    deadline = time.monotonic() + timeout
-    left = [p for p in pids if alive(p)]
-    while left and time.monotonic() < deadline:
-        time.sleep(0.02)
-        left = [p for p in left if alive(p)]
-    return left
 
 
 def _kill(pids: list[int]) -> None:
