@@ -58,14 +58,12 @@ class KillMixin:
                     self._drain_to_idle()
 
     def _tick(self) -> None:
-        """Advance kills: SIGKILL at the deadline, confirm groups gone, reap, report."""
+        """Advance kills: SIGKILL at the deadline, confirm groups gone, reap, report; then
+        start replacements (after reporting, so that confirming a stop never waits on them)."""
         now = time.monotonic()
         finished: list[Job] = []
         with self._lock:
-            while self._respawn and not self._closed:
-                self._respawn -= 1
-                self._spawn()
-                self._drain_to_idle()
+            live = proctree.live_groups() if self._dying else set()
             for w in list(self._dying):
                 if w.kill_deadline is not None and now >= w.kill_deadline:
                     proctree.signal_group(w.pid, signal.SIGKILL)
@@ -73,21 +71,26 @@ class KillMixin:
                     w.kill_deadline = None
                 if w.dead_at is None and w.proc.poll() is None:
                     continue
-                if proctree.group_members(w.pid) or proctree.alive_escapees(w.tree, w.pid):
+                if w.pid in live or proctree.alive_escapees(w.tree, w.pid):
                     if w.kill_deadline is None:
                         proctree.signal_group(w.pid, signal.SIGKILL)
                     continue
                 job = self._retire(w)
                 if job is not None:
                     finished.append(job)
+        for job in finished:
+            self._notify(job)
+        with self._lock:
+            while self._respawn and not self._closed:
+                self._respawn -= 1
+                self._spawn()
+                self._drain_to_idle()
             if self._closed and not self._dying:
                 for w in list(self._workers.values()):
                     self._begin_kill(w, grace=0.0)
             self._shrink(now)
             if self._queue:
                 self._maybe_grow()
-        for job in finished:
-            self._notify(job)
 
     def _retire(self, w: _Worker) -> Job | None:
         """Forget a dead worker whose group is gone; settle its job (lock held)."""

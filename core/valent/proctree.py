@@ -8,15 +8,38 @@ import signal
 import psutil
 
 
-def _stat_fields(pid: int) -> tuple[str, int] | None:
-    """(state, pgrp) of ``pid`` from /proc, or None if it is gone."""
+def _stat_fields(pid: int) -> tuple[str, int, int] | None:
+    """(state, pgrp, ppid) of ``pid`` from /proc, or None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
     rest = data[data.rindex(b")") + 2 :].split()
-    return rest[0].decode(), int(rest[2])
+    return rest[0].decode(), int(rest[2]), int(rest[1])
+
+
+_scan_cache: tuple[float, dict[int, list[int]]] | None = None
+SCAN_MAX_AGE = 0.05
+
+
+def _children_map() -> dict[int, list[int]]:
+    """{ppid: [live child pids]} from one /proc scan, reused for ``SCAN_MAX_AGE`` seconds
+    (cancelling many tasks at once snapshots many trees: one scan serves them all)."""
+    global _scan_cache
+    import time
+
+    now = time.monotonic()
+    if _scan_cache is not None and now - _scan_cache[0] < SCAN_MAX_AGE:
+        return _scan_cache[1]
+    out: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            fields = _stat_fields(int(name))
+            if fields and fields[0] not in ("Z", "X"):
+                out.setdefault(fields[2], []).append(int(name))
+    _scan_cache = (now, out)
+    return out
 
 
 def group_members(pgid: int) -> list[int]:
@@ -40,8 +63,42 @@ def group_members(pgid: int) -> list[int]:
     return out
 
 
+def live_groups() -> set[int]:
+    """The process groups that have at least one live (non-zombie) member: one scan for all."""
+    if not os.path.isdir("/proc/self"):
+        out = set()
+        for p in psutil.process_iter(["status"]):
+            try:
+                if p.info["status"] != psutil.STATUS_ZOMBIE:
+                    out.add(os.getpgid(p.pid))
+            except (ProcessLookupError, psutil.Error):
+                continue
+        return out
+    groups = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            fields = _stat_fields(int(name))
+            if fields and fields[0] not in ("Z", "X"):
+                groups.add(fields[1])
+    return groups
+
+
 def snapshot_tree(pid: int) -> list[tuple[int, float]]:
     """(pid, create_time) of every live descendant of ``pid``; empty if it is gone."""
+    if os.path.isdir("/proc/self"):
+        kids = _children_map()
+        found, stack = [], list(kids.get(pid, ()))
+        while stack:
+            c = stack.pop()
+            found.append(c)
+            stack.extend(kids.get(c, ()))
+        out = []
+        for c in found:
+            try:
+                out.append((c, psutil.Process(c).create_time()))
+            except psutil.Error:
+                continue
+        return out
     try:
         children = psutil.Process(pid).children(recursive=True)
     except psutil.Error:
