@@ -26,7 +26,14 @@ from .executor import Executor
 from .graph import ELECTRON, PARAMETER, Ref
 from .plugins import Plugins
 from .rules import lattice_status
-from .runstate import DispatchRun, NodeRun, compute_inline, error_text, structure_value
+from .runstate import (
+    DispatchRun,
+    NodeRun,
+    compute_inline,
+    error_text,
+    release_inputs,
+    structure_value,
+)
 from .status import CancelOutcome, Status
 from .store import Store
 from .task import Cancelled, Completed, Failed, Running, Task
@@ -369,6 +376,7 @@ class Dispatcher(CancelMixin):
                 traceback.print_exc()
         if status.is_final:
             nr.run.remaining -= 1
+            release_inputs(nr)
             self._check_done(nr.run)
 
     def _upd(self, nr: NodeRun, fields: dict[str, Any]) -> None:

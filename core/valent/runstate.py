@@ -14,6 +14,7 @@ from .status import CancelOutcome, Status
 from .store import Store
 
 _MISSING = object()
+_RELEASED = object()
 
 
 class NodeRun:
@@ -22,7 +23,7 @@ class NodeRun:
     __slots__ = (
         "node", "status", "executor", "handle", "waiting", "value", "pickled", "attempts",
         "cancel_at", "cancel_outcome", "cancel_tries", "timed_out", "deadline", "reason",
-        "start_time", "end_time", "error", "submitted", "run",
+        "start_time", "end_time", "error", "submitted", "run", "consumers",
     )
 
     def __init__(self, run: DispatchRun, node: Node):
@@ -45,12 +46,15 @@ class NodeRun:
         self.end_time: float | None = None
         self.error: str | None = None
         self.submitted = False
+        self.consumers = 0  # dependents not final yet (+1 if the lattice returns it)
 
     @property
     def final(self) -> bool:
         return self.status.is_final
 
     def get_value(self) -> Any:
+        if self.value is _RELEASED:
+            raise ValentError(f"internal: the value of {self.node.label} was already released")
         if self.value is _MISSING:
             self.value = cloudpickle.loads(self.pickled) if self.pickled is not None else None
         return self.value
@@ -65,6 +69,10 @@ class DispatchRun:
         self.store = store  # where it was created (the dispatcher's store when None)
         self.nodes = [NodeRun(self, n) for n in graph.nodes]
         self.children = graph.children()
+        for nr, kids in zip(self.nodes, self.children, strict=True):
+            nr.consumers = len(kids)
+        for node_id in _refs(graph.result):
+            self.nodes[node_id].consumers += 1  # kept until the result is assembled
         self.remaining = len(self.nodes)
         self.status = Status.NEW_OBJECT
         self.cancel_requested = False
@@ -72,6 +80,28 @@ class DispatchRun:
         self.executors: set[int] = set()
         self.executor_objs: list[Executor] = []
         self.store_error: StoreError | None = None
+
+
+def release_inputs(nr: NodeRun) -> None:
+    """``nr`` is final: a parent whose dependents are all final drops its value (it is in the
+    store), so memory follows the running frontier of the graph, not its whole size."""
+    nodes = nr.run.nodes
+    for pid in nr.node.parents:
+        parent = nodes[pid]
+        parent.consumers -= 1
+        if parent.consumers <= 0 and parent.final:
+            parent.value = _RELEASED
+            parent.pickled = None
+
+
+def _refs(structure: Any) -> list[int]:
+    if isinstance(structure, Ref):
+        return [structure.node_id]
+    if isinstance(structure, list | tuple):
+        return [i for v in structure for i in _refs(v)]
+    if isinstance(structure, dict):
+        return [i for v in structure.values() for i in _refs(v)]
+    return []
 
 
 def compute_inline(node: Node, args: tuple, kwargs: dict) -> Any:
