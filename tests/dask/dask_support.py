@@ -9,23 +9,12 @@ import uuid
 
 import psutil
 import valent
-from valent.testing.procs import alive, wait_until  # noqa: F401
+from valent.testing.procs import alive, live_descendants, wait_until  # noqa: F401
 
 
 def descendants() -> dict[int, psutil.Process]:
     """Live (non-zombie) descendants of this process, by PID."""
-    out = {}
-    try:
-        procs = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return out
-    for p in procs:
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                out[p.pid] = p
-        except psutil.Error:
-            continue
-    return out
+    return {p.pid: p for p in live_descendants()}
 
 
 def is_resource_tracker(p: psutil.Process) -> bool:

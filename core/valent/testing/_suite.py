@@ -23,7 +23,7 @@ from valent.status import CancelOutcome, Status
 from valent.task import Cancelled, Completed, Failed, Pending, Task, TaskState
 
 from . import tasks
-from .procs import alive, wait_gone
+from .procs import alive, live_descendants, wait_gone
 
 
 @dataclass
@@ -149,14 +149,9 @@ class Harness:
 def _descendants() -> dict[int, float]:
     """{pid: create_time} of the live (non-zombie) descendants of this process."""
     out: dict[int, float] = {}
-    try:
-        procs = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return out
-    for p in procs:
+    for p in live_descendants():
         try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                out[p.pid] = p.create_time()
+            out[p.pid] = p.create_time()
         except psutil.Error:
             continue
     return out
