@@ -134,6 +134,7 @@ def test_example_registers_and_runs(name, capsys):
         "valent_run": {"executor": ex, "task": task, "wake": lambda: None},
         "valent_poll": {"executor": ex, "handle": valent.Failed("boom")},
         "valent_cancel": {"executor": ex, "handle": valent.Completed(value=1)},
+        "valent_cancel_many": {"executor": ex, "handles": [valent.Completed(value=1)] * 2},
         "valent_node_status": {"dispatch_id": "d" * 8, "node_id": 0, "name": "task_1",
                                "status": valent.Status.COMPLETED},
         "valent_dispatch_finished": {"dispatch_id": "d" * 8, "status": valent.Status.COMPLETED},
@@ -151,5 +152,8 @@ def test_example_registers_and_runs(name, capsys):
     elif name == "valent_cancel":
         assert result == valent.CancelOutcome.TOO_LATE
         assert "too_late" in capsys.readouterr().out
+    elif name == "valent_cancel_many":
+        assert result == [valent.CancelOutcome.TOO_LATE] * 2
+        assert "2 cancels in one batch" in capsys.readouterr().out
     else:
         assert result == [] and "d" * 8 in capsys.readouterr().out

@@ -25,7 +25,7 @@ from .errors import (
 from .executor import Capabilities, Executor, Wake
 from .graph import electron, lattice
 from .status import CancelOutcome, Status
-from .task import Cancelled, Completed, Failed, Pending, Running, Task, TaskState
+from .task import Cancelled, Completed, Failed, Pending, Running, Task, TaskState, Upstream
 
 if TYPE_CHECKING:
     from . import executors
@@ -81,6 +81,7 @@ __all__ = [
     "TracingError",
     "UnknownDispatchError",
     "UnknownExecutorError",
+    "Upstream",
     "ValentError",
     "Wake",
     "WorkerDiedError",

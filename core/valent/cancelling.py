@@ -13,6 +13,7 @@ from .errors import StoreError
 from .status import CancelOutcome, Status
 
 if TYPE_CHECKING:
+    from .executor import Executor
     from .runstate import NodeRun
     from .store import Store
 
@@ -62,13 +63,17 @@ class CancelMixin:
             return f"Dispatch {dispatch_id} cancelled."
         return f"Dispatch {dispatch_id}: cancelled task(s) {sorted(set(task_ids))} and dependents."
 
-    def _cancel_node(self, nr: NodeRun, reason: str) -> None:
+    def _cancel_node(self, nr: NodeRun, reason: str, requested: bool = True) -> None:
+        """Cancel one node: at once if it is not started, else through its executor (sent
+        with the turn's other cancels). ``requested``: a user's or a timeout's cancel (kept
+        in the store), not the cascade of an upstream failure."""
         if nr.final:
             return
         nr.reason = reason
         if nr.cancel_at is None:
             nr.cancel_at = time.time()
-            self._upd(nr, {"cancel_requested_at": nr.cancel_at})
+            if requested:
+                self._upd(nr, {"cancel_requested_at": nr.cancel_at})
         if not nr.submitted or nr.handle is None:
             nr.submitted = True  # never to start
             nr.cancel_outcome = CancelOutcome.DEQUEUED
@@ -78,18 +83,43 @@ class CancelMixin:
         self._send_cancel(nr)
 
     def _send_cancel(self, nr: NodeRun) -> None:
-        nr.cancel_tries += 1
+        """Queue ``nr``'s cancel; the turn sends each executor its queue in one batch."""
+        self._cancels[id(nr)] = nr
+
+    def _send_cancels(self) -> None:
+        queued, self._cancels = self._cancels, {}
+        groups: dict[int, tuple[Executor, list[NodeRun]]] = {}
+        for nr in queued.values():
+            if not nr.final and nr.handle is not None:
+                groups.setdefault(id(nr.executor), (nr.executor, []))[1].append(nr)
+        for ex, nrs in groups.values():
+            for nr in nrs:
+                nr.cancel_tries += 1
+            try:
+                outcomes = list(self.plugins.cancel_many(ex, [nr.handle for nr in nrs]))
+                if len(outcomes) != len(nrs):
+                    raise ValueError(
+                        f"{type(ex).__name__}.cancel_many returned {len(outcomes)} outcomes "
+                        f"for {len(nrs)} tasks"
+                    )
+            except Exception as exc:
+                outcomes = [CancelOutcome.FAILED] * len(nrs)
+                for nr in nrs:
+                    self._upd(nr, {"reason": f"cancel failed: {exc!r}"})
+            for nr, outcome in zip(nrs, outcomes, strict=True):
+                self._cancel_sent(nr, outcome)
+
+    def _cancel_sent(self, nr: NodeRun, outcome: CancelOutcome | None) -> None:
         try:
-            outcome = self.plugins.cancel(nr.executor, nr.handle)
-        except Exception as exc:
+            outcome = CancelOutcome(outcome) if outcome is not None else CancelOutcome.FAILED
+        except ValueError:
             outcome = CancelOutcome.FAILED
-            self._upd(nr, {"reason": f"cancel failed: {exc!r}"})
-        outcome = CancelOutcome(outcome) if outcome is not None else CancelOutcome.FAILED
         if outcome == CancelOutcome.FAILED and nr.cancel_tries < CANCEL_RETRIES:
             self._at(0.5 * nr.cancel_tries, "recancel", nr)
             return
         nr.cancel_outcome = outcome
-        self._upd(nr, {"cancel_outcome": outcome.value})
+        if not (nr.upstream_cancel and outcome == CancelOutcome.DEQUEUED):
+            self._upd(nr, {"cancel_outcome": outcome.value})
         self._poll(nr)
 
     def _external_cancels(self) -> None:

@@ -2,11 +2,21 @@
 
 Event-driven: executors call a task's ``wake`` and the thread polls just that task; timers
 cover electron timeouts, cancel retries and executors that ask for safety-net polls. Node
-changes are written to the store in one transaction per loop turn.
+changes are written to the store in one transaction per loop turn, and cancels go to each
+executor in one batch per turn.
+
+Chaining: on an executor that declares ``Capabilities(chain=True)``, a node whose parents
+are all completed or started on that same executor is started at once, its missing inputs
+given as :class:`valent.task.Upstream` markers; the executor passes the values where the
+tasks run (Dask: worker to worker). Such a node stays NEW_OBJECT in the store until its
+parents complete here, and its state is read only then, so what a user sees is the same as
+without chaining; a parent that fails or is cancelled cancels it (the executor never runs
+its body).
 """
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import os
@@ -36,7 +46,7 @@ from .runstate import (
 )
 from .status import CancelOutcome, Status
 from .store import Store
-from .task import Cancelled, Completed, Failed, Running, Task
+from .task import Cancelled, Completed, Failed, Running, Task, Upstream
 
 EXTERNAL_CANCEL_EVERY = 0.2
 _WAKE, _START, _CANCEL, _CALL = range(4)
@@ -57,6 +67,9 @@ class Dispatcher(CancelMixin):
         self._nupd: dict[tuple[str, int], dict[str, Any]] = {}
         self._dupd: dict[str, dict[str, Any]] = {}
         self._finishing: list[DispatchRun] = []
+        self._cancels: dict[int, NodeRun] = {}  # cancels to send this turn, in order
+        self._repoll: collections.deque[NodeRun] = collections.deque()
+        self._chaining = False
         self._next_external = 0.0
         self._observers = plugins.has_observers
         # follow the process's plugins when built from them: a plugin registered (or
@@ -164,6 +177,7 @@ class Dispatcher(CancelMixin):
             if self.runs and now >= self._next_external:
                 self._next_external = now + EXTERNAL_CANCEL_EVERY
                 self._external_cancels()
+            self._drain()
             self._flush()
         finally:
             for reply, answer in replies:
@@ -176,6 +190,14 @@ class Dispatcher(CancelMixin):
         if self.runs:
             t = EXTERNAL_CANCEL_EVERY if t is None else min(t, EXTERNAL_CANCEL_EVERY)
         return t
+
+    def _drain(self) -> None:
+        """Poll chained nodes whose parents just completed; send the turn's cancels."""
+        while self._repoll or self._cancels:
+            while self._repoll:
+                self._poll(self._repoll.popleft())
+            if self._cancels:
+                self._send_cancels()
 
     def _at(self, delay: float, what: Any, nr: Any) -> None:
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), what, nr))
@@ -228,15 +250,22 @@ class Dispatcher(CancelMixin):
         for cid in run.children[nr.node.id]:
             child = run.nodes[cid]
             child.waiting -= 1
-            if child.waiting == 0 and not child.final and not run.cancel_requested:
+            if child.waiting != 0 or child.final:
+                continue
+            if child.chained:  # started already: now its state counts
+                if child.status == Status.NEW_OBJECT and child.cancel_at is None:
+                    self._set(child, Status.PENDING)
+                self._repoll.append(child)
+            elif not run.cancel_requested:
                 self._submit(child)
 
-    def _submit(self, nr: NodeRun) -> None:
+    def _submit(self, nr: NodeRun, chained: bool = False) -> None:
         node = nr.node
         nr.submitted = True
+        nr.chained = chained
         try:
-            args = tuple(self._resolve(nr.run, a) for a in node.args)
-            kwargs = {k: self._resolve(nr.run, v) for k, v in node.kwargs.items()}
+            args = tuple(self._resolve(nr.run, a, chained) for a in node.args)
+            kwargs = {k: self._resolve(nr.run, v, chained) for k, v in node.kwargs.items()}
         except Exception as exc:
             self._fail(nr, exc, traceback.format_exc())
             return
@@ -265,13 +294,61 @@ class Dispatcher(CancelMixin):
         except Exception as exc:
             self._fail(nr, exc, traceback.format_exc())
             return
-        self._set(nr, Status.PENDING)
+        if not chained:
+            self._set(nr, Status.PENDING)
         nr.deadline = None  # a timeout counts from when the task is running
         if executor.poll_interval:
             self._at(executor.poll_interval, "poll", nr)
+        if not self._chaining and getattr(executor.capabilities, "chain", False):
+            self._chain_from(nr)
 
-    def _resolve(self, run: DispatchRun, ref: Any) -> Any:
-        return run.nodes[ref.node_id].get_value() if isinstance(ref, Ref) else ref
+    def _resolve(self, run: DispatchRun, ref: Any, chained: bool = False) -> Any:
+        if not isinstance(ref, Ref):
+            return ref
+        parent = run.nodes[ref.node_id]
+        if chained and parent.status != Status.COMPLETED:
+            return Upstream(parent.handle, parent.node.id)
+        return parent.get_value()
+
+    def _chain_from(self, root: NodeRun) -> None:
+        """Start every dependent of ``root`` (and theirs, ...) that can be chained on it."""
+        self._chaining = True
+        try:
+            stack = [root]
+            while stack:
+                parent = stack.pop()
+                if parent.final or parent.handle is None:
+                    continue
+                for cid in parent.run.children[parent.node.id]:
+                    child = parent.run.nodes[cid]
+                    if self._can_chain(child):
+                        self._submit(child, chained=True)
+                        stack.append(child)
+        finally:
+            self._chaining = False
+
+    def _can_chain(self, nr: NodeRun) -> bool:
+        """Every parent completed or started (for good: no retry left) on the chaining
+        executor ``nr`` runs on, and at least one not completed yet."""
+        if nr.submitted or nr.final or nr.waiting == 0 or nr.node.kind != ELECTRON:
+            return False
+        if nr.run.cancel_requested:
+            return False
+        try:
+            ex = self._executor_for(nr)
+        except Exception:  # reported when it is submitted the usual way
+            return False
+        if not getattr(ex.capabilities, "chain", False):
+            return False
+        for pid in nr.node.parents:
+            p = nr.run.nodes[pid]
+            if p.status == Status.COMPLETED:
+                continue
+            if p.final or p.handle is None or p.executor is not ex or p.cancel_at is not None:
+                return False
+            if p.attempts <= (p.node.electron.retries if p.node.electron else 0):
+                return False  # a retry would start a new task: the marker would be stale
+        return True
 
     def _executor_for(self, nr: NodeRun) -> Executor:
         electron = nr.node.electron
@@ -300,6 +377,8 @@ class Dispatcher(CancelMixin):
     def _poll(self, nr: NodeRun) -> None:
         if nr.final or nr.executor is None or nr.handle is None:
             return
+        if nr.waiting and nr.cancel_at is None:
+            return  # chained, and a parent is not complete here yet: read it then
         try:
             state = self.plugins.poll(nr.executor, nr.handle)
         except Exception as exc:
@@ -340,6 +419,8 @@ class Dispatcher(CancelMixin):
             self._fail(nr, state.error, state.traceback, out)
         elif isinstance(state, Cancelled):
             nr.cancel_outcome = state.outcome
+            if nr.upstream_cancel and state.outcome == CancelOutcome.DEQUEUED:
+                nr.cancel_outcome = None  # never started: shown as any node after a failure
             if nr.timed_out:
                 err = TaskTimeoutError(
                     f"{nr.node.label} timed out after {nr.node.electron.timeout} s and was "
@@ -424,7 +505,14 @@ class Dispatcher(CancelMixin):
         stack = list(nr.run.children[nr.node.id])
         while stack:
             child = nr.run.nodes[stack.pop()]
-            if child.final or child.submitted:
+            if child.final or child.cancel_at is not None:
+                continue
+            if child.chained:  # its executor has it: stop it there, then say what happened
+                child.upstream_cancel = True
+                self._cancel_node(child, "upstream", requested=False)
+                stack.extend(nr.run.children[child.node.id])
+                continue
+            if child.submitted:
                 continue
             child.reason = reason
             child.end_time = time.time()

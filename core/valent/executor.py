@@ -24,12 +24,17 @@ class Capabilities:
     :param kill_tree: does stopping take the task's own subprocesses too?
     :param grace: seconds between the polite stop (SIGTERM) and the hard one (SIGKILL),
         or None when it does not apply.
+    :param chain: can it start a task whose arguments include :class:`valent.task.Upstream`
+        markers (results of its own earlier tasks, not back yet)? Then the dispatcher starts
+        a dependent as soon as its parents are started on this executor, and values pass
+        between tasks where they run, not through the dispatcher.
     """
 
     cancel_pending: bool
     stop_running: bool
     kill_tree: bool
     grace: float | None = None
+    chain: bool = False
 
 
 class Executor(abc.ABC):
@@ -67,6 +72,14 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def cancel(self, handle: Any) -> CancelOutcome:
         """Start stopping the task; return what will happen to it."""
+
+    def cancel_many(self, handles: list[Any]) -> list[CancelOutcome]:
+        """Cancel several tasks at once (the dispatcher cancels in batches); one outcome each.
+
+        The default calls ``cancel`` for each. Override it when one round trip can cancel
+        many tasks (a broadcast, one remote command).
+        """
+        return [self.cancel(h) for h in handles]
 
     def shutdown(self) -> None:
         """Release what the executor holds (processes, connections); called at exit."""

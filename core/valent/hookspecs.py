@@ -80,6 +80,22 @@ def valent_cancel(executor: Executor, handle: Any) -> CancelOutcome:
     """
 
 
+@hookspec(firstresult=True)
+def valent_cancel_many(executor: Executor, handles: list[Any]) -> list[CancelOutcome]:
+    """Start cancelling several tasks of one executor at once; do not block for long.
+
+    Called instead of ``valent_cancel`` only for executors that override
+    ``Executor.cancel_many`` (they cancel a batch in one round trip, e.g. Dask's broadcast);
+    a plugin that wraps ``valent_cancel`` to see every cancel wraps this one too.
+
+    :param executor: the executor that started the tasks.
+    :param handles: what ``valent_run`` returned for each.
+    :return: one outcome per handle, in order (as ``valent_cancel``).
+
+    Stops at first non-None result. The default calls ``executor.cancel_many(handles)``.
+    """
+
+
 # -------------------------------------------------------------------------
 # observing
 # -------------------------------------------------------------------------

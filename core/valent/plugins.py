@@ -45,6 +45,10 @@ class _Defaults:
     def valent_cancel(self, executor: Executor, handle: Any) -> CancelOutcome:
         return executor.cancel(handle)
 
+    @hookimpl(trylast=True)
+    def valent_cancel_many(self, executor: Executor, handles: list[Any]) -> list[CancelOutcome]:
+        return executor.cancel_many(handles)
+
 
 @dataclass
 class ExecutorInfo:
@@ -96,6 +100,13 @@ class Plugins:
 
     def cancel(self, executor: Executor, handle: Any) -> CancelOutcome:
         return self.pm.hook.valent_cancel(executor=executor, handle=handle)
+
+    def cancel_many(self, executor: Executor, handles: list[Any]) -> list[CancelOutcome]:
+        """Cancel several tasks of one executor: through ``valent_cancel`` one by one, unless
+        the executor batches (overrides ``cancel_many``): then one ``valent_cancel_many``."""
+        if type(executor).cancel_many is Executor.cancel_many:
+            return [self.cancel(executor, h) for h in handles]
+        return self.pm.hook.valent_cancel_many(executor=executor, handles=handles)
 
     def node_status(self, dispatch_id: str, node_id: int, name: str, status: Any) -> None:
         self.pm.hook.valent_node_status(

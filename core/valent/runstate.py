@@ -23,7 +23,8 @@ class NodeRun:
     __slots__ = (
         "node", "status", "executor", "handle", "waiting", "value", "pickled", "attempts",
         "cancel_at", "cancel_outcome", "cancel_tries", "timed_out", "deadline", "reason",
-        "start_time", "end_time", "error", "submitted", "run", "consumers",
+        "start_time", "end_time", "error", "submitted", "run", "consumers", "chained",
+        "upstream_cancel",
     )
 
     def __init__(self, run: DispatchRun, node: Node):
@@ -47,6 +48,8 @@ class NodeRun:
         self.error: str | None = None
         self.submitted = False
         self.consumers = 0  # dependents not final yet (+1 if the lattice returns it)
+        self.chained = False  # started on its executor before every parent completed
+        self.upstream_cancel = False  # cancelled because a parent failed or was cancelled
 
     @property
     def final(self) -> bool:

@@ -37,9 +37,36 @@ class Task:
         """The node's display name, as Covalent prints it: ``task_1(0)``."""
         return f"{self.name}({self.node_id})"
 
+    @property
+    def upstream(self) -> list[Upstream]:
+        """The :class:`Upstream` markers among the arguments (empty unless chained)."""
+        found = [a for a in self.args if isinstance(a, Upstream)]
+        found += [v for v in self.kwargs.values() if isinstance(v, Upstream)]
+        return found
+
     def run(self) -> Any:
         """Call the function with its arguments, here, and return its value."""
+        if self.upstream:
+            raise TypeError(
+                f"{self.label} is chained: its arguments hold Upstream markers that only its "
+                "executor can resolve"
+            )
         return self.fn(*self.args, **self.kwargs)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Upstream:
+    """Stands in a chained task's arguments for the value of an earlier task.
+
+    The dispatcher hands these only to an executor whose capabilities say ``chain=True``, and
+    only for tasks it started itself: ``handle`` is what its ``run`` returned for the
+    upstream task. The executor substitutes the upstream value where it runs the task (for
+    Dask: worker to worker), and must never run the body when an upstream task ends other
+    than ``Completed``: the chained task then ends ``Cancelled(DEQUEUED)``.
+    """
+
+    handle: Any
+    node_id: int
 
 
 class TaskState:
@@ -114,4 +141,6 @@ class Cancelled(TaskState):
     final = True
 
 
-__all__ = ["Task", "TaskState", "Pending", "Running", "Completed", "Failed", "Cancelled"]
+__all__ = [
+    "Task", "Upstream", "TaskState", "Pending", "Running", "Completed", "Failed", "Cancelled",
+]

@@ -58,7 +58,7 @@ class Timing:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.calls: dict[tuple[str, str], Meter] = {}
-        """(executor name, "run" | "poll" | "cancel") -> time spent in the hook."""
+        """(executor name, "run" | "poll" | "cancel" | "cancel_many") -> time in the hook."""
         self.tasks: dict[tuple[str, str], Meter] = {}
         """(executor name, final state name) -> wall time from run to final."""
         self._open: dict[int, tuple[Any, float]] = {}
@@ -101,6 +101,16 @@ class Timing:
             return (yield)
         finally:
             self._add(self.calls, (executor.name, "cancel"), time.perf_counter() - t0)
+
+    @hookimpl(wrapper=True)
+    def valent_cancel_many(
+        self, executor: Executor, handles: list[Any]
+    ) -> Generator[None, Any, list[CancelOutcome]]:
+        t0 = time.perf_counter()
+        try:
+            return (yield)
+        finally:
+            self._add(self.calls, (executor.name, "cancel_many"), time.perf_counter() - t0)
 
     def report(self) -> str:
         """The meters as a plain-text table."""
