@@ -118,7 +118,7 @@ class CancelMixin:
             self._at(0.5 * nr.cancel_tries, "recancel", nr)
             return
         nr.cancel_outcome = outcome
-        if not (nr.upstream_cancel and outcome == CancelOutcome.DEQUEUED):
+        if not nr.upstream_cancel:  # shown while confirmed; after a failure, only the end
             self._upd(nr, {"cancel_outcome": outcome.value})
         self._poll(nr)
 

@@ -11,17 +11,20 @@ from typing import Any, Literal
 import cloudpickle
 import valent
 from valent import CancelOutcome, Capabilities, ExecutorError, PicklingError
-from valent.task import Cancelled, Failed, Pending, Running, Task, TaskState
+from valent.task import Cancelled, Completed, Failed, Pending, Running, Task, TaskState, Upstream
 
 from . import worker_side as ws
 from .handles import Handle, cancel_outcome, final_outcome, to_state
 
 CANCEL_MODES = ("kill", "finish")
+STOPPED = (CancelOutcome.DEQUEUED, CancelOutcome.KILLED)
 INLINE_GAP = 0.005
 """A task submitted this long after the previous one goes out at once, not batched."""
 RUNNING_CHECK = 0.5
 """Seconds between asks to the workers which of our pending tasks have started."""
 FN_CACHE = 256
+Blobs = tuple[str, bytes, bytes]
+"""A task as sent: its function's cache token, the function pickled, its arguments pickled."""
 
 
 class DaskExecutor(valent.Executor):
@@ -40,10 +43,16 @@ class DaskExecutor(valent.Executor):
         between SIGTERM and SIGKILL.
     :param connect_timeout: seconds to wait for the scheduler when connecting.
     :param cancel_timeout: seconds a cancel waits for the workers to answer.
+
+    It chains (``Capabilities.chain``): a task whose arguments are earlier tasks' results
+    gets their Dask futures, so values go worker to worker while they are fetched for the
+    store in parallel, and a chain runs at Dask's own pace.
     """
 
     name = "dask"
-    capabilities = Capabilities(cancel_pending=True, stop_running=True, kill_tree=True, grace=1.0)
+    capabilities = Capabilities(
+        cancel_pending=True, stop_running=True, kill_tree=True, grace=1.0, chain=True
+    )
 
     def __init__(
         self,
@@ -74,9 +83,9 @@ class DaskExecutor(valent.Executor):
         self.connect_timeout = connect_timeout
         self.cancel_timeout = cancel_timeout
         if cancel_mode == "kill":
-            self.capabilities = Capabilities(True, True, True, self.grace)
+            self.capabilities = Capabilities(True, True, True, self.grace, chain=True)
         else:
-            self.capabilities = Capabilities(True, False, False, None)
+            self.capabilities = Capabilities(True, False, False, None, chain=True)
         self._init_state()
 
     def _init_state(self) -> None:
@@ -86,7 +95,7 @@ class DaskExecutor(valent.Executor):
         self._conn: Any = None
         self._starting: threading.Thread | None = None
         self._start_error: BaseException | None = None
-        self._waiting: list[tuple[Handle, tuple[str, bytes, bytes]]] = []
+        self._waiting: list[tuple[Handle, Blobs]] = []
         self._live: dict[str, Handle] = {}
         self._fns: collections.OrderedDict[int, tuple[Any, str, bytes]] = (
             collections.OrderedDict()
@@ -111,8 +120,8 @@ class DaskExecutor(valent.Executor):
         """Submit ``task`` to the cluster (starting or connecting on first use); no blocking."""
         h = Handle(task, wake)
         try:
-            blobs = self._blobs(task)
-        except PicklingError as exc:
+            blobs = self._blobs(task, h)
+        except (PicklingError, ExecutorError) as exc:
             h.state = Failed(exc, "", ended_at=time.time())
             return h
         with self._lock:
@@ -145,6 +154,10 @@ class DaskExecutor(valent.Executor):
     def cancel(self, handle: Handle) -> CancelOutcome:
         """Dequeue it, kill it (kill mode) or let it finish (finish mode); see the class doc."""
         return self._cancel_many([handle])[0]
+
+    def cancel_many(self, handles: list[Handle]) -> list[CancelOutcome]:
+        """Cancel a batch with one broadcast to the workers (what a dispatch cancel sends)."""
+        return self._cancel_many(list(handles))
 
     def shutdown(self) -> None:
         """Stop what still runs (kill mode), close the client and the cluster we started.
@@ -231,6 +244,10 @@ class DaskExecutor(valent.Executor):
             return outcome
         with self._lock:
             if h.state.final:  # it ended while the workers answered (a kill can be that fast)
+                if outcome is CancelOutcome.RUNS_TO_COMPLETION and not isinstance(
+                    h.state, Cancelled
+                ):
+                    return outcome  # the cancel found it running: it ran to its end
                 return final_outcome(h.state)
             h.outcome = outcome
             if outcome is CancelOutcome.DEQUEUED:
@@ -241,7 +258,7 @@ class DaskExecutor(valent.Executor):
 
     # ------------------------------------------------------------ internals
 
-    def _blobs(self, task: Task) -> tuple[str, bytes, bytes]:
+    def _blobs(self, task: Task, h: Handle) -> Blobs:
         fn = task.fn
         with self._lock:
             entry = self._fns.get(id(fn))
@@ -260,11 +277,31 @@ class DaskExecutor(valent.Executor):
                 self._fns[id(fn)] = entry
                 while len(self._fns) > FN_CACHE:
                     self._fns.popitem(last=False)
+        args, kwargs = task.args, task.kwargs
+        if any(isinstance(a, Upstream) for a in (*args, *kwargs.values())):
+            args, kwargs = self._mark_upstream(task, h)
         try:
-            args_blob = cloudpickle.dumps((task.args, task.kwargs), protocol=5)
+            args_blob = cloudpickle.dumps((args, kwargs), protocol=5)
         except Exception as exc:
             raise PicklingError(f"the arguments of {task.label} cannot be pickled: {exc}") from exc
         return entry[1], entry[2], args_blob
+
+    def _mark_upstream(self, task: Task, h: Handle) -> tuple[tuple, dict]:
+        """Replace ``Upstream`` markers by ``Up(i)``; ``h.ups[i]`` is the upstream handle."""
+
+        def mark(v: Any) -> Any:
+            if not isinstance(v, Upstream):
+                return v
+            if not isinstance(v.handle, Handle):
+                raise ExecutorError(
+                    f"{task.label}: an Upstream marker must hold a handle this DaskExecutor "
+                    f"returned, got {v.handle!r}"
+                )
+            h.ups.append(v.handle)
+            return ws.Up(len(h.ups) - 1)
+
+        args = tuple(mark(a) for a in task.args)
+        return args, {k: mark(v) for k, v in task.kwargs.items()}
 
     def _pump(self, conn: Any) -> None:
         """Submitter thread: send every waiting task to Dask in one graph update."""
@@ -274,8 +311,64 @@ class DaskExecutor(valent.Executor):
             if batch:
                 self._send(conn, batch)
 
-    def _send(self, conn: Any, batch: list[tuple[Handle, tuple[str, bytes, bytes]]]) -> None:
-        """Submit ``batch`` as one graph update and follow its futures (submit lock held)."""
+    def _send(self, conn: Any, batch: list[tuple[Handle, Blobs]]) -> None:
+        """Submit ``batch`` and follow its futures (submit lock held): the independent tasks
+        as one graph update, then each chained one, in order (its upstream went first)."""
+        plain = [item for item in batch if not item[0].ups]
+        if plain:
+            self._send_plain(conn, plain)
+        chained = [item for item in batch if item[0].ups]
+        if chained:
+            self._send_chained(conn, chained)
+
+    def _send_chained(self, conn: Any, batch: list[tuple[Handle, Blobs]]) -> None:
+        """Submit each chained task with its upstream futures (or values, if already back)."""
+        fn = ws.run_killable if self.cancel_mode == "kill" else ws.run_native
+        watch: list[tuple[Any, Handle]] = []
+        dropped: list[Handle] = []
+        for h, (token, fn_blob, args_blob) in batch:
+            ups: list[Any] = []
+            with self._lock:
+                if h.state.final:
+                    continue
+                for u in h.ups:
+                    st = u.state
+                    if isinstance(st, Completed):
+                        pickled = st.pickled
+                        if pickled is None:
+                            pickled = cloudpickle.dumps(st.value, protocol=5)
+                        ups.append((ws.OK, pickled))
+                    elif st.final or u.outcome in STOPPED or u.future is None:
+                        ups = []  # an upstream task did not or will not complete
+                        break
+                    else:
+                        ups.append(u.future)
+                if not ups:
+                    self._finish(h, Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time()))
+                    dropped.append(h)
+                    continue
+            head = [h.task.key, token, fn_blob, args_blob]
+            if self.cancel_mode == "kill":
+                head.append(self.grace)
+            try:
+                future = conn.client.submit(fn, *head, *ups, key=h.task.key, pure=False)
+            except Exception as exc:  # noqa: BLE001 - the client is closed or broken
+                with self._lock:
+                    msg = f"Dask refused {h.task.label}: {exc}"
+                    self._finish(h, Failed(ExecutorError(msg), "", ended_at=time.time()))
+                dropped.append(h)
+                continue
+            with self._lock:
+                h.future = future
+                h.up_futures = [u for u in ups if not isinstance(u, tuple)]
+            watch.append((future, h))
+        if watch:
+            conn.watch(watch)
+        for h in dropped:
+            h.wake()
+
+    def _send_plain(self, conn: Any, batch: list[tuple[Handle, Blobs]]) -> None:
+        """Submit independent tasks as one graph update and follow their futures."""
         keys = [h.task.key for h, _ in batch]
         cols = [list(c) for c in zip(*(b for _, b in batch), strict=True)]
         if self.cancel_mode == "kill":
@@ -381,6 +474,8 @@ class DaskExecutor(valent.Executor):
         """Record a final state and drop the future, releasing its data (lock held)."""
         h.state = state
         h.future = None
+        h.ups = []
+        h.up_futures = []
         self._live.pop(h.task.key, None)
 
     def _settle(self, items: list[tuple[Any, Any]]) -> None:

@@ -16,7 +16,7 @@ from . import worker_side as ws
 class Handle:
     """One task on the cluster, as ``run`` returns it to the dispatcher."""
 
-    __slots__ = ("task", "wake", "future", "state", "outcome", "submitted_at")
+    __slots__ = ("task", "wake", "future", "state", "outcome", "submitted_at", "ups", "up_futures")
 
     def __init__(self, task: Task, wake: valent.Wake):
         self.task = task
@@ -25,6 +25,19 @@ class Handle:
         self.state: TaskState = Pending()
         self.outcome: CancelOutcome | None = None
         self.submitted_at = time.time()
+        self.ups: list[Handle] = []
+        """A chained task's upstream handles, in the order of its ``Up`` markers."""
+        self.up_futures: list[Any] = []
+        """The Dask futures it was given for those still running when it was sent."""
+
+    def upstream_lost(self) -> bool:
+        """True when an upstream task of this chained task did not (or will not) complete."""
+        for u in self.ups:
+            st = u.state
+            stopped = u.outcome in (CancelOutcome.DEQUEUED, CancelOutcome.KILLED)
+            if stopped or (st.final and not isinstance(st, Completed)):
+                return True
+        return any(f.status in ("error", "cancelled") for f in self.up_futures)
 
     def __repr__(self) -> str:
         return f"<DaskHandle {self.task.key} {type(self.state).__name__}>"
@@ -52,10 +65,21 @@ def cancel_outcome(answers: dict | None, key: str) -> CancelOutcome:
     return CancelOutcome.DEQUEUED
 
 
+def _not_its_own(h: Handle, value: Any) -> bool:
+    """Did a chained task's future fail (or get cancelled) because of an upstream task?"""
+    if h.upstream_lost():
+        return True
+    task = getattr(value, "task", None)  # KilledWorker names the task that killed the worker
+    return task is not None and task != h.task.key
+
+
 def to_state(h: Handle, future: Any, value: Any) -> TaskState:
     """Map a task's returned tuple (or the future's error) to a valent state."""
     now = time.time()
     label = h.task.label
+    if h.ups and not isinstance(value, tuple) and _not_its_own(h, value):
+        # Dask failed or dropped it because an upstream task did: its body never ran
+        return Cancelled(CancelOutcome.DEQUEUED, ended_at=now)
     if value is None:
         if h.outcome is not None:
             return Cancelled(h.outcome, ended_at=now)

@@ -12,7 +12,10 @@ broadcast by the client with ``client.run``, consults:
   ``valent.cancel_requested()`` reads there.
 
 A cancel that arrives before the task started leaves a tombstone: the task then returns
-without running its body. Results go back as small tuples whose values are already
+without running its body. A chained task gets its upstream tasks' result tuples as extra
+arguments (Dask passes them worker to worker); its pickled arguments hold :class:`Up`
+markers where those values go, and if an upstream task did not end ``ok`` the body never
+runs. Results go back as small tuples whose values are already
 cloudpickled, so nothing is pickled twice. This module imports no Dask at import time.
 """
 
@@ -62,6 +65,50 @@ class _Flag:
         return self.value
 
 
+class Up:
+    """Marks, in a chained task's pickled arguments, where upstream value ``i`` goes."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+    def __reduce__(self) -> tuple:
+        return (Up, (self.i,))
+
+
+def _payloads(ups: tuple) -> list[bytes] | None:
+    """The pickled values of upstream result tuples; None if one did not end ``ok``."""
+    out = []
+    for up in ups:
+        if not (isinstance(up, tuple) and up and up[0] == OK):
+            return None
+        out.append(up[1])
+    return out
+
+
+def _substitute(args: tuple, kwargs: dict, payloads: list[bytes]) -> tuple[tuple, dict]:
+    """Put the upstream values where the :class:`Up` markers are."""
+    values: dict[int, Any] = {}
+
+    def value(m: Up) -> Any:
+        if m.i not in values:
+            values[m.i] = cloudpickle.loads(payloads[m.i])
+        return values[m.i]
+
+    args = tuple(value(a) if isinstance(a, Up) else a for a in args)
+    kwargs = {k: value(v) if isinstance(v, Up) else v for k, v in kwargs.items()}
+    return args, kwargs
+
+
+def _skip_upstream(key: str) -> tuple:
+    """An upstream task did not complete: this one never runs (and never will)."""
+    with _lock:
+        _tombstones.pop(key, None)
+        _remember(_finished, key, None)
+    return (SKIPPED,)
+
+
 class _Call:
     """The pool-side callable: unpickles the user's function once per child, then calls it.
 
@@ -77,10 +124,12 @@ class _Call:
     def __reduce__(self) -> tuple:
         return (_Call, (self.blob,))
 
-    def __call__(self, args_blob: bytes) -> Any:
+    def __call__(self, args_blob: bytes, payloads: list[bytes] | None = None) -> Any:
         if self.fn is None:
             self.fn = cloudpickle.loads(self.blob)
         args, kwargs = cloudpickle.loads(args_blob)
+        if payloads:
+            args, kwargs = _substitute(args, kwargs, payloads)
         return self.fn(*args, **kwargs)
 
 
@@ -154,15 +203,23 @@ def _pack_error(exc: BaseException, tb: str) -> tuple:
     return (ERR, blob, text, tb)
 
 
-def run_killable(key: str, token: str, fn_blob: bytes, args_blob: bytes, grace: float) -> tuple:
-    """Dask task body in kill mode: run the function in this worker's warm process pool."""
+def run_killable(
+    key: str, token: str, fn_blob: bytes, args_blob: bytes, grace: float, *ups: tuple
+) -> tuple:
+    """Dask task body in kill mode: run the function in this worker's warm process pool.
+
+    ``ups``: a chained task's upstream result tuples, in the order of its :class:`Up` markers.
+    """
+    payloads = _payloads(ups) if ups else None
+    if ups and payloads is None:
+        return _skip_upstream(key)
     with _lock:
         if not _claim(key, None):
             return (SKIPPED,)
     try:
         call = _cached(_calls, token, lambda: _Call(fn_blob))
         pool = _pool(grace)
-        job = pool.submit(call, (args_blob,), label=key)
+        job = pool.submit(call, (args_blob, payloads) if payloads else (args_blob,), label=key)
     except BaseException as exc:
         _release(key)
         return _pack_error(exc, traceback.format_exc()) + (None, time.time(), "", "")
@@ -196,10 +253,16 @@ def _pack_state(state: Any) -> tuple:
     return (ERR, None, f"the task ended in an unexpected state {state!r}", "", None, None, "", "")
 
 
-def run_native(key: str, token: str, fn_blob: bytes, args_blob: bytes) -> tuple:
-    """Dask task body in finish mode: run the function in this worker thread."""
+def run_native(key: str, token: str, fn_blob: bytes, args_blob: bytes, *ups: tuple) -> tuple:
+    """Dask task body in finish mode: run the function in this worker thread.
+
+    ``ups``: a chained task's upstream result tuples, in the order of its :class:`Up` markers.
+    """
     from valent.cancel_token import thread_token
 
+    payloads = _payloads(ups) if ups else None
+    if ups and payloads is None:
+        return _skip_upstream(key)
     flag = _Flag()
     with _lock:
         if not _claim(key, flag):
@@ -208,6 +271,8 @@ def run_native(key: str, token: str, fn_blob: bytes, args_blob: bytes) -> tuple:
     try:
         fn = _cached(_fns, token, lambda: cloudpickle.loads(fn_blob))
         args, kwargs = cloudpickle.loads(args_blob)
+        if payloads:
+            args, kwargs = _substitute(args, kwargs, payloads)
         with thread_token(flag.is_set):
             value = fn(*args, **kwargs)
         try:

@@ -20,7 +20,7 @@ import valent as ct
 from valent.executor import Executor, check_executor_class
 from valent.plugins import get_plugins
 from valent.status import CancelOutcome, Status
-from valent.task import Cancelled, Completed, Failed, Pending, Task, TaskState
+from valent.task import Cancelled, Completed, Failed, Pending, Task, TaskState, Upstream
 
 from . import tasks
 from .procs import alive, live_descendants, wait_gone
@@ -83,6 +83,21 @@ class Harness:
         assert took < 5.0, f"cancel() blocked for {took:.1f} s; it must return quickly"
         assert outcome is not None, "cancel() returned None; return a valent.CancelOutcome"
         return CancelOutcome(outcome)
+
+    def cancel_many(self, started: list[Started]) -> list[CancelOutcome]:
+        """Cancel a batch, as the dispatcher does (``Plugins.cancel_many``); one outcome each."""
+        t0 = time.monotonic()
+        outcomes = self._plugins.cancel_many(self.executor, [s.handle for s in started])
+        took = time.monotonic() - t0
+        assert took < 5.0, f"cancel_many() blocked for {took:.1f} s; it must return quickly"
+        assert len(outcomes) == len(started), (
+            f"cancel_many() returned {len(outcomes)} outcomes for {len(started)} tasks"
+        )
+        return [CancelOutcome(o) for o in outcomes]
+
+    def upstream(self, s: Started) -> Upstream:
+        """The marker that stands for ``s``'s value in a chained task's arguments."""
+        return Upstream(s.handle, s.task.node_id)
 
     def wait_until(
         self, s: Started, done: Callable[[TaskState], bool], timeout: float | None = None
@@ -199,9 +214,10 @@ class ExecutorConformance:
     @pytest.fixture
     def valent_harness(self, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
         """The executor in a harness; shut down afterwards, leaving no process behind."""
-        before = _descendants()
         ex = request.getfixturevalue("executor")
         assert isinstance(ex, Executor), f"the executor fixture returned {ex!r}, not an Executor"
+        # after the fixture: what it started (a test cluster, a server) is not the executor's
+        before = _descendants()
         h = Harness(ex, tmp_path, self.task_timeout)
         yield h
         try:
@@ -413,7 +429,9 @@ class ExecutorConformance:
         h.wait_final(done, self.start_timeout + self.task_timeout)
         h.wait_file(running, d / tasks.STARTED, self.start_timeout)
         pids = [int((d / tasks.STARTED).read_text()), int((d / tasks.CHILD).read_text())]
-        pids = [p for p in pids if p != os.getpid()]  # an in-process executor runs tasks here
+        # an in-process executor runs tasks here; a shared worker (a cluster's, started before
+        # this test) is not the executor's to stop: only what appeared during the test is
+        pids = [p for p in pids if p != os.getpid() and p not in before]
         h.executor.shutdown()
         gained = [p for p, t in _descendants().items() if before.get(p) != t]
         left = wait_gone(sorted(set(gained) | set(pids)), self.shutdown_timeout)
@@ -423,6 +441,94 @@ class ExecutorConformance:
             f"running: {left}; shutdown() must stop (or, without stop_running, wait for) "
             "what the executor started"
         )
+
+    def test_cancel_many_gives_one_outcome_per_task(self, valent_harness: Harness) -> None:
+        h = valent_harness
+        done = [h.run(tasks.add, i, 1) for i in range(3)]
+        for s in done:
+            assert isinstance(h.wait_final(s), Completed)
+        assert h.cancel_many(done) == [CancelOutcome.TOO_LATE] * 3
+
+    # ------------------------------------------------------------------ chaining
+
+    def _need_chain(self, h: Harness) -> None:
+        if not getattr(h.executor.capabilities, "chain", False):
+            pytest.skip("capabilities.chain is False (the dispatcher passes values itself)")
+
+    def test_chain_passes_upstream_values(self, valent_harness: Harness) -> None:
+        h = valent_harness
+        self._need_chain(h)
+        a = h.run(tasks.add, 1, 2)
+        b = h.run(tasks.add, h.upstream(a), 10)
+        c = h.run(tasks.add, a=h.upstream(b), b=h.upstream(a))
+        state = h.wait_final(c)
+        assert isinstance(state, Completed) and state.get_value() == 16, (
+            f"a chained task got the wrong inputs: {state!r} (expected 13 + 3 = 16)"
+        )
+        assert h.wait_final(b).get_value() == 13
+        d = h.run(tasks.add, h.upstream(a), h.upstream(a))  # upstream already completed
+        assert h.wait_final(d).get_value() == 6
+
+    def test_chain_never_runs_after_an_upstream_failure(self, valent_harness: Harness) -> None:
+        h = valent_harness
+        self._need_chain(h)
+        d = h.task_dir("after-failure")
+        bad = h.run(tasks.fail_with, "upstream broke")
+        after = h.run(tasks.hold, str(d), 0.2, h.upstream(bad))
+        then = h.run(tasks.add, h.upstream(after), 1)
+        assert isinstance(h.wait_final(bad), Failed)
+        for s in (after, then):
+            state = h.wait_final(s)
+            assert isinstance(state, Cancelled) and state.outcome == CancelOutcome.DEQUEUED, (
+                f"a task chained on a failed one must end Cancelled(DEQUEUED), got {state!r}"
+            )
+        time.sleep(self.settle)
+        assert not (d / tasks.STARTED).exists(), "a task chained on a failed one ran"
+
+    def test_chain_cancel_leaves_the_upstream_running(self, valent_harness: Harness) -> None:
+        h = valent_harness
+        self._need_chain(h)
+        d, d2 = h.task_dir("upstream"), h.task_dir("chained")
+        up = h.run(tasks.hold, str(d), 60.0)
+        h.wait_file(up, d / tasks.STARTED, self.start_timeout)
+        first = h.run(tasks.hold, str(d2), 0.2, h.upstream(up))
+        second = h.run(tasks.add, h.upstream(first), "!")
+        assert h.cancel_many([second, first]) == [CancelOutcome.DEQUEUED] * 2
+        tasks.write_atomic(d / tasks.RELEASE, "")
+        state = h.wait_final(up)
+        assert isinstance(state, Completed) and state.get_value() == "released", state
+        for s in (first, second):
+            state = h.wait_final(s)
+            assert isinstance(state, Cancelled) and state.outcome == CancelOutcome.DEQUEUED
+        time.sleep(self.settle)
+        assert not (d2 / tasks.STARTED).exists(), "a dequeued chained task ran"
+
+    def test_workflow_chain_shows_waiting_nodes_as_new(self, valent_harness: Harness) -> None:
+        h = valent_harness
+        self._need_chain(h)
+        ex = h.executor
+        hold = ct.electron(tasks.hold, executor=ex)
+        add = ct.electron(tasks.add, executor=ex)
+        d = h.task_dir("wf-chain")
+
+        @ct.lattice
+        def conformance_chain(directory: str) -> str:
+            return add(add(hold(directory, 60.0), "!"), "?")
+
+        did = ct.dispatch(conformance_chain)(str(d))
+        deadline = time.monotonic() + self.start_timeout + self.task_timeout
+        while not (d / tasks.STARTED).exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (d / tasks.STARTED).exists(), ct.get_result(did)
+        nodes = ct.get_result(did).get_all_node_results()
+        waiting = [n["status"] for n in nodes if n["node_name"] == "add"]
+        assert waiting == [Status.NEW_OBJECT] * 2, (
+            f"nodes whose inputs are not back must show NEW_OBJECT, got {waiting}"
+        )
+        tasks.write_atomic(d / tasks.RELEASE, "")
+        result = ct.get_result(did, wait=True, timeout=self.task_timeout + 30)
+        assert result.status == Status.COMPLETED, (result.status, result.error)
+        assert result.result == "released!?"
 
     # ------------------------------------------------------------------ workflows
 
