@@ -11,9 +11,10 @@ Cases (``N`` = 1,000 by default):
   (executor level), and a lattice of N electrons through ``ct.dispatch`` / ``get_result``.
 - ``chain``: N dependent no-op tasks. Raw: each ``submit`` gets the previous future (Dask
   passes values worker to worker), and "raw client-driven": ``submit(...).result()`` in a
-  loop, the way any dispatcher that needs each value must drive Dask. valent: the next task
-  starts when the previous one's value is back (executor level), and a lattice whose
-  electrons form a chain.
+  loop, the way a dispatcher that needs each value before the next task would drive Dask.
+  valent: each task is given the previous one's handle as a ``valent.Upstream`` marker (what
+  the dispatcher does on a chaining executor) and every value still comes back to the
+  client (executor level), and a lattice whose electrons form a chain.
 - ``cancel``: kill mode, a running task (and so its child process) is cancelled; the time
   from ``cancel()`` to the state ``Cancelled(killed)`` (the pool has confirmed the child's
   process group gone), p50 and p95.
@@ -137,18 +138,19 @@ def exec_fanout(ex, n: int) -> float:
 
 
 def exec_chain(ex, n: int) -> float:
+    import valent
+
     did = uuid.uuid4().hex[:12]
+    w = _Waiter(ex)
     t0 = time.perf_counter()
-    value = 0
+    handles: list = []
     for i in range(n):
-        ev = threading.Event()
-        h = ex.run(_task(inc, (value,), i, did), ev.set)
-        while not (state := ex.poll(h)).final:
-            ev.wait()
-            ev.clear()
-        value = state.get_value()
-    assert value == n
-    return time.perf_counter() - t0
+        arg = valent.Upstream(handles[-1], i - 1) if handles else 0
+        handles.append(w.run(_task(inc, (arg,), i, did)))
+    w.wait_all(handles)  # every value back here, as the dispatcher needs them for the store
+    dt = time.perf_counter() - t0
+    assert ex.poll(handles[-1]).get_value() == n
+    return dt
 
 
 def dispatch_fanout(ex, n: int) -> float:

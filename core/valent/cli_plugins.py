@@ -58,6 +58,7 @@ def collect() -> dict[str, Any]:
                 "stop_running": caps.stop_running,
                 "kill_tree": caps.kill_tree,
                 "grace": caps.grace,
+                "chain": getattr(caps, "chain", False),
                 "settings": settings,
             }
         )
@@ -114,7 +115,7 @@ def register(cli: click.Group) -> None:
         table = Table(title="valent executors", title_justify="left", show_lines=True)
         table.add_column("executor", no_wrap=True)
         table.add_column("plugin\ndistribution", no_wrap=True)
-        for col in ("cancel\npending", "stop\nrunning", "kill\ntree", "grace"):
+        for col in ("cancel\npending", "stop\nrunning", "kill\ntree", "grace", "chain"):
             table.add_column(col, justify="center", no_wrap=True)
         for e in data["executors"]:
             dist = f"{e['distribution']} {e['version']}" if e["distribution"] else "(no dist)"
@@ -126,6 +127,7 @@ def register(cli: click.Group) -> None:
                 _yes(e["stop_running"]),
                 _yes(e["kill_tree"]),
                 grace,
+                _yes(e["chain"]),
             )
         console.print(table)
         settings = Table(box=None, pad_edge=False, show_header=False)

@@ -83,6 +83,8 @@ class KillMixin:
         with self._lock:
             while self._respawn and not self._closed:
                 self._respawn -= 1
+                if len(self._workers) - len(self._dying) >= self.max_workers:
+                    continue  # already replaced (a submit meanwhile brought it back to size)
                 self._spawn()
                 self._drain_to_idle()
             if self._closed and not self._dying:
