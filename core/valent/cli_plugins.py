@@ -113,10 +113,11 @@ def register(cli: click.Group) -> None:
 
         console = Console()
         table = Table(title="valent executors", title_justify="left", show_lines=True)
-        table.add_column("executor", no_wrap=True)
-        table.add_column("plugin\ndistribution", no_wrap=True)
+        table.add_column("executor", overflow="fold")
+        table.add_column("plugin\ndistribution", overflow="fold")
         for col in ("cancel\npending", "stop\nrunning", "kill\ntree", "grace", "chain"):
-            table.add_column(col, justify="center", no_wrap=True)
+            width = max(len(w) for w in col.split("\n"))
+            table.add_column(col, justify="center", no_wrap=True, min_width=width)
         for e in data["executors"]:
             dist = f"{e['distribution']} {e['version']}" if e["distribution"] else "(no dist)"
             grace = "-" if e["grace"] is None else f"{e['grace']:g} s"

@@ -184,6 +184,8 @@ class Dispatcher(CancelMixin):
                 reply.put(answer)
 
     def _timeout(self) -> float | None:
+        if self._cancels or self._repoll:
+            return 0.0
         t: float | None = None
         if self._timers:
             t = max(0.0, self._timers[0][0] - time.monotonic())
@@ -550,6 +552,27 @@ class Dispatcher(CancelMixin):
         return run.store if run is not None and run.store is not None else self.store
 
     def _flush(self) -> None:
+        self._write_updates()
+        if self._cancels or self._repoll:  # a store error cancelled dispatches: do it now
+            self._drain()
+            self._write_updates()
+        finishing, self._finishing = self._finishing, []
+        for run in finishing:
+            self.runs.pop(run.id, None)
+            for ex in run.executor_objs:
+                try:
+                    ex.close_dispatch(run.id)
+                except Exception:
+                    traceback.print_exc()
+            if self._observers:
+                try:
+                    self.plugins.dispatch_finished(run.id, run.status)
+                except Exception:
+                    traceback.print_exc()
+            run.done.set()
+
+    def _write_updates(self) -> None:
+        """One transaction per store for the turn's node and dispatch changes."""
         if self._nupd or self._dupd:
             nupd, dupd = self._nupd, self._dupd
             self._nupd, self._dupd = {}, {}
@@ -572,20 +595,6 @@ class Dispatcher(CancelMixin):
                         run.store_error = exc
                         if not run.cancel_requested and not run.status.is_final:
                             self._cancel(run.id, None)
-        finishing, self._finishing = self._finishing, []
-        for run in finishing:
-            self.runs.pop(run.id, None)
-            for ex in run.executor_objs:
-                try:
-                    ex.close_dispatch(run.id)
-                except Exception:
-                    traceback.print_exc()
-            if self._observers:
-                try:
-                    self.plugins.dispatch_finished(run.id, run.status)
-                except Exception:
-                    traceback.print_exc()
-            run.done.set()
 
 
 def make_executor(plugins: Plugins, name: str) -> Executor:

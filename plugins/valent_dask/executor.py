@@ -227,14 +227,14 @@ class DaskExecutor(valent.Executor):
             except Exception:  # noqa: BLE001 - the dispatcher asks again
                 answers = None
             dequeued = []
-            for i, h, _ in ask:
+            for i, h, f in ask:
                 outcome = cancel_outcome(answers, h.task.key)
                 out[i] = self._commit(h, outcome)
                 if out[i] is CancelOutcome.DEQUEUED and outcome is CancelOutcome.DEQUEUED:
-                    dequeued.append(h)
+                    dequeued.append((h, f))
             if dequeued:
-                conn.client.cancel([f for _, h, f in ask if h in dequeued], force=True)
-            for h in dequeued:
+                conn.client.cancel([f for _, f in dequeued], force=True)
+            for h, _ in dequeued:
                 h.wake()
         return [out[i] for i in range(len(handles))]
 
