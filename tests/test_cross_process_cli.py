@@ -226,6 +226,32 @@ def test_cancel_one_task_then_no_wait(owner):
     assert wait_gone(pids, timeout=5) == []
 
 
+def test_logs_of_a_running_task_show_its_output_so_far(owner):
+    o = owner(n=1)
+    o.wait_running()
+    did = o.dispatch_id
+    deadline = time.monotonic() + 30
+    while True:  # the print may land a moment after the pid file
+        res = valent("logs", did, "sleeper")
+        assert res.returncode == 0, res.stderr
+        if "sleeper 0 up" in res.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert "sleeper(0) [RUNNING] stdout (so far) ==" in res.stdout, res.stdout
+    assert "sleeper 0 up" in res.stdout
+    assert "total(" not in valent("logs", did).stdout  # listing all: only tasks with output
+
+    assert valent("cancel", did).returncode == 0
+    assert "FINAL CANCELLED" in o.finish()
+    res = valent("logs", did, "sleeper")
+    assert "sleeper(0) [CANCELLED] stdout ==" in res.stdout, res.stdout  # stored, no "so far"
+    assert "sleeper 0 up" in res.stdout
+    row = sqlite3.connect(Path(os.environ["VALENT_RESULTS_DIR"]) / "valent.db").execute(
+        "SELECT live_output FROM nodes WHERE dispatch_id = ? AND node_id = 0", (did,)
+    ).fetchone()
+    assert row == (None,)  # the file paths are forgotten once the task ended
+
+
 def test_owner_killed_is_detected_by_every_reader(owner, results_dir):
     o = owner(n=2)
     pids = o.wait_running()

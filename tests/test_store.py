@@ -137,6 +137,33 @@ def test_orphaned_dispatch_is_marked_failed_and_its_open_nodes_cancelled(tmp_pat
     store.close()
 
 
+def test_a_store_made_by_an_older_valent_gains_the_new_columns(tmp_path):
+    from valent.store import SCHEMA
+
+    d = tmp_path / "old"
+    d.mkdir()
+    old = SCHEMA.replace("    live_output TEXT,\n", "")
+    assert old != SCHEMA
+    conn = sqlite3.connect(d / "valent.db")
+    conn.executescript(old)
+    conn.execute(
+        "INSERT INTO nodes (dispatch_id, node_id, name, kind, status) "
+        "VALUES ('d0', 0, 'a', 'electron', 'COMPLETED')"
+    )
+    conn.commit()
+    conn.close()
+    store = Store(d)
+    store.create_dispatch(
+        {"dispatch_id": "d1", "lattice_name": "x", "status": "RUNNING", "created_at": 0.0},
+        [{"dispatch_id": "d1", "node_id": 0, "name": "a", "kind": "electron",
+          "status": "PENDING"}],
+    )
+    store.apply([("d1", 0, {"status": "RUNNING", "live_output": '["/o", "/e"]'})])
+    assert store.node_rows("d1")[0]["live_output"] == '["/o", "/e"]'
+    assert store.node_rows("d0")[0]["status"] == "COMPLETED"  # what was there is kept
+    store.close()
+
+
 def test_an_unwritable_results_dir_is_a_store_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

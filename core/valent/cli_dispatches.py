@@ -410,32 +410,67 @@ def _watch_live(store: Any, did: str, interval: float) -> Any:
 def logs_cmd(dispatch_id: str, node: str | None, stream: str) -> None:
     """A task's captured stdout/stderr (NODE: an id, a name, or name(id)); all tasks if omitted.
 
-    Output is stored when a task ends (completed, failed or cancelled).
+    Output is stored when a task ends (completed, failed or cancelled). While a Local task
+    runs, its output so far is shown (read from the files its worker writes, on the machine
+    that dispatched it).
     """
     store = _store()
     row = _row(store, dispatch_id)
-    nodes = [n for n in store.node_rows(row["dispatch_id"]) if n["kind"] == "electron"]
+    did = row["dispatch_id"]
+    nodes = [n for n in store.node_rows(did) if n["kind"] == "electron"]
     if node is not None:
-        nodes = [_pick_node(row["dispatch_id"], nodes, node)]
+        nodes = [_pick_node(did, nodes, node)]
     streams = ("stdout", "stderr") if stream == "both" else (stream,)
     printed = False
     for n in nodes:
-        texts = [(s, n[s]) for s in streams if n[s]]
+        so_far = ""
+        texts = _live_texts(row, n, streams)
+        if texts is not None:
+            now = {r["node_id"]: r for r in store.node_rows(did)}[n["node_id"]]
+            if now["status"] != n["status"]:  # it ended while we read: the stored output
+                n, texts = now, None
+            else:
+                so_far = " (so far)"
+        if texts is None:
+            texts = [(s, n[s]) for s in streams if n[s]]
         if not texts and node is None:
             continue
         header = f"== {fmt.label(n)} [{n['status']}]"
         if not texts:
-            why = "it is still running; output is stored when it ends" if n["status"] in (
-                "RUNNING", "PENDING", "NEW_OBJECT") else "it printed nothing"
+            why = "it printed nothing"
+            if n["status"] in ("PENDING", "NEW_OBJECT"):
+                why = "it has not started"
+            elif n["status"] == "RUNNING" and not so_far:
+                why = "it is running; its executor stores its output when it ends"
+            elif so_far:
+                why = "it is running and printed nothing yet"
             click.echo(f"{header}: no {' or '.join(streams)} ({why})")
             printed = True
             continue
         for s, text in texts:
-            click.echo(f"{header} {s} ==")
+            click.echo(f"{header} {s}{so_far} ==")
             click.echo(text, nl=not text.endswith("\n"))
             printed = True
     if not printed:
         click.echo(f"no captured {' or '.join(streams)} in dispatch {row['dispatch_id'][:8]}")
+
+
+def _live_texts(row: Any, n: Any, streams: Sequence[str]) -> list[tuple[str, str]] | None:
+    """A running task's output so far, from the files its executor named; None when there
+    are none (not running, an executor that stores output only at the end, another host)."""
+    import socket
+
+    from .pooljobs import tail
+
+    if n["status"] != "RUNNING" or "live_output" not in n.keys() or not n["live_output"]:
+        return None  # (a store on read-only media, made by an older valent, lacks the column)
+    if row["owner_host"] and row["owner_host"] != socket.gethostname():
+        return None
+    try:
+        paths = dict(zip(("stdout", "stderr"), json.loads(n["live_output"]), strict=False))
+    except ValueError:
+        return None
+    return [(s, text) for s in streams if paths.get(s) and (text := tail(paths[s]))]
 
 
 def _pick_node(did: str, nodes: Sequence[Any], spec: str) -> Any:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import json
 import os
 import queue
 import socket
@@ -389,7 +390,11 @@ class Dispatcher(CancelMixin):
         if isinstance(state, Running):
             if nr.status != Status.RUNNING:
                 nr.start_time = state.started_at or time.time()
-                self._set(nr, Status.RUNNING)
+                extra = None
+                if state.stdout_path or state.stderr_path:
+                    nr.live = True
+                    extra = {"live_output": json.dumps([state.stdout_path, state.stderr_path])}
+                self._set(nr, Status.RUNNING, extra)
                 electron = nr.node.electron
                 if electron is not None and electron.timeout and nr.deadline is None:
                     nr.deadline = time.monotonic() + electron.timeout
@@ -441,6 +446,8 @@ class Dispatcher(CancelMixin):
             fields["start_time"] = nr.start_time
         if status.is_final:
             fields["end_time"] = nr.end_time or time.time()
+            if nr.live:
+                fields["live_output"] = None
             if nr.cancel_outcome is not None:
                 fields["cancel_outcome"] = nr.cancel_outcome.value
                 if nr.cancel_outcome in (CancelOutcome.KILLED, CancelOutcome.DEQUEUED):

@@ -356,7 +356,7 @@ class ProcessPool(KillMixin):
         worker.job = job
         job.worker = worker
         if worker.ready:  # else it starts (and is reported Running) once the worker is up
-            job.state = Running(time.time())
+            job.state = Running(time.time(), worker.out_path, worker.err_path)
         self._last_start = time.monotonic()
         worker.cpu_mark = None
 
@@ -464,7 +464,7 @@ class ProcessPool(KillMixin):
                 worker.ready = True
                 job = worker.job
                 if job is not None and isinstance(job.state, Pending):
-                    job.state = Running(time.time())
+                    job.state = Running(time.time(), worker.out_path, worker.err_path)
                 else:
                     job = None
             if job is not None:

@@ -24,7 +24,7 @@ class NodeRun:
         "node", "status", "executor", "handle", "waiting", "value", "pickled", "attempts",
         "cancel_at", "cancel_outcome", "cancel_tries", "timed_out", "deadline", "reason",
         "start_time", "end_time", "error", "submitted", "run", "consumers", "chained",
-        "upstream_cancel",
+        "upstream_cancel", "live",
     )
 
     def __init__(self, run: DispatchRun, node: Node):
@@ -50,6 +50,7 @@ class NodeRun:
         self.consumers = 0  # dependents not final yet (+1 if the lattice returns it)
         self.chained = False  # started on its executor before every parent completed
         self.upstream_cancel = False  # cancelled because a parent failed or was cancelled
+        self.live = False  # the store points at files holding its output so far
 
     @property
     def final(self) -> bool:

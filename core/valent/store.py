@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     stdout TEXT,
     stderr TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
+    live_output TEXT,
     PRIMARY KEY (dispatch_id, node_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS cancel_requests (
@@ -81,8 +82,10 @@ CREATE INDEX IF NOT EXISTS cancel_requests_open ON cancel_requests (handled_at, 
 NODE_FIELDS = (
     "status", "start_time", "end_time", "cancel_requested_at", "cancel_confirmed_at",
     "cancel_outcome", "reason", "output", "output_file", "error", "traceback", "stdout",
-    "stderr", "attempts", "executor",
+    "stderr", "attempts", "executor", "live_output",
 )
+ADDED_COLUMNS = {"nodes": {"live_output": "TEXT"}}
+"""Columns added since schema version 1: a store made by an older valent gains them."""
 DISPATCH_FIELDS = (
     "status", "start_time", "end_time", "result", "result_file", "error",
     "cancel_requested_at",
@@ -166,6 +169,11 @@ class Store:
                 conn.execute(
                     "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,)
                 )
+                for table, cols in ADDED_COLUMNS.items():
+                    have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+                    for col, decl in cols.items():
+                        if col not in have:
+                            conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot initialize the results store {self.path}: {exc}") from exc
             finally:

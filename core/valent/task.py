@@ -83,9 +83,15 @@ class Pending(TaskState):
 
 @dataclass(frozen=True, slots=True)
 class Running(TaskState):
-    """Started; ``started_at`` is a ``time.time()`` stamp when known."""
+    """Started; ``started_at`` is a ``time.time()`` stamp when known.
+
+    ``stdout_path`` / ``stderr_path``: files on this machine that hold the task's output so
+    far, when the executor captures it there (``valent logs`` shows them while it runs).
+    """
 
     started_at: float | None = None
+    stdout_path: str | None = None
+    stderr_path: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

