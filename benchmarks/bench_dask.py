@@ -19,7 +19,8 @@ Cases (``N`` = 1,000 by default):
   from ``cancel()`` to the state ``Cancelled(killed)`` (the pool has confirmed the child's
   process group gone), p50 and p95.
 
-Run: ``python benchmarks/bench_dask.py --repeats 3 [--n 1000] [--json out.json]``.
+Run: ``python benchmarks/bench_dask.py --repeats 3 [--n 1000] [--only fanout,chain,cancel]
+[--json out.json]``.
 """
 
 from __future__ import annotations
@@ -230,10 +231,14 @@ def _pct(xs: list[float], p: float) -> float:
     return xs[k]
 
 
+CASES = ("fanout", "chain", "cancel")
+
+
 def run(
-    repeats: int = 3, n: int = 1000, cancel_runs: int = 25, dispatch: bool = True
+    repeats: int = 3, n: int = 1000, cancel_runs: int = 25, dispatch: bool = True,
+    cases: tuple[str, ...] = CASES,
 ) -> list[dict]:
-    """Run every case ``repeats`` times; return one row per (case, variant)."""
+    """Run the ``cases`` ``repeats`` times; return one row per (case, variant)."""
     import distributed
     import valent as ct
 
@@ -247,6 +252,7 @@ def run(
         for m in ("finish", "kill")
     }
     times: dict[tuple[str, str], list[float]] = {}
+    lat: list[float] = []
     try:
         for ex in execs.values():  # warm: connection, pools, function caches
             exec_fanout(ex, 50)
@@ -259,6 +265,8 @@ def run(
                 ("fanout", raw_fanout, exec_fanout, dispatch_fanout),
                 ("chain", raw_chain, exec_chain, dispatch_chain),
             ):
+                if case not in cases:
+                    continue
                 for name, ex in variants:
                     if ex is None:
                         times.setdefault((case, "raw dask"), []).append(raw_fn(client, n))
@@ -270,7 +278,8 @@ def run(
                     times.setdefault((case, f"executor {name}"), []).append(ex_fn(ex, n))
                     if dispatch:
                         times.setdefault((case, f"dispatch {name}"), []).append(disp_fn(ex, n))
-        lat = cancel_latency(execs["kill"], cancel_runs)
+        if "cancel" in cases:
+            lat = cancel_latency(execs["kill"], cancel_runs)
     finally:
         for ex in execs.values():
             ex.shutdown()
@@ -285,11 +294,12 @@ def run(
             "median_s": round(med, 4), "per_task_ms": round(1000 * med / n, 3),
             "vs_raw": round(med / raw, 2),
         })
-    rows.append({
-        "case": "cancel", "variant": "kill mode", "n": len(lat), "repeats": 1,
-        "p50_ms": round(1000 * _pct(lat, 50), 1), "p95_ms": round(1000 * _pct(lat, 95), 1),
-        "max_ms": round(1000 * max(lat), 1),
-    })
+    if lat:
+        rows.append({
+            "case": "cancel", "variant": "kill mode", "n": len(lat), "repeats": 1,
+            "p50_ms": round(1000 * _pct(lat, 50), 1), "p95_ms": round(1000 * _pct(lat, 95), 1),
+            "max_ms": round(1000 * max(lat), 1),
+        })
     return rows
 
 
@@ -338,11 +348,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=1000, help="tasks per fan-out / chain")
     ap.add_argument("--cancel-runs", type=int, default=25)
     ap.add_argument("--no-dispatch", action="store_true", help="executor level only")
+    ap.add_argument("--only", default=",".join(CASES),
+                    help=f"comma-separated cases of {', '.join(CASES)}")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as results:
         os.environ.setdefault("VALENT_RESULTS_DIR", results)
-        rows = run(args.repeats, args.n, args.cancel_runs, not args.no_dispatch)
+        cases = tuple(c.strip() for c in args.only.split(","))
+        bad = [c for c in cases if c not in CASES]
+        if bad:
+            ap.error(f"unknown case(s) {', '.join(bad)}; choose from {', '.join(CASES)}")
+        rows = run(args.repeats, args.n, args.cancel_runs, not args.no_dispatch, cases)
     _print(rows)
     if args.json:
         with open(args.json, "w") as f:
