@@ -44,13 +44,21 @@ def after(x):
 
 @ct.electron
 def spawner(pid_file, marker, escape, seconds):
-    """Start a grandchild (in the task's group, in its own session, or one that ignores
-    SIGTERM), then sleep, then write a marker."""
+    """Start a grandchild (in the task's group, in its own session, one that ignores
+    SIGTERM, or a daemon: double-forked into its own session, its parent gone), then sleep,
+    then write a marker."""
     if escape == "ignores-sigterm":
-        child = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 60"])
+        grandchild = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 60"]).pid
+    elif escape == "daemon":
+        got = subprocess.run(
+            ["sh", "-c", "setsid sleep 60 > /dev/null 2>&1 < /dev/null & echo $!"],
+            capture_output=True, text=True, check=True,
+        )  # the sh is gone: the sleep's parent is no longer this task's process
+        grandchild = int(got.stdout)
     else:
-        child = subprocess.Popen(["sleep", "60"], start_new_session=escape == "own-session")
-    _put(pid_file, f"{os.getpid()} {child.pid}")
+        own = escape == "own-session"
+        grandchild = subprocess.Popen(["sleep", "60"], start_new_session=own).pid
+    _put(pid_file, f"{os.getpid()} {grandchild}")
     time.sleep(seconds)
     _put(marker, "done")
     return "finished"
@@ -117,7 +125,7 @@ def _nodes(result, name):
 # ------------------------------------------------------------------------------ killing
 
 
-@pytest.mark.parametrize("escape", ["same-group", "own-session", "ignores-sigterm"])
+@pytest.mark.parametrize("escape", ["same-group", "own-session", "ignores-sigterm", "daemon"])
 def test_cancel_kills_the_task_and_its_grandchild(tmp_path, escape):
     @ct.lattice
     def wf(pid_file, marker):
@@ -141,7 +149,10 @@ def test_cancel_kills_the_task_and_its_grandchild(tmp_path, escape):
     assert node["cancel_requested_at"] is not None and node["cancel_confirmed_at"] is not None
     assert node["output"] is None
     # nothing of the task is left: not the worker that ran it, not its grandchild
-    assert wait_gone([worker_pid, grandchild_pid], timeout=5) == []
+    left = wait_gone([worker_pid, grandchild_pid], timeout=5)
+    for pid in left:  # ours (the test started it), so end it even when the check fails
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
     time.sleep(2.0)  # longer than the task's own sleep: it would have written the marker
     assert not marker.exists()
 

@@ -2,7 +2,10 @@
 
 Started as ``python -m valent.poolworker SOCK_FD LIFELINE_FD OUT_PATH ERR_PATH`` in its own
 session, so the task and every subprocess it starts share the worker's process group.
-Imports only the standard library and cloudpickle before the first task arrives.
+On Linux it is also a child subreaper: a daemon a task starts (double fork, ``setsid``)
+becomes the worker's child instead of init's, so the kill of a cancelled task finds it in
+the worker's process tree. Imports only the standard library and cloudpickle before the
+first task arrives.
 """
 
 from __future__ import annotations
@@ -24,6 +27,33 @@ MAX_CAPTURE = 1 << 20
 _cooperative = False
 _cancelled = False
 _in_task = False
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _become_subreaper() -> bool:
+    """Adopt orphaned descendants (Linux ``prctl``); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap_orphans() -> None:
+    """Between tasks: collect adopted descendants that exited (they would stay zombies)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def _token() -> bool:
@@ -152,6 +182,7 @@ def main(argv: list[str]) -> None:
     threading.Thread(target=_watch_lifeline, args=(life_fd,), daemon=True).start()
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    subreaper = _become_subreaper()
     import faulthandler
 
     faulthandler.enable()
@@ -202,6 +233,8 @@ def main(argv: list[str]) -> None:
         stopped_by_cancel = _cancelled
         ended = time.time()
         out, err = capture.stop()
+        if subreaper:
+            _reap_orphans()
         if ok:
             try:
                 payload = cloudpickle.dumps(value, protocol=5)
