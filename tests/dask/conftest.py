@@ -107,3 +107,19 @@ def kill_runner(kill_executor, dask_client):
 @pytest.fixture
 def finish_runner(finish_executor, dask_client):
     return Runner(finish_executor)
+
+
+@pytest.fixture
+def allowed_failures(dask_client):
+    """Set the scheduler's allowed-failures for a test; restore it and the workers after."""
+
+    def get(dask_scheduler):
+        return dask_scheduler.allowed_failures
+
+    def set_(n, dask_scheduler):
+        dask_scheduler.allowed_failures = n
+
+    old = dask_client.run_on_scheduler(get)
+    yield lambda n: dask_client.run_on_scheduler(set_, n)
+    dask_client.run_on_scheduler(set_, old)
+    dask_client.wait_for_workers(2, timeout=60)

@@ -4,10 +4,12 @@ parents run (values pass worker to worker), yet users see what they would withou
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
 import cloudpickle
+import psutil
 import pytest
 import valent as ct
 import valent.timing
@@ -253,6 +255,39 @@ def test_a_timed_out_parent_stops_its_chain(dask_cluster, tmp_path):
     assert [n["status"] for n in nodes if n["node_name"] == "mark"] == [Status.CANCELLED] * 2
     assert not alive(int(open(pid_file).read()))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_worker_dying_under_a_chain_head_fails_it_and_stops_the_rest(
+    dask_cluster, dask_client, allowed_failures, tmp_path
+):
+    allowed_failures(0)
+    ex = ct.executors.DaskExecutor(
+        scheduler_address=dask_cluster.scheduler_address, cancel_mode="kill", grace=0.5
+    )
+    e_sleep, e_mark = ct.electron(sleeper, executor=ex), ct.electron(mark, executor=ex)
+    pid_file = str(tmp_path / "pid")
+
+    @ct.lattice
+    def wf():
+        return e_mark(e_mark(e_sleep(pid_file, 60), str(tmp_path / "a")), str(tmp_path / "b"))
+
+    try:
+        did = ct.dispatch(wf)()
+        assert wait_until(lambda: os.path.exists(pid_file), 60), ct.get_result(did)
+        task_pid = int(open(pid_file).read())
+        worker = psutil.Process(task_pid).ppid()  # kill mode: the body runs in a pool child
+        assert worker in dask_client.run(os.getpid).values()
+        os.kill(worker, signal.SIGKILL)
+        r = ct.get_result(did, wait=True, timeout=90)
+    finally:
+        ex.shutdown()
+    assert r.status == Status.FAILED
+    nodes = r.get_all_node_results()
+    assert nodes[0]["status"] == Status.FAILED and "died" in nodes[0]["error"], nodes[0]
+    marks = [n for n in nodes if n["node_name"] == "mark"]
+    assert [(n["status"], n["cancel_outcome"]) for n in marks] == [(Status.CANCELLED, None)] * 2
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert wait_until(lambda: not alive(task_pid), 10), "the task outlived its worker"
 
 
 def test_a_long_chain_completes(dask_ex):

@@ -325,22 +325,6 @@ def _trackers() -> set[int]:
     return {pid for pid, p in descendants().items() if is_resource_tracker(p)}
 
 
-@pytest.fixture
-def allowed_failures(dask_client):
-    """Set the scheduler's allowed-failures for a test; restore it and the workers after."""
-
-    def get(dask_scheduler):
-        return dask_scheduler.allowed_failures
-
-    def set_(n, dask_scheduler):
-        dask_scheduler.allowed_failures = n
-
-    old = dask_client.run_on_scheduler(get)
-    yield lambda n: dask_client.run_on_scheduler(set_, n)
-    dask_client.run_on_scheduler(set_, old)
-    dask_client.wait_for_workers(2, timeout=60)
-
-
 def test_worker_killed_mid_task_fails_the_node(
     kill_runner, dask_client, allowed_failures, tmp_path
 ):
