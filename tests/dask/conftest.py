@@ -123,3 +123,20 @@ def allowed_failures(dask_client):
     yield lambda n: dask_client.run_on_scheduler(set_, n)
     dask_client.run_on_scheduler(set_, old)
     dask_client.wait_for_workers(2, timeout=60)
+
+
+@pytest.fixture
+def dask_config(dask_cluster, tmp_path, monkeypatch):
+    """A config file whose ``[executors.dask]`` points at the session cluster."""
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(
+        f'[executors.dask]\nscheduler_address = "{dask_cluster.scheduler_address}"\n'
+        'cancel_mode = "kill"\ngrace = 0.5\n'
+    )
+    monkeypatch.setenv("VALENT_CONFIG", str(cfg))
+    yield cfg
+    from valent.api import get_dispatcher
+
+    named = get_dispatcher().named_executor("dask")
+    if named is not None:
+        named.shutdown()  # releases its client; it reconnects if used again

@@ -144,6 +144,24 @@ def test_dependents_go_to_the_cluster_while_their_parent_runs(dask_ex, dask_clus
         assert gap >= -0.05, (parent, child)
 
 
+def test_electrons_naming_the_executor_chain_on_its_shared_instance(dask_config, dask_client,
+                                                                   tmp_path):
+    e_gate = ct.electron(gate, executor="dask")
+    e_inc = ct.electron(inc, executor="dask")
+
+    @ct.lattice
+    def wf(directory):
+        return e_inc(e_inc(e_gate(directory)))
+
+    did = ct.dispatch(wf)(str(tmp_path))
+    assert wait_until(lambda: (tmp_path / "started").exists(), 60), ct.get_result(did)
+    mine = {k for k in _scheduler_keys(dask_client) if did in k}
+    assert len([k for k in mine if k.startswith("inc-")]) == 2, mine
+    _write(str(tmp_path / "release"), "")
+    r = ct.get_result(did, wait=True, timeout=60)
+    assert r.status == Status.COMPLETED and r.result == 3, (r.status, r.error)
+
+
 def test_failure_mid_chain_looks_as_without_chaining(dask_ex, tmp_path):
     """The same workflow on Dask (chained) and on Local (not) ends the same way, node for
     node, and nothing after the failure ran."""

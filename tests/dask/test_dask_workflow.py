@@ -40,23 +40,6 @@ def _slow_body(seconds: float, pid_file: str, marker: str) -> str:
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-@pytest.fixture
-def dask_config(dask_cluster, tmp_path, monkeypatch):
-    """A config file whose ``[executors.dask]`` points at the session cluster."""
-    cfg = tmp_path / "config.toml"
-    cfg.write_text(
-        f'[executors.dask]\nscheduler_address = "{dask_cluster.scheduler_address}"\n'
-        'cancel_mode = "kill"\ngrace = 0.5\n'
-    )
-    monkeypatch.setenv("VALENT_CONFIG", str(cfg))
-    yield cfg
-    from valent.api import get_dispatcher
-
-    named = get_dispatcher().named_executor("dask")
-    if named is not None:
-        named.shutdown()  # releases its client; it reconnects if used again
-
-
 def test_mixed_local_and_dask_workflow(dask_cluster, dask_client, dask_config):
     dask_exec = ct.executors.DaskExecutor(
         scheduler_address=dask_cluster.scheduler_address, cancel_mode="finish"
