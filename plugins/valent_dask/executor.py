@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import socket
 import threading
 import time
 import uuid
@@ -456,16 +457,17 @@ class DaskExecutor(valent.Executor):
                 answers = conn.broadcast(ws.running_keys, timeout=self.cancel_timeout)
             except Exception:  # noqa: BLE001 - closing, or a worker is gone: ask again later
                 continue
-            started: dict[str, float] = {}
+            started: dict[str, Any] = {}
             for a in answers.values():
                 if isinstance(a, dict):
                     started.update(a)
+            here = socket.gethostname()
             woken = []
             with self._lock:
-                for key, t in started.items():
+                for key, info in started.items():
                     h = self._live.get(key)
                     if h is not None and isinstance(h.state, Pending):
-                        h.state = Running(t)
+                        h.state = _running_state(info, here)
                         woken.append(h)
             for h in woken:
                 h.wake()
@@ -489,6 +491,17 @@ class DaskExecutor(valent.Executor):
                 woken.append(h)
         for h in woken:
             h.wake()
+
+
+def _running_state(info: Any, here: str) -> Running:
+    """A worker's answer about a started task; output paths only when they are on this host
+    (kill mode on a LocalCluster: ``valent logs`` can show the output so far)."""
+    if not isinstance(info, tuple):  # a worker with an older valent: the start time only
+        return Running(info)
+    started, host, out, err = (*info, None, None, None)[:4]
+    if host != here:
+        return Running(started)
+    return Running(started, out, err)
 
 
 def _rebuild(cls: type[DaskExecutor], settings: dict[str, Any]) -> DaskExecutor:

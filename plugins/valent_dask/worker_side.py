@@ -334,10 +334,23 @@ def _prune_tombstones(now: float) -> None:
         _tombstones.popitem(last=False)
 
 
-def running_keys() -> dict[str, float]:
-    """``{key: started_at}`` of every valent task body running in this worker process."""
+def running_keys() -> dict[str, tuple]:
+    """``{key: (started_at, host, stdout_path, stderr_path)}`` of every valent task body
+    running in this worker process; the paths (kill mode: the pool child's capture files,
+    on ``host``) are None in finish mode."""
+    import socket
+
+    host = socket.gethostname()
     with _lock:
-        return dict(_started)
+        out: dict[str, tuple] = {}
+        for key, t in _started.items():
+            paths: tuple = (None, None)
+            entry = _running.get(key)
+            if isinstance(entry, tuple):
+                state = entry[1].state
+                paths = (getattr(state, "stdout_path", None), getattr(state, "stderr_path", None))
+            out[key] = (t, host, *paths)
+        return out
 
 
 def pool_pids() -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 
@@ -167,3 +168,46 @@ def test_dask_task_error_fails_the_workflow(dask_cluster, dask_client):
     assert bad_node["node_name"] == "bad" and bad_node["status"] == Status.FAILED
     assert "missing k" in bad_node["error"] and "KeyError" in bad_node["traceback"]
     assert after_node["status"] == Status.CANCELLED
+
+
+def _talker(directory: str) -> str:
+    print("dask task says hi", flush=True)
+    _write(os.path.join(directory, "started"), str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.path.join(directory, "release")):
+        assert time.monotonic() < deadline, "never released"
+        time.sleep(0.01)
+    return "done"
+
+
+def test_logs_show_a_running_kill_mode_task_output_so_far(dask_cluster, dask_client, tmp_path):
+    """Kill mode on a cluster of this machine: `valent logs` reads the pool child's capture."""
+    ex = ct.executors.DaskExecutor(
+        scheduler_address=dask_cluster.scheduler_address, cancel_mode="kill", grace=0.5
+    )
+    talker = ct.electron(_talker, executor=ex)
+
+    @ct.lattice
+    def wf(directory):
+        return talker(directory)
+
+    def logs(did):
+        res = subprocess.run(
+            [sys.executable, "-m", "valent.cli", "logs", did, "_talker"],
+            capture_output=True, text=True, timeout=60, env=dict(os.environ),
+        )
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    try:
+        did = ct.dispatch(wf)(str(tmp_path))
+        assert wait_until(lambda: (tmp_path / "started").exists(), 60), ct.get_result(did)
+        assert wait_until(lambda: "(so far)" in logs(did), 30), logs(did)
+        assert "dask task says hi" in logs(did)
+        _write(str(tmp_path / "release"), "")
+        r = ct.get_result(did, wait=True, timeout=60)
+    finally:
+        ex.shutdown()
+    assert r.status == Status.COMPLETED and r.result == "done"
+    out = logs(did)
+    assert "[COMPLETED] stdout ==" in out and "dask task says hi" in out, out
