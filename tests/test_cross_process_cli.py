@@ -252,6 +252,31 @@ def test_logs_of_a_running_task_show_its_output_so_far(owner):
     assert row == (None,)  # the file paths are forgotten once the task ended
 
 
+def test_logs_follow_prints_output_as_it_comes_until_the_task_ends(owner):
+    o = owner(n=1)
+    o.wait_running()
+    did = o.dispatch_id
+    assert valent("logs", did, "--follow").returncode == 1  # which task? NODE is required
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "valent.cli", "logs", did[:8], "sleeper", "--follow"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
+    )
+    try:
+        first = follow.stdout.readline()  # printed while the task runs
+        assert first == "sleeper 0 up\n", first
+        assert follow.poll() is None  # still following
+        assert valent("cancel", did).returncode == 0
+        out, err = read_rest(follow, timeout=20)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.communicate()
+    assert follow.returncode == 0, err
+    assert "sleeper 0 up" not in out  # not printed twice
+    assert "== sleeper(0) ended CANCELLED" in err, err
+    assert "FINAL CANCELLED" in o.finish()
+
+
 def test_owner_killed_is_detected_by_every_reader(owner, results_dir):
     o = owner(n=2)
     pids = o.wait_running()

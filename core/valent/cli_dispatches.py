@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -406,8 +407,10 @@ def _watch_live(store: Any, did: str, interval: float) -> Any:
 @click.argument("node", required=False)
 @click.option("--stream", type=click.Choice(["both", "stdout", "stderr"]), default="both",
               show_default=True, help="Which captured stream to print.")
+@click.option("--follow", "-f", is_flag=True,
+              help="With NODE: print its output as it comes until it ends (stderr to stderr).")
 @_errors
-def logs_cmd(dispatch_id: str, node: str | None, stream: str) -> None:
+def logs_cmd(dispatch_id: str, node: str | None, stream: str, follow: bool) -> None:
     """A task's captured stdout/stderr (NODE: an id, a name, or name(id)); all tasks if omitted.
 
     Output is stored when a task ends (completed, failed or cancelled). While a Local task
@@ -421,6 +424,14 @@ def logs_cmd(dispatch_id: str, node: str | None, stream: str) -> None:
     if node is not None:
         nodes = [_pick_node(did, nodes, node)]
     streams = ("stdout", "stderr") if stream == "both" else (stream,)
+    if follow:
+        if node is None:
+            raise _Fail("error: --follow needs NODE, the one task to follow")
+        try:
+            _follow(store, row, nodes[0], streams)
+        except KeyboardInterrupt:
+            sys.exit(EXIT_INTERRUPTED)
+        return
     printed = False
     for n in nodes:
         so_far = ""
@@ -455,20 +466,76 @@ def logs_cmd(dispatch_id: str, node: str | None, stream: str) -> None:
         click.echo(f"no captured {' or '.join(streams)} in dispatch {row['dispatch_id'][:8]}")
 
 
-def _live_texts(row: Any, n: Any, streams: Sequence[str]) -> list[tuple[str, str]] | None:
-    """A running task's output so far, from the files its executor named; None when there
-    are none (not running, an executor that stores output only at the end, another host)."""
+def _live_paths(row: Any, n: Any) -> dict[str, str] | None:
+    """``{stream: file}`` holding a running task's output so far, if readable from here."""
     import socket
-
-    from .pooljobs import tail
 
     if n["status"] != "RUNNING" or "live_output" not in n.keys() or not n["live_output"]:
         return None  # (a store on read-only media, made by an older valent, lacks the column)
     if row["owner_host"] and row["owner_host"] != socket.gethostname():
         return None
     try:
-        paths = dict(zip(("stdout", "stderr"), json.loads(n["live_output"]), strict=False))
+        paths = json.loads(n["live_output"])
     except ValueError:
+        return None
+    return {s: p for s, p in zip(("stdout", "stderr"), paths, strict=False) if p}
+
+
+def _follow(store: Any, row: Any, n: Any, streams: Sequence[str], every: float = 0.2) -> None:
+    """Print a task's output as its files grow, then the rest from the store once it ends."""
+    import codecs
+
+    did, nid = row["dispatch_id"], n["node_id"]
+    decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in streams}
+    offsets = dict.fromkeys(streams, 0)
+    shown = dict.fromkeys(streams, 0)  # characters printed from the live files
+    live = dict.fromkeys(streams, True)  # False once a file was reused by another task
+    checked = 0.0
+    while True:
+        if time.monotonic() - checked > 1.0:  # notices a dead owner (marks it FAILED)
+            row, checked = _row(store, did), time.monotonic()
+        n = {r["node_id"]: r for r in store.node_rows(did)}[nid]
+        if n["status"] in _FINAL:
+            break
+        paths = _live_paths(row, n) or {}
+        for s in streams:
+            if s not in paths or not live[s]:
+                continue
+            try:
+                with open(paths[s], "rb") as f:
+                    if os.fstat(f.fileno()).st_size < offsets[s]:
+                        live[s] = False  # truncated: its worker moved on to another task
+                        continue
+                    f.seek(offsets[s])
+                    data = f.read(1 << 20)
+            except OSError:
+                continue
+            offsets[s] += len(data)
+            text = decoders[s].decode(data)
+            if text:
+                shown[s] += len(text)
+                click.echo(text, nl=False, err=s == "stderr")
+        time.sleep(every)
+    for s in streams:
+        stored = n[s] or ""
+        if stored.startswith("[... "):  # longer than what the store keeps: it has the tail
+            if shown[s]:
+                click.echo(f"\n[... the rest: `valent logs {did[:8]} {nid}` ...]", err=True)
+            else:
+                click.echo(stored, nl=not stored.endswith("\n"), err=s == "stderr")
+        elif len(stored) > shown[s]:
+            rest = stored[shown[s]:]
+            click.echo(rest, nl=not rest.endswith("\n"), err=s == "stderr")
+    click.echo(f"== {fmt.label(n)} ended {n['status']}", err=True)
+
+
+def _live_texts(row: Any, n: Any, streams: Sequence[str]) -> list[tuple[str, str]] | None:
+    """A running task's output so far, from the files its executor named; None when there
+    are none (not running, an executor that stores output only at the end, another host)."""
+    from .pooljobs import tail
+
+    paths = _live_paths(row, n)
+    if paths is None:
         return None
     return [(s, text) for s in streams if paths.get(s) and (text := tail(paths[s]))]
 
