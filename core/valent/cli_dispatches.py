@@ -437,7 +437,7 @@ def logs_cmd(dispatch_id: str, node: str | None, stream: str, follow: bool) -> N
         so_far = ""
         texts = _live_texts(row, n, streams)
         if texts is not None:
-            now = {r["node_id"]: r for r in store.node_rows(did)}[n["node_id"]]
+            now = store.node_row(did, n["node_id"])
             if now["status"] != n["status"]:  # it ended while we read: the stored output
                 n, texts = now, None
             else:
@@ -494,7 +494,7 @@ def _follow(store: Any, row: Any, n: Any, streams: Sequence[str], every: float =
     while True:
         if time.monotonic() - checked > 1.0:  # notices a dead owner (marks it FAILED)
             row, checked = _row(store, did), time.monotonic()
-        n = {r["node_id"]: r for r in store.node_rows(did)}[nid]
+        n = store.node_row(did, nid)
         if n["status"] in _FINAL:
             break
         paths = _live_paths(row, n) or {}

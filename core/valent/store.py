@@ -370,6 +370,12 @@ class Store:
             raise UnknownDispatchError(dispatch_id, str(self.path))
         return row
 
+    def node_row(self, dispatch_id: str, node_id: int) -> sqlite3.Row:
+        """One node of a dispatch (it must exist)."""
+        return self._conn().execute(
+            "SELECT * FROM nodes WHERE dispatch_id = ? AND node_id = ?", (dispatch_id, node_id)
+        ).fetchone()
+
     def node_rows(self, dispatch_id: str, with_outputs: bool = True) -> list[sqlite3.Row]:
         cols = "*" if with_outputs else (
             "dispatch_id, node_id, name, kind, executor, parents, status, start_time, end_time,"
