@@ -18,7 +18,6 @@ from . import worker_side as ws
 from .handles import Handle, cancel_outcome, final_outcome, to_state
 
 CANCEL_MODES = ("kill", "finish")
-STOPPED = (CancelOutcome.DEQUEUED, CancelOutcome.KILLED)
 INLINE_GAP = 0.005
 """A task submitted this long after the previous one goes out at once, not batched."""
 RUNNING_CHECK = 0.5
@@ -279,7 +278,7 @@ class DaskExecutor(valent.Executor):
                 while len(self._fns) > FN_CACHE:
                     self._fns.popitem(last=False)
         args, kwargs = task.args, task.kwargs
-        if any(isinstance(a, Upstream) for a in (*args, *kwargs.values())):
+        if task.upstream:
             args, kwargs = self._mark_upstream(task, h)
         try:
             args_blob = cloudpickle.dumps((args, kwargs), protocol=5)
@@ -324,7 +323,7 @@ class DaskExecutor(valent.Executor):
 
     def _send_chained(self, conn: Any, batch: list[tuple[Handle, Blobs]]) -> None:
         """Submit each chained task with its upstream futures (or values, if already back)."""
-        fn = ws.run_killable if self.cancel_mode == "kill" else ws.run_native
+        fn, tail = self._body()
         watch: list[tuple[Any, Handle]] = []
         dropped: list[Handle] = []
         for h, (token, fn_blob, args_blob) in batch:
@@ -339,7 +338,7 @@ class DaskExecutor(valent.Executor):
                         if pickled is None:
                             pickled = cloudpickle.dumps(st.value, protocol=5)
                         ups.append((ws.OK, pickled))
-                    elif st.final or u.outcome in STOPPED or u.future is None:
+                    elif u.will_not_complete() or u.future is None:
                         ups = []  # an upstream task did not or will not complete
                         break
                     else:
@@ -348,9 +347,7 @@ class DaskExecutor(valent.Executor):
                     self._finish(h, Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time()))
                     dropped.append(h)
                     continue
-            head = [h.task.key, token, fn_blob, args_blob]
-            if self.cancel_mode == "kill":
-                head.append(self.grace)
+            head = (h.task.key, token, fn_blob, args_blob, *tail)
             try:
                 future = conn.client.submit(fn, *head, *ups, key=h.task.key, pure=False)
             except Exception as exc:  # noqa: BLE001 - the client is closed or broken
@@ -372,12 +369,8 @@ class DaskExecutor(valent.Executor):
         """Submit independent tasks as one graph update and follow their futures."""
         keys = [h.task.key for h, _ in batch]
         cols = [list(c) for c in zip(*(b for _, b in batch), strict=True)]
-        if self.cancel_mode == "kill":
-            fn = ws.run_killable
-            cols = [keys, *cols, [self.grace] * len(keys)]
-        else:
-            fn = ws.run_native
-            cols = [keys, *cols]
+        fn, tail = self._body()
+        cols = [keys, *cols, *([t] * len(keys) for t in tail)]
         try:
             futures = conn.submit_many(fn, cols, keys)
         except Exception as exc:  # noqa: BLE001 - the client is closed or broken
@@ -392,6 +385,12 @@ class DaskExecutor(valent.Executor):
             for (h, _), f in zip(batch, futures, strict=True):
                 h.future = f
         conn.watch([(f, h) for (h, _), f in zip(batch, futures, strict=True)])
+
+    def _body(self) -> tuple[Any, tuple]:
+        """The worker-side task function of this mode, and its arguments after the blobs."""
+        if self.cancel_mode == "kill":
+            return ws.run_killable, (self.grace,)
+        return ws.run_native, ()
 
     def _start_async(self) -> None:
         """Start (or connect to) the cluster in a thread; submit the waiting tasks then."""

@@ -12,6 +12,9 @@ from valent.task import Cancelled, Completed, Failed, Pending, Task, TaskState
 
 from . import worker_side as ws
 
+STOPPED = (CancelOutcome.DEQUEUED, CancelOutcome.KILLED)
+"""Cancel outcomes after which a task never completes."""
+
 
 class Handle:
     """One task on the cluster, as ``run`` returns it to the dispatcher."""
@@ -30,13 +33,15 @@ class Handle:
         self.up_futures: list[Any] = []
         """The Dask futures it was given for those still running when it was sent."""
 
+    def will_not_complete(self) -> bool:
+        """True when this task ended other than completed, or a cancel is stopping it."""
+        st = self.state
+        return self.outcome in STOPPED or (st.final and not isinstance(st, Completed))
+
     def upstream_lost(self) -> bool:
         """True when an upstream task of this chained task did not (or will not) complete."""
-        for u in self.ups:
-            st = u.state
-            stopped = u.outcome in (CancelOutcome.DEQUEUED, CancelOutcome.KILLED)
-            if stopped or (st.final and not isinstance(st, Completed)):
-                return True
+        if any(u.will_not_complete() for u in self.ups):
+            return True
         return any(f.status in ("error", "cancelled") for f in self.up_futures)
 
     def __repr__(self) -> str:
