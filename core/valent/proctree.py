@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 
 import psutil
 
@@ -19,12 +20,30 @@ def _stat_fields(pid: int) -> tuple[str, int, int] | None:
     return rest[0].decode(), int(rest[2]), int(rest[1])
 
 
+def _live_procs() -> Iterator[tuple[int, int, int]]:
+    """(pid, pgrp, ppid) of every live (non-zombie) process: one pass over /proc, or psutil
+    where there is no /proc."""
+    if os.path.isdir("/proc/self"):
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                fields = _stat_fields(int(name))
+                if fields and fields[0] not in ("Z", "X"):
+                    yield int(name), fields[1], fields[2]
+        return
+    for p in psutil.process_iter(["status", "ppid"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE:
+                yield p.pid, os.getpgid(p.pid), p.info["ppid"]
+        except (ProcessLookupError, psutil.Error):
+            continue
+
+
 _scan_cache: tuple[float, dict[int, list[int]]] | None = None
 SCAN_MAX_AGE = 0.05
 
 
 def _children_map() -> dict[int, list[int]]:
-    """{ppid: [live child pids]} from one /proc scan, reused for ``SCAN_MAX_AGE`` seconds
+    """{ppid: [live child pids]} from one scan, reused for ``SCAN_MAX_AGE`` seconds
     (cancelling many tasks at once snapshots many trees: one scan serves them all)."""
     global _scan_cache
     import time
@@ -33,54 +52,20 @@ def _children_map() -> dict[int, list[int]]:
     if _scan_cache is not None and now - _scan_cache[0] < SCAN_MAX_AGE:
         return _scan_cache[1]
     out: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            fields = _stat_fields(int(name))
-            if fields and fields[0] not in ("Z", "X"):
-                out.setdefault(fields[2], []).append(int(name))
+    for pid, _, ppid in _live_procs():
+        out.setdefault(ppid, []).append(pid)
     _scan_cache = (now, out)
     return out
 
 
 def group_members(pgid: int) -> list[int]:
     """PIDs of the live (non-zombie) processes whose process group is ``pgid``."""
-    if os.path.isdir("/proc/self"):
-        out = []
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            fields = _stat_fields(int(name))
-            if fields and fields[1] == pgid and fields[0] not in ("Z", "X"):
-                out.append(int(name))
-        return out
-    out = []
-    for p in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
-                out.append(p.pid)
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return out
+    return [pid for pid, group, _ in _live_procs() if group == pgid]
 
 
 def live_groups() -> set[int]:
     """The process groups that have at least one live (non-zombie) member: one scan for all."""
-    if not os.path.isdir("/proc/self"):
-        out = set()
-        for p in psutil.process_iter(["status"]):
-            try:
-                if p.info["status"] != psutil.STATUS_ZOMBIE:
-                    out.add(os.getpgid(p.pid))
-            except (ProcessLookupError, psutil.Error):
-                continue
-        return out
-    groups = set()
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            fields = _stat_fields(int(name))
-            if fields and fields[0] not in ("Z", "X"):
-                groups.add(fields[1])
-    return groups
+    return {group for _, group, _ in _live_procs()}
 
 
 def snapshot_tree(pid: int) -> list[tuple[int, float]]:
