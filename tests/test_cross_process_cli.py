@@ -8,6 +8,7 @@ check with psutil that cancelled (or orphaned) work is really gone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -64,6 +66,21 @@ def valent(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess
         [sys.executable, "-m", "valent.cli", *args], capture_output=True, text=True,
         timeout=timeout, env=dict(os.environ), **kw,
     )
+
+
+@contextlib.contextmanager
+def valent_bg(*args: str) -> Iterator[subprocess.Popen]:
+    """`valent ARGS` running in the background (text pipes); killed if still running after."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "valent.cli", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def valent_json(*args: str) -> dict | list:
@@ -165,11 +182,7 @@ def test_listed_watched_and_cancelled_from_another_process(owner):
     assert status["dispatch_id"] == did and status["status"] == "RUNNING"
     assert sorted(n["node_id"] for n in status["nodes"] if n["status"] == "RUNNING") == [0, 3, 6]
 
-    watch = subprocess.Popen(
-        [sys.executable, "-m", "valent.cli", "watch", did[:8], "--interval", "0.1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
-    )
-    try:
+    with valent_bg("watch", did[:8], "--interval", "0.1") as watch:
         first = watch.stdout.readline()  # the watcher is following before we cancel
         assert did[:8] in first and "RUNNING" in first
 
@@ -183,10 +196,6 @@ def test_listed_watched_and_cancelled_from_another_process(owner):
         assert wait_gone(pids, timeout=5) == [], "cancelled tasks still running"
 
         out, err = read_rest(watch, timeout=20)
-    finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.communicate()
     assert watch.returncode == 0, err
     text = first + out
     for i in (0, 3, 6):
@@ -257,20 +266,12 @@ def test_logs_follow_prints_output_as_it_comes_until_the_task_ends(owner):
     o.wait_running()
     did = o.dispatch_id
     assert valent("logs", did, "--follow").returncode == 1  # which task? NODE is required
-    follow = subprocess.Popen(
-        [sys.executable, "-m", "valent.cli", "logs", did[:8], "sleeper", "--follow"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
-    )
-    try:
+    with valent_bg("logs", did[:8], "sleeper", "--follow") as follow:
         first = follow.stdout.readline()  # printed while the task runs
         assert first == "sleeper 0 up\n", first
         assert follow.poll() is None  # still following
         assert valent("cancel", did).returncode == 0
         out, err = read_rest(follow, timeout=20)
-    finally:
-        if follow.poll() is None:
-            follow.kill()
-            follow.communicate()
     assert follow.returncode == 0, err
     assert "sleeper 0 up" not in out  # not printed twice
     assert "== sleeper(0) ended CANCELLED" in err, err
@@ -328,18 +329,10 @@ def test_watch_ctrl_c_leaves_the_dispatch_running(owner):
     o = owner(n=1)
     o.wait_running()
     did = o.dispatch_id
-    watch = subprocess.Popen(
-        [sys.executable, "-m", "valent.cli", "watch", did],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
-    )
-    try:
+    with valent_bg("watch", did) as watch:
         assert "RUNNING" in watch.stdout.readline()
         watch.send_signal(signal.SIGINT)
         out, err = read_rest(watch, timeout=20)
-    finally:
-        if watch.poll() is None:
-            watch.kill()
-            watch.communicate()
     assert watch.returncode == 130
     assert "Traceback" not in err and f"dispatch {did[:8]} goes on" in err
     assert valent_json("status", did)["status"] == "RUNNING"

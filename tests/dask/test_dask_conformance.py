@@ -11,23 +11,22 @@ import valent
 from valent.testing import ExecutorConformance
 
 
-class TestDaskKillConformance(ExecutorConformance):
+class _DaskConformance(ExecutorConformance):
     start_timeout = 60.0
     settle = 1.5  # the executor learns a task started from a poll of the workers every 0.5 s
+    cancel_mode = "kill"
 
     @pytest.fixture
     def executor(self, dask_cluster, dask_client):
         return valent.executors.DaskExecutor(
-            scheduler_address=dask_cluster.scheduler_address, cancel_mode="kill", grace=0.5
+            scheduler_address=dask_cluster.scheduler_address, cancel_mode=self.cancel_mode,
+            grace=0.5,
         )
 
 
-class TestDaskFinishConformance(ExecutorConformance):
-    start_timeout = 60.0
-    settle = 1.5  # the executor learns a task started from a poll of the workers every 0.5 s
+class TestDaskKillConformance(_DaskConformance):
+    cancel_mode = "kill"
 
-    @pytest.fixture
-    def executor(self, dask_cluster, dask_client):
-        return valent.executors.DaskExecutor(
-            scheduler_address=dask_cluster.scheduler_address, cancel_mode="finish"
-        )
+
+class TestDaskFinishConformance(_DaskConformance):
+    cancel_mode = "finish"
