@@ -197,7 +197,9 @@ def test_exit_waits_for_a_running_dispatch_and_ctrl_c_cancels_it(tmp_path):
         assert ct.get_result(dispatch_id).status == "RUNNING"
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
-        assert "waiting for 1 running dispatch" in err and "cancelling" in err, err
+        assert "waiting for 1 running dispatch" in err and "Ctrl-C: cancelled" in err, err
+        assert "Traceback" not in err, err
+        assert proc.returncode == 130
         result = ct.get_result(dispatch_id, wait=True, timeout=10)
         assert result.status == "CANCELLED", result.error
         assert {n["cancel_outcome"] for n in result.get_all_node_results()} >= {"killed"}

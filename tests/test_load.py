@@ -41,7 +41,7 @@ def test_fifty_concurrent_dispatches_of_two_hundred_nodes(results_dir):
             assert r.node_count == 200
             assert r.result == sum(k * 1000 + i + 1 for i in range(99))
         # the dispatcher let go of every finished dispatch
-        assert get_dispatcher().call(lambda: len(get_dispatcher().runs)) == 0
+        assert get_dispatcher().active() == []
         # memory stays bounded: a second round of 10,000 tasks costs no more than a little
         assert rss_after - rss_before < 200 * 2**20, (rss_before, rss_after)
         # the store is consistent: every node of every dispatch is final, none is left open

@@ -6,7 +6,6 @@ import atexit
 import os
 import pickle
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -31,12 +30,28 @@ def get_dispatcher():
         with _lock:
             if _dispatcher is None:
                 from .dispatcher import Dispatcher
+                from .lifecycle import at_exit, install_signal_handlers
                 from .plugins import get_plugins
                 from .store import get_store
 
                 _dispatcher = Dispatcher(get_store(), get_plugins())
-                atexit.register(_at_exit)
+                install_signal_handlers()
+                global _exit_registered
+                if not _exit_registered:
+                    _exit_registered = True
+                    atexit.register(at_exit)
     return _dispatcher
+
+
+_exit_registered = False
+
+
+def _reset_after_fork() -> None:
+    """In a child made by ``os.fork()``: the parent's dispatcher (its thread does not exist
+    here) is not ours; the first dispatch makes a new one, owned by this process."""
+    global _dispatcher, _lock
+    _dispatcher = None
+    _lock = threading.Lock()
 
 
 def _store():
@@ -101,8 +116,7 @@ def _start(graph: Graph) -> str:
             f"the arguments of lattice {graph.lattice_name!r} cannot be pickled: {exc}; "
             "pass plain data (numbers, strings, lists, dicts, arrays) or paths"
         ) from exc
-    default_name = _default_executor_name(graph)
-    _check_executor_config(graph, default_name)
+    executors = _resolve_executors(dispatcher, graph)
     now = time.time()
     new = Status.NEW_OBJECT.value
     nodes = [
@@ -111,7 +125,7 @@ def _start(graph: Graph) -> str:
             node.id,
             node.name,
             node.kind,
-            _executor_label(node, default_name),
+            None if executors[node.id] is None else executors[node.id].name,
             "[" + ",".join(map(str, node.parents)) + "]",
             new,
             params.get(node.id),
@@ -132,7 +146,7 @@ def _start(graph: Graph) -> str:
         "node_count": len(graph.nodes),
     }
     store.create_dispatch(row, nodes, NODE_COLUMNS)
-    dispatcher.start(DispatchRun(dispatch_id, graph, store))
+    dispatcher.start(DispatchRun(dispatch_id, graph, store, executors))
     return dispatch_id
 
 
@@ -150,36 +164,27 @@ def _dumps(value: Any) -> bytes:
     return cloudpickle.dumps(value, protocol=5)
 
 
-def _default_executor_name(graph: Graph) -> str:
-    if graph.executor is not None:
-        return graph.executor if isinstance(graph.executor, str) else graph.executor.name
+def _resolve_executors(dispatcher, graph: Graph) -> list[Any]:
+    """Each node's executor (None for nodes that run inline), resolved now: a name no plugin
+    provides, a bad ``[executors.NAME]`` setting or an ``__init__`` that rejects its settings
+    fails ``dispatch`` at once, before anything runs."""
     from .config import default_executor_name
+    from .resolve import executor_spec
 
-    return default_executor_name()
-
-
-def _check_executor_config(graph: Graph, default_name: str) -> None:
-    """Raise ``ConfigError`` now for a bad ``[executors.NAME]`` table that a node would use."""
-    from .config import executor_settings
-    from .plugins import get_plugins
-
-    names = {default_name}
+    default = default_executor_name()
+    found: dict[Any, Any] = {}
+    out: list[Any] = []
     for node in graph.nodes:
-        spec = node.electron.executor if node.electron is not None else None
-        if isinstance(spec, str):
-            names.add(spec)
-    plugins = get_plugins()
-    for name in sorted(names):
-        executor_settings(name, plugins.executor_class(name))
-
-
-def _executor_label(node: Any, default_name: str) -> str | None:
-    if node.kind != ELECTRON:
-        return None
-    spec = node.electron.executor if node.electron is not None else None
-    if spec is None:
-        return default_name
-    return spec if isinstance(spec, str) else spec.name
+        if node.kind != ELECTRON:
+            out.append(None)
+            continue
+        spec = executor_spec(node.electron, graph.executor, default)
+        key = spec if isinstance(spec, str) else id(spec)
+        ex = found.get(key)
+        if ex is None:
+            ex = found[key] = dispatcher.executors.resolve(spec)
+        out.append(ex)
+    return out
 
 
 def _param_problem(graph: Graph, node_id: int, exc: Exception) -> str:
@@ -205,7 +210,7 @@ def _param_problem(graph: Graph, node_id: int, exc: Exception) -> str:
 
 def _owned_run(dispatch_id: str):
     d = _dispatcher
-    return None if d is None else d.runs.get(dispatch_id)
+    return None if d is None else d.owned(dispatch_id)
 
 
 def get_result(
@@ -261,7 +266,7 @@ def _owner_dead(row) -> bool:
         return False
     pid = row["owner_pid"]
     if pid == os.getpid() and _dispatcher is not None:
-        return row["dispatch_id"] not in _dispatcher.runs and row["status"] not in _FINAL and (
+        return _dispatcher.owned(row["dispatch_id"]) is None and row["status"] not in _FINAL and (
             abs(_dispatcher.owner[2] - (row["owner_started"] or 0)) > 1.0
         )
     import psutil
@@ -330,37 +335,13 @@ def cancel(dispatch_id: str, task_ids: list[int] | int | None = None) -> str:
             f"Dispatch {dispatch_id}: its owner process (pid {row['owner_pid']}) is gone; "
             "marked FAILED, nothing is running."
         )
+    from .dispatcher import check_task_ids
+
+    problem = check_task_ids(dispatch_id, task_ids, row["node_count"])
+    if problem:
+        return problem
     store.request_cancel(dispatch_id, task_ids)
     return (
         f"Dispatch {dispatch_id} cancel requested; its owner (pid {row['owner_pid']}) is "
         "stopping it."
     )
-
-
-# ---------------------------------------------------------------------- exit
-
-
-def _at_exit() -> None:
-    """Wait for dispatches still running at interpreter exit; Ctrl-C cancels them."""
-    d = _dispatcher
-    if d is None:
-        return
-    try:
-        runs = d.active()
-        if runs:
-            print(
-                f"valent: waiting for {len(runs)} running dispatch(es) to finish "
-                "(Ctrl-C cancels them)",
-                file=sys.stderr,
-            )
-            try:
-                for run in runs:
-                    run.done.wait()
-            except KeyboardInterrupt:
-                print("valent: cancelling...", file=sys.stderr)
-                for run in d.active():
-                    d.cancel(run.id, None)
-                for run in runs:
-                    run.done.wait(60)
-    finally:
-        d.shutdown_executors()

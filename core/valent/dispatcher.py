@@ -1,9 +1,17 @@
-"""The embedded dispatcher: one background thread per process that runs every dispatch it owns.
+"""The embedded dispatcher: one background thread per process runs every dispatch it owns.
 
-Event-driven: executors call a task's ``wake`` and the thread polls just that task; timers
-cover electron timeouts, cancel retries and executors that ask for safety-net polls. Node
-changes are written to the store in one transaction per loop turn, and cancels go to each
-executor in one batch per turn.
+Split by role, as CPython's ``concurrent/futures/process.py`` is:
+
+- :class:`Dispatcher`, the public face, is thread-safe and only puts messages on the loop's
+  queue (start a dispatch, cancel, call a function on the loop thread) and answers which
+  dispatches this process owns;
+- :class:`_Loop`, run by the dispatcher's thread alone, holds and changes every dispatch's
+  state: starting nodes, polling them, timeouts, cancelling, finishing dispatches;
+- :class:`_StoreBatch` collects a turn's store changes and writes them in one transaction
+  per store.
+
+Event-driven: executors call a task's ``wake`` and the loop polls just that task; timers
+cover electron timeouts, cancel retries and executors that ask for safety-net polls.
 
 Chaining: on an executor that declares ``Capabilities(chain=True)``, a node whose parents
 are all completed or started on that same executor is started at once, its missing inputs
@@ -12,14 +20,19 @@ tasks run (Dask: worker to worker). Such a node stays NEW_OBJECT in the store un
 parents complete here, and its state is read only then, so what a user sees is the same as
 without chaining; a parent that fails or is cancelled cancels it (the executor never runs
 its body).
+
+Truth rules enforced here (DESIGN.md "Truth invariants"): what happened first decides. A
+task that failed before the cancel was requested is FAILED (``too_late``); whatever ends a
+task after the request is CANCELLED with a truthful outcome; no retry starts after a cancel;
+a failed store write stops the dispatch and ends it FAILED with the store error as cause.
 """
 
 from __future__ import annotations
 
-import collections
 import heapq
 import itertools
 import json
+import math
 import os
 import queue
 import socket
@@ -27,15 +40,17 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
 
-from .cancelling import CancelMixin
 from .errors import StoreError, TaskTimeoutError, ValentError
 from .executor import Executor
 from .graph import ELECTRON, PARAMETER, Ref
 from .plugins import Plugins
+from .resolve import Executors
 from .rules import lattice_status
 from .runstate import (
     DispatchRun,
@@ -50,107 +65,197 @@ from .store import Store
 from .task import Cancelled, Completed, Failed, Running, Task, Upstream
 
 EXTERNAL_CANCEL_EVERY = 0.2
+"""How often (s) the loop looks for cancel requests other processes left in the store."""
+CANCEL_RETRIES = 3
+"""Tries of a cancel an executor answered ``failed`` before that answer is final."""
+
 _WAKE, _START, _CANCEL, _CALL = range(4)
 
 
-class Dispatcher(CancelMixin):
-    """Runs dispatches on a background thread; create one per process with ``get_dispatcher``."""
+def check_task_ids(dispatch_id: str, task_ids: list[int] | None, node_count: int) -> str | None:
+    """The message for task ids a dispatch does not have (None when all are valid).
+
+    The owner and any other process answer a bad ``cancel(id, task_ids=...)`` the same way.
+    """
+    if task_ids is None:
+        return None
+    bad = [
+        t for t in task_ids
+        if not (isinstance(t, int) and not isinstance(t, bool) and 0 <= t < node_count)
+    ]
+    if not bad:
+        return None
+    return f"Dispatch {dispatch_id}: no task id(s) {bad}; valid ids are 0..{node_count - 1}."
+
+
+class Dispatcher:
+    """Runs dispatches on a background thread; one per process (``api.get_dispatcher``).
+
+    Every method may be called from any thread: they put messages on the loop's queue (or
+    read the locked table of owned dispatches); only the loop's thread touches run state.
+    """
 
     def __init__(self, store: Store, plugins: Plugins):
-        self.store = store
-        self.plugins = plugins
-        self.q: queue.SimpleQueue = queue.SimpleQueue()
-        self.runs: dict[str, DispatchRun] = {}
-        self._named: dict[str, Executor] = {}
-        self._used: dict[int, Executor] = {}
-        self._timers: list[tuple[float, int, Any, Any]] = []
-        self._seq = itertools.count()
-        self._nupd: dict[tuple[str, int], dict[str, Any]] = {}
-        self._dupd: dict[str, dict[str, Any]] = {}
-        self._finishing: list[DispatchRun] = []
-        self._cancels: dict[int, NodeRun] = {}  # cancels to send this turn, in order
-        self._repoll: collections.deque[NodeRun] = collections.deque()
-        self._chaining = False
-        self._next_external = 0.0
-        self._observers = plugins.has_observers
-        # follow the process's plugins when built from them: a plugin registered (or
-        # valent.timing enabled) after the first dispatch still takes part
         from .plugins import get_plugins
 
-        self._follow_plugins = plugins is get_plugins()
+        # follow the process's plugins when built from them: a plugin registered (or
+        # valent.timing enabled) after the first dispatch still takes part
+        follow = plugins is get_plugins()
+        self._plugins = plugins
+        self.plugins_now: Callable[[], Plugins] = get_plugins if follow else self._fixed_plugins
+        self.store = store
+        self.executors = Executors(self.plugins_now)
         self.owner = (os.getpid(), socket.gethostname(), _process_start())
-        self._thread = threading.Thread(target=self._loop, name="valent-dispatcher", daemon=True)
+        self._owned: dict[str, DispatchRun] = {}
+        self._owned_lock = threading.Lock()
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._loop = _Loop(self._q, store, self.plugins_now, self._forget)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="valent-dispatcher", daemon=True
+        )
         self._thread.start()
 
-    # ------------------------------------------------------------------ public (any thread)
+    def _fixed_plugins(self) -> Plugins:
+        return self._plugins
+
+    # ---------------------------------------------------------------- public (any thread)
 
     def start(self, run: DispatchRun) -> None:
         """Begin running ``run`` (already written to its store)."""
         if run.store is None:
             run.store = self.store
-        self.runs[run.id] = run
-        self.q.put((_START, run))
+        with self._owned_lock:
+            self._owned[run.id] = run
+        self._q.put((_START, run))
+
+    def owned(self, dispatch_id: str) -> DispatchRun | None:
+        """The run of ``dispatch_id`` if this process owns it and it is not finished."""
+        with self._owned_lock:
+            return self._owned.get(dispatch_id)
+
+    def active(self) -> list[DispatchRun]:
+        """The dispatches this process owns that have not finished."""
+        with self._owned_lock:
+            return list(self._owned.values())
 
     def cancel(self, dispatch_id: str, task_ids: list[int] | None) -> str:
-        """Cancel a dispatch this process owns; returns the message for the user."""
+        """Cancel a dispatch this process owns; returns the message for the user.
+
+        Returns once the request is in the store (CANCELLING), not once it is confirmed.
+        """
         reply: queue.SimpleQueue = queue.SimpleQueue()
-        self.q.put((_CANCEL, (dispatch_id, task_ids, reply)))
+        self._q.put((_CANCEL, (dispatch_id, task_ids, reply)))
         answer = reply.get()
         if isinstance(answer, BaseException):
             raise answer
         return answer
 
-    def call(self, fn: Any) -> Any:
-        """Run ``fn()`` on the dispatcher thread and return its result (for tests, tools)."""
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` on the dispatcher's thread and return its result (tests, tools)."""
         reply: queue.SimpleQueue = queue.SimpleQueue()
-        self.q.put((_CALL, (fn, reply)))
+        self._q.put((_CALL, (fn, reply)))
         ok, value = reply.get()
         if not ok:
             raise value
         return value
 
     def named_executor(self, name: str) -> Executor | None:
-        """The shared instance this dispatcher made for an executor name, if any."""
-        return self._named.get(name)
-
-    def active(self) -> list[DispatchRun]:
-        return list(self.runs.values())
+        """The shared instance this process made for an executor name, if any."""
+        return self.executors.named(name)
 
     def shutdown_executors(self) -> None:
-        """Shut down every executor this dispatcher used (at interpreter exit)."""
-        for ex in list(self._used.values()):
-            try:
-                ex.shutdown()
-            except Exception:
-                traceback.print_exc()
+        """Shut down every executor this process used (at interpreter exit)."""
+        self.executors.shutdown()
 
-    # ------------------------------------------------------------------ the loop
+    def _forget(self, run: DispatchRun) -> None:
+        with self._owned_lock:
+            self._owned.pop(run.id, None)
 
-    def _loop(self) -> None:
+
+class _StoreBatch:
+    """The store changes of one loop turn, written in one transaction per store."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[tuple[str, int], dict[str, Any]] = {}
+        self.dispatches: dict[str, dict[str, Any]] = {}
+
+    def node(self, nr: NodeRun, fields: dict[str, Any]) -> None:
+        key = (nr.run.id, nr.node.id)
+        cur = self.nodes.get(key)
+        if cur is None:
+            self.nodes[key] = fields
+        else:
+            cur.update(fields)
+
+    def dispatch(self, run: DispatchRun, fields: dict[str, Any]) -> None:
+        self.dispatches.setdefault(run.id, {}).update(fields)
+
+    def __bool__(self) -> bool:
+        return bool(self.nodes or self.dispatches)
+
+    def take(self) -> tuple[dict, dict]:
+        nodes, dispatches = self.nodes, self.dispatches
+        self.nodes, self.dispatches = {}, {}
+        return nodes, dispatches
+
+    def put_back(self, nodes: dict, dispatches: dict) -> None:
+        """Keep changes a failed write did not store, under the newer ones."""
+        for key, fields in nodes.items():
+            self.nodes[key] = {**fields, **self.nodes.get(key, {})}
+        for key, fields in dispatches.items():
+            self.dispatches[key] = {**fields, **self.dispatches.get(key, {})}
+
+
+class _Loop:
+    """The dispatcher's thread: the one owner of every run's state."""
+
+    def __init__(
+        self,
+        q: queue.SimpleQueue,
+        store: Store,
+        plugins_now: Callable[[], Plugins],
+        forget: Callable[[DispatchRun], None],
+    ):
+        self.q = q
+        self.store = store
+        self.plugins_now = plugins_now
+        self.plugins = plugins_now()
+        self.forget = forget
+        self.runs: dict[str, DispatchRun] = {}
+        self.batch = _StoreBatch()
+        self.timers: list[tuple[float, int, str, NodeRun]] = []
+        self.seq = itertools.count()
+        self.finishing: list[DispatchRun] = []
+        self.cancels: dict[int, NodeRun] = {}  # cancels to send this turn, in order
+        self.repoll: deque[NodeRun] = deque()
+        self.chaining = False
+        self.next_external = 0.0
+        self.observers = self.plugins.has_observers
+
+    # ---------------------------------------------------------------- the turn
+
+    def run_forever(self) -> None:
         while True:
             try:
-                self._turn()
+                self.turn()
             except Exception:  # a bug here must not stop every dispatch in the process
                 traceback.print_exc()
 
-    def _turn(self) -> None:
-        timeout = self._timeout()
+    def turn(self) -> None:
+        """Wait for messages or a timer; start, cancel, poll; send cancels; write the store."""
         try:
-            events = [self.q.get(timeout=timeout)]
+            events = [self.q.get(timeout=self.timeout())]
         except queue.Empty:
             events = []
-        if self._follow_plugins:
-            from .plugins import get_plugins
-
-            self.plugins = get_plugins()
-        self._observers = self.plugins.has_observers
+        self.plugins = self.plugins_now()
+        self.observers = self.plugins.has_observers
         while True:
             try:
                 events.append(self.q.get_nowait())
             except queue.Empty:
                 break
         woken: dict[int, NodeRun] = {}
-        # cancel replies wait for this turn's flush: once cancel() returns, a get_result()
+        # cancel replies wait for this turn's write: once cancel() returns, a get_result()
         # sees CANCELLING (or the final status), never the RUNNING of before the cancel
         replies: list[tuple[queue.SimpleQueue, Any]] = []
         try:
@@ -158,11 +263,11 @@ class Dispatcher(CancelMixin):
                 if kind == _WAKE:
                     woken[id(payload)] = payload
                 elif kind == _START:
-                    self._start(payload)
+                    self.start(payload)
                 elif kind == _CANCEL:
                     did, task_ids, reply = payload
                     try:
-                        replies.append((reply, self._cancel(did, task_ids)))
+                        replies.append((reply, self.cancel(did, task_ids)))
                     except Exception as exc:
                         replies.append((reply, exc))
                 elif kind == _CALL:
@@ -172,43 +277,43 @@ class Dispatcher(CancelMixin):
                     except Exception as exc:
                         reply.put((False, exc))
             for nr in woken.values():
-                self._poll(nr)
-            self._fire_timers()
+                self.poll(nr)
+            self.fire_timers()
             now = time.monotonic()
-            if self.runs and now >= self._next_external:
-                self._next_external = now + EXTERNAL_CANCEL_EVERY
-                self._external_cancels()
-            self._drain()
-            self._flush()
+            if self.runs and now >= self.next_external:
+                self.next_external = now + EXTERNAL_CANCEL_EVERY
+                self.external_cancels()
+            self.drain()
+            self.flush()
         finally:
             for reply, answer in replies:
                 reply.put(answer)
 
-    def _timeout(self) -> float | None:
-        if self._cancels or self._repoll:
+    def timeout(self) -> float | None:
+        if self.cancels or self.repoll:
             return 0.0
         t: float | None = None
-        if self._timers:
-            t = max(0.0, self._timers[0][0] - time.monotonic())
+        if self.timers:
+            t = max(0.0, self.timers[0][0] - time.monotonic())
         if self.runs:
             t = EXTERNAL_CANCEL_EVERY if t is None else min(t, EXTERNAL_CANCEL_EVERY)
         return t
 
-    def _drain(self) -> None:
+    def drain(self) -> None:
         """Poll chained nodes whose parents just completed; send the turn's cancels."""
-        while self._repoll or self._cancels:
-            while self._repoll:
-                self._poll(self._repoll.popleft())
-            if self._cancels:
-                self._send_cancels()
+        while self.repoll or self.cancels:
+            while self.repoll:
+                self.poll(self.repoll.popleft())
+            if self.cancels:
+                self.send_cancels()
 
-    def _at(self, delay: float, what: Any, nr: Any) -> None:
-        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), what, nr))
+    def at(self, delay: float, what: str, nr: NodeRun) -> None:
+        heapq.heappush(self.timers, (time.monotonic() + delay, next(self.seq), what, nr))
 
-    def _fire_timers(self) -> None:
+    def fire_timers(self) -> None:
         now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, what, nr = heapq.heappop(self._timers)
+        while self.timers and self.timers[0][0] <= now:
+            _, _, what, nr = heapq.heappop(self.timers)
             if nr.final:
                 continue
             if (
@@ -218,37 +323,38 @@ class Dispatcher(CancelMixin):
                 and not nr.timed_out
             ):
                 nr.timed_out = True
-                self._cancel_node(nr, "timeout")
+                self.cancel_node(nr, "timeout")
             elif what == "poll":
-                self._poll(nr)
+                self.poll(nr)
                 if not nr.final and nr.executor is not None and nr.executor.poll_interval:
-                    self._at(nr.executor.poll_interval, "poll", nr)
+                    self.at(nr.executor.poll_interval, "poll", nr)
             elif what == "recancel":
-                self._send_cancel(nr)
+                self.send_cancel(nr)
 
-    # ------------------------------------------------------------------ starting
+    # ---------------------------------------------------------------- starting
 
-    def _start(self, run: DispatchRun) -> None:
+    def start(self, run: DispatchRun) -> None:
+        self.runs[run.id] = run
         now = time.time()
         run.status = Status.RUNNING
-        self._dupd[run.id] = {"status": Status.RUNNING.value, "start_time": now}
+        self.batch.dispatch(run, {"status": Status.RUNNING.value, "start_time": now})
         ready = []
         for nr in run.nodes:
             if nr.node.kind == PARAMETER:
                 nr.value = nr.node.value
                 nr.start_time = nr.end_time = now
-                self._set(nr, Status.COMPLETED)
+                self.set(nr, Status.COMPLETED)
             elif nr.waiting == 0:
                 ready.append(nr)
         for nr in run.nodes:
             if nr.node.kind == PARAMETER:
-                self._release_children(nr)
+                self.release_children(nr)
         for nr in ready:
             if not nr.final and not nr.submitted:
-                self._submit(nr)
-        self._check_done(run)
+                self.submit(nr)
+        self.check_done(run)
 
-    def _release_children(self, nr: NodeRun) -> None:
+    def release_children(self, nr: NodeRun) -> None:
         run = nr.run
         for cid in run.children[nr.node.id]:
             child = run.nodes[cid]
@@ -257,35 +363,33 @@ class Dispatcher(CancelMixin):
                 continue
             if child.chained:  # started already: now its state counts
                 if child.status == Status.NEW_OBJECT and child.cancel_at is None:
-                    self._set(child, Status.PENDING)
-                self._repoll.append(child)
+                    self.set(child, Status.PENDING)
+                self.repoll.append(child)
             elif not run.cancel_requested:
-                self._submit(child)
+                self.submit(child)
 
-    def _submit(self, nr: NodeRun, chained: bool = False) -> None:
+    def submit(self, nr: NodeRun, chained: bool = False) -> None:
         node = nr.node
         nr.submitted = True
         nr.chained = chained
         try:
-            args = tuple(self._resolve(nr.run, a, chained) for a in node.args)
-            kwargs = {k: self._resolve(nr.run, v, chained) for k, v in node.kwargs.items()}
+            args = tuple(self.resolve(nr.run, a, chained) for a in node.args)
+            kwargs = {k: self.resolve(nr.run, v, chained) for k, v in node.kwargs.items()}
         except Exception as exc:
-            self._fail(nr, exc, traceback.format_exc())
+            self.fail(nr, exc, traceback.format_exc())
             return
         if node.kind != ELECTRON:
             try:
                 nr.value = compute_inline(node, args, kwargs)
             except Exception as exc:
-                self._fail(nr, exc, traceback.format_exc())
+                self.fail(nr, exc, traceback.format_exc())
                 return
             nr.start_time = nr.end_time = time.time()
-            self._complete(nr, None)
+            self.complete(nr, None)
             return
-        try:
-            executor = self._executor_for(nr)
-        except Exception as exc:  # a bad config or an executor that cannot be made
-            self._fail(nr, exc, "" if isinstance(exc, ValentError) else traceback.format_exc())
-            return
+        executor = nr.executor
+        assert executor is not None, "dispatch resolves every electron's executor"
+        nr.run.use(executor)
         nr.attempts += 1
         electron = node.electron
         task = Task(
@@ -295,17 +399,17 @@ class Dispatcher(CancelMixin):
         try:
             nr.handle = self.plugins.run(executor, task, _waker(self.q, nr))
         except Exception as exc:
-            self._fail(nr, exc, traceback.format_exc())
+            self.fail(nr, exc, traceback.format_exc())
             return
         if not chained:
-            self._set(nr, Status.PENDING)
+            self.set(nr, Status.PENDING)
         nr.deadline = None  # a timeout counts from when the task is running
         if executor.poll_interval:
-            self._at(executor.poll_interval, "poll", nr)
-        if not self._chaining and getattr(executor.capabilities, "chain", False):
-            self._chain_from(nr)
+            self.at(executor.poll_interval, "poll", nr)
+        if not self.chaining and getattr(executor.capabilities, "chain", False):
+            self.chain_from(nr)
 
-    def _resolve(self, run: DispatchRun, ref: Any, chained: bool = False) -> Any:
+    def resolve(self, run: DispatchRun, ref: Any, chained: bool = False) -> Any:
         if not isinstance(ref, Ref):
             return ref
         parent = run.nodes[ref.node_id]
@@ -313,9 +417,9 @@ class Dispatcher(CancelMixin):
             return Upstream(parent.handle, parent.node.id)
         return parent.get_value()
 
-    def _chain_from(self, root: NodeRun) -> None:
+    def chain_from(self, root: NodeRun) -> None:
         """Start every dependent of ``root`` (and theirs, ...) that can be chained on it."""
-        self._chaining = True
+        self.chaining = True
         try:
             stack = [root]
             while stack:
@@ -324,24 +428,21 @@ class Dispatcher(CancelMixin):
                     continue
                 for cid in parent.run.children[parent.node.id]:
                     child = parent.run.nodes[cid]
-                    if self._can_chain(child):
-                        self._submit(child, chained=True)
+                    if self.can_chain(child):
+                        self.submit(child, chained=True)
                         stack.append(child)
         finally:
-            self._chaining = False
+            self.chaining = False
 
-    def _can_chain(self, nr: NodeRun) -> bool:
+    def can_chain(self, nr: NodeRun) -> bool:
         """Every parent completed or started (for good: no retry left) on the chaining
         executor ``nr`` runs on, and at least one not completed yet."""
         if nr.submitted or nr.final or nr.waiting == 0 or nr.node.kind != ELECTRON:
             return False
         if nr.run.cancel_requested:
             return False
-        try:
-            ex = self._executor_for(nr)
-        except Exception:  # reported when it is submitted the usual way
-            return False
-        if not getattr(ex.capabilities, "chain", False):
+        ex = nr.executor
+        if ex is None or not getattr(ex.capabilities, "chain", False):
             return False
         for pid in nr.node.parents:
             p = nr.run.nodes[pid]
@@ -349,35 +450,13 @@ class Dispatcher(CancelMixin):
                 continue
             if p.final or p.handle is None or p.executor is not ex or p.cancel_at is not None:
                 return False
-            if p.attempts <= (p.node.electron.retries if p.node.electron else 0):
+            if p.attempts <= p.retries:
                 return False  # a retry would start a new task: the marker would be stale
         return True
 
-    def _executor_for(self, nr: NodeRun) -> Executor:
-        electron = nr.node.electron
-        spec = electron.executor if electron is not None else None
-        if spec is None:
-            spec = nr.run.graph.executor
-        if spec is None:
-            from .config import default_executor_name
+    # ---------------------------------------------------------------- polling
 
-            spec = default_executor_name()
-        if isinstance(spec, Executor):
-            ex = spec
-        else:
-            ex = self._named.get(spec)
-            if ex is None:
-                ex = self._named[spec] = make_executor(self.plugins, spec)
-        nr.executor = ex
-        if id(ex) not in nr.run.executors:
-            nr.run.executors.add(id(ex))
-            nr.run.executor_objs.append(ex)
-        self._used[id(ex)] = ex
-        return ex
-
-    # ------------------------------------------------------------------ polling
-
-    def _poll(self, nr: NodeRun) -> None:
+    def poll(self, nr: NodeRun) -> None:
         if nr.final or nr.executor is None or nr.handle is None:
             return
         if nr.waiting and nr.cancel_at is None:
@@ -385,7 +464,11 @@ class Dispatcher(CancelMixin):
         try:
             state = self.plugins.poll(nr.executor, nr.handle)
         except Exception as exc:
-            self._fail(nr, exc, traceback.format_exc())
+            if nr.cancel_at is not None:
+                # an error while stopping it: the cancel came first
+                self.cancel_ended(nr, CancelOutcome.FAILED, {"error": error_text(exc)})
+            else:
+                self.fail(nr, exc, traceback.format_exc())
             return
         if isinstance(state, Running):
             if nr.status != Status.RUNNING:
@@ -394,11 +477,11 @@ class Dispatcher(CancelMixin):
                 if state.stdout_path or state.stderr_path:
                     nr.live = True
                     extra = {"live_output": json.dumps([state.stdout_path, state.stderr_path])}
-                self._set(nr, Status.RUNNING, extra)
-                electron = nr.node.electron
-                if electron is not None and electron.timeout and nr.deadline is None:
-                    nr.deadline = time.monotonic() + electron.timeout
-                    self._at(electron.timeout, "timeout", nr)
+                self.set(nr, Status.RUNNING, extra)
+                timeout = nr.node.electron.timeout if nr.node.electron is not None else None
+                if timeout and math.isfinite(timeout) and nr.deadline is None:
+                    nr.deadline = time.monotonic() + timeout
+                    self.at(timeout, "timeout", nr)
             return
         if not state.final:
             return
@@ -413,33 +496,59 @@ class Dispatcher(CancelMixin):
             nr.pickled = state.pickled
             if state.pickled is None:
                 nr.value = state.value
-            self._complete(nr, out)
+            self.complete(nr, out)
         elif isinstance(state, Failed):
-            if (
-                nr.attempts <= (nr.node.electron.retries if nr.node.electron else 0)
-                and nr.cancel_at is None
-            ):
-                nr.handle = None
-                self._upd(nr, {"attempts": nr.attempts, "error": error_text(state.error)})
-                self._submit(nr)
-                return
-            self._fail(nr, state.error, state.traceback, out)
+            self.failed(nr, state, out)
         elif isinstance(state, Cancelled):
-            nr.cancel_outcome = state.outcome
-            if nr.upstream_cancel and state.outcome == CancelOutcome.DEQUEUED:
-                nr.cancel_outcome = None  # never started: shown as any node after a failure
-            if nr.timed_out:
-                err = TaskTimeoutError(
-                    f"{nr.node.label} timed out after {nr.node.electron.timeout} s and was "
-                    f"stopped ({state.outcome.value})"
-                )
-                self._fail(nr, err, "", out)
-            else:
-                self._cancelled(nr, nr.reason or "cancel requested", out)
+            self.cancel_ended(nr, state.outcome, out)
 
-    # ------------------------------------------------------------------ finishing nodes
+    def failed(self, nr: NodeRun, state: Failed, out: dict[str, Any]) -> None:
+        """The task raised. What happened first decides: its error, or the cancel."""
+        ended = state.ended_at if state.ended_at is not None else time.time()
+        error = {"error": error_text(state.error), "traceback": state.traceback or None}
+        if nr.cancel_at is not None and (nr.upstream_cancel or ended >= nr.cancel_at):
+            # it ended after the cancel was requested (its own SIGTERM handler, an error
+            # while stopping): the cancel ended it; keep what it said
+            self.cancel_ended(nr, nr.cancel_outcome, {**out, **error})
+            return
+        if nr.attempts <= nr.retries:
+            if nr.cancel_at is None and not nr.run.cancel_requested:
+                nr.handle = None
+                self.batch.node(nr, {"attempts": nr.attempts, "error": error["error"]})
+                self.submit(nr)
+                return
+            # failed before the cancel, which stops the retry that was to start
+            nr.cancel_outcome = CancelOutcome.DEQUEUED
+            self.cancel_ended(nr, CancelOutcome.DEQUEUED, {**out, **error})
+            return
+        if nr.cancel_at is not None:
+            nr.cancel_outcome = CancelOutcome.TOO_LATE  # failed before the cancel came
+        self.fail(nr, state.error, state.traceback, out)
 
-    def _set(self, nr: NodeRun, status: Status, extra: dict[str, Any] | None = None) -> None:
+    def cancel_ended(
+        self, nr: NodeRun, outcome: CancelOutcome | None, out: dict[str, Any] | None
+    ) -> None:
+        """The task ended after its cancel was requested: CANCELLED (or timed out)."""
+        if outcome is None:
+            # ended before the executor answered the cancel: say what it was doing
+            outcome = CancelOutcome.KILLED if nr.start_time is not None else CancelOutcome.DEQUEUED
+        nr.cancel_outcome = outcome
+        if nr.upstream_cancel and outcome == CancelOutcome.DEQUEUED:
+            nr.cancel_outcome = None  # never started: shown as any node after a failure
+        if nr.timed_out:
+            err = TaskTimeoutError(
+                f"{nr.node.label} timed out after {nr.node.electron.timeout} s and was "
+                f"stopped ({outcome.value})"
+            )
+            self.fail(nr, err, "", {k: v for k, v in (out or {}).items() if k != "error"})
+        elif nr.upstream_cancel:
+            self.cancelled(nr, "upstream", out)
+        else:
+            self.cancelled(nr, nr.reason or "cancel requested", out)
+
+    # ---------------------------------------------------------------- node changes
+
+    def set(self, nr: NodeRun, status: Status, extra: dict[str, Any] | None = None) -> None:
         nr.status = status
         fields: dict[str, Any] = {"status": status.value}
         if status == Status.RUNNING or (status.is_final and nr.start_time is not None):
@@ -454,12 +563,12 @@ class Dispatcher(CancelMixin):
                     fields["cancel_confirmed_at"] = time.time()
             if nr.attempts:
                 fields["attempts"] = nr.attempts
-            if nr.executor is not None:
+            if nr.executor is not None and nr.submitted:
                 fields["executor"] = nr.executor.name
         if extra:
             fields.update(extra)
-        self._upd(nr, fields)
-        if self._observers:
+        self.batch.node(nr, fields)
+        if self.observers:
             try:
                 self.plugins.node_status(nr.run.id, nr.node.id, nr.node.name, status)
             except Exception:
@@ -467,49 +576,47 @@ class Dispatcher(CancelMixin):
         if status.is_final:
             nr.run.remaining -= 1
             release_inputs(nr)
-            self._check_done(nr.run)
+            self.check_done(nr.run)
 
-    def _upd(self, nr: NodeRun, fields: dict[str, Any]) -> None:
-        key = (nr.run.id, nr.node.id)
-        cur = self._nupd.get(key)
-        if cur is None:
-            self._nupd[key] = fields
-        else:
-            cur.update(fields)
-
-    def _complete(self, nr: NodeRun, out: dict[str, Any] | None) -> None:
+    def complete(self, nr: NodeRun, out: dict[str, Any] | None) -> None:
         extra = dict(out or {})
         try:
             blob = nr.pickled if nr.pickled is not None else cloudpickle.dumps(nr.value)
-            extra.update(nr.run.store.output_fields(nr.run.id, nr.node.id, blob))
         except Exception as exc:
-            # an output that cannot be kept fails the node, and the dispatch stops cleanly
-            # (what is already stored stays as it is)
-            self._fail(nr, ValentError(f"its output could not be stored: {exc}"), "", out)
-            if not nr.run.cancel_requested:
-                self._cancel(nr.run.id, None)
+            self.fail(nr, ValentError(f"its return value cannot be pickled: {exc}"), "", out)
+            return
+        try:
+            extra.update(nr.run.store.output_fields(nr.run.id, nr.node.id, blob))
+        except StoreError as exc:
+            # computed, but there is no room to keep it: say it is lost, stop the dispatch
+            lost = ValentError(
+                f"it completed, but its output ({len(blob)} bytes) could not be stored and "
+                f"is lost: {exc}"
+            )
+            self.fail(nr, lost, "", out)
+            self.store_failed(nr.run.store, exc)
             return
         if nr.attempts > 1 and nr.error is None:
             # earlier attempts failed: the node succeeded, say so rather than keep their error
             extra.setdefault("error", None)
             extra.setdefault("traceback", None)
             extra.setdefault("reason", f"succeeded on attempt {nr.attempts}")
-        self._set(nr, Status.COMPLETED, extra)
-        self._release_children(nr)
+        self.set(nr, Status.COMPLETED, extra)
+        self.release_children(nr)
 
-    def _fail(self, nr: NodeRun, error: Any, tb: str, out: dict[str, Any] | None = None) -> None:
+    def fail(self, nr: NodeRun, error: Any, tb: str, out: dict[str, Any] | None = None) -> None:
         nr.error = error_text(error)
         extra = {"error": nr.error, "traceback": tb or None, **(out or {})}
-        nr.end_time = time.time()
-        self._set(nr, Status.FAILED, extra)
-        self._cascade(nr, f"upstream: {nr.node.label} failed")
-
-    def _cancelled(self, nr: NodeRun, reason: str, out: dict[str, Any] | None = None) -> None:
         nr.end_time = nr.end_time or time.time()
-        self._set(nr, Status.CANCELLED, {"reason": reason, **(out or {})})
-        self._cascade(nr, f"upstream: {nr.node.label} cancelled")
+        self.set(nr, Status.FAILED, extra)
+        self.cascade(nr, f"upstream: {nr.node.label} failed")
 
-    def _cascade(self, nr: NodeRun, reason: str) -> None:
+    def cancelled(self, nr: NodeRun, reason: str, out: dict[str, Any] | None = None) -> None:
+        nr.end_time = nr.end_time or time.time()
+        self.set(nr, Status.CANCELLED, {**(out or {}), "reason": reason})
+        self.cascade(nr, f"upstream: {nr.node.label} cancelled")
+
+    def cascade(self, nr: NodeRun, reason: str) -> None:
         """Dependents of a failed or cancelled node never start."""
         stack = list(nr.run.children[nr.node.id])
         while stack:
@@ -518,26 +625,142 @@ class Dispatcher(CancelMixin):
                 continue
             if child.chained:  # its executor has it: stop it there, then say what happened
                 child.upstream_cancel = True
-                self._cancel_node(child, "upstream", requested=False)
+                self.cancel_node(child, "upstream", requested=False)
                 stack.extend(nr.run.children[child.node.id])
                 continue
             if child.submitted:
                 continue
             child.reason = reason
             child.end_time = time.time()
-            self._set(child, Status.CANCELLED, {"reason": "upstream"})
+            self.set(child, Status.CANCELLED, {"reason": "upstream"})
             stack.extend(nr.run.children[child.node.id])
 
-    # ------------------------------------------------------------------ finishing dispatches
+    # ---------------------------------------------------------------- cancelling
 
-    def _check_done(self, run: DispatchRun) -> None:
+    def cancel(self, dispatch_id: str, task_ids: list[int] | None, reason: str = "") -> str:
+        """Cancel a whole dispatch or the listed nodes and their dependents."""
+        run = self.runs.get(dispatch_id)
+        if run is None:
+            status = self.store.dispatch_status(dispatch_id)
+            return f"Dispatch {dispatch_id} already finished ({status}); nothing to cancel."
+        problem = check_task_ids(dispatch_id, task_ids, len(run.nodes))
+        if problem:
+            return problem
+        reason = reason or "cancel requested"
+        if task_ids is None:
+            targets = [nr for nr in run.nodes if not nr.final]
+            run.cancel_requested = True
+        else:
+            wanted: dict[int, None] = {}
+            stack = list(task_ids)
+            while stack:
+                t = stack.pop()
+                if t not in wanted:
+                    wanted[t] = None
+                    stack.extend(run.children[t])
+            targets = [run.nodes[t] for t in sorted(wanted) if not run.nodes[t].final]
+        now = time.time()
+        for nr in reversed(targets):  # dependents first: each is dequeued in its own right
+            if nr.final or nr.cancel_at is not None:
+                continue
+            nr.cancel_at = now
+            self.batch.node(nr, {"cancel_requested_at": now})
+            self.cancel_node(nr, reason)
+        if task_ids is None and run.status == Status.RUNNING and run.remaining:
+            run.status = Status.CANCELLING
+            self.batch.dispatch(
+                run, {"status": Status.CANCELLING.value, "cancel_requested_at": now}
+            )
+        self.check_done(run)
+        if task_ids is None:
+            return f"Dispatch {dispatch_id} cancelled."
+        return f"Dispatch {dispatch_id}: cancelled task(s) {sorted(set(task_ids))} and dependents."
+
+    def cancel_node(self, nr: NodeRun, reason: str, requested: bool = True) -> None:
+        """Cancel one node: at once if it is not started, else through its executor (sent
+        with the turn's other cancels). ``requested``: a user's or a timeout's cancel (kept
+        in the store), not the cascade of an upstream failure."""
+        if nr.final:
+            return
+        nr.reason = reason
+        if nr.cancel_at is None:
+            nr.cancel_at = time.time()
+            if requested:
+                self.batch.node(nr, {"cancel_requested_at": nr.cancel_at})
+        if not nr.submitted or nr.handle is None:
+            nr.submitted = True  # never to start
+            nr.cancel_outcome = CancelOutcome.DEQUEUED
+            nr.end_time = time.time()
+            self.cancelled(nr, reason)
+            return
+        self.send_cancel(nr)
+
+    def send_cancel(self, nr: NodeRun) -> None:
+        """Queue ``nr``'s cancel; the turn sends each executor its queue in one batch."""
+        self.cancels[id(nr)] = nr
+
+    def send_cancels(self) -> None:
+        queued, self.cancels = self.cancels, {}
+        groups: dict[int, tuple[Executor, list[NodeRun]]] = {}
+        for nr in queued.values():
+            if not nr.final and nr.handle is not None:
+                groups.setdefault(id(nr.executor), (nr.executor, []))[1].append(nr)
+        for ex, nrs in groups.values():
+            for nr in nrs:
+                nr.cancel_tries += 1
+            try:
+                outcomes = list(self.plugins.cancel_many(ex, [nr.handle for nr in nrs]))
+                if len(outcomes) != len(nrs):
+                    raise ValueError(
+                        f"{type(ex).__name__}.cancel_many returned {len(outcomes)} outcomes "
+                        f"for {len(nrs)} tasks"
+                    )
+            except Exception as exc:
+                outcomes = [CancelOutcome.FAILED] * len(nrs)
+                for nr in nrs:
+                    self.batch.node(nr, {"reason": f"cancel failed: {exc!r}"})
+            for nr, outcome in zip(nrs, outcomes, strict=True):
+                self.cancel_sent(nr, outcome)
+
+    def cancel_sent(self, nr: NodeRun, outcome: CancelOutcome | None) -> None:
+        try:
+            outcome = CancelOutcome(outcome) if outcome is not None else CancelOutcome.FAILED
+        except ValueError:
+            outcome = CancelOutcome.FAILED
+        if outcome == CancelOutcome.FAILED and nr.cancel_tries < CANCEL_RETRIES:
+            self.at(0.5 * nr.cancel_tries, "recancel", nr)
+            return
+        nr.cancel_outcome = outcome
+        if not nr.upstream_cancel:  # shown while confirmed; after a failure, only the end
+            self.batch.node(nr, {"cancel_outcome": outcome.value})
+        self.poll(nr)
+
+    def external_cancels(self) -> None:
+        """Cancel requests other processes left in the store (``valent cancel``)."""
+        by_store: dict[int, tuple[Store, list[str]]] = {}
+        for run in self.runs.values():
+            by_store.setdefault(id(run.store), (run.store, []))[1].append(run.id)
+        for store, ids in by_store.values():
+            try:
+                requests = store.take_cancel_requests(ids)
+            except StoreError:
+                continue
+            for did, task_ids in requests:
+                self.cancel(did, task_ids)
+
+    # ---------------------------------------------------------------- finishing dispatches
+
+    def check_done(self, run: DispatchRun) -> None:
         if run.remaining > 0 or run.status.is_final or run.status == Status.NEW_OBJECT:
             return
         status = lattice_status(
             [nr.status for nr in run.nodes], [nr.cancel_outcome for nr in run.nodes]
         )
         fields: dict[str, Any] = {"status": status.value, "end_time": time.time()}
-        if status == Status.COMPLETED:
+        if run.store_error is not None:
+            status = Status.FAILED
+            fields.update(status=status.value, error=store_failure_text(run.store_error))
+        elif status == Status.COMPLETED:
             try:
                 value = structure_value(run, run.graph.result)
                 blob = cloudpickle.dumps(value)
@@ -551,67 +774,104 @@ class Dispatcher(CancelMixin):
             failed = [nr for nr in run.nodes if nr.status == Status.FAILED]
             fields["error"] = "; ".join(f"{nr.node.label}: {nr.error}" for nr in failed[:5])
         run.status = status
-        self._dupd.setdefault(run.id, {}).update(fields)
-        self._finishing.append(run)
+        self.batch.dispatch(run, fields)
+        self.finishing.append(run)
 
-    def _store_of(self, dispatch_id: str) -> Store:
+    def store_of(self, dispatch_id: str) -> Store:
         run = self.runs.get(dispatch_id)
         return run.store if run is not None and run.store is not None else self.store
 
-    def _flush(self) -> None:
-        self._write_updates()
-        if self._cancels or self._repoll:  # a store error cancelled dispatches: do it now
-            self._drain()
-            self._write_updates()
-        finishing, self._finishing = self._finishing, []
+    def flush(self) -> None:
+        self.write_batch()
+        if self.cancels or self.repoll:  # a store error stopped dispatches: do it now
+            self.drain()
+            self.write_batch()
+        finishing, self.finishing = self.finishing, []
         for run in finishing:
+            if run.store_error is not None:
+                self.write_final_after_error(run)
             self.runs.pop(run.id, None)
             for ex in run.executor_objs:
                 try:
                     ex.close_dispatch(run.id)
                 except Exception:
                     traceback.print_exc()
-            if self._observers:
+            if self.observers:
                 try:
                     self.plugins.dispatch_finished(run.id, run.status)
                 except Exception:
                     traceback.print_exc()
+            self.forget(run)
             run.done.set()
 
-    def _write_updates(self) -> None:
-        """One transaction per store for the turn's node and dispatch changes."""
-        if self._nupd or self._dupd:
-            nupd, dupd = self._nupd, self._dupd
-            self._nupd, self._dupd = {}, {}
-            # each dispatch goes to the store it was created in (VALENT_RESULTS_DIR may differ)
-            batches: dict[int, tuple[Store, list, list]] = {}
-            for (d, n), f in nupd.items():
-                st = self._store_of(d)
-                batches.setdefault(id(st), (st, [], []))[1].append((d, n, f))
-            for d, f in dupd.items():
-                st = self._store_of(d)
-                batches.setdefault(id(st), (st, [], []))[2].append((d, f))
-            for st, nodes, disps in batches.values():
-                try:
-                    st.apply(nodes, disps)
-                except StoreError as exc:
-                    print(f"valent: {exc}", file=sys.stderr)
-                    for run in list(self.runs.values()):
-                        if run.store is not st:
-                            continue
-                        run.store_error = exc
-                        if not run.cancel_requested and not run.status.is_final:
-                            self._cancel(run.id, None)
+    def write_batch(self) -> None:
+        """One transaction per store for the turn's node and dispatch changes.
+
+        A failed write keeps the changes (to be written with the final state) and stops
+        every dispatch of that store (see ``store_failed``).
+        """
+        if not self.batch:
+            return
+        nodes, dispatches = self.batch.take()
+        # each dispatch goes to the store it was created in (VALENT_RESULTS_DIR may differ)
+        batches: dict[int, tuple[Store, dict, dict]] = {}
+        for key, f in nodes.items():
+            st = self.store_of(key[0])
+            batches.setdefault(id(st), (st, {}, {}))[1][key] = f
+        for d, f in dispatches.items():
+            st = self.store_of(d)
+            batches.setdefault(id(st), (st, {}, {}))[2][d] = f
+        for st, bn, bd in batches.values():
+            try:
+                st.apply([(d, n, f) for (d, n), f in bn.items()], list(bd.items()))
+            except StoreError as exc:
+                self.batch.put_back(bn, bd)
+                self.store_failed(st, exc)
+
+    def store_failed(self, store: Store, exc: StoreError) -> None:
+        """A write to ``store`` failed: stop each of its dispatches, which end FAILED."""
+        for run in list(self.runs.values()):
+            if run.store is not store or run.store_error is not None:
+                continue
+            run.store_error = exc
+            print(
+                f"valent: dispatch {run.id}: {store_failure_text(exc)}; stopping it",
+                file=sys.stderr,
+            )
+            if not run.status.is_final:
+                self.cancel(run.id, None, reason=f"stopped: {store_failure_text(exc)}")
+
+    def write_final_after_error(self, run: DispatchRun) -> None:
+        """Write the final state of a dispatch stopped by a store error, as far as the
+        store allows; say on stderr what could not be written."""
+        nodes = {k: f for k, f in self.batch.nodes.items() if k[0] == run.id}
+        disp = self.batch.dispatches.get(run.id)
+        if not nodes and disp is None:
+            return  # already written with the turn's batch
+        for k in nodes:
+            del self.batch.nodes[k]
+        self.batch.dispatches.pop(run.id, None)
+        node_rows = [(d, n, f) for (d, n), f in nodes.items()]
+        disp_rows = [(run.id, disp)] if disp is not None else []
+        writer = getattr(run.store, "write_after_error", None)
+        try:
+            if writer is not None:
+                writer(node_rows, disp_rows)
+            else:
+                run.store.apply(node_rows, disp_rows)
+        except StoreError as exc:
+            print(
+                f"valent: dispatch {run.id}: its final state could not be stored ({exc}); "
+                "what the store shows for it is out of date",
+                file=sys.stderr,
+            )
 
 
-def make_executor(plugins: Plugins, name: str) -> Executor:
-    """A new executor of the class registered as ``name``, with the config's settings."""
-    from .config import executor_from_config
-
-    return executor_from_config(name, plugins.executor_class(name))
+def store_failure_text(exc: StoreError) -> str:
+    return f"the results store failed: {exc}"
 
 
-def _waker(q: queue.SimpleQueue, nr: NodeRun):
+def _waker(q: queue.SimpleQueue, nr: NodeRun) -> Callable[[], None]:
     item = (_WAKE, nr)
     return lambda: q.put(item)
 

@@ -56,6 +56,12 @@ class NodeRun:
     def final(self) -> bool:
         return self.status.is_final
 
+    @property
+    def retries(self) -> int:
+        """How many times a failed attempt is started again."""
+        electron = self.node.electron
+        return electron.retries if electron is not None else 0
+
     def get_value(self) -> Any:
         if self.value is _RELEASED:
             raise ValentError(f"internal: the value of {self.node.label} was already released")
@@ -67,11 +73,20 @@ class NodeRun:
 class DispatchRun:
     """One dispatch this process owns."""
 
-    def __init__(self, dispatch_id: str, graph: Graph, store: Store | None = None):
+    def __init__(
+        self,
+        dispatch_id: str,
+        graph: Graph,
+        store: Store | None = None,
+        executors: list[Executor | None] | None = None,
+    ):
         self.id = dispatch_id
         self.graph = graph
         self.store = store  # where it was created (the dispatcher's store when None)
         self.nodes = [NodeRun(self, n) for n in graph.nodes]
+        if executors is not None:  # resolved at dispatch (valent.resolve), one per node
+            for nr, ex in zip(self.nodes, executors, strict=True):
+                nr.executor = ex
         self.children = graph.children()
         for nr, kids in zip(self.nodes, self.children, strict=True):
             nr.consumers = len(kids)
@@ -84,6 +99,12 @@ class DispatchRun:
         self.executors: set[int] = set()
         self.executor_objs: list[Executor] = []
         self.store_error: StoreError | None = None
+
+    def use(self, executor: Executor) -> None:
+        """Note that a task of this dispatch went to ``executor`` (closed at the end)."""
+        if id(executor) not in self.executors:
+            self.executors.add(id(executor))
+            self.executor_objs.append(executor)
 
 
 def release_inputs(nr: NodeRun) -> None:

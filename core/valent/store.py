@@ -425,3 +425,13 @@ def get_store(results_dir: str | os.PathLike[str] | None = None) -> Store:
         if store is None:
             store = _stores[key] = Store(key)
         return store
+
+
+def _forget_stores_after_fork() -> None:
+    """A forked child must not use its parent's SQLite connections: it opens its own."""
+    global _stores_lock
+    _stores.clear()
+    _stores_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_stores_after_fork)
