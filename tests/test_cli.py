@@ -171,6 +171,34 @@ def test_unknown_short_and_ambiguous_ids_exit_1():
     assert ok_json("status", "abcd2")["dispatch_id"].startswith("abcd2222")
 
 
+@pytest.mark.parametrize("bad", ["%%%%", "____", "00%%", "0*0*", "00ab'--", "0000%"])
+def test_wildcard_ids_match_nothing_and_cancel_nothing(local_executor, bad):
+    """SQL LIKE wildcards in an id once resolved to a dispatch: `valent cancel ____` cancelled
+    whatever was running. Ids are matched literally, and only hex digits and dashes count."""
+
+    @ct.electron(executor=local_executor)
+    def nap(s):
+        time.sleep(s)
+        return s
+
+    @ct.lattice
+    def napping(s):
+        return nap(s)
+
+    did = ct.dispatch(napping)(60)
+    try:
+        assert ct.get_result(did).status in ("NEW_OBJECT", "RUNNING")
+        msg = one_line_error(valent("cancel", bad, "--no-wait"))
+        assert f"no dispatch {bad!r}" in msg and "not a dispatch id" in msg
+        row = get_store().dispatch_row(did)
+        assert row["status"] in ("NEW_OBJECT", "RUNNING") and not row["cancel_requested_at"]
+        # the same literal rules for a real prefix, upper case included
+        assert ok_json("status", did[:4].upper())["dispatch_id"] == did
+    finally:
+        ct.cancel(did)
+        assert ct.get_result(did, wait=True, timeout=60).status == "CANCELLED"
+
+
 def test_store_that_cannot_be_opened_exits_1(tmp_path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
