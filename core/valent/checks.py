@@ -9,7 +9,8 @@ as text (or ``None``), so each caller can name where the value came from and rai
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 MAX_SECONDS = 365 * 24 * 3600.0
 """The longest duration valent accepts (one year): longer ones overflow clocks and timers."""
@@ -27,6 +28,7 @@ def number_problem(
     ge: float | None = None,
     gt: float | None = None,
     le: float | None = None,
+    lt: float | None = None,
 ) -> str | None:
     """What is wrong with ``value`` as a number with these bounds, or None if nothing."""
     kind = "a whole number" if integer else "a number"
@@ -42,7 +44,17 @@ def number_problem(
         return f"{value!r} is not greater than {fmt_number(gt)}"
     if le is not None and value > le:
         return f"{value!r} is more than {fmt_number(le)}"
+    if lt is not None and value >= lt:
+        return f"{value!r} is not less than {fmt_number(lt)}"
     return None
+
+
+def bounds_text(*, integer: bool = False, ge=None, gt=None, le=None, lt=None) -> str:
+    """``a finite number >= 0 and <= 10``: what a value must be, for an error's "give ..."."""
+    parts = [f"{op} {fmt_number(v)}" for op, v in ((">=", ge), (">", gt), ("<=", le), ("<", lt))
+             if v is not None]
+    kind = "a whole number" if integer else "a finite number"
+    return " and ".join([f"{kind} {parts[0]}" if parts else kind, *parts[1:]])
 
 
 def fmt_number(x: float) -> str:
@@ -61,3 +73,36 @@ def seconds_problem(value: Any, *, allow_zero: bool = False) -> str | None:
         f"{problem}; give seconds as a finite number {bound} and at most "
         f"{MAX_SECONDS:.0f} (1 year)"
     )
+
+
+# Bounds an executor declares on a setting, with ``typing.Annotated``; the config check reads
+# them (objects with ``ge``/``gt``/``le``/``lt`` attributes, so ``annotated_types``' work too).
+
+
+@dataclass(frozen=True, slots=True)
+class Ge:
+    """The value must be >= ``ge``."""
+
+    ge: float
+
+
+@dataclass(frozen=True, slots=True)
+class Gt:
+    """The value must be > ``gt``."""
+
+    gt: float
+
+
+@dataclass(frozen=True, slots=True)
+class Le:
+    """The value must be <= ``le``."""
+
+    le: float
+
+
+Seconds = Annotated[float, Ge(0), Le(MAX_SECONDS)]
+"""A setting in seconds that may be 0 (a grace period)."""
+PositiveSeconds = Annotated[float, Gt(0), Le(MAX_SECONDS)]
+"""A setting in seconds that must be more than 0 (a timeout)."""
+Count = Annotated[int, Ge(1)]
+"""A whole number >= 1 (workers, connections)."""

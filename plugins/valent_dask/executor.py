@@ -12,6 +12,7 @@ from typing import Any, Literal
 import cloudpickle
 import valent
 from valent import CancelOutcome, Capabilities, ExecutorError, PicklingError
+from valent.checks import Count, PositiveSeconds, Seconds
 from valent.task import Cancelled, Completed, Failed, Pending, Running, Task, TaskState, Upstream
 
 from . import worker_side as ws
@@ -57,13 +58,13 @@ class DaskExecutor(valent.Executor):
     def __init__(
         self,
         scheduler_address: str | None = None,
-        n_workers: int = 2,
-        threads_per_worker: int = 1,
+        n_workers: Count = 2,
+        threads_per_worker: Count = 1,
         processes: bool = True,
         cancel_mode: Literal["kill", "finish"] = "kill",
-        grace: float = 1.0,
-        connect_timeout: float = 30.0,
-        cancel_timeout: float = 10.0,
+        grace: Seconds = 1.0,
+        connect_timeout: PositiveSeconds = 30.0,
+        cancel_timeout: PositiveSeconds = 10.0,
     ):
         if cancel_mode not in CANCEL_MODES:
             raise ExecutorError(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
+from valent.checks import Count, Ge, Le, PositiveSeconds, Seconds
 from valent.errors import ConfigError
 from valent.executor import Capabilities, Executor, Wake
 from valent.status import CancelOutcome
@@ -52,15 +53,15 @@ class SSHExecutor(Executor):
         hostname: str,
         username: str | None = None,
         ssh_key_file: str | None = None,
-        port: int = 22,
+        port: Annotated[int, Ge(1), Le(65535)] = 22,
         python_path: str = "python3",
         remote_workdir: str = "~/.valent/work",
         known_hosts: str | None = "~/.ssh/known_hosts",
         accept_unknown_host_key: bool = False,
-        grace: float = 1.0,
-        max_parallel: int = 16,
-        connect_timeout: float = 10.0,
-        reconnect_timeout: float = 60.0,
+        grace: Seconds = 1.0,
+        max_parallel: Count = 16,
+        connect_timeout: PositiveSeconds = 10.0,
+        reconnect_timeout: Seconds = 60.0,
     ) -> None:
         if not isinstance(hostname, str) or not hostname:
             raise ConfigError("SSHExecutor: hostname must be a non-empty string")
