@@ -418,9 +418,8 @@ def get_config(key: str | list[str] | None = None) -> Any:
     """
     if isinstance(key, list | tuple):
         return {k: get_config(k) for k in key}
-    effective = _effective()
     if key is None:
-        return effective
+        return _effective()
     if not isinstance(key, str) or not key:
         raise ConfigError(
             f"get_config() takes a dotted key like 'executors.local.grace', got {key!r}"
@@ -429,6 +428,7 @@ def get_config(key: str | list[str] | None = None) -> Any:
     if _covalent_only(key):
         _warn_covalent(key, "get_config returns None for it")
         return None
+    effective = _effective()
     node: Any = effective
     for i, part in enumerate(key.split(".")):
         if not isinstance(node, dict) or part not in node:
@@ -493,7 +493,7 @@ def set_config(new: dict[str, Any] | str, value: Any = _UNSET) -> None:
         )
     path = config_path()
     with _write_lock(path):
-        data = copy.deepcopy(load_config())
+        data = copy.deepcopy(load_config()) if path.exists() else {}  # else: create it
         for key, val in changes.items():
             key = COVALENT_ALIASES.get(key, key)
             if _covalent_only(key):
