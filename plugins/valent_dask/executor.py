@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import cloudpickle
 import valent
-from valent import CancelOutcome, Capabilities, ExecutorError, PicklingError
+from valent import CancelOutcome, Capabilities, ExecutorError, PicklingError, pickling
 from valent.checks import Count, PositiveSeconds, Seconds
 from valent.task import Cancelled, Completed, Failed, Pending, Running, Task, TaskState, Upstream
 
@@ -269,7 +269,7 @@ class DaskExecutor(valent.Executor):
                 entry = None
         if entry is None:
             try:
-                blob = cloudpickle.dumps(fn, protocol=5)
+                blob = pickling.dumps(fn)  # keeps the file name for tracebacks
             except Exception as exc:
                 msg = f"the function of {task.label} cannot be pickled: {exc}"
                 raise PicklingError(msg) from exc
