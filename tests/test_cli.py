@@ -265,3 +265,30 @@ def test_watch_on_a_terminal_draws_the_live_view(finished):
     assert "EXECUTOR" in text and "shout" in text
     assert f"{total}/{total}" in text and "nodes" in text
     assert f"dispatch {good.dispatch_id[:8]} ended" in text
+
+
+def test_demo_says_what_it_does_first_and_ends_with_the_summary(tmp_path):
+    res = valent("demo", "--scale", "0.05",
+                 env={**os.environ, "VALENT_RESULTS_DIR": str(tmp_path / "demo")})
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("valent demo: dispatching Covalent's \"cancel a running workflow\"")
+    assert "(13 tasks, sleeps x0.05)" in lines[0]
+    assert lines[1].startswith("on the local executor, cancelling it after 0.15 s")
+    assert lines[-2].startswith("status CANCELLED: cancel() to get_result(wait=True) took")
+    assert lines[-1].endswith("still alive after get_result: 0")
+    assert "{'task_1(0)'" not in res.stdout  # no raw dict of outputs
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("cancel", "abcd1234", "--timeout", "nan"), "not a finite number"),  # was accepted
+        (("cancel", "abcd1234", "--timeout", "inf"), "not a finite number"),
+        (("watch", "abcd1234", "--interval", "1e300"), "more than 3600"),
+        (("demo", "--scale", "-1"), "less than 0.01"),
+    ],
+)
+def test_number_options_refuse_what_is_not_a_finite_number_in_range(args, words):
+    res = valent(*args)
+    assert res.returncode == 2 and words in res.stderr, res.stderr
