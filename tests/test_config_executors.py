@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 import valent as ct
+from valent.checks import Seconds
 from valent.config import executor_from_config, validate_executor
 from valent_local import LocalExecutor
 
@@ -278,15 +279,37 @@ def test_validate_executor_fails_at_once_for_a_named_executor(config):
     assert isinstance(ex, LocalExecutor) and ex.workers == 1
 
 
-def test_validate_executor_checks_an_instance_made_in_python():
-    from valent_dask import DaskExecutor
+class Lax(LocalExecutor):
+    """A third-party executor that declares its bounds but does not check them itself."""
 
-    ex = DaskExecutor(grace=float("nan"))  # its own __init__ lets nan through (nan < 0 is False)
+    name = "lax"
+
+    def __init__(self, grace: Seconds = 1.0):
+        super().__init__()
+        self.grace = grace
+
+
+def test_validate_executor_checks_an_instance_made_in_python():
     with pytest.raises(ct.ConfigError, match="grace = nan: nan is not a finite number"):
-        validate_executor(ex)
+        validate_executor(Lax(grace=float("nan")))
     good = LocalExecutor(workers=1)
     assert validate_executor(good) is good
-    with pytest.raises(ValueError, match="grace"):
-        LocalExecutor(grace=float("nan"))
-    with pytest.raises(ValueError, match="max_workers"):
-        LocalExecutor(max_workers=0)
+
+
+def test_builtin_executors_refuse_bad_numbers_when_made_in_python():
+    """(nan < 0 is False: `if grace < 0` let nan through; a bool is an int.)"""
+    from valent_dask import DaskExecutor
+    from valent_ssh import SSHExecutor
+
+    for make, words in [
+        (lambda: LocalExecutor(grace=float("nan")), "LocalExecutor(grace=...): nan"),
+        (lambda: LocalExecutor(max_workers=0), "LocalExecutor(max_workers=...): 0"),
+        (lambda: LocalExecutor(workers=True), "LocalExecutor(workers=...): True"),
+        (lambda: DaskExecutor(grace=float("nan")), "DaskExecutor(grace=...): nan"),
+        (lambda: DaskExecutor(connect_timeout=float("inf")), "connect_timeout=...): inf"),
+        (lambda: SSHExecutor("h", grace=float("nan")), "SSHExecutor(grace=...): nan"),
+        (lambda: SSHExecutor("h", port=True), "SSHExecutor(port=...): True"),
+    ]:
+        with pytest.raises((ValueError, ct.ValentError)) as info:
+            make()
+        assert words in str(info.value)

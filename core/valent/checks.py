@@ -106,3 +106,22 @@ PositiveSeconds = Annotated[float, Gt(0), Le(MAX_SECONDS)]
 """A setting in seconds that must be more than 0 (a timeout)."""
 Count = Annotated[int, Ge(1)]
 """A whole number >= 1 (workers, connections)."""
+
+
+def require(
+    owner: str,
+    key: str,
+    value: Any,
+    *,
+    integer: bool = False,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    error: type[Exception] = ValueError,
+) -> None:
+    """Raise ``error`` naming ``owner(key=...)``, the problem and the fix, unless ``value`` is a
+    finite number within the bounds. For executors' ``__init__`` checks of their settings."""
+    problem = number_problem(value, integer=integer, ge=ge, gt=gt, le=le)
+    if problem:
+        want = bounds_text(integer=integer, ge=ge, gt=gt, le=le)
+        raise error(f"{owner}({key}=...): {problem}; give {want}")

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import cloudpickle
 import valent
 from valent import CancelOutcome, Capabilities, ExecutorError, PicklingError, pickling
-from valent.checks import Count, PositiveSeconds, Seconds
+from valent.checks import MAX_SECONDS, Count, PositiveSeconds, Seconds, require
 from valent.task import Cancelled, Completed, Failed, Pending, Running, Task, TaskState, Upstream
 
 from . import worker_side as ws
@@ -71,10 +71,11 @@ class DaskExecutor(valent.Executor):
                 f"DaskExecutor: cancel_mode must be one of {', '.join(map(repr, CANCEL_MODES))}, "
                 f"got {cancel_mode!r}"
             )
-        if n_workers < 1 or threads_per_worker < 1:
-            raise ExecutorError("DaskExecutor: n_workers and threads_per_worker must be >= 1")
-        if grace < 0:
-            raise ExecutorError(f"DaskExecutor: grace must be >= 0, got {grace!r}")
+        for key, count in (("n_workers", n_workers), ("threads_per_worker", threads_per_worker)):
+            require("DaskExecutor", key, count, integer=True, ge=1, error=ExecutorError)
+        require("DaskExecutor", "grace", grace, ge=0, le=MAX_SECONDS, error=ExecutorError)
+        for key, secs in (("connect_timeout", connect_timeout), ("cancel_timeout", cancel_timeout)):
+            require("DaskExecutor", key, secs, gt=0, le=MAX_SECONDS, error=ExecutorError)
         self.scheduler_address = scheduler_address
         self.n_workers = n_workers
         self.threads_per_worker = threads_per_worker

@@ -6,7 +6,7 @@ import os
 import threading
 from typing import Any
 
-from valent.checks import MAX_SECONDS, Count, Seconds, bounds_text, number_problem
+from valent.checks import MAX_SECONDS, Count, Seconds, require
 from valent.executor import Capabilities, Executor, Wake
 from valent.procpool import Job, ProcessPool
 from valent.status import CancelOutcome
@@ -39,16 +39,10 @@ class LocalExecutor(Executor):
         grace: Seconds = 1.0,
         capture_output: bool = True,
     ):
-        for key, value, integer in (
-            ("workers", workers, True), ("max_workers", max_workers, True), ("grace", grace, False)
-        ):
-            bounds = {"ge": 1} if integer else {"ge": 0, "le": MAX_SECONDS}
-            problem = value is not None and number_problem(value, integer=integer, **bounds)
-            if problem:
-                raise ValueError(
-                    f"LocalExecutor({key}=...): {problem}; give "
-                    f"{bounds_text(integer=integer, **bounds)}"
-                )
+        for key, count in (("workers", workers), ("max_workers", max_workers)):
+            if count is not None:
+                require("LocalExecutor", key, count, integer=True, ge=1)
+        require("LocalExecutor", "grace", grace, ge=0, le=MAX_SECONDS)
         self.workers = workers
         self.max_workers = max_workers
         self.grace = grace
