@@ -353,7 +353,7 @@ class Store:
         if row:
             return row[0]
         prefix = id_or_prefix.strip().lower()
-        if not prefix or prefix.strip("0123456789abcdef-"):
+        if not prefix or set(prefix) - set("0123456789abcdef-"):
             raise UnknownDispatchError(
                 id_or_prefix, str(self.path),
                 "not a dispatch id: ids are hex digits and dashes, like 3f2a9c1e-...",
