@@ -1,9 +1,11 @@
 """One set of checks for numbers a user gives valent (electron arguments, config settings).
 
 A number here is an ``int`` or ``float`` but never a ``bool`` (``True`` is an ``int`` in
-Python, and ``timeout=True`` is a mistake, not one second). Every check returns the problem
-as text (or ``None``), so each caller can name where the value came from and raise its own
-``ValentError`` subclass.
+Python, and ``timeout=True`` is a mistake, not one second). ``number_problem`` and
+``seconds_problem`` return the problem as text (or ``None``), so each caller can name where the
+value came from and raise its own ``ValentError`` subclass; ``require`` raises, for an
+executor's ``__init__``. ``Ge``/``Gt``/``Le`` (and the ``Seconds``, ``PositiveSeconds``,
+``Count`` aliases) declare an executor setting's bounds, which the config check reads.
 """
 
 from __future__ import annotations
@@ -33,28 +35,40 @@ def number_problem(
     """What is wrong with ``value`` as a number with these bounds, or None if nothing."""
     kind = "a whole number" if integer else "a number"
     if integer and not (isinstance(value, int) and not isinstance(value, bool)):
-        return f"{value!r} is not {kind}"
+        return f"{_r(value)} is not {kind}"
     if not is_number(value):
-        return f"{value!r} is not {kind}"
-    if not math.isfinite(value):
-        return f"{value!r} is not a finite number"
+        return f"{_r(value)} is not {kind}"
+    if isinstance(value, float) and not math.isfinite(value):  # (an int is always finite)
+        return f"{_r(value)} is not a finite number"
     if ge is not None and value < ge:
-        return f"{value!r} is less than {fmt_number(ge)}"
+        return f"{_r(value)} is less than {fmt_number(ge)}"
     if gt is not None and value <= gt:
-        return f"{value!r} is not greater than {fmt_number(gt)}"
+        return f"{_r(value)} is not greater than {fmt_number(gt)}"
     if le is not None and value > le:
-        return f"{value!r} is more than {fmt_number(le)}"
+        return f"{_r(value)} is more than {fmt_number(le)}"
     if lt is not None and value >= lt:
-        return f"{value!r} is not less than {fmt_number(lt)}"
+        return f"{_r(value)} is not less than {fmt_number(lt)}"
     return None
 
 
-def bounds_text(*, integer: bool = False, ge=None, gt=None, le=None, lt=None) -> str:
+def bounds_text(
+    *,
+    integer: bool = False,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> str:
     """``a finite number >= 0 and <= 10``: what a value must be, for an error's "give ..."."""
     parts = [f"{op} {fmt_number(v)}" for op, v in ((">=", ge), (">", gt), ("<=", le), ("<", lt))
              if v is not None]
     kind = "a whole number" if integer else "a finite number"
     return " and ".join([f"{kind} {parts[0]}" if parts else kind, *parts[1:]])
+
+
+def _r(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def fmt_number(x: float) -> str:
