@@ -122,3 +122,41 @@ def test_get_result_with_a_timeout_leaves_the_dispatch_running(local_executor):
     assert ct.get_result(did).status in (ct.Status.RUNNING, ct.Status.NEW_OBJECT)
     ct.cancel(did)
     assert ct.get_result(did, wait=True, timeout=60).status == ct.Status.CANCELLED
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "problem"),
+    [
+        ({"timeout": 1e10}, "more than 31536000"),  # busy-looped the dispatcher (OverflowError)
+        ({"timeout": float("inf")}, "not a finite number"),
+        ({"timeout": float("nan")}, "not a finite number"),
+        ({"timeout": True}, "not a number"),  # a bool is an int in Python, not one second
+        ({"timeout": 0}, "not greater than 0"),
+        ({"timeout": "5"}, "not a number"),
+        ({"retries": True}, "not a whole number"),
+        ({"retries": -1}, "less than 0"),
+        ({"retries": 1.0}, "not a whole number"),
+        ({"retries": float("inf")}, "not a whole number"),
+    ],
+)
+def test_electron_numbers_are_checked_when_decorated(kwargs, problem):
+    (key,) = kwargs
+    with pytest.raises(ct.ValentError) as info:
+        ct.electron(executor="local", **kwargs)(_inc)
+    msg = str(info.value)
+    assert "@electron _inc" in msg and f"{key}=" in msg and problem in msg
+
+
+def test_the_longest_timeout_accepted_runs_normally(local_executor):
+    from valent.checks import MAX_SECONDS
+
+    inc = ct.electron(_inc, executor=local_executor, timeout=MAX_SECONDS, retries=2)
+    assert inc.timeout == MAX_SECONDS  # one year: the bound itself must not overflow timers
+
+    @ct.lattice
+    def wf(x):
+        return inc(x)
+
+    r = ct.dispatch_sync(wf)(1)
+    assert r.status == ct.Status.COMPLETED, r.error
+    assert r.result == 2

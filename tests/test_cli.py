@@ -171,6 +171,34 @@ def test_unknown_short_and_ambiguous_ids_exit_1():
     assert ok_json("status", "abcd2")["dispatch_id"].startswith("abcd2222")
 
 
+@pytest.mark.parametrize("bad", ["%%%%", "____", "00%%", "0*0*", "00ab'--", "0000%"])
+def test_wildcard_ids_match_nothing_and_cancel_nothing(local_executor, bad):
+    """SQL LIKE wildcards in an id once resolved to a dispatch: `valent cancel ____` cancelled
+    whatever was running. Ids are matched literally, and only hex digits and dashes count."""
+
+    @ct.electron(executor=local_executor)
+    def nap(s):
+        time.sleep(s)
+        return s
+
+    @ct.lattice
+    def napping(s):
+        return nap(s)
+
+    did = ct.dispatch(napping)(60)
+    try:
+        assert ct.get_result(did).status in ("NEW_OBJECT", "RUNNING")
+        msg = one_line_error(valent("cancel", bad, "--no-wait"))
+        assert f"no dispatch {bad!r}" in msg and "not a dispatch id" in msg
+        row = get_store().dispatch_row(did)
+        assert row["status"] in ("NEW_OBJECT", "RUNNING") and not row["cancel_requested_at"]
+        # the same literal rules for a real prefix, upper case included
+        assert ok_json("status", did[:4].upper())["dispatch_id"] == did
+    finally:
+        ct.cancel(did)
+        assert ct.get_result(did, wait=True, timeout=60).status == "CANCELLED"
+
+
 def test_store_that_cannot_be_opened_exits_1(tmp_path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
@@ -237,3 +265,30 @@ def test_watch_on_a_terminal_draws_the_live_view(finished):
     assert "EXECUTOR" in text and "shout" in text
     assert f"{total}/{total}" in text and "nodes" in text
     assert f"dispatch {good.dispatch_id[:8]} ended" in text
+
+
+def test_demo_says_what_it_does_first_and_ends_with_the_summary(tmp_path):
+    res = valent("demo", "--scale", "0.05",
+                 env={**os.environ, "VALENT_RESULTS_DIR": str(tmp_path / "demo")})
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("valent demo: dispatching Covalent's \"cancel a running workflow\"")
+    assert "(13 tasks, sleeps x0.05)" in lines[0]
+    assert lines[1].startswith("on the local executor, cancelling it after 0.15 s")
+    assert lines[-2].startswith("status CANCELLED: cancel() to get_result(wait=True) took")
+    assert lines[-1].endswith("still alive after get_result: 0")
+    assert "{'task_1(0)'" not in res.stdout  # no raw dict of outputs
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("cancel", "abcd1234", "--timeout", "nan"), "not a finite number"),  # was accepted
+        (("cancel", "abcd1234", "--timeout", "inf"), "not a finite number"),
+        (("watch", "abcd1234", "--interval", "1e300"), "more than 3600"),
+        (("demo", "--scale", "-1"), "less than 0.01"),
+    ],
+)
+def test_number_options_refuse_what_is_not_a_finite_number_in_range(args, words):
+    res = valent(*args)
+    assert res.returncode == 2 and words in res.stderr, res.stderr

@@ -113,3 +113,28 @@ def test_console_script_runs(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "local" in {e["name"] for e in json.loads(out.stdout)["executors"]}
+
+
+@pytest.mark.parametrize(
+    ("table", "words"),
+    [
+        ("[executors.local]\ngrce = 2\n", ["unknown key 'grce'", "did you mean 'grace'"]),
+        ("[executors.local]\ngrace = nan\n", ["grace = nan", "not a finite number"]),
+        ("[executors.local]\nmax_workers = 0\n", ["max_workers = 0", "whole number >= 1"]),
+        ("[executors.lcoal]\nworkers = 2\n", ["[executors.lcoal]", "did you mean 'local'"]),
+    ],
+    ids=["misspelled-key", "nan", "zero-workers", "misspelled-executor"],
+)
+def test_plugins_shows_the_config_problems_dispatch_refuses(tmp_path, monkeypatch, table, words):
+    """`valent plugins` once listed a misspelled key as if all were well, while dispatch
+    refused it: both now run the same check."""
+    cfg = tmp_path / "valent.toml"
+    cfg.write_text(table)
+    monkeypatch.setenv("VALENT_CONFIG", str(cfg))
+    data = json.loads(run("--json")[1])
+    problems = "\n".join(data["problems"])
+    assert str(cfg) in problems
+    for w in words:
+        assert w in problems
+    code, out = run()
+    assert code == 0 and "1 problem(s)" in out

@@ -16,7 +16,8 @@ import textwrap
 
 import pytest
 import valent as ct
-from valent.config import executor_from_config
+from valent.checks import Seconds
+from valent.config import executor_from_config, validate_executor
 from valent_local import LocalExecutor
 
 
@@ -176,3 +177,139 @@ def test_store_keeps_only_the_executor_name(results_dir):
     for f in results_dir.rglob("*"):
         if f.is_file():
             assert secret.encode() not in f.read_bytes(), f"the secret leaked into {f}"
+
+
+# ------------------------------------------------- one check, the same everywhere (#18)
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ("grace = nan", ["grace = nan", "not a finite number", ">= 0"]),  # cancel never ended
+        ("grace = inf", ["grace = inf", "not a finite number"]),
+        ("grace = -1.0", ["grace = -1.0", "less than 0"]),
+        ("grace = 1e10", ["grace = 10000000000.0", "more than 31536000"]),
+        ("max_workers = 0", ["max_workers = 0", "whole number >= 1"]),  # every node failed
+        ("workers = -3", ["workers = -3", "whole number >= 1"]),
+        ("grce = 2", ["unknown key 'grce'", "did you mean 'grace'"]),
+    ],
+)
+def test_bad_values_fail_dispatch_at_once_naming_key_problem_and_fix(config, line, words):
+    path = config(f"[executors.local]\n{line}\n")
+    with pytest.raises(ct.ConfigError) as info:
+        ct.dispatch(workflow)(1)
+    msg = str(info.value)
+    assert str(path) in msg and "[executors.local]" in msg
+    for w in words:
+        assert w in msg
+    with pytest.raises(ct.ConfigError):  # the same check when the executor is made
+        executor_from_config("local", LocalExecutor)
+
+
+@pytest.mark.parametrize(
+    ("table", "words"),
+    [
+        ("[executors.dask]\ncancel_mode = 'kil'\n", ["cancel_mode = 'kil'", "'kill'"]),
+        ("[executors.dask]\nconnect_timeout = 0\n", ["connect_timeout = 0", "> 0"]),
+        ("[executors.ssh]\nhostname = 'h'\nport = 70000\n", ["port = 70000", "<= 65535"]),
+        ("[executors.ssh]\nhostname = 'h'\nmax_parallel = 0\n", ["max_parallel = 0", ">= 1"]),
+    ],
+)
+def test_every_builtin_executor_declares_its_bounds(config, table, words):
+    config(table)
+    name = table.split(".")[1].split("]")[0]
+    with pytest.raises(ct.ConfigError) as info:
+        validate_executor(name)
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_an_elastic_ceiling_below_the_cpu_count_works(config):
+    """max_workers = 1 on a machine with more CPUs once failed every node (the elastic
+    pool's floor, the CPU count, was above its ceiling)."""
+    config("[executors.local]\nmax_workers = 1\n")
+    ex = executor_from_config("local", LocalExecutor)
+    inc = ct.electron(executor=ex)(lambda x: x + 1)
+
+    @ct.lattice
+    def one(x):
+        return inc(x)
+
+    try:
+        r = ct.dispatch_sync(one)(1)
+        assert r.status == ct.Status.COMPLETED, r.error
+        assert r.result == 2 and ex.pool.max_workers == 1
+    finally:
+        ex.shutdown()
+
+
+class Refuses(LocalExecutor):
+    """An executor whose __init__ fails the way a real one can (a check of its own)."""
+
+    name = "refuses"
+
+    def __init__(self, region: str = "eu", **kwargs):
+        if region not in ("eu", "us"):
+            raise RuntimeError(f"no such region {region!r}")
+        super().__init__(**kwargs)
+
+
+def test_any_error_from_init_is_a_config_error_naming_the_table(config, monkeypatch):
+    path = config("[executors.refuses]\nregion = 'mars'\n")
+    with pytest.raises(ct.ConfigError) as info:
+        executor_from_config("refuses", Refuses)
+    msg = str(info.value)
+    assert str(path) in msg and "[executors.refuses]" in msg
+    assert "Refuses(region='mars') failed: RuntimeError: no such region 'mars'" in msg
+
+
+def test_validate_executor_fails_at_once_for_a_named_executor(config):
+    """What dispatch calls per executor a graph names: a missing required setting or an
+    __init__ error is a ConfigError now, not a failure of every node later."""
+    with pytest.raises(ct.ConfigError, match=r"needs the setting\(s\) hostname"):
+        validate_executor("ssh")  # no [executors.ssh] table: was a bare TypeError
+    path = config("[executors.ssh]\nhostname = ''\n")
+    with pytest.raises(ct.ConfigError, match="hostname must be a non-empty string") as info:
+        validate_executor("ssh")
+    assert str(path) in str(info.value)
+    with pytest.raises(ct.UnknownExecutorError):
+        validate_executor("lcoal")
+    config("[executors.local]\nworkers = 1\n")
+    ex = validate_executor("local")
+    assert isinstance(ex, LocalExecutor) and ex.workers == 1
+
+
+class Lax(LocalExecutor):
+    """A third-party executor that declares its bounds but does not check them itself."""
+
+    name = "lax"
+
+    def __init__(self, grace: Seconds = 1.0):
+        super().__init__()
+        self.grace = grace
+
+
+def test_validate_executor_checks_an_instance_made_in_python():
+    with pytest.raises(ct.ConfigError, match="grace = nan: nan is not a finite number"):
+        validate_executor(Lax(grace=float("nan")))
+    good = LocalExecutor(workers=1)
+    assert validate_executor(good) is good
+
+
+def test_builtin_executors_refuse_bad_numbers_when_made_in_python():
+    """(nan < 0 is False: `if grace < 0` let nan through; a bool is an int.)"""
+    from valent_dask import DaskExecutor
+    from valent_ssh import SSHExecutor
+
+    for make, words in [
+        (lambda: LocalExecutor(grace=float("nan")), "LocalExecutor(grace=...): nan"),
+        (lambda: LocalExecutor(max_workers=0), "LocalExecutor(max_workers=...): 0"),
+        (lambda: LocalExecutor(workers=True), "LocalExecutor(workers=...): True"),
+        (lambda: DaskExecutor(grace=float("nan")), "DaskExecutor(grace=...): nan"),
+        (lambda: DaskExecutor(connect_timeout=float("inf")), "connect_timeout=...): inf"),
+        (lambda: SSHExecutor("h", grace=float("nan")), "SSHExecutor(grace=...): nan"),
+        (lambda: SSHExecutor("h", port=True), "SSHExecutor(port=...): True"),
+    ]:
+        with pytest.raises((ValueError, ct.ValentError)) as info:
+            make()
+        assert words in str(info.value)

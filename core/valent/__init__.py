@@ -30,6 +30,7 @@ from .task import Cancelled, Completed, Failed, Pending, Running, Task, TaskStat
 if TYPE_CHECKING:
     from . import executors
     from .api import cancel, dispatch, dispatch_sync, get_result
+    from .config import get_config, reload_config, set_config
     from .plugins import hookimpl
     from .result import Result
 
@@ -41,6 +42,9 @@ _LAZY = {
     "dispatch": "api",
     "dispatch_sync": "api",
     "get_result": "api",
+    "get_config": "config",
+    "reload_config": "config",
+    "set_config": "config",
     "hookimpl": "plugins",
     "Result": "result",
 }
@@ -91,7 +95,10 @@ __all__ = [
     "dispatch_sync",
     "electron",
     "executors",
+    "get_config",
     "get_result",
     "hookimpl",
     "lattice",
+    "reload_config",
+    "set_config",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from . import __version__
+from .cli_format import Seconds
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,7 +15,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--scale", type=float, default=0.2, show_default=True,
+@click.option("--scale", type=Seconds(0.01, 10, "factor"), default=0.2, show_default=True,
               help="Multiply the example's sleeps (1.0 = Covalent's original timings).")
 def demo(scale: float) -> None:
     """Run Covalent's "cancel a running workflow" example, cancel it, show what stopped."""

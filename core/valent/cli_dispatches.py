@@ -203,7 +203,7 @@ def show_cmd(dispatch_id: str, as_json: bool) -> None:
               help="Cancel only node N and its dependents (repeatable).")
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Wait until the owner confirms the tasks stopped, then print the outcomes.")
-@click.option("--timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+@click.option("--timeout", type=fmt.Seconds(0), default=60.0, show_default=True,
               help="Seconds to wait for the confirmation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 @_errors
@@ -307,7 +307,7 @@ def _wait_stopped(
 
 @click.command("watch")
 @click.argument("dispatch_id")
-@click.option("--interval", type=click.FloatRange(min=0.05), default=0.25, show_default=True,
+@click.option("--interval", type=fmt.Seconds(0.05, 3600), default=0.25, show_default=True,
               help="Seconds between refreshes.")
 @_errors
 def watch_cmd(dispatch_id: str, interval: float) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from .checks import MAX_SECONDS, fmt_number, number_problem
 from .progress import dispatch_seconds, fmt_secs, node_counts
 from .status import Status
 
@@ -17,6 +18,34 @@ STATUS_COLORS = {
     "COMPLETED": "green", "FAILED": "red", "CANCELLED": "yellow", "CANCELLING": "magenta",
     "RUNNING": "cyan", "PENDING": "blue",
 }
+
+
+class Seconds(click.ParamType):
+    """A finite number (of seconds, by default) in ``[low, high]``: no inf, nan or 1e300.
+
+    (``click.FloatRange`` lets ``nan`` through: it compares False with both bounds.)
+    """
+
+    def __init__(self, low: float = 0.0, high: float = MAX_SECONDS, what: str = "seconds"):
+        self.low, self.high, self.name = low, high, what
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        if isinstance(value, float):
+            number = value
+        else:
+            try:
+                number = float(value)
+            except ValueError:
+                self.fail(f"{value!r} is not a number ({self.name})", param, ctx)
+        problem = number_problem(number, ge=self.low, le=self.high)
+        if problem:
+            self.fail(
+                f"{problem}; give a finite number from {fmt_number(self.low)} to "
+                f"{fmt_number(self.high)}",
+                param,
+                ctx,
+            )
+        return number
 
 
 def one_line(text: str) -> str:

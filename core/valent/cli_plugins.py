@@ -24,16 +24,17 @@ def _default(p: inspect.Parameter) -> Any:
 
 def collect() -> dict[str, Any]:
     """Everything ``valent plugins`` shows, as plain data (also its ``--json`` output)."""
-    from .config import config_path, load_config
+    from .config import check_config, config_path, load_config
     from .plugins import build_plugins
 
     plugins = build_plugins()  # fresh, and without the first-use warning: problems show here
     problems = list(plugins.problems)
     try:
         configured = load_config().get("executors", {})
-    except ValentError as exc:
+    except ValentError:
         configured = {}
-        problems.append(str(exc))
+    # the same checks dispatch makes, for every table (not only the executors a graph uses)
+    problems += check_config(plugins=plugins)
     executors = []
     for name, info in sorted(plugins.executors.items()):
         caps = info.cls.capabilities

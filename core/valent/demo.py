@@ -46,26 +46,38 @@ def workflow(x, scale=1.0):
 
 def run_demo(scale: float = 0.2) -> None:
     """Dispatch, wait ``3 * scale`` s, print, cancel, wait, print; then check for leftovers."""
+    wait = 3 * scale
+    tasks = sum(n.kind == "electron" for n in workflow.build_graph(5 * scale, scale).nodes)
+    print(
+        f"valent demo: dispatching Covalent's \"cancel a running workflow\" example "
+        f"({tasks} tasks, sleeps x{scale:g})"
+    )
+    print(
+        f"on the local executor, cancelling it after {wait:g} s, then showing what happened "
+        "to each task."
+    )
     dispatch_id = ct.dispatch(workflow)(5 * scale, scale)
-    time.sleep(3 * scale)
-    print(ct.get_result(dispatch_id))
+    time.sleep(wait)
+    print(f"\n== {wait:g} s after dispatch: ct.get_result(id)")
+    print(str(ct.get_result(dispatch_id)).strip("\n"))
     local = get_dispatcher().named_executor("local")
     busy = local.pool.busy_pids() if local is not None else []
     t0 = time.perf_counter()
+    print("\n== ct.cancel(id)")
     print(ct.cancel(dispatch_id))
     result = ct.get_result(dispatch_id, wait=True)
     took = time.perf_counter() - t0
-    print(result)
-    print(result.get_all_node_outputs())
+    print("\n== ct.get_result(id, wait=True): each task says how it was stopped")
+    print(str(result).strip("\n"))
     outcomes: dict[str, int] = {}
     for node in result.get_all_node_results():
         if node["cancel_outcome"]:
             outcomes[node["cancel_outcome"]] = outcomes.get(node["cancel_outcome"], 0) + 1
+    left = [pid for pid in busy if _alive(pid)]
     print(
         f"\nstatus {result.status}: cancel() to get_result(wait=True) took {took * 1000:.0f} ms; "
-        f"outcomes: {', '.join(f'{n} {k}' for k, n in sorted(outcomes.items()))}"
+        f"outcomes: {', '.join(f'{n} {k}' for k, n in sorted(outcomes.items())) or 'none'}"
     )
-    left = [pid for pid in busy if _alive(pid)]
     print(
         f"task processes running at cancel: {len(busy)}; still alive after get_result: "
         f"{len(left)}"

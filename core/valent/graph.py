@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checks import number_problem, seconds_problem
 from .errors import TracingError, ValentError
 from .executor import Executor
 
@@ -262,10 +263,12 @@ class Electron:
         name = getattr(fn, "__name__", type(fn).__name__)
         self.fn = fn
         self.executor = _check_executor(executor, f"@electron {name}")
-        if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
-            raise ValentError(f"@electron {name}: timeout must be a positive number of seconds")
-        if not (isinstance(retries, int) and retries >= 0):
-            raise ValentError(f"@electron {name}: retries must be a whole number >= 0")
+        if timeout is not None and (problem := seconds_problem(timeout)):
+            raise ValentError(f"@electron {name}: timeout={problem} (or None for no timeout)")
+        if problem := number_problem(retries, integer=True, ge=0):
+            raise ValentError(
+                f"@electron {name}: retries={problem}; give a whole number >= 0 (0: no retry)"
+            )
         self.timeout = timeout
         self.retries = retries
         self.name = name

@@ -32,6 +32,7 @@ from typing import Any
 
 import cloudpickle
 
+from . import pickling
 from .errors import PicklingError
 from .pooljobs import Job, RemoteError, _Worker, cpu_mark, unpack_error
 from .poolkill import KillMixin
@@ -248,7 +249,7 @@ class ProcessPool(KillMixin):
                 self._fn_cache.move_to_end(key)
                 return entry
         try:
-            blob = cloudpickle.dumps(fn, protocol=5)
+            blob = pickling.dumps(fn)  # keeps the file name for tracebacks
         except Exception as exc:
             raise PicklingError(f"the function {label or fn!r} cannot be pickled: {exc}") from exc
         entry = (fn, next(self._fn_keys), blob)

@@ -341,26 +341,40 @@ class Store:
     # ------------------------------------------------------------------ reads
 
     def resolve(self, id_or_prefix: str) -> str:
-        """The full dispatch id for an id or a unique prefix of one."""
+        """The full dispatch id for an id or a unique prefix (>= 4 characters) of one.
+
+        A prefix is matched literally, as text: only hex digits and dashes (what dispatch ids
+        are made of) are taken, so ``%``, ``_`` or ``*`` never act as wildcards.
+        """
         conn = self._conn()
         row = conn.execute(
             "SELECT dispatch_id FROM dispatches WHERE dispatch_id = ?", (id_or_prefix,)
         ).fetchone()
         if row:
             return row[0]
-        if len(id_or_prefix) >= 4:
-            rows = conn.execute(
-                "SELECT dispatch_id FROM dispatches WHERE dispatch_id LIKE ? LIMIT 3",
-                (id_or_prefix.replace("%", "").replace("_", "") + "%",),
-            ).fetchall()
-            if len(rows) == 1:
-                return rows[0][0]
-            if len(rows) > 1:
-                raise UnknownDispatchError(
-                    id_or_prefix, str(self.path), "ambiguous prefix; give more characters"
-                )
-        short = "a prefix needs at least 4 characters" if len(id_or_prefix) < 4 else ""
-        raise UnknownDispatchError(id_or_prefix, str(self.path), short)
+        prefix = id_or_prefix.strip().lower()
+        if not prefix or set(prefix) - set("0123456789abcdef-"):
+            raise UnknownDispatchError(
+                id_or_prefix, str(self.path),
+                "not a dispatch id: ids are hex digits and dashes, like 3f2a9c1e-...",
+            )
+        if len(prefix) < 4:
+            raise UnknownDispatchError(
+                id_or_prefix, str(self.path), "a prefix needs at least 4 characters"
+            )
+        # a range on the primary key: every id that starts with exactly these characters
+        rows = conn.execute(
+            "SELECT dispatch_id FROM dispatches WHERE dispatch_id >= ? AND dispatch_id < ? "
+            "LIMIT 2",
+            (prefix, prefix + "~"),  # "~" sorts after every hex digit and "-"
+        ).fetchall()
+        if len(rows) == 1:
+            return rows[0][0]
+        if len(rows) > 1:
+            raise UnknownDispatchError(
+                id_or_prefix, str(self.path), "ambiguous prefix; give more characters"
+            )
+        raise UnknownDispatchError(id_or_prefix, str(self.path))
 
     def dispatch_row(self, dispatch_id: str) -> sqlite3.Row:
         row = self._conn().execute(

@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 import cloudpickle
 import valent
-from valent import CancelOutcome, Capabilities, ExecutorError, PicklingError
+from valent import CancelOutcome, Capabilities, ExecutorError, PicklingError, pickling
+from valent.checks import MAX_SECONDS, Count, PositiveSeconds, Seconds, require
 from valent.task import Cancelled, Completed, Failed, Pending, Running, Task, TaskState, Upstream
 
 from . import worker_side as ws
@@ -57,23 +58,24 @@ class DaskExecutor(valent.Executor):
     def __init__(
         self,
         scheduler_address: str | None = None,
-        n_workers: int = 2,
-        threads_per_worker: int = 1,
+        n_workers: Count = 2,
+        threads_per_worker: Count = 1,
         processes: bool = True,
         cancel_mode: Literal["kill", "finish"] = "kill",
-        grace: float = 1.0,
-        connect_timeout: float = 30.0,
-        cancel_timeout: float = 10.0,
+        grace: Seconds = 1.0,
+        connect_timeout: PositiveSeconds = 30.0,
+        cancel_timeout: PositiveSeconds = 10.0,
     ):
         if cancel_mode not in CANCEL_MODES:
             raise ExecutorError(
                 f"DaskExecutor: cancel_mode must be one of {', '.join(map(repr, CANCEL_MODES))}, "
                 f"got {cancel_mode!r}"
             )
-        if n_workers < 1 or threads_per_worker < 1:
-            raise ExecutorError("DaskExecutor: n_workers and threads_per_worker must be >= 1")
-        if grace < 0:
-            raise ExecutorError(f"DaskExecutor: grace must be >= 0, got {grace!r}")
+        for key, count in (("n_workers", n_workers), ("threads_per_worker", threads_per_worker)):
+            require("DaskExecutor", key, count, integer=True, ge=1, error=ExecutorError)
+        require("DaskExecutor", "grace", grace, ge=0, le=MAX_SECONDS, error=ExecutorError)
+        for key, secs in (("connect_timeout", connect_timeout), ("cancel_timeout", cancel_timeout)):
+            require("DaskExecutor", key, secs, gt=0, le=MAX_SECONDS, error=ExecutorError)
         self.scheduler_address = scheduler_address
         self.n_workers = n_workers
         self.threads_per_worker = threads_per_worker
@@ -268,7 +270,7 @@ class DaskExecutor(valent.Executor):
                 entry = None
         if entry is None:
             try:
-                blob = cloudpickle.dumps(fn, protocol=5)
+                blob = pickling.dumps(fn)  # keeps the file name for tracebacks
             except Exception as exc:
                 msg = f"the function of {task.label} cannot be pickled: {exc}"
                 raise PicklingError(msg) from exc

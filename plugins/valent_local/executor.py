@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
+from valent.checks import MAX_SECONDS, Count, Seconds, require
 from valent.executor import Capabilities, Executor, Wake
 from valent.procpool import Job, ProcessPool
 from valent.status import CancelOutcome
@@ -32,17 +34,15 @@ class LocalExecutor(Executor):
 
     def __init__(
         self,
-        workers: int | None = None,
-        max_workers: int | None = None,
-        grace: float = 1.0,
+        workers: Count | None = None,
+        max_workers: Count | None = None,
+        grace: Seconds = 1.0,
         capture_output: bool = True,
     ):
-        if workers is not None and (not isinstance(workers, int) or workers < 1):
-            raise ValueError(
-                f"LocalExecutor(workers=...) must be a whole number >= 1, got {workers!r}"
-            )
-        if grace < 0:
-            raise ValueError(f"LocalExecutor(grace=...) must be >= 0 seconds, got {grace!r}")
+        for key, count in (("workers", workers), ("max_workers", max_workers)):
+            if count is not None:
+                require("LocalExecutor", key, count, integer=True, ge=1)
+        require("LocalExecutor", "grace", grace, ge=0, le=MAX_SECONDS)
         self.workers = workers
         self.max_workers = max_workers
         self.grace = grace
@@ -57,9 +57,12 @@ class LocalExecutor(Executor):
         if self._pool is None:
             with self._lock:
                 if self._pool is None:
+                    cap = self.max_workers
                     pool = ProcessPool(
                         self.workers,
-                        max_workers=self.max_workers,
+                        # the elastic pool starts at the CPU count: never above the ceiling
+                        min_workers=None if cap is None else min(os.cpu_count() or 1, cap),
+                        max_workers=cap,
                         grace=self.grace,
                         capture=self.capture_output,
                         name="valent-local",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
+from valent.checks import MAX_SECONDS, Count, Ge, Le, PositiveSeconds, Seconds, require
 from valent.errors import ConfigError
 from valent.executor import Capabilities, Executor, Wake
 from valent.status import CancelOutcome
@@ -52,26 +53,26 @@ class SSHExecutor(Executor):
         hostname: str,
         username: str | None = None,
         ssh_key_file: str | None = None,
-        port: int = 22,
+        port: Annotated[int, Ge(1), Le(65535)] = 22,
         python_path: str = "python3",
         remote_workdir: str = "~/.valent/work",
         known_hosts: str | None = "~/.ssh/known_hosts",
         accept_unknown_host_key: bool = False,
-        grace: float = 1.0,
-        max_parallel: int = 16,
-        connect_timeout: float = 10.0,
-        reconnect_timeout: float = 60.0,
+        grace: Seconds = 1.0,
+        max_parallel: Count = 16,
+        connect_timeout: PositiveSeconds = 10.0,
+        reconnect_timeout: Seconds = 60.0,
     ) -> None:
         if not isinstance(hostname, str) or not hostname:
             raise ConfigError("SSHExecutor: hostname must be a non-empty string")
-        if not isinstance(port, int) or not 0 < port < 65536:
-            raise ConfigError(f"SSHExecutor: port must be 1..65535, got {port!r}")
-        if grace < 0 or connect_timeout <= 0 or reconnect_timeout < 0:
-            raise ConfigError(
-                "SSHExecutor: grace and reconnect_timeout must be >= 0, connect_timeout > 0"
-            )
-        if not isinstance(max_parallel, int) or max_parallel < 1:
-            raise ConfigError(f"SSHExecutor: max_parallel must be >= 1, got {max_parallel!r}")
+        require("SSHExecutor", "port", port, integer=True, ge=1, le=65535, error=ConfigError)
+        for key, secs in (("grace", grace), ("reconnect_timeout", reconnect_timeout)):
+            require("SSHExecutor", key, secs, ge=0, le=MAX_SECONDS, error=ConfigError)
+        require(
+            "SSHExecutor", "connect_timeout", connect_timeout, gt=0, le=MAX_SECONDS,
+            error=ConfigError,
+        )
+        require("SSHExecutor", "max_parallel", max_parallel, integer=True, ge=1, error=ConfigError)
         self.hostname = hostname
         self.username = username
         self.ssh_key_file = ssh_key_file
