@@ -23,13 +23,14 @@ from .errors import (
     WorkerDiedError,
 )
 from .executor import Capabilities, Executor, Wake
-from .graph import electron, lattice
+from .graph import electron, lattice, wait
 from .status import CancelOutcome, Status
 from .task import Cancelled, Completed, Failed, Pending, Running, Task, TaskState, Upstream
 
 if TYPE_CHECKING:
     from . import executors
     from .api import cancel, dispatch, dispatch_sync, get_result
+    from .deps import DependencyError, DepsBash, DepsCall, DepsPip
     from .plugins import hookimpl
     from .result import Result
 
@@ -43,6 +44,10 @@ _LAZY = {
     "get_result": "api",
     "hookimpl": "plugins",
     "Result": "result",
+    "DepsBash": "deps",
+    "DepsCall": "deps",
+    "DepsPip": "deps",
+    "DependencyError": "deps",
 }
 
 
@@ -64,6 +69,10 @@ __all__ = [
     "Capabilities",
     "Completed",
     "ConfigError",
+    "DependencyError",
+    "DepsBash",
+    "DepsCall",
+    "DepsPip",
     "DispatchTimeoutError",
     "Executor",
     "ExecutorError",
@@ -94,4 +103,5 @@ __all__ = [
     "get_result",
     "hookimpl",
     "lattice",
+    "wait",
 ]
