@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from . import executors
     from .api import cancel, dispatch, dispatch_sync, get_result
     from .deps import DependencyError, DepsBash, DepsCall, DepsPip
+    from .lepton import Lepton, LeptonError
     from .plugins import hookimpl
     from .result import Result
 
@@ -48,6 +49,8 @@ _LAZY = {
     "DepsCall": "deps",
     "DepsPip": "deps",
     "DependencyError": "deps",
+    "Lepton": "lepton",
+    "LeptonError": "lepton",
 }
 
 
@@ -77,6 +80,8 @@ __all__ = [
     "Executor",
     "ExecutorError",
     "Failed",
+    "Lepton",
+    "LeptonError",
     "Pending",
     "PicklingError",
     "PluginError",

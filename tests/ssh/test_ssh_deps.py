@@ -49,3 +49,28 @@ def test_steps_and_operators_run_on_ssh(ssh, rig):
     assert result.result == ["from-bash", 11]
     node = result.get_node_result(0)
     assert node["executor"] == "ssh" and "after" in node["stdout"]
+
+
+def test_bash_and_python_leptons_run_on_ssh(ssh, rig):
+    remote = ct.executors.SSHExecutor(**rig.settings())
+    ssh()
+    multiply = ct.Lepton(
+        language="bash",
+        command="product=$(({num_1} * {num_2}))",
+        argtypes=[
+            (int, ct.Lepton.INPUT_OUTPUT),
+            (int, ct.Lepton.INPUT_OUTPUT),
+            (int, ct.Lepton.OUTPUT),
+        ],
+        named_outputs=["num_1", "num_2", "product"],
+        executor=remote,
+    )
+    join = ct.Lepton(library_name="os.path", function_name="join", executor=remote)
+
+    @ct.lattice
+    def flow(**kwargs):
+        return [multiply(**kwargs), join("/a", "b")]
+
+    result = ct.dispatch_sync(flow)(num_1=7, num_2=8)
+    assert result.status == ct.Status.COMPLETED, result.error
+    assert result.result == [(7, 8, 56), "/a/b"]
