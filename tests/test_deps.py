@@ -443,3 +443,56 @@ def test_cancel_during_a_step_kills_it(where, tmp_path, local_executor):
     assert wait_gone([pid]) == [], f"the {where} process {pid} outlived the cancel"
     assert not ran.exists()
     time.sleep(0.1)
+
+
+def test_cancel_during_a_long_pip_build_kills_it_and_a_later_build_succeeds(
+    tmp_path, deps_cache, local_executor
+):
+    """A local project whose in-tree build backend sleeps: pip's build runs in the task's
+    process group, so the cancel kills it; the lock and the half-built directory it leaves do
+    not stop the next build of the same set."""
+    project = tmp_path / "slowpkg"
+    project.mkdir()
+    pid_file = tmp_path / "build-pid"
+    (project / "pyproject.toml").write_text(
+        '[build-system]\nrequires = []\nbuild-backend = "slow_backend"\nbackend-path = ["."]\n'
+    )
+    wheel_dir = tmp_path / "wheels"
+    make_wheel(wheel_dir, "slowpkg", "1.0")
+    (project / "slow_backend.py").write_text(
+        "import os, shutil, time\n"
+        f"PID = {str(pid_file)!r}\n"
+        f"WHEEL = {str(wheel_dir / 'slowpkg-1.0-py3-none-any.whl')!r}\n"
+        "def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):\n"
+        "    if not os.path.exists(PID + '.done'):\n"
+        "        open(PID, 'w').write(str(os.getpid()))\n"
+        "        time.sleep(30)\n"
+        "    shutil.copy(WHEEL, wheel_directory)\n"
+        "    return os.path.basename(WHEEL)\n"
+    )
+    dep = ct.DepsPip([str(project)], pip_args=["--no-index"])
+
+    @ct.electron(deps_pip=dep)
+    def task():
+        import slowpkg
+
+        return slowpkg.VALUE
+
+    @ct.lattice(executor=local_executor)
+    def workflow():
+        return task()
+
+    did = ct.dispatch(workflow)()
+    pid = read_pid(pid_file, timeout=60)
+    ct.cancel(did)
+    r = ct.get_result(did, wait=True, timeout=60)
+    assert r.status == ct.Status.CANCELLED
+    assert r.get_node_result(0)["cancel_outcome"] == "killed"
+    assert wait_gone([pid]) == [], "pip's build outlived the cancel"
+    assert not [p for p in deps_cache.iterdir() if p.is_dir() and ".tmp-" not in p.name]
+
+    Path(str(pid_file) + ".done").write_text("")  # the next build is quick
+    r2 = ct.dispatch_sync(workflow)()
+    assert r2.status == ct.Status.COMPLETED, r2.error
+    assert r2.result == "dummy 1.0"
+    assert not [p for p in deps_cache.iterdir() if ".tmp-" in p.name]

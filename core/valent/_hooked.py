@@ -259,10 +259,10 @@ class _PathScope:
 
     def activate(self, path: str) -> None:
         provided = _top_level_names(path)
-        for name in list(sys.modules):
-            mod = sys.modules[name]
+        for name, mod in list(sys.modules.items()):
             if name.partition(".")[0] in provided and not _loaded_from(mod, path):
-                self.shadowed[name] = sys.modules.pop(name)  # the set's version is imported
+                self.shadowed[name] = mod  # the set's version is imported instead
+                sys.modules.pop(name, None)
         sys.path.insert(0, path)
         self.paths.append(path)
         old = os.environ.get("PYTHONPATH")
@@ -275,9 +275,9 @@ class _PathScope:
         for path in self.paths:
             with contextlib.suppress(ValueError):
                 sys.path.remove(path)
-            for name in list(sys.modules):
-                if _loaded_from(sys.modules[name], path):
-                    del sys.modules[name]
+            for name, mod in list(sys.modules.items()):
+                if _loaded_from(mod, path):
+                    sys.modules.pop(name, None)
         sys.modules.update(self.shadowed)
         if self.pythonpath is None:
             os.environ.pop("PYTHONPATH", None)
