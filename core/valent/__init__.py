@@ -23,7 +23,7 @@ from .errors import (
     WorkerDiedError,
 )
 from .executor import Capabilities, Executor, Wake
-from .graph import electron, lattice
+from .graph import electron, lattice, wait
 from .status import CancelOutcome, Status
 from .task import Cancelled, Completed, Failed, Pending, Running, Task, TaskState, Upstream
 
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from . import executors
     from .api import cancel, dispatch, dispatch_sync, get_result
     from .config import get_config, reload_config, set_config
+    from .deps import DependencyError, DepsBash, DepsCall, DepsPip
+    from .lepton import Lepton, LeptonError
     from .plugins import hookimpl
     from .result import Result
 
@@ -47,6 +49,12 @@ _LAZY = {
     "set_config": "config",
     "hookimpl": "plugins",
     "Result": "result",
+    "DepsBash": "deps",
+    "DepsCall": "deps",
+    "DepsPip": "deps",
+    "DependencyError": "deps",
+    "Lepton": "lepton",
+    "LeptonError": "lepton",
 }
 
 
@@ -68,10 +76,16 @@ __all__ = [
     "Capabilities",
     "Completed",
     "ConfigError",
+    "DependencyError",
+    "DepsBash",
+    "DepsCall",
+    "DepsPip",
     "DispatchTimeoutError",
     "Executor",
     "ExecutorError",
     "Failed",
+    "Lepton",
+    "LeptonError",
     "Pending",
     "PicklingError",
     "PluginError",
@@ -101,4 +115,5 @@ __all__ = [
     "lattice",
     "reload_config",
     "set_config",
+    "wait",
 ]

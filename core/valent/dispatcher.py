@@ -448,6 +448,8 @@ class _Loop:
             p = nr.run.nodes[pid]
             if p.status == Status.COMPLETED:
                 continue
+            if pid in nr.node.waits:
+                return False  # an ordering edge carries no value: wait for it to complete
             if p.final or p.handle is None or p.executor is not ex or p.cancel_at is not None:
                 return False
             if p.attempts <= p.retries:

@@ -3,12 +3,20 @@
 Inside a lattice being traced, calling an electron adds a node and returns a
 :class:`Placeholder`; literal arguments become ``:parameter:VALUE`` nodes numbered in creation
 order (so node lists print as Covalent's do). Outside a lattice an electron is a plain call.
+
+Names follow Covalent's: ``out[k]`` adds ``:task.__getitem__``, ``out.attr`` adds
+``:task.__getattr__``, ``a, b = out`` adds ``:task()[0]`` and ``:task()[1]`` (each with the
+key as a ``:parameter:`` node), ``out + 1`` adds an electron ``task_+_1`` that runs the
+operator like any task, and ``ct.wait(child, parents)`` adds an ordering edge with no data.
 """
 
 from __future__ import annotations
 
 import contextvars
+import dis
 import functools
+import operator
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +57,8 @@ class Node:
     electron: Electron | None = None
     parents: tuple[int, ...] = ()
     key: Any = None  # the index of a getitem node, the name of a getattr node
+    # parents it waits for without taking their output (ct.wait); also in ``parents``
+    waits: tuple[int, ...] = ()
 
     @property
     def label(self) -> str:
@@ -106,6 +116,38 @@ class Graph:
         node.parents = _parents(node.args, node.kwargs)
         return node
 
+    def _subscript(self, parent: Placeholder, name: str, kind: str, key: Any) -> Placeholder:
+        """A getitem/getattr node on ``parent``, with the key as a parameter node (as
+        Covalent numbers them); the dispatcher computes it inline from ``node.key``."""
+        node = self.add(name, kind, key=key)
+        node.args = (Ref(parent._node_id), self.ref(key))
+        node.parents = _parents(node.args, node.kwargs)
+        return Placeholder(self, node.id)
+
+    def add_wait(self, child: int, parents: list[int]) -> None:
+        """Make node ``child`` start only after ``parents`` complete, taking no data from
+        them; a parent that fails or is cancelled cancels it (upstream), like a data edge."""
+        node = self.nodes[child]
+        for pid in parents:
+            if pid == child or child in self._ancestors(pid):
+                raise TracingError(
+                    f"ct.wait: {node.label} cannot wait for {self.nodes[pid].label}, which "
+                    f"already depends on {node.label} (that would be a cycle)"
+                )
+            if pid not in node.parents:
+                node.parents += (pid,)
+                node.waits += (pid,)
+
+    def _ancestors(self, node_id: int) -> set[int]:
+        seen: set[int] = set()
+        stack = [node_id]
+        while stack:
+            for p in self.nodes[stack.pop()].parents:
+                if p not in seen:
+                    seen.add(p)
+                    stack.append(p)
+        return seen
+
     def structure(self, value: Any) -> Any:
         """The lattice's return value with placeholders turned into Refs."""
         if isinstance(value, Placeholder):
@@ -140,6 +182,47 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
+    "+": operator.add,
+    "-": operator.sub,
+    "*": operator.mul,
+    "/": operator.truediv,
+    "//": operator.floordiv,
+    "%": operator.mod,
+    "**": operator.pow,
+}
+
+
+def _operand_name(value: Any) -> str:
+    return _short(value._node.name if isinstance(value, Placeholder) else value)
+
+
+def _as_list(value: Any) -> list:
+    if isinstance(value, list | tuple | set | frozenset):
+        return list(value)
+    return [value]
+
+
+_UNPACK: dict[tuple[Any, int], int | None] = {}
+
+
+def _unpack_count(frame: Any) -> int | None:
+    """How many values the instruction that asked for an iterator unpacks (``a, b = x``:
+    UNPACK_SEQUENCE 2); None for anything else (a for loop, list(x), ``a, *rest = x``)."""
+    code, at = frame.f_code, frame.f_lasti
+    key = (code, at)
+    if key not in _UNPACK:
+        if len(_UNPACK) > 4096:  # code objects of lattices built on the fly: keep it bounded
+            _UNPACK.clear()
+        found = None
+        for ins in dis.get_instructions(code):
+            if ins.offset == at:
+                found = ins.arg if ins.opname == "UNPACK_SEQUENCE" else None
+                break
+        _UNPACK[key] = found
+    return _UNPACK[key]
+
+
 class Placeholder:
     """The future output of a node while a lattice is being traced."""
 
@@ -162,20 +245,27 @@ class Placeholder:
                 f"cannot index {self!r} with another electron's output while building the "
                 "lattice; do the indexing inside an electron"
             )
-        node = self._graph.add(
-            f"{self._node.name}()[{key!r}]", GETITEM, args=(Ref(self._node_id),),
-            parents=(self._node_id,), key=key,
-        )
-        return Placeholder(self._graph, node.id)
+        return self._graph._subscript(self, f":{self._node.name}.__getitem__", GETITEM, key)
 
     def __getattr__(self, attr: str) -> Placeholder:
         if attr.startswith("_"):
             raise AttributeError(attr)
-        node = self._graph.add(
-            f"{self._node.name}().{attr}", GETATTR, args=(Ref(self._node_id),),
-            parents=(self._node_id,), key=attr,
-        )
-        return Placeholder(self._graph, node.id)
+        return self._graph._subscript(self, f":{self._node.name}.__getattr__", GETATTR, attr)
+
+    def wait_for(self, parents: Any) -> Placeholder:
+        """Start this node only after ``parents`` (an output or a list of outputs) complete,
+        without taking their values. Returns this output (as Covalent's ``wait_for``)."""
+        items = [parents] if isinstance(parents, Placeholder) else _as_list(parents)
+        ids = []
+        for p in items:
+            if not isinstance(p, Placeholder):
+                raise TracingError(
+                    f"ct.wait / wait_for: {self!r} can wait only for electrons' outputs in "
+                    f"this lattice, got {p!r}"
+                )
+            ids.append(self._graph.ref(p).node_id)
+        self._graph.add_wait(self._node_id, ids)
+        return self
 
     def _refuse(self, what: str) -> TracingError:
         return TracingError(
@@ -185,7 +275,19 @@ class Placeholder:
         )
 
     def __iter__(self):
-        raise self._refuse("iterate over")
+        # `a, b = out`: the caller's bytecode says how many values it unpacks (as Covalent
+        # reads it); any other iteration has no known length
+        count = _unpack_count(sys._getframe(1))
+        if count is None:
+            raise TracingError(
+                f"cannot iterate over {self!r} while building the lattice: its length is not "
+                "known until the workflow runs. Unpack a fixed number of values "
+                "(a, b = out), index it (out[0]), or loop inside an electron that takes it "
+                "as an argument."
+            )
+        name = f":{self._node.name}()"
+        graph = self._graph
+        return iter([graph._subscript(self, f"{name}[{i}]", GETITEM, i) for i in range(count)])
 
     def __len__(self) -> int:
         raise self._refuse("take len() of")
@@ -216,16 +318,72 @@ class Placeholder:
 
     __le__ = __gt__ = __ge__ = __ne__ = __lt__  # type: ignore[assignment]
 
-    def __add__(self, other: object) -> Any:
-        raise self._refuse("do arithmetic on")
+    def _op(self, left: Any, symbol: str, right: Any) -> Placeholder:
+        """``left symbol right`` as an electron node that runs the operator like any task,
+        named as Covalent names it: ``task_1_+_task_2``, ``task_*_3``, ``2_-_task``."""
+        graph = self._graph
+        fn = _OPERATORS[symbol]
+        node = graph.add(f"{_operand_name(left)}_{symbol}_{_operand_name(right)}", ELECTRON, fn=fn)
+        node.args = (graph.ref(left), graph.ref(right))
+        node.parents = _parents(node.args, node.kwargs)
+        return Placeholder(graph, node.id)
 
-    __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = __add__
-    __floordiv__ = __mod__ = __pow__ = __neg__ = __add__
+    def __add__(self, other: Any) -> Placeholder:
+        return self._op(self, "+", other)
+
+    def __radd__(self, other: Any) -> Placeholder:
+        return self._op(other, "+", self)
+
+    def __sub__(self, other: Any) -> Placeholder:
+        return self._op(self, "-", other)
+
+    def __rsub__(self, other: Any) -> Placeholder:
+        return self._op(other, "-", self)
+
+    def __mul__(self, other: Any) -> Placeholder:
+        return self._op(self, "*", other)
+
+    def __rmul__(self, other: Any) -> Placeholder:
+        return self._op(other, "*", self)
+
+    def __truediv__(self, other: Any) -> Placeholder:
+        return self._op(self, "/", other)
+
+    def __rtruediv__(self, other: Any) -> Placeholder:
+        return self._op(other, "/", self)
+
+    def __floordiv__(self, other: Any) -> Placeholder:
+        return self._op(self, "//", other)
+
+    def __rfloordiv__(self, other: Any) -> Placeholder:
+        return self._op(other, "//", self)
+
+    def __mod__(self, other: Any) -> Placeholder:
+        return self._op(self, "%", other)
+
+    def __rmod__(self, other: Any) -> Placeholder:
+        return self._op(other, "%", self)
+
+    def __pow__(self, other: Any) -> Placeholder:
+        return self._op(self, "**", other)
+
+    def __rpow__(self, other: Any) -> Placeholder:
+        return self._op(other, "**", self)
+
+    def __neg__(self) -> Placeholder:
+        node = self._graph.add(f"-_{self._node.name}", ELECTRON, fn=operator.neg)
+        node.args = (Ref(self._node_id),)
+        node.parents = (self._node_id,)
+        return Placeholder(self._graph, node.id)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # out.method(...) or **out: the attribute is a placeholder too, and cannot be called
+        node = self._node
+        what = repr(self)
+        if node.kind == GETATTR:
+            what = f"{Placeholder(self._graph, node.parents[0])!r}.{node.key}"
         raise TracingError(
-            f"cannot call {self!r} while building the lattice (a method of an electron's "
+            f"cannot call {what} while building the lattice (a method of an electron's "
             "output, or ** unpacking of it): its value does not exist until the workflow "
             "runs. Do this inside an electron that takes the output as an argument."
         )
@@ -257,6 +415,7 @@ class Electron:
         executor: ExecutorSpec = None,
         timeout: float | None = None,
         retries: int = 0,
+        hooks: Any = None,
     ):
         if not callable(fn):
             raise TypeError(f"@electron needs a function, got {fn!r}")
@@ -272,13 +431,20 @@ class Electron:
         self.timeout = timeout
         self.retries = retries
         self.name = name
+        # deps_bash / deps_pip / call_before / call_after (valent.deps.Hooks): the node runs
+        # the function wrapped with them, in the task's process
+        self.hooks = hooks
+        self.task_fn = fn if hooks is None else hooks.wrap(fn, name)
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         graph = _building.get()
         if graph is None:
             return self.fn(*args, **kwargs)
-        node = graph.add(self.name, ELECTRON, fn=self.fn, electron=self)
+        node = graph.add(self.name, ELECTRON, fn=self.task_fn, electron=self)
+        if self.hooks is not None and self.hooks.retval_keywords:
+            # filled in by a call_before's return value where the task runs (as Covalent)
+            kwargs = {k: v for k, v in kwargs.items() if k not in self.hooks.retval_keywords}
         node.args = tuple(graph.ref(a) for a in args)
         node.kwargs = {k: graph.ref(v) for k, v in kwargs.items()}
         node.parents = _parents(node.args, node.kwargs)
@@ -290,7 +456,7 @@ class Electron:
     def __reduce__(self):
         # Instances of executors (clients, connections) never travel with the function.
         spec = self.executor if isinstance(self.executor, str) else None
-        return (Electron, (self.fn, spec, self.timeout, self.retries))
+        return (Electron, (self.fn, spec, self.timeout, self.retries, self.hooks))
 
     def __repr__(self) -> str:
         return f"<electron {self.name}>"
@@ -332,6 +498,10 @@ def electron(
     executor: ExecutorSpec = None,
     timeout: float | None = None,
     retries: int = 0,
+    deps_bash: Any = None,
+    deps_pip: Any = None,
+    call_before: Any = None,
+    call_after: Any = None,
 ) -> Any:
     """Make a function a task. Bare (``@electron``) or with arguments.
 
@@ -339,7 +509,22 @@ def electron(
         default: the lattice's, else the config's ``default_executor``, else ``"local"``.
     :param timeout: seconds; a task running longer is cancelled and its node FAILS.
     :param retries: how many times to re-run a task that failed by its own error.
+    :param deps_bash: shell commands (``ct.DepsBash`` or strings) run right before the task.
+    :param deps_pip: ``ct.DepsPip`` (or requirement strings) installed into a cached
+        directory of their own and put first on the task's path (see :mod:`valent.deps`).
+    :param call_before: ``ct.DepsCall`` (or a list) called before the task, in its process;
+        ``retval_keyword`` passes a result to the task as that keyword argument.
+    :param call_after: ``ct.DepsCall`` (or a list) called after the task returned.
     """
+    if any(v is not None for v in (deps_bash, deps_pip, call_before, call_after)):
+        from .deps import make_hooks
+
+        def with_hooks(f: Callable[..., Any]) -> Electron:
+            name = getattr(f, "__name__", type(f).__name__)
+            made = make_hooks(name, deps_bash, deps_pip, call_before, call_after)
+            return Electron(f, executor, timeout, retries, made)
+
+        return with_hooks if fn is None else with_hooks(fn)
     if fn is None:
         return lambda f: Electron(f, executor, timeout, retries)
     return Electron(fn, executor, timeout, retries)
@@ -351,3 +536,18 @@ def lattice(fn: Callable[..., Any] | None = None, *, executor: ExecutorSpec = No
     if fn is None:
         return lambda f: Lattice(f, executor)
     return Lattice(fn, executor)
+
+
+def wait(child: Any, parents: Any) -> Any:
+    """Inside a lattice: ``child`` (an electron's output) starts only after ``parents`` (an
+    output or a list of them) complete, without taking their values; a parent that fails or
+    is cancelled cancels ``child``. Returns ``child``. Outside a lattice: returns ``child``."""
+    graph = _building.get()
+    if graph is None:
+        return child
+    if not isinstance(child, Placeholder):
+        raise TracingError(
+            f"ct.wait(child, parents): child must be an electron's output in this lattice, got "
+            f"{child!r}"
+        )
+    return child.wait_for(parents)
