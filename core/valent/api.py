@@ -219,6 +219,12 @@ def get_result(
     """The dispatch's Result; with ``wait=True``, once it is final and every executor
     confirmed that nothing it started is still running (``timeout`` in seconds).
     ``progress=True`` shows a progress bar of finished nodes on stderr while waiting."""
+    if timeout is not None:
+        from .checks import seconds_problem
+
+        problem = seconds_problem(timeout, allow_zero=True)
+        if problem:
+            raise ValentError(f"get_result(timeout={timeout!r}): {problem}")
     store = _store()
     dispatch_id = store.resolve(dispatch_id)
     if wait and progress:

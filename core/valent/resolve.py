@@ -69,7 +69,11 @@ class Executors:
         """The executor for ``spec`` (a name or an instance), made on first use of a name."""
         if isinstance(spec, Executor):
             with self._lock:
-                self._used.setdefault(id(spec), spec)
+                if id(spec) not in self._used:
+                    from .config import validate_executor
+
+                    validate_executor(spec)  # finite settings within the class's bounds
+                    self._used[id(spec)] = spec
             return spec
         with self._lock:
             ex = self._named.get(spec)
