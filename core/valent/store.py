@@ -164,9 +164,13 @@ def ensure_private_dir(path: Path) -> None:
 
 
 def secure_path(path: Path, st: os.stat_result, what: str, mode: int) -> None:
-    """Tighten ``path`` (yours) to ``mode``; refuse it if another user owns it."""
+    """Make ``path`` (yours) private: take off the bits ``mode`` lacks. Refuse (raise
+    ``StoreTrustError``) one another user owns, and a file others could write (they may have
+    put code in it: valent does not silently adopt it)."""
     if st.st_uid != os.geteuid():
         raise _not_yours(path, st, what)
+    if not stat.S_ISDIR(st.st_mode):
+        check_trusted(path, st, what)
     if stat.S_IMODE(st.st_mode) & ~mode:
         try:
             os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
