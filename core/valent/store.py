@@ -285,22 +285,7 @@ class Store:
 
     def _connect(self) -> sqlite3.Connection:
         if self.read_only:
-            try:
-                # mode=ro, not immutable: a live store's newest rows are in its WAL, which
-                # SQLite reads when the -shm file is readable
-                conn = sqlite3.connect(
-                    f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=30
-                )
-                conn.execute("PRAGMA busy_timeout=30000")
-                conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-            except sqlite3.Error as exc:
-                raise StoreError(
-                    f"cannot read the results store {self.path} without write access to its "
-                    f"folder: {exc}. SQLite needs its {self.path.name}-wal and "
-                    f"{self.path.name}-shm files to exist and be readable (they exist while "
-                    "the store's owner has it open; a closed store has none and needs none), "
-                    "so read it as its owner, or ask the owner for a copy"
-                ) from exc
+            conn = self._connect_read_only()
             conn.row_factory = sqlite3.Row
             return conn
         try:
@@ -315,6 +300,44 @@ class Store:
             ) from exc
         conn.row_factory = sqlite3.Row
         return conn
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """Open the store for reading only: ``mode=ro``, which reads the WAL (a live store's
+        newest rows) through its -shm file. A store with no WAL left (closed by its last
+        writer) on a file system nobody can write is opened ``immutable`` instead: SQLite
+        cannot make the -shm file there, and no writer can be changing it."""
+        wal = Path(f"{self.path}-wal")
+        try:
+            conn = sqlite3.connect(
+                f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=30
+            )
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.Error as exc:
+            first = exc
+        try:
+            has_wal = wal.stat().st_size > 0
+        except FileNotFoundError:
+            has_wal = False
+        except OSError:
+            has_wal = True
+        if not has_wal and not os.access(self.dir, os.W_OK):
+            try:
+                conn = sqlite3.connect(
+                    f"file:{self.path}?mode=ro&immutable=1", uri=True, isolation_level=None
+                )
+                conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+                return conn
+            except sqlite3.Error as exc:
+                first = exc
+        raise StoreError(
+            f"cannot read the results store {self.path} without write access to its folder: "
+            f"{first}. A store in use keeps its newest rows in {self.path.name}-wal, which "
+            f"SQLite can read only through {self.path.name}-shm: both must exist and be "
+            "readable by you (or the folder writable). Read it as its owner, or ask the owner "
+            "for a copy (`sqlite3 valent.db .backup copy.db`)"
+        ) from first
 
     def _secure_files(self) -> None:
         """Create ``valent.db`` 0600 (SQLite gives its -wal and -shm the db's mode) and
@@ -445,8 +468,9 @@ class Store:
         """Run ``fn(conn, *args)`` in one transaction: all of it is written, or nothing."""
         if self.read_only:
             raise StoreError(
-                f"cannot write to the results store {self.path}: its folder is not writable "
-                "by you; set VALENT_RESULTS_DIR to a folder of yours"
+                f"cannot write to the results store {self.path}: it is readonly here (its "
+                "folder is not writable by you, or the file system is mounted read-only); "
+                "what it holds can still be read; set VALENT_RESULTS_DIR to a writable folder"
             )
         self.check_file()
         conn = self._conn()
