@@ -21,7 +21,7 @@ from valent.errors import PicklingError
 from valent.status import CancelOutcome
 from valent.task import Cancelled, Failed, Running, TaskState
 
-from .connection import Connection, ConnectionLost, Target
+from .connection import Connection, ConnectionLost, Target, redact_error
 from .errors import SSHError, SSHUnreachableError
 from .handle import Phase, RemoteTask, final_state
 from .payload import pickle_task
@@ -139,6 +139,7 @@ class HostWorker:
         Tasks that were started are remembered as orphans: the next connection to the host
         kills what is left of them and removes their directories.
         """
+        error = redact_error(error, self.target)  # it is stored: no key path in it
         with self._lock:
             tasks = list(self._queue) + list(self._active.values())
             for rt in self._active.values():
