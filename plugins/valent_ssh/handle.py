@@ -72,9 +72,14 @@ def final_state(
     """The final state of ``rt`` from the agent's ``exit``, ``gone`` or ``start_failed``."""
     out, err = ev.get("stdout", ""), ev.get("stderr", "")
     now = time.time()
+    if rt.started_at is None and ev.get("body") is not None:
+        rt.started_at = float(ev["body"])  # when the task's function was called
     if ev.get("ev") == "start_failed":
         error = RemoteTaskLostError(f"{ev.get('error')} on {t.where}", t.hostname, t.port)
         state: TaskState = Failed(error, "", ended_at=now)
+    elif rt.cancel_requested and rt.started_at is None:
+        # stopped before its function was called (while loading): it never started
+        state = Cancelled(CancelOutcome.DEQUEUED, ended_at=now, stdout=out, stderr=err)
     elif rt.cancel_requested:  # "gone", or an "exit" that beat the kill
         state = Cancelled(
             CancelOutcome.KILLED, started_at=rt.started_at, ended_at=now, stdout=out, stderr=err

@@ -385,15 +385,21 @@ class HostWorker:
             rt = self._active.get(ev.get("key", ""))
         if rt is None:
             return
-        if kind == "started":
+        if kind in ("started", "body"):
+            # "started": the runner process exists (it can be killed); "body": the task's
+            # function was called. Only then is the task Running (and a cancel ``killed``).
             with self._lock:
-                rt.pid = ev.get("pid")
-                if rt.phase is Phase.STARTING:
-                    rt.phase = Phase.RUNNING
-                if rt.started_at is None:
-                    rt.started_at = time.time()
-                changed = not isinstance(rt.state, Running)
-                rt.state = Running(started_at=rt.started_at)
+                if kind == "started":
+                    rt.pid = ev.get("pid")
+                    if rt.phase is Phase.STARTING:
+                        rt.phase = Phase.RUNNING
+                body = ev.get("t") if kind == "body" else ev.get("body")
+                changed = False
+                if body is not None and rt.started_at is None:
+                    rt.started_at = float(body)
+                    changed = not isinstance(rt.state, Running) and rt.phase is not Phase.DONE
+                    if changed:
+                        rt.state = Running(started_at=rt.started_at)
             if changed:
                 rt.wake_safely()
             return
