@@ -271,6 +271,6 @@ def test_after_a_lost_store_new_work_gets_a_fresh_one(results_dir):
     assert get_store() is not store
     second = ct.dispatch_sync(wf)()
     assert second.status == ct.Status.COMPLETED and second.result == 1
-    with pytest.raises(ct.UnknownDispatchError):
+    with pytest.raises(ct.UnknownDispatchError, match="deleted, replaced or truncated"):
         ct.get_result(first.dispatch_id)
     assert uuid.UUID(second.dispatch_id)

@@ -267,6 +267,8 @@ class Store:
         """Why this store can no longer be used (its file was deleted, replaced...), or None."""
         self.read_only = False
         self._reserve_missing = False
+        self.replaced: str | None = None
+        """Set by ``get_store`` when this store replaced one whose file was lost (why)."""
 
     # ------------------------------------------------------------------ connection
 
@@ -799,12 +801,18 @@ class Store:
                     id_or_prefix, str(self.path), "ambiguous prefix; give more characters"
                 )
         short = "a prefix needs at least 4 characters" if len(id_or_prefix) < 4 else ""
-        raise UnknownDispatchError(id_or_prefix, str(self.path), short)
+        raise UnknownDispatchError(id_or_prefix, str(self.path), short or self._lost_note())
+
+    def _lost_note(self) -> str:
+        if self.replaced is None:
+            return ""
+        return ("this process saw the store file deleted, replaced or truncated while it ran: "
+                "the dispatches it held are lost")
 
     def dispatch_row(self, dispatch_id: str) -> sqlite3.Row:
         rows = self._read("SELECT * FROM dispatches WHERE dispatch_id = ?", (dispatch_id,))
         if not rows:
-            raise UnknownDispatchError(dispatch_id, str(self.path))
+            raise UnknownDispatchError(dispatch_id, str(self.path), self._lost_note())
         return rows[0]
 
     def node_row(self, dispatch_id: str, node_id: int) -> sqlite3.Row:
@@ -905,5 +913,8 @@ def get_store(results_dir: str | os.PathLike[str] | None = None) -> Store:
         if store is None or store.lost is not None:
             # a store whose file was deleted or replaced stays lost for the runs that used it;
             # new work gets a fresh one
-            store = _stores[key] = Store(key)
+            fresh = _stores[key] = Store(key)
+            if store is not None:
+                fresh.replaced = store.lost
+            store = fresh
         return store
