@@ -573,9 +573,9 @@ class Store:
                 marks = ", ".join("?" * len(node_columns))  # type: ignore[arg-type]
                 conn.executemany(f"INSERT INTO nodes ({names}) VALUES ({marks})", nodes)
 
-        if self._reserve_missing:
-            self._make_reserve()
         self._write(op)
+        if not self.read_only:
+            self._make_reserve()  # if another process used it up, now that there is room
 
     def apply(
         self,
