@@ -318,18 +318,21 @@ class Agent:
     def report(self, t, ev):
         if t.body_fd is not None:
             self.read_body(t)  # say "body" before how it ended
-        event = {"ev": ev, "key": t.key, "rc": t.rc, "body": runner.body_started(t.dir)}
+        event = {"ev": ev, "key": t.key, "rc": t.rc, "body": runner.body_started(t.dir),
+                 "stopped": os.path.exists(os.path.join(t.dir, runner.STOPPED_MARKER))}
         path = os.path.join(t.dir, "result")
         try:
             size = os.path.getsize(path)
         except OSError:
             size = None
-        if size is not None and ev == "exit":
+        if size is not None:  # also for "gone": a task that returned before the kill
             if size <= INLINE_MAX:
                 with open(path, "rb") as f:
                     event["result"] = base64.b64encode(f.read()).decode()
             else:
                 event["big"] = size
+                with open(path, "rb") as f:
+                    event["kind"] = f.read(1).decode("latin-1")
         event["stdout"] = procs.tail(os.path.join(t.dir, "stdout"))
         event["stderr"] = procs.tail(os.path.join(t.dir, "stderr"))
         self.emit(**event)

@@ -90,6 +90,7 @@ def _error_payload(exc, tb):
 
 
 BODY_MARKER = "body"  # written just before the task's function is called: its start time
+STOPPED_MARKER = "stopped"  # the function returned after SIGTERM asked it to stop
 
 
 def body_started(taskdir):
@@ -133,6 +134,8 @@ def run_task(taskdir, body_fd=None):
             os._exit(128 + signal.SIGTERM)
         _mark_body(taskdir, body_fd)
         value = fn(*args, **kwargs)
+        if _cancel["requested"]:  # it returned because it was asked to stop: say so
+            write_atomic(os.path.join(taskdir, STOPPED_MARKER), b"", sync=False)
     except BaseException as exc:  # the task's own error, reported as the node's error
         payload = _error_payload(exc, traceback.format_exc())
     else:

@@ -76,3 +76,43 @@ def test_a_dispatch_cancelled_while_its_ssh_task_loads_says_dequeued(ssh, shared
     assert node["status"] == ct.Status.CANCELLED
     assert node["cancel_outcome"] == "dequeued" and node["start_time"] is None, node
     assert not os.path.exists(marker)
+
+
+def _event(ev: str, value_kind: bytes, **extra) -> dict:
+    import base64
+
+    import cloudpickle
+
+    payload = value_kind + cloudpickle.dumps("its value")
+    return {"ev": ev, "key": "k", "rc": 0, "body": 1000.0,
+            "result": base64.b64encode(payload).decode(), **extra}
+
+
+@pytest.mark.parametrize("ev", ["exit", "gone"])
+def test_a_task_that_returned_before_the_kill_reached_it_completed(ev):
+    """The task returned in the moment between the kill being sent and reaching the host:
+    it completed (the dispatcher then says ``too_late``) and its output is kept. That moment
+    is too short to hit on demand, so this feeds the agent's real event format to the code
+    that reads it; a cooperative return after SIGTERM (``stopped``) is still ``killed``."""
+    from valent_ssh.handle import RemoteTask, final_state
+    from valent_ssh.runner import RESULT_VALUE
+
+    class _Host:  # only named in the handle's repr
+        target = None
+
+    task = valent.Task(dispatch_id="d", node_id=0, name="t", fn=T.noop, args=(), kwargs={})
+    target = ct.executors.SSHExecutor(hostname="127.0.0.1").target
+
+    def handle():
+        rt = RemoteTask(task, lambda: None, 1.0, _Host())
+        rt.cancel_requested = True
+        return rt
+
+    def fetch():
+        raise AssertionError("inline result")
+
+    done = final_state(handle(), _event(ev, RESULT_VALUE), target, fetch)
+    assert isinstance(done, valent.Completed) and done.started_at == 1000.0
+    stopped = final_state(handle(), _event(ev, RESULT_VALUE, stopped=True), target, fetch)
+    assert stopped == valent.Cancelled(CancelOutcome.KILLED, started_at=1000.0,
+                                       ended_at=stopped.ended_at)
