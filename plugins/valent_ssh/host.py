@@ -88,7 +88,11 @@ class HostWorker:
                 rt.promised = CancelOutcome.DEQUEUED
                 finished = False
             else:
-                rt.promised = CancelOutcome.KILLED
+                # its function not yet called (no "body" from the host): stopping it now means
+                # it never starts; the final state says what happened on the host in the end
+                rt.promised = (
+                    CancelOutcome.KILLED if rt.started_at is not None else CancelOutcome.DEQUEUED
+                )
                 rt.phase = Phase.KILLING
                 self._kills.append(rt)
                 finished = False
