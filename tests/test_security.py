@@ -206,3 +206,19 @@ def test_a_store_or_output_owned_by_another_user_is_refused(results_dir):
     os.chown(results_dir / "valent.db", 65534, 65534)
     with pytest.raises(StoreTrustError, match=r"valent.db is owned by .*nobody"):
         _fresh_result(did)
+
+
+def test_a_results_dir_owned_by_another_user_is_refused(tmp_path):
+    import os
+
+    import pytest
+    from valent.store import Store, StoreTrustError
+
+    if os.geteuid() != 0:
+        pytest.skip("giving a folder to another user needs root")
+    d = tmp_path / "theirs"
+    d.mkdir(mode=0o755)
+    os.chown(d, 65534, 65534)  # nobody's folder, which root could still write into
+    with pytest.raises(StoreTrustError, match=r"results folder .*theirs is owned by .*nobody"):
+        Store(d).dispatch_status("x")
+    assert not (d / "valent.db").exists()  # nothing was written there
