@@ -274,3 +274,51 @@ def test_after_a_lost_store_new_work_gets_a_fresh_one(results_dir):
     with pytest.raises(ct.UnknownDispatchError, match="deleted, replaced or truncated"):
         ct.get_result(first.dispatch_id)
     assert uuid.UUID(second.dispatch_id)
+
+
+_FILL_THE_DISK = r"""
+import os, valent as ct
+
+@ct.electron
+def t(i):
+    return os.urandom(60 * 1024)
+
+@ct.lattice
+def wf(n):
+    return [t(i) for i in range(n)]
+
+try:
+    r = ct.dispatch_sync(wf)(60)
+    print("RESULT", r.status)
+except ct.StoreError as exc:
+    print("RAISED", type(exc).__name__)
+"""
+
+
+def test_a_dispatch_that_fills_the_disk_ends_failed_with_every_node_final(tiny_fs):
+    """Issue #14 end to end: 60 tasks of 60 KiB each on a 4 MiB disk. The dispatch ends
+    FAILED with the store error as its cause, no node is left RUNNING or PENDING, nothing
+    says "cancel requested", and every COMPLETED node's output is there."""
+    import sys
+
+    results = tiny_fs / "results"
+    env = dict(os.environ, VALENT_RESULTS_DIR=str(results))
+    res = subprocess.run([sys.executable, "-c", _FILL_THE_DISK], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "disk is full" in res.stderr  # said once, clearly
+    store = Store(results)
+    try:
+        (row,) = store.list_dispatches()
+        assert row["status"] == "FAILED" and "disk is full" in row["error"], dict(row)
+        full = store.dispatch_row(row["dispatch_id"])
+        nodes = store.node_rows(row["dispatch_id"])
+        assert {n["status"] for n in nodes} <= {"COMPLETED", "FAILED", "CANCELLED"}
+        assert not any(n["reason"] == "cancel requested" for n in nodes)
+        result = Result(full, nodes, str(results))
+        done = [n for n in nodes if n["status"] == "COMPLETED" and n["name"] == "t"]
+        assert done
+        for n in done:
+            assert len(result.get_node_result(n["node_id"])["output"]) == OUT
+    finally:
+        store.close()
