@@ -140,7 +140,7 @@ def test_disk_full_fails_the_dispatch_cleanly_and_keeps_what_was_stored(
         assert "disk" in str(exc).lower() or "full" in str(exc).lower(), exc
     else:
         assert r.status == ct.Status.FAILED
-        node = r.get_node_result(3)
+        node = [n for n in r.get_all_node_results() if n["node_name"] == "_big"][0]
         assert node["status"] == ct.Status.FAILED
         assert "could not be stored" in node["error"]
         assert "space" in node["error"].lower() or "full" in node["error"].lower()

@@ -212,3 +212,62 @@ def test_several_processes_write_one_store_at_once(results_dir):
         result = ct.get_result(dispatch_id)  # and this process reads each of them
         assert result.status == "COMPLETED" and result.result == list(range(50))
     assert len(get_store().list_dispatches()) == 6
+
+
+_READER = r"""
+import json, os, sys
+from valent.store import Store, StoreError   # imported as root; then become nobody
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+store = Store(sys.argv[1])
+try:
+    print(json.dumps([r["dispatch_id"] for r in store.list_dispatches()]))
+except StoreError as exc:
+    print(json.dumps({"error": str(exc)}))
+"""
+
+
+def _read_as_nobody(folder) -> object:
+    import json
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _READER, str(folder)], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_a_reader_without_write_access_sees_the_live_stores_rows():
+    """Another user who may read (not write) a live store sees what was committed, which is
+    still in the WAL; if the WAL cannot be read, a clear error says why."""
+    import os
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("reading as another user needs root (to become that user)")
+    top = tempfile.mkdtemp(prefix="valent-ro-", dir="/tmp")  # a path the other user can reach
+    try:
+        os.chmod(top, 0o755)
+        store = Store(top)
+        store.create_dispatch(
+            {"dispatch_id": "d1", "lattice_name": "x", "status": "RUNNING", "created_at": 0.0},
+            [],
+        )
+        conn = store._conn()  # the writer keeps the store open: the row is only in the WAL
+        assert os.path.getsize(os.path.join(top, "valent.db-wal")) > 0
+        # its owner lets others read it (valent itself never does this)
+        os.chmod(top, 0o755)
+        for name in ("valent.db", "valent.db-wal", "valent.db-shm"):
+            os.chmod(os.path.join(top, name), 0o644)
+        assert _read_as_nobody(top) == ["d1"]
+        os.chmod(os.path.join(top, "valent.db-shm"), 0o600)  # the WAL cannot be used now
+        out = _read_as_nobody(top)
+        assert isinstance(out, dict) and "valent.db-shm" in out["error"], out
+        assert "readable" in out["error"]
+        conn.execute("SELECT 1")
+        store.close()
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

@@ -11,16 +11,26 @@ from typing import Any
 import cloudpickle
 
 from .status import Status
+from .store import StoreTrustError, check_store_trusted, read_trusted_file
 
 
 def _ts(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, tz=UTC)
 
 
-def load_blob(blob: bytes | None, path: str | None) -> Any:
-    """Unpickle an output stored inline or in a file (None when there is none)."""
+def load_blob(blob: bytes | None, path: str | None, results_dir: str | Path | None = None) -> Any:
+    """Unpickle an output stored inline or in a file (None when there is none).
+
+    With ``results_dir``, the store (its folder, ``valent.db`` and WAL, and the output file)
+    must be yours and writable by you only, or ``StoreTrustError`` is raised: unpickling
+    runs code chosen by whoever wrote the pickle.
+    """
     if path:
-        blob = Path(path).read_bytes()
+        if results_dir is None:
+            results_dir = Path(path).parent.parent.parent
+        blob = read_trusted_file(path, results_dir)
+    elif blob is not None and results_dir is not None:
+        check_store_trusted(results_dir)
     if blob is None:
         return None
     return cloudpickle.loads(blob)
@@ -46,19 +56,29 @@ class Result:
         self._row = row
         self._nodes = nodes
         self._outputs: dict[int, Any] = {}
+        self._trusted = False
+
+    def _load(self, blob: bytes | None, path: str | None) -> Any:
+        """Unpickle from this store once it is known to be yours alone (checked once)."""
+        if blob is not None and not self._trusted:
+            check_store_trusted(self.results_dir)
+            self._trusted = True
+        return load_blob(blob, path, self.results_dir if path else None)
 
     # ------------------------------------------------------------------ values
 
     @property
     def result(self) -> Any:
         """The lattice's return value (None unless COMPLETED)."""
-        return load_blob(self._row["result"], self._row["result_file"])
+        return self._load(self._row["result"], self._row["result_file"])
 
     @property
     def inputs(self) -> dict[str, Any]:
         """``{"args": [...], "kwargs": {...}}`` the lattice was dispatched with."""
         try:
-            args, kwargs = load_blob(self._row["inputs"], None) or ((), {})
+            args, kwargs = self._load(self._row["inputs"], None) or ((), {})
+        except StoreTrustError:
+            raise
         except Exception:
             return {"args": [], "kwargs": {}}
         return {"args": list(args), "kwargs": dict(kwargs)}
@@ -67,7 +87,9 @@ class Result:
         nid = row["node_id"]
         if nid not in self._outputs:
             try:
-                self._outputs[nid] = load_blob(row["output"], row["output_file"])
+                self._outputs[nid] = self._load(row["output"], row["output_file"])
+            except StoreTrustError:
+                raise
             except Exception as exc:
                 self._outputs[nid] = f"<output cannot be loaded here: {exc!r}>"
         return self._outputs[nid]
@@ -125,6 +147,8 @@ class Result:
         inputs = self.inputs
         try:
             result = self.result
+        except StoreTrustError:
+            raise
         except Exception as exc:
             result = f"<cannot be loaded here: {exc!r}>"
         lines = [

@@ -8,9 +8,11 @@ whoever wrote it (see docs/security.md).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections import defaultdict
@@ -23,6 +25,14 @@ from .status import FINAL, Status
 
 INLINE_LIMIT = 1 << 20
 SCHEMA_VERSION = 1
+RESERVE_NAME = "valent.reserve"
+RESERVE_MIN = 256 << 10
+RESERVE_MAX = 2 << 20
+"""A file of this size (1% of the file system, within these bounds) is kept in the results
+dir and freed when the disk fills, so that the final state of the dispatches can still be
+written (``Store.write_after_error``)."""
+KEEP_TEXT = 4096
+"""After a disk-full error, stdout/stderr/tracebacks are cut to their last this many chars."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -92,27 +102,173 @@ DISPATCH_FIELDS = (
 )
 
 
-def ensure_private_dir(path: Path) -> None:
-    """Create ``path`` (mode 0700) if missing."""
+class StoreLostError(StoreError):
+    """The store file was deleted, replaced or truncated while this process used it."""
+
+
+class StoreFullError(StoreError):
+    """A write failed because the disk (or the file system holding the store) is full."""
+
+
+class StoreTrustError(StoreError):
+    """A store, folder or output file that another user owns or can write: valent will not
+    write there nor unpickle from it (unpickling runs code chosen by whoever wrote it)."""
+
+
+def _whose(uid: int) -> str:
     try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        import pwd
+
+        return f"user {pwd.getpwuid(uid).pw_name!r} (uid {uid})"
+    except (KeyError, ImportError):
+        return f"uid {uid}"
+
+
+def _not_yours(path: Path | str, st: os.stat_result, what: str) -> StoreTrustError:
+    return StoreTrustError(
+        f"the {what} {path} is owned by {_whose(st.st_uid)}, not by you (uid {os.geteuid()}): "
+        "valent neither writes to nor unpickles from a store another user controls; set "
+        "VALENT_RESULTS_DIR to a folder of your own (or, if you trust its content, copy it "
+        "into one)"
+    )
+
+
+def ensure_private_dir(path: Path) -> None:
+    """Make ``path`` a private folder (mode 0700), creating it and any missing parents 0700
+    whatever the umask; an existing one of yours is tightened, one of another user refused."""
+    missing = []
+    p = path
+    while not os.path.lexists(p):
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    try:
+        for d in reversed(missing):
+            try:
+                os.mkdir(d, 0o700)
+            except FileExistsError:
+                continue  # made by another process meanwhile: checked below like any other
+            os.chmod(d, 0o700)  # the umask may have taken bits off (or left them on)
+        st = os.stat(path)
     except OSError as exc:
         raise StoreError(
             f"cannot create the results dir {path}: {exc}; set VALENT_RESULTS_DIR to a "
             "writable folder"
         ) from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(
+            f"the results dir {path} is not a folder; set VALENT_RESULTS_DIR to a folder"
+        )
+    secure_path(path, st, "results folder", 0o700)
+
+
+def secure_path(path: Path, st: os.stat_result, what: str, mode: int) -> None:
+    """Make ``path`` (yours) private: take off the bits ``mode`` lacks. Refuse (raise
+    ``StoreTrustError``) one another user owns, and a file others could write (they may have
+    put code in it: valent does not silently adopt it)."""
+    if st.st_uid != os.geteuid():
+        raise _not_yours(path, st, what)
+    if not stat.S_ISDIR(st.st_mode):
+        check_trusted(path, st, what)
+    if stat.S_IMODE(st.st_mode) & ~mode:
+        try:
+            os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
+        except OSError as exc:
+            raise StoreTrustError(
+                f"the {what} {path} is open to other users (mode {oct(stat.S_IMODE(st.st_mode))})"
+                f" and cannot be made private: {exc}; run `chmod {oct(mode)[2:]} {path}`"
+            ) from exc
+
+
+def check_trusted(path: Path | str, st: os.stat_result | None = None, what: str = "file") -> None:
+    """Raise ``StoreTrustError`` unless ``path`` is yours and no one else can write it."""
+    if st is None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StoreError(f"cannot check the {what} {path}: {exc}") from exc
+    if st.st_uid != os.geteuid():
+        raise _not_yours(path, st, what)
+    if st.st_mode & 0o022:
+        fix = "700" if stat.S_ISDIR(st.st_mode) else "600"
+        raise StoreTrustError(
+            f"the {what} {path} is writable by other users (mode "
+            f"{oct(stat.S_IMODE(st.st_mode))}): anyone of them could have put code in it, so "
+            f"valent will not unpickle from it; if you trust its content, run "
+            f"`chmod {fix} {path}` (valent makes its results folder 0700 and its files 0600)"
+        )
+
+
+def check_store_trusted(results_dir: Path | str) -> None:
+    """The results dir, its ``valent.db`` and WAL are yours and writable by you only."""
+    d = Path(results_dir)
+    check_trusted(d, what="results folder")
+    for name in ("valent.db", "valent.db-wal"):
+        check_trusted(d / name, what="results store")
+
+
+def read_trusted_file(path: Path | str, results_dir: Path | str | None = None) -> bytes:
+    """The bytes of an output file, after checking it (and its folders up to ``results_dir``)
+    is yours and writable by you only. Raise ``StoreTrustError`` otherwise."""
+    path = Path(path)
+    if results_dir is not None:
+        root = Path(results_dir)
+        d = path.parent
+        while True:
+            check_trusted(d, what="results folder")
+            if d == root or d.parent == d or root not in d.parents:
+                break
+            d = d.parent
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise StoreError(f"cannot read the output file {path}: {exc}") from exc
+    try:
+        check_trusted(path, os.fstat(fd), "output file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def _is_full(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
 
 
 class Store:
-    """A results store at ``<results_dir>/valent.db``; safe to use from many threads."""
+    """A results store at ``<results_dir>/valent.db``; safe to use from many threads.
+
+    It remembers which file it opened (device, inode, size): a write or read after the file
+    was deleted, replaced or truncated raises ``StoreLostError`` instead of writing into a
+    file nobody will read or reading another store's rows.
+    """
 
     def __init__(self, results_dir: str | os.PathLike[str]):
         self.dir = Path(results_dir).expanduser().absolute()
         self.path = self.dir / "valent.db"
         self.outputs_dir = self.dir / "outputs"
+        self.reserve_path = self.dir / RESERVE_NAME
         self._local = threading.local()
         self._initialized = False
         self._init_lock = threading.Lock()
+        self._ident: tuple[int, int] | None = None
+        self._size_seen = 0
+        self.lost: str | None = None
+        """Why this store can no longer be used (its file was deleted, replaced...), or None."""
+        self.read_only = False
+        self._reserve_missing = False
+        self.replaced: str | None = None
+        """Set by ``get_store`` when this store replaced one whose file was lost (why)."""
 
     # ------------------------------------------------------------------ connection
 
@@ -126,20 +282,12 @@ class Store:
         return conn
 
     def _read_only_media(self) -> bool:
-        """True when the store exists on a file system we cannot write (read it as is then)."""
+        """True when the store exists in a folder we cannot write (read it as is then)."""
         return self.path.exists() and not os.access(self.dir, os.W_OK)
 
     def _connect(self) -> sqlite3.Connection:
-        if self._read_only_media():
-            try:
-                # immutable: nobody can write read-only media, so no locks or -shm are needed
-                conn = sqlite3.connect(
-                    f"file:{self.path}?mode=ro&immutable=1", uri=True, isolation_level=None
-                )
-            except sqlite3.Error as exc:
-                raise StoreError(
-                    f"cannot open the read-only results store {self.path}: {exc}"
-                ) from exc
+        if self.read_only:
+            conn = self._connect_read_only()
             conn.row_factory = sqlite3.Row
             return conn
         try:
@@ -155,14 +303,85 @@ class Store:
         conn.row_factory = sqlite3.Row
         return conn
 
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """Open the store for reading only: ``mode=ro``, which reads the WAL (a live store's
+        newest rows) through its -shm file. A store with no WAL left (closed by its last
+        writer) on a file system nobody can write is opened ``immutable`` instead: SQLite
+        cannot make the -shm file there, and no writer can be changing it."""
+        wal = Path(f"{self.path}-wal")
+        try:
+            conn = sqlite3.connect(
+                f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=30
+            )
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.Error as exc:
+            first = exc
+        try:
+            has_wal = wal.stat().st_size > 0
+        except FileNotFoundError:
+            has_wal = False
+        except OSError:
+            has_wal = True
+        if not has_wal and not os.access(self.dir, os.W_OK):
+            try:
+                conn = sqlite3.connect(
+                    f"file:{self.path}?mode=ro&immutable=1", uri=True, isolation_level=None
+                )
+                conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+                return conn
+            except sqlite3.Error as exc:
+                first = exc
+        raise StoreError(
+            f"cannot read the results store {self.path} without write access to its folder: "
+            f"{first}. A store in use keeps its newest rows in {self.path.name}-wal, which "
+            f"SQLite can read only through {self.path.name}-shm: both must exist and be "
+            "readable by you (or the folder writable). Read it as its owner, or ask the owner "
+            "for a copy (`sqlite3 valent.db .backup copy.db`)"
+        ) from first
+
+    def _secure_files(self) -> None:
+        """Create ``valent.db`` 0600 (SQLite gives its -wal and -shm the db's mode) and
+        tighten what exists; refuse files another user owns."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            os.close(fd)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the results store {self.path}: {exc}; check that the folder "
+                "is writable and the disk not full, or set VALENT_RESULTS_DIR"
+            ) from exc
+        for name in (self.path.name, f"{self.path.name}-wal", f"{self.path.name}-shm",
+                     RESERVE_NAME):
+            p = self.dir / name
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreTrustError(
+                    f"{p} is not a regular file (a link or device): valent will not use it; "
+                    "remove it or set VALENT_RESULTS_DIR to another folder"
+                )
+            secure_path(p, st, "results store" if name != RESERVE_NAME else "file", 0o600)
+        if self.outputs_dir.exists():
+            ensure_private_dir(self.outputs_dir)
+
     def _initialize(self) -> None:
         with self._init_lock:
             if self._initialized:
                 return
             if self._read_only_media():
-                self._initialized = True  # read what is there; writes will say why they fail
+                self.read_only = True  # read what is there; writes will say why they fail
+                self._remember_file()
+                self._initialized = True
                 return
             ensure_private_dir(self.dir)
+            self._secure_files()
+            self._remember_file()
             conn = self._connect()
             try:
                 conn.executescript(SCHEMA)
@@ -175,10 +394,59 @@ class Store:
                         if col not in have:
                             conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
             except sqlite3.Error as exc:
-                raise StoreError(f"cannot initialize the results store {self.path}: {exc}") from exc
+                what = f"cannot initialize the results store {self.path}"
+                raise self._error(what, exc) from exc
             finally:
                 conn.close()
+            self._make_reserve()
             self._initialized = True
+
+    def _remember_file(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except OSError as exc:
+            raise StoreError(f"cannot open the results store {self.path}: {exc}") from exc
+        self._ident = _identity(st)
+        self._size_seen = st.st_size
+
+    def check_file(self) -> None:
+        """Raise ``StoreLostError`` if the store file was deleted, replaced or truncated
+        since this store opened it (checked before every write and read)."""
+        if self.lost is not None:
+            raise StoreLostError(self.lost)
+        if self._ident is None:
+            return
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            what = "deleted"
+        except OSError as exc:
+            raise StoreError(f"cannot check the results store {self.path}: {exc}") from exc
+        else:
+            if _identity(st) != self._ident:
+                what = "replaced by another file"
+            elif st.st_size < self._size_seen:
+                what = f"truncated (from {self._size_seen} to {st.st_size} bytes)"
+            else:
+                self._size_seen = st.st_size
+                return
+        self.lost = (
+            f"the results store {self.path} was {what} while this process was using it: "
+            "the dispatches it held (and what this process wrote since) are lost, and "
+            "nothing more is written to it; do not delete or edit valent.db while valent "
+            "runs. A new dispatch (or `valent`) starts a new store there."
+        )
+        self._drop_connections()
+        raise StoreLostError(self.lost)
+
+    def _drop_connections(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+            self._local.conn = None
 
     def close(self) -> None:
         """Close this thread's connection."""
@@ -187,22 +455,96 @@ class Store:
             conn.close()
             self._local.conn = None
 
+    def _error(self, what: str, exc: BaseException) -> StoreError:
+        if _is_full(exc):
+            return StoreFullError(
+                f"{what}: the disk is full ({exc}); free disk space (the results dir is "
+                f"{self.dir})"
+            )
+        return StoreError(
+            f"{what}: {exc}; free disk space or make the folder writable (nothing already "
+            "stored was changed)"
+        )
+
     def _write(self, fn, *args: Any) -> Any:
+        """Run ``fn(conn, *args)`` in one transaction: all of it is written, or nothing."""
+        if self.read_only:
+            raise StoreError(
+                f"cannot write to the results store {self.path}: it is readonly here (its "
+                "folder is not writable by you, or the file system is mounted read-only); "
+                "what it holds can still be read; set VALENT_RESULTS_DIR to a writable folder"
+            )
+        self.check_file()
         conn = self._conn()
         try:
             conn.execute("BEGIN IMMEDIATE")
-            try:
-                out = fn(conn, *args)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            out = fn(conn, *args)
             conn.execute("COMMIT")
             return out
+        except BaseException as exc:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    # SQLite may have rolled back itself (disk full, I/O error): start over
+                    self._drop_connections()
+            if isinstance(exc, sqlite3.Error):
+                raise self._error(f"cannot write to the results store {self.path}", exc) from exc
+            raise
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        self.check_file()
+        try:
+            return self._conn().execute(sql, args).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(
-                f"cannot write to the results store {self.path}: {exc}; free disk space or "
-                "make the folder writable (nothing already stored was changed)"
+                f"cannot read the results store {self.path}: {exc}; if the file was damaged, "
+                "move it away (valent starts a new one) or set VALENT_RESULTS_DIR"
             ) from exc
+
+    # ------------------------------------------------------------------ disk-full reserve
+
+    def _reserve_size(self) -> int:
+        try:
+            vfs = os.statvfs(self.dir)
+            total = vfs.f_blocks * vfs.f_frsize
+        except OSError:
+            total = 0
+        return max(RESERVE_MIN, min(RESERVE_MAX, total // 100))
+
+    def _make_reserve(self) -> bool:
+        """Create the reserve file if missing; False if there is no room for it now."""
+        if os.path.exists(self.reserve_path):
+            self._reserve_missing = False
+            return True
+        tmp = self.dir / f".{RESERVE_NAME}.{os.getpid()}.{threading.get_ident()}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self._reserve_size())
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.reserve_path)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            self._reserve_missing = True
+            return False
+        self._reserve_missing = False
+        return True
+
+    def release_reserve(self) -> bool:
+        """Free the reserve file's space (for the final writes after a disk-full error);
+        False if there was none. It is made again once there is room."""
+        try:
+            os.unlink(self.reserve_path)
+        except FileNotFoundError:
+            self._reserve_missing = True
+            return False
+        self._reserve_missing = True
+        return True
 
     # ------------------------------------------------------------------ writes
 
@@ -232,13 +574,20 @@ class Store:
                 conn.executemany(f"INSERT INTO nodes ({names}) VALUES ({marks})", nodes)
 
         self._write(op)
+        if not self.read_only:
+            self._make_reserve()  # if another process used it up, now that there is room
 
     def apply(
         self,
         node_updates: Iterable[tuple[str, int, dict[str, Any]]],
         dispatch_updates: Iterable[tuple[str, dict[str, Any]]] = (),
     ) -> None:
-        """Apply many node and dispatch updates in one transaction (the dispatcher's batch)."""
+        """Apply many node and dispatch updates in one transaction (the dispatcher's batch).
+
+        All or nothing: on failure the store is as it was and ``StoreError`` says why
+        (``StoreFullError`` for a full disk, ``StoreLostError`` when the store file was
+        deleted, replaced or truncated, or when a dispatch or node updated here is not in it).
+        """
         groups: dict[tuple[str, ...], list[tuple]] = defaultdict(list)
         for did, nid, fields in node_updates:
             keys = tuple(fields)
@@ -252,31 +601,125 @@ class Store:
         def op(conn: sqlite3.Connection) -> None:
             for keys, rows in groups.items():
                 sets = ", ".join(f"{k} = ?" for k in keys)
-                conn.executemany(
+                cur = conn.executemany(
                     f"UPDATE nodes SET {sets} WHERE dispatch_id = ? AND node_id = ?", rows
                 )
+                if cur.rowcount != len(rows):
+                    self._missing_rows("nodes", [(r[-2], r[-1]) for r in rows], conn)
             for keys, rows in dgroups.items():
                 sets = ", ".join(f"{k} = ?" for k in keys)
-                conn.executemany(f"UPDATE dispatches SET {sets} WHERE dispatch_id = ?", rows)
+                cur = conn.executemany(
+                    f"UPDATE dispatches SET {sets} WHERE dispatch_id = ?", rows
+                )
+                if cur.rowcount != len(rows):
+                    self._missing_rows("dispatches", [(r[-1],) for r in rows], conn)
 
         self._write(op)
+        if self._reserve_missing:
+            self._make_reserve()
+
+    def _missing_rows(self, table: str, keys: list[tuple], conn: sqlite3.Connection) -> None:
+        """Some rows to update are not in the store: it is not the store they were created in."""
+        if table == "nodes":
+            gone = [
+                k for k in keys
+                if conn.execute(
+                    "SELECT 1 FROM nodes WHERE dispatch_id = ? AND node_id = ?", k
+                ).fetchone() is None
+            ]
+            what = ", ".join(f"node {n} of dispatch {d}" for d, n in gone[:5])
+        else:
+            gone = [
+                k for k in keys
+                if conn.execute(
+                    "SELECT 1 FROM dispatches WHERE dispatch_id = ?", k
+                ).fetchone() is None
+            ]
+            what = ", ".join(f"dispatch {d}" for (d,) in gone[:5])
+        if not gone:
+            return
+        raise StoreLostError(
+            f"the results store {self.path} no longer holds {what}: the file was replaced "
+            "or its rows removed while the dispatch ran; what it held is lost"
+        )
+
+    def write_after_error(
+        self,
+        node_updates: Sequence[tuple[str, int, dict[str, Any]]],
+        dispatch_updates: Sequence[tuple[str, dict[str, Any]]] = (),
+    ) -> list[tuple[str, int | None]]:
+        """Write the final state of dispatches after a failed write (a disk-full error).
+
+        Tries, each in one transaction (all or nothing), until one succeeds:
+
+        1. the updates as given;
+        2. the same after freeing the reserve file (``release_reserve``);
+        3. the updates without output blobs: a node whose inline ``output`` is dropped ends
+           FAILED with an error saying its output was computed but lost; a dispatch whose
+           inline ``result`` is dropped ends FAILED saying so; stdout, stderr and tracebacks
+           are cut to their last ``KEEP_TEXT`` characters. The error of each dispatch that
+           has an update here also names its lost outputs.
+
+        Returns the outputs that could not be kept: ``[(dispatch_id, node_id)]``, with
+        ``node_id`` None for a dispatch's result. Raises ``StoreLostError`` when the store
+        file is gone (nothing can be written to it), ``StoreError`` if even step 3 fails.
+        """
+        node_updates = list(node_updates)
+        dispatch_updates = list(dispatch_updates)
+        try:
+            self.apply(node_updates, dispatch_updates)
+            return []
+        except StoreLostError:
+            raise
+        except StoreError:
+            pass
+        if self.release_reserve():
+            try:
+                self.apply(node_updates, dispatch_updates)
+                return []
+            except StoreLostError:
+                raise
+            except StoreError:
+                pass
+        nodes, dispatches, lost = _without_blobs(node_updates, dispatch_updates)
+        try:
+            self.apply(nodes, dispatches)
+        except StoreLostError:
+            raise
+        except StoreError as exc:
+            raise type(exc)(
+                f"{exc} (even the final state without outputs could not be written)"
+            ) from exc
+        return lost
 
     def output_fields(self, dispatch_id: str, node_id: int | None, blob: bytes) -> dict[str, Any]:
-        """Store fields for an output: inline, or a file for large ones (then its path)."""
+        """Store fields for an output: inline, or a file for large ones (then its path).
+
+        A file that cannot be written completely is removed and ``StoreError`` raised
+        (``StoreFullError`` when the disk is full).
+        """
         if len(blob) <= INLINE_LIMIT:
             return {"output": blob, "output_file": None}
+        self.check_file()
+        ensure_private_dir(self.outputs_dir)
         folder = self.outputs_dir / dispatch_id
         ensure_private_dir(folder)
         name = "result.pkl" if node_id is None else f"node-{node_id}.pkl"
         path = folder / name
-        tmp = path.with_suffix(".tmp")
+        tmp = folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         except OSError as exc:
-            raise StoreError(f"cannot write output file {path}: {exc}") from exc
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise self._error(f"cannot write the output file {path}", exc) from exc
         return {"output": None, "output_file": str(path)}
 
     def request_cancel(self, dispatch_id: str, task_ids: list[int] | None) -> None:
@@ -296,10 +739,9 @@ class Store:
         ids = list(dispatch_ids)
         if not ids:
             return []
-        conn = self._conn()
-        rows = conn.execute(
+        rows = self._read(
             "SELECT id, dispatch_id, task_ids FROM cancel_requests WHERE handled_at IS NULL"
-        ).fetchall()
+        )
         wanted = set(ids)
         mine = [r for r in rows if r["dispatch_id"] in wanted]
         if not mine:
@@ -346,12 +788,11 @@ class Store:
         A prefix is matched literally, as text: only hex digits and dashes (what dispatch ids
         are made of) are taken, so ``%``, ``_`` or ``*`` never act as wildcards.
         """
-        conn = self._conn()
-        row = conn.execute(
+        found = self._read(
             "SELECT dispatch_id FROM dispatches WHERE dispatch_id = ?", (id_or_prefix,)
-        ).fetchone()
-        if row:
-            return row[0]
+        )
+        if found:
+            return found[0][0]
         prefix = id_or_prefix.strip().lower()
         if not prefix or set(prefix) - set("0123456789abcdef-"):
             raise UnknownDispatchError(
@@ -363,47 +804,50 @@ class Store:
                 id_or_prefix, str(self.path), "a prefix needs at least 4 characters"
             )
         # a range on the primary key: every id that starts with exactly these characters
-        rows = conn.execute(
+        rows = self._read(
             "SELECT dispatch_id FROM dispatches WHERE dispatch_id >= ? AND dispatch_id < ? "
             "LIMIT 2",
             (prefix, prefix + "~"),  # "~" sorts after every hex digit and "-"
-        ).fetchall()
+        )
         if len(rows) == 1:
             return rows[0][0]
         if len(rows) > 1:
             raise UnknownDispatchError(
                 id_or_prefix, str(self.path), "ambiguous prefix; give more characters"
             )
-        raise UnknownDispatchError(id_or_prefix, str(self.path))
+        raise UnknownDispatchError(id_or_prefix, str(self.path), self._lost_note())
+
+    def _lost_note(self) -> str:
+        if self.replaced is None:
+            return ""
+        return ("this process saw the store file deleted, replaced or truncated while it ran: "
+                "the dispatches it held are lost")
 
     def dispatch_row(self, dispatch_id: str) -> sqlite3.Row:
-        row = self._conn().execute(
-            "SELECT * FROM dispatches WHERE dispatch_id = ?", (dispatch_id,)
-        ).fetchone()
-        if row is None:
-            raise UnknownDispatchError(dispatch_id, str(self.path))
-        return row
+        rows = self._read("SELECT * FROM dispatches WHERE dispatch_id = ?", (dispatch_id,))
+        if not rows:
+            raise UnknownDispatchError(dispatch_id, str(self.path), self._lost_note())
+        return rows[0]
 
     def node_row(self, dispatch_id: str, node_id: int) -> sqlite3.Row:
         """One node of a dispatch (it must exist)."""
-        return self._conn().execute(
+        rows = self._read(
             "SELECT * FROM nodes WHERE dispatch_id = ? AND node_id = ?", (dispatch_id, node_id)
-        ).fetchone()
+        )
+        return rows[0] if rows else None  # type: ignore[return-value]
 
     def node_rows(self, dispatch_id: str, with_outputs: bool = True) -> list[sqlite3.Row]:
         cols = "*" if with_outputs else (
             "dispatch_id, node_id, name, kind, executor, parents, status, start_time, end_time,"
             " cancel_requested_at, cancel_confirmed_at, cancel_outcome, reason, error, attempts"
         )
-        return self._conn().execute(
+        return self._read(
             f"SELECT {cols} FROM nodes WHERE dispatch_id = ? ORDER BY node_id", (dispatch_id,)
-        ).fetchall()
+        )
 
     def dispatch_status(self, dispatch_id: str) -> str | None:
-        row = self._conn().execute(
-            "SELECT status FROM dispatches WHERE dispatch_id = ?", (dispatch_id,)
-        ).fetchone()
-        return row[0] if row else None
+        rows = self._read("SELECT status FROM dispatches WHERE dispatch_id = ?", (dispatch_id,))
+        return rows[0][0] if rows else None
 
     def list_dispatches(self, status: str | None = None, limit: int = 20) -> list[sqlite3.Row]:
         """Recent dispatches, newest first, with done/total node counts."""
@@ -420,7 +864,51 @@ class Store:
             args.append(status)
         sql += " ORDER BY d.created_at DESC LIMIT ?"
         args.append(limit)
-        return self._conn().execute(sql, args).fetchall()
+        return self._read(sql, args)
+
+
+def _cut(text: Any) -> Any:
+    if isinstance(text, str) and len(text) > KEEP_TEXT:
+        return "[... cut: the results store was full]\n" + text[-KEEP_TEXT:]
+    return text
+
+
+def _without_blobs(
+    node_updates: list[tuple[str, int, dict[str, Any]]],
+    dispatch_updates: list[tuple[str, dict[str, Any]]],
+) -> tuple[list, list, list[tuple[str, int | None]]]:
+    """The updates with inline outputs dropped (the nodes FAILED, saying so) and long texts
+    cut; and which outputs were dropped."""
+    lost: list[tuple[str, int | None]] = []
+    nodes = []
+    for did, nid, fields in node_updates:
+        f = {k: _cut(v) if k in ("stdout", "stderr", "traceback", "error") else v
+             for k, v in fields.items()}
+        if f.get("output") is not None:
+            f["output"] = None
+            f["status"] = Status.FAILED.value
+            f["error"] = (
+                "its output was computed but could not be stored: the results store's disk "
+                "is full (the output is lost)"
+            )
+            lost.append((did, nid))
+        nodes.append((did, nid, f))
+    dispatches = []
+    for did, fields in dispatch_updates:
+        f = dict(fields)
+        if f.get("result") is not None:
+            f["result"] = None
+            f["status"] = Status.FAILED.value
+            lost.append((did, None))
+        dispatches.append((did, f))
+    for did, f in dispatches:
+        mine = [nid for d, nid in lost if d == did]
+        if not mine:
+            continue
+        names = ", ".join("the result" if n is None else f"node {n}" for n in mine)
+        note = f"outputs lost because the results store's disk is full: {names}"
+        f["error"] = f"{f['error']}; {note}" if f.get("error") else note
+    return nodes, dispatches, lost
 
 
 _stores: dict[Path, Store] = {}
@@ -436,8 +924,13 @@ def get_store(results_dir: str | os.PathLike[str] | None = None) -> Store:
     key = Path(results_dir).expanduser().absolute()
     with _stores_lock:
         store = _stores.get(key)
-        if store is None:
-            store = _stores[key] = Store(key)
+        if store is None or store.lost is not None:
+            # a store whose file was deleted or replaced stays lost for the runs that used it;
+            # new work gets a fresh one
+            fresh = _stores[key] = Store(key)
+            if store is not None:
+                fresh.replaced = store.lost
+            store = fresh
         return store
 
 

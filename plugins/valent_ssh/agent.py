@@ -48,6 +48,7 @@ class _Task:
         self.killed = False
         self.reported = False
         self.reap = False  # remove it silently once gone
+        self.body_fd = None  # the runner writes a byte here when the task's function starts
 
 
 class Agent:
@@ -94,7 +95,9 @@ class Agent:
         elif op == "kill":
             self.kill(cmd["key"], float(cmd.get("grace", 1.0)))
         elif op == "clean":
-            self.tasks.pop(cmd.get("key"), None)
+            t = self.tasks.pop(cmd.get("key"), None)
+            if t is not None and t.body_fd is not None:
+                os.close(t.body_fd)
             shutil.rmtree(cmd["dir"], ignore_errors=True)
         elif op == "reap":
             self.reap(cmd["key"], cmd["dir"], cmd["token"], cmd.get("pid"), cmd.get("grace", 1.0))
@@ -125,7 +128,8 @@ class Agent:
             if not procs.is_runner(pid, started, token):
                 t.exited = True  # finished (or lost) while nobody was watching
             self.tasks[key] = t
-            self.emit(ev="started", key=key, pid=pid, adopted=True)
+            self.emit(ev="started", key=key, pid=pid, adopted=True,
+                      body=runner.body_started(taskdir))
             return
         if not os.path.exists(os.path.join(taskdir, "task.pkl")):
             self.emit(ev="start_failed", key=key, error=f"task directory {taskdir} is missing")
@@ -152,16 +156,26 @@ class Agent:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         out = os.open(os.path.join(t.dir, "stdout"), flags, 0o600)
         err = os.open(os.path.join(t.dir, "stderr"), flags, 0o600)
+        body_r, body_w = os.pipe()
         try:
             pid = os.fork()
             if pid == 0:
-                self._child(t, null, out, err)  # never returns
+                os.close(body_r)
+                for other in self.tasks.values():  # other tasks' pipes are not this one's
+                    if other.body_fd is not None:
+                        os.close(other.body_fd)
+                self._child(t, null, out, err, body_w)  # never returns
+        except BaseException:
+            os.close(body_r)
+            raise
         finally:
-            for fd in (null, out, err):
+            for fd in (null, out, err, body_w):
                 os.close(fd)
+        os.set_blocking(body_r, False)
+        t.body_fd = body_r
         return pid
 
-    def _child(self, t, null, out, err):
+    def _child(self, t, null, out, err, body_w=None):
         code = 1
         try:
             os.setsid()
@@ -183,7 +197,7 @@ class Agent:
             os.environ["PYTHONUNBUFFERED"] = "1"
             os.chdir(os.path.expanduser("~"))
             sys.argv = [self.runner, "run", t.dir]
-            code = runner.run_task(t.dir)
+            code = runner.run_task(t.dir, body_w)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
         except BaseException:
@@ -288,19 +302,37 @@ class Agent:
             keep.append(item)
         self.leftovers = keep
 
+    def read_body(self, t):
+        """The runner said its task's function starts (or closed the pipe: it ended)."""
+        try:
+            data = os.read(t.body_fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        os.close(t.body_fd)
+        t.body_fd = None
+        if data:
+            self.emit(ev="body", key=t.key, t=runner.body_started(t.dir) or time.time())
+
     def report(self, t, ev):
-        event = {"ev": ev, "key": t.key, "rc": t.rc}
+        if t.body_fd is not None:
+            self.read_body(t)  # say "body" before how it ended
+        event = {"ev": ev, "key": t.key, "rc": t.rc, "body": runner.body_started(t.dir),
+                 "stopped": os.path.exists(os.path.join(t.dir, runner.STOPPED_MARKER))}
         path = os.path.join(t.dir, "result")
         try:
             size = os.path.getsize(path)
         except OSError:
             size = None
-        if size is not None and ev == "exit":
+        if size is not None:  # also for "gone": a task that returned before the kill
             if size <= INLINE_MAX:
                 with open(path, "rb") as f:
                     event["result"] = base64.b64encode(f.read()).decode()
             else:
                 event["big"] = size
+                with open(path, "rb") as f:
+                    event["kind"] = f.read(1).decode("latin-1")
         event["stdout"] = procs.tail(os.path.join(t.dir, "stdout"))
         event["stderr"] = procs.tail(os.path.join(t.dir, "stderr"))
         self.emit(**event)
@@ -321,10 +353,14 @@ class Agent:
         self.hello()
         while True:
             timeout = self.timeout()
+            bodies = {t.body_fd: t for t in self.tasks.values() if t.body_fd is not None}
             try:
-                ready, _, _ = select.select([0, self.wake_r], [], [], timeout)
+                ready, _, _ = select.select([0, self.wake_r, *bodies], [], [], timeout)
             except InterruptedError:
                 ready = []
+            for fd in ready:
+                if fd in bodies:
+                    self.read_body(bodies[fd])
             if self.wake_r in ready:
                 try:
                     while os.read(self.wake_r, 4096):

@@ -72,10 +72,72 @@ class Target:
     def where(self) -> str:
         return where(self.hostname, self.port)
 
+    def secrets(self) -> list[str]:
+        """Values of secret-bearing settings (the key file's path, as given and resolved):
+        errors name the setting, never these, since errors end up in the results store."""
+        if not self.ssh_key_file:
+            return []
+        given = self.ssh_key_file
+        found = {given, os.path.expanduser(given)}
+        for v in list(found):
+            found.add(os.path.abspath(v))
+            found.add(os.path.realpath(v))
+        return sorted((v for v in found if len(v) > 1), key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        """``text`` with every secret-bearing setting's value replaced by the setting's name."""
+        for value in self.secrets():
+            text = text.replace(value, "<ssh_key_file>")
+        return text
+
     @property
     def host_key_name(self) -> str:
         """The name known_hosts files use: ``host``, or ``[host]:port`` off port 22."""
         return self.hostname if self.port == 22 else f"[{self.hostname}]:{self.port}"
+
+
+def redact_error(exc: BaseException, target: Target) -> BaseException:
+    """``exc``, or a copy of it whose message (and causes) hold no secret-bearing setting.
+
+    The copy has no ``__cause__``: a chained library error (paramiko's, an ``OSError``) may
+    quote the key file's path.
+    """
+    texts = []
+    e: BaseException | None = exc
+    while e is not None and len(texts) < 10:
+        texts.append(str(e))
+        e = e.__cause__ or e.__context__
+    if not any(v in t for t in texts for v in target.secrets()):
+        return exc
+    message = target.redact(str(exc))
+    if isinstance(exc, SSHError):
+        clean: BaseException = type(exc)(message, exc.host, exc.port)
+    else:
+        clean = SSHError(f"{type(exc).__name__}: {message}", target.hostname, target.port)
+    clean.__cause__ = None
+    clean.__suppress_context__ = True
+    return clean
+
+
+def _about_key(exc: BaseException, key_file: str) -> bool:
+    """Whether paramiko's error is about reading or parsing the private key file."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return os.path.realpath(str(exc.filename)) == os.path.realpath(key_file)
+    tb = exc.__traceback__
+    while tb is not None:  # raised while loading a key (paramiko/pkey.py and its kin)
+        name = tb.tb_frame.f_code.co_filename
+        if os.path.basename(name) in ("pkey.py", "rsakey.py", "ecdsakey.py", "ed25519key.py",
+                                      "dsskey.py"):
+            return True
+        tb = tb.tb_next
+    return "private key" in str(exc).lower()
+
+
+def _key_problem(exc: BaseException) -> str:
+    """What is wrong with the key file, without its path."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return str(exc) or type(exc).__name__
 
 
 def _fingerprint(key: Any) -> str:
@@ -148,13 +210,17 @@ class Connection:
     # -- opening ---------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Connect, authenticate, check the host key; start the agent. Raise ``SSHError``."""
+        """Connect, authenticate, check the host key; start the agent. Raise ``SSHError``,
+        whose message never holds the value of a secret-bearing setting (the key's path)."""
         try:
             self._connect()
             self._prepare()
-        except BaseException:
+        except BaseException as exc:
             self.close()
-            raise
+            clean = redact_error(exc, self.target)
+            if clean is exc:
+                raise
+            raise clean from None
 
     def _connect(self) -> None:
         import paramiko
@@ -164,8 +230,8 @@ class Connection:
         if t.ssh_key_file:
             key_file = os.path.expanduser(t.ssh_key_file)
             if not os.path.isfile(key_file):
-                raise SSHAuthenticationError(
-                    f"ssh_key_file {t.ssh_key_file!r} for {t.where} does not exist; "
+                raise SSHAuthenticationError(  # names the setting, never its value
+                    f"the ssh_key_file set for {t.where} does not exist (or is not a file); "
                     "point ssh_key_file at your private key (e.g. ~/.ssh/id_ed25519)",
                     t.hostname,
                     t.port,
@@ -226,7 +292,7 @@ class Connection:
         except paramiko.AuthenticationException as exc:
             raise SSHAuthenticationError(
                 f"{t.where} refused the login as {t.user!r} "
-                f"({'key ' + t.ssh_key_file if t.ssh_key_file else 'agent/default keys'}): "
+                f"({'the ssh_key_file' if t.ssh_key_file else 'agent/default keys'}): "
                 f"{str(exc).rstrip('.')}. Check username and ssh_key_file, and that the "
                 "matching public key "
                 f"is in ~{t.user}/.ssh/authorized_keys on the host.",
@@ -234,6 +300,14 @@ class Connection:
                 t.port,
             ) from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
+            if key_file and _about_key(exc, key_file):
+                raise SSHAuthenticationError(  # names the setting, never its value
+                    f"the ssh_key_file set for {t.where} cannot be used as a private key: "
+                    f"{t.redact(_key_problem(exc))}. Point ssh_key_file at a readable private "
+                    "key file (e.g. ~/.ssh/id_ed25519)",
+                    t.hostname,
+                    t.port,
+                ) from None
             raise SSHUnreachableError(
                 f"SSH handshake with {t.where} failed: {exc!r}. Check that an SSH server "
                 "listens there and is not overloaded.",

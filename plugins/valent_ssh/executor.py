@@ -115,7 +115,9 @@ class SSHExecutor(Executor):
         return handle.state
 
     def cancel(self, handle: RemoteTask) -> CancelOutcome:
-        """``DEQUEUED`` if not started; ``KILLED`` (confirmed later by poll) if running;
+        """``DEQUEUED`` if its function has not been called (queued, or its runner still
+        loading it: it is stopped before it starts); ``KILLED`` (confirmed later by poll) if
+        running;
         ``TOO_LATE`` if finished. If the host stays unreachable, poll ends with
         ``Cancelled(FAILED)``."""
         return handle.host.cancel(handle)

@@ -18,6 +18,7 @@ from valent.task import Cancelled, Failed, Pending, Task, TaskState
 
 from .errors import RemoteTaskLostError
 from .payload import result_state
+from .runner import RESULT_VALUE
 
 if TYPE_CHECKING:
     from .connection import Target
@@ -66,20 +67,40 @@ class RemoteTask:
         return f"<RemoteTask {self.task.label} on {self.host.target.where} {self.phase.value}>"
 
 
+def _completed(ev: dict[str, Any]) -> bool:
+    """The task returned a value on its own, before a cancel reached it (not an error, and
+    not a cooperative return after SIGTERM asked it to stop)."""
+    if ev.get("stopped"):
+        return False
+    if "big" in ev:
+        return ev.get("kind", "").encode("latin-1") == RESULT_VALUE
+    try:
+        return base64.b64decode(ev.get("result", ""))[:1] == RESULT_VALUE
+    except ValueError:
+        return False
+
+
 def final_state(
     rt: RemoteTask, ev: dict[str, Any], t: Target, fetch_result: Callable[[], bytes]
 ) -> TaskState:
     """The final state of ``rt`` from the agent's ``exit``, ``gone`` or ``start_failed``."""
     out, err = ev.get("stdout", ""), ev.get("stderr", "")
     now = time.time()
+    if rt.started_at is None and ev.get("body") is not None:
+        rt.started_at = float(ev["body"])  # when the task's function was called
     if ev.get("ev") == "start_failed":
         error = RemoteTaskLostError(f"{ev.get('error')} on {t.where}", t.hostname, t.port)
         state: TaskState = Failed(error, "", ended_at=now)
-    elif rt.cancel_requested:  # "gone", or an "exit" that beat the kill
+    elif rt.cancel_requested and rt.started_at is None:
+        # stopped before its function was called (while loading): it never started
+        state = Cancelled(CancelOutcome.DEQUEUED, ended_at=now, stdout=out, stderr=err)
+    elif rt.cancel_requested and not _completed(ev):
+        # "gone" (the group is confirmed dead), or an "exit" that beat the kill
         state = Cancelled(
             CancelOutcome.KILLED, started_at=rt.started_at, ended_at=now, stdout=out, stderr=err
         )
     elif "result" in ev or "big" in ev:
+        # a task that returned before the kill reached it completed: its output is kept
         if "result" in ev:
             payload = base64.b64decode(ev["result"])
         else:

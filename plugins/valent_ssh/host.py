@@ -21,7 +21,7 @@ from valent.errors import PicklingError
 from valent.status import CancelOutcome
 from valent.task import Cancelled, Failed, Running, TaskState
 
-from .connection import Connection, ConnectionLost, Target
+from .connection import Connection, ConnectionLost, Target, redact_error
 from .errors import SSHError, SSHUnreachableError
 from .handle import Phase, RemoteTask, final_state
 from .payload import pickle_task
@@ -88,7 +88,11 @@ class HostWorker:
                 rt.promised = CancelOutcome.DEQUEUED
                 finished = False
             else:
-                rt.promised = CancelOutcome.KILLED
+                # its function not yet called (no "body" from the host): stopping it now means
+                # it never starts; the final state says what happened on the host in the end
+                rt.promised = (
+                    CancelOutcome.KILLED if rt.started_at is not None else CancelOutcome.DEQUEUED
+                )
                 rt.phase = Phase.KILLING
                 self._kills.append(rt)
                 finished = False
@@ -139,6 +143,7 @@ class HostWorker:
         Tasks that were started are remembered as orphans: the next connection to the host
         kills what is left of them and removes their directories.
         """
+        error = redact_error(error, self.target)  # it is stored: no key path in it
         with self._lock:
             tasks = list(self._queue) + list(self._active.values())
             for rt in self._active.values():
@@ -384,15 +389,21 @@ class HostWorker:
             rt = self._active.get(ev.get("key", ""))
         if rt is None:
             return
-        if kind == "started":
+        if kind in ("started", "body"):
+            # "started": the runner process exists (it can be killed); "body": the task's
+            # function was called. Only then is the task Running (and a cancel ``killed``).
             with self._lock:
-                rt.pid = ev.get("pid")
-                if rt.phase is Phase.STARTING:
-                    rt.phase = Phase.RUNNING
-                if rt.started_at is None:
-                    rt.started_at = time.time()
-                changed = not isinstance(rt.state, Running)
-                rt.state = Running(started_at=rt.started_at)
+                if kind == "started":
+                    rt.pid = ev.get("pid")
+                    if rt.phase is Phase.STARTING:
+                        rt.phase = Phase.RUNNING
+                body = ev.get("t") if kind == "body" else ev.get("body")
+                changed = False
+                if body is not None and rt.started_at is None:
+                    rt.started_at = float(body)
+                    changed = not isinstance(rt.state, Running) and rt.phase is not Phase.DONE
+                    if changed:
+                        rt.state = Running(started_at=rt.started_at)
             if changed:
                 rt.wake_safely()
             return

@@ -13,6 +13,7 @@ import os
 import pickle
 import signal
 import sys
+import time
 import traceback
 import types
 
@@ -88,8 +89,39 @@ def _error_payload(exc, tb):
     return RESULT_ERROR + pickle.dumps((blob, tb, f"{type(exc).__name__}: {exc}"))
 
 
-def run_task(taskdir):
-    """Run the task in ``taskdir`` and write its result file; return the exit code."""
+BODY_MARKER = "body"  # written just before the task's function is called: its start time
+STOPPED_MARKER = "stopped"  # the function returned after SIGTERM asked it to stop
+
+
+def body_started(taskdir):
+    """When the task's function was called (the marker's time), or None if it never was."""
+    try:
+        with open(os.path.join(taskdir, BODY_MARKER)) as f:
+            return float(f.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _mark_body(taskdir, body_fd):
+    """Record that the body starts now: a marker file (read after a reconnect too) and a
+    byte on the agent's pipe (so it says so at once)."""
+    try:
+        write_atomic(os.path.join(taskdir, BODY_MARKER), repr(time.time()).encode(), sync=False)
+    except OSError:
+        pass
+    if body_fd is not None:
+        try:
+            os.write(body_fd, b"b")
+            os.close(body_fd)
+        except OSError:
+            pass
+
+
+def run_task(taskdir, body_fd=None):
+    """Run the task in ``taskdir`` and write its result file; return the exit code.
+
+    ``body_fd``: a pipe to the agent, told (and closed) when the task's function is called.
+    """
     signal.signal(signal.SIGTERM, _on_sigterm)
     with open(os.path.join(taskdir, "task.pkl"), "rb") as f:
         header = pickle.load(f)  # a plain dict: {"token_module": ..., "task": bytes}
@@ -98,7 +130,12 @@ def run_task(taskdir):
 
     try:
         fn, args, kwargs = cloudpickle.loads(header["task"])
+        if _cancel["requested"]:  # asked to stop while it was being loaded: never start it
+            os._exit(128 + signal.SIGTERM)
+        _mark_body(taskdir, body_fd)
         value = fn(*args, **kwargs)
+        if _cancel["requested"]:  # it returned because it was asked to stop: say so
+            write_atomic(os.path.join(taskdir, STOPPED_MARKER), b"", sync=False)
     except BaseException as exc:  # the task's own error, reported as the node's error
         payload = _error_payload(exc, traceback.format_exc())
     else:

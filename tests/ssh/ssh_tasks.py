@@ -96,3 +96,27 @@ def big(n):
 
 def exit_hard(code):
     os._exit(code)
+
+
+def _load_slowly(seconds, value):
+    time.sleep(seconds)
+    return value
+
+
+class SlowToLoad:
+    """An argument that takes ``seconds`` to unpickle on the host: the task is loading, its
+    function not yet called, for that long."""
+
+    def __init__(self, seconds, value):
+        self.seconds = seconds
+        self.value = value
+
+    def __reduce__(self):
+        return (_load_slowly, (self.seconds, self.value))
+
+
+def write_marker(path, value):
+    """The body's first act: leave a file saying it ran."""
+    with open(path, "w") as f:
+        f.write("the body ran")
+    return value
