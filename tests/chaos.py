@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import valent as ct
-from valent.rules import lattice_status
+from valent._engine.rules import lattice_status
 from valent.testing.procs import alive
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import valent as ct
-from valent.store import get_store
+from valent._store import get_store
 
 VALENT_SCRIPT = shutil.which("valent", path=str(Path(sys.executable).parent))
 

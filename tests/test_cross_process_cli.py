@@ -344,7 +344,7 @@ def test_watch_ctrl_c_leaves_the_dispatch_running(owner):
 
 def test_cancel_not_confirmed_in_time_exits_3(results_dir):
     """An owner that is alive but never answers (not a valent process): exit 3, one line."""
-    from valent.store import get_store
+    from valent._store import get_store
 
     sleeper = subprocess.Popen(["sleep", "60"])
     try:

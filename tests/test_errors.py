@@ -95,7 +95,7 @@ def test_nothing_is_stored_for_a_refused_dispatch(results_dir):
 
     with pytest.raises(ct.PicklingError):
         ct.dispatch(wf)(1)
-    from valent.store import get_store
+    from valent._store import get_store
 
     assert get_store().list_dispatches() == []
 

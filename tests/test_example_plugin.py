@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import valent as ct
-from valent.plugins import get_plugins
+from valent._plugins.manager import get_plugins
 from valent.testing import ExecutorConformance
 from valent.testing.procs import alive
 

@@ -96,7 +96,7 @@ def tiny_disk(tmp_path):
 
 def _release_stores(mnt) -> None:
     """Close every connection this process holds to a store under ``mnt`` (all threads)."""
-    from valent import store as store_mod
+    from valent import _store as store_mod
     from valent.api import get_dispatcher
 
     mine = [k for k in store_mod._stores if str(k).startswith(str(mnt))]

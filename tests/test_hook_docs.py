@@ -1,7 +1,7 @@
 """Every hookspec is documented where it is declared and in docs/hooks.md, whose examples run.
 
-Fails when a hook in core/valent/hookspecs.py lacks a docstring with a summary, a ``:param:``
-for each argument and a ``:return:``; when docs/hooks.md lacks its section (signature,
+Fails when a hook in core/valent/_plugins/hookspecs.py lacks a docstring with a summary, a
+``:param:`` for each argument and a ``:return:``; when docs/hooks.md lacks its section (signature,
 summary, every argument, an example) or documents a hook that does not exist; or when an
 example does not register and run.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 import pluggy
 import pytest
 import valent
-from valent import hookspecs
-from valent.executor import check_executor_class
-from valent.plugins import _Defaults
+from valent._plugins import hookspecs
+from valent._plugins.contract import check_executor_class
+from valent._plugins.manager import _Defaults
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "hooks.md"
 MARK = f"{hookspecs.PROJECT}_spec"

@@ -94,7 +94,7 @@ def test_first_signal_cancels_what_the_script_owns_and_exits(tmp_path, sig, code
     assert "killed" in lines[0], err
     assert "after" not in out  # the script did not go on as if the run had finished
     assert wait_gone(pids, 10) == []
-    from valent.store import get_store
+    from valent._store import get_store
 
     (row,) = get_store().list_dispatches()
     result = ct.get_result(row["dispatch_id"])
@@ -162,7 +162,7 @@ def test_a_forked_child_gets_its_own_dispatcher(tmp_path, how):
     assert value == "42"
     assert any(line.startswith(f"{tag} cancel:") and "already finished" in line for line in lines)
     assert "parent 5" in lines
-    from valent.store import get_store
+    from valent._store import get_store
 
     store = get_store(tmp_path / "results")
     owners = {r["owner_pid"] for r in store.list_dispatches(limit=10)}

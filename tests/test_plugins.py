@@ -12,8 +12,8 @@ import warnings
 
 import pytest
 import valent as ct
-from valent import plugins as plugins_module
-from valent.plugins import PluginWarning, build_plugins, get_plugins
+from valent._plugins import manager as plugins_module
+from valent._plugins.manager import PluginWarning, build_plugins, get_plugins
 from valent_local import LocalExecutor
 
 GOOD_EXECUTOR = """

@@ -64,7 +64,7 @@ _CHECK_MODES = r"""
 import json, os, sys
 from pathlib import Path
 import valent as ct
-from valent.store import INLINE_LIMIT
+from valent._store import INLINE_LIMIT
 
 @ct.electron
 def big():
@@ -111,7 +111,7 @@ def test_an_existing_open_results_dir_and_store_are_made_private(tmp_path):
     import os
     import sqlite3
 
-    from valent.store import Store
+    from valent._store import Store
 
     d = tmp_path / "shared"
     d.mkdir()
@@ -132,7 +132,7 @@ def test_an_existing_open_results_dir_and_store_are_made_private(tmp_path):
 
 
 def _dispatch_with_big_output(results_dir):
-    from valent.store import INLINE_LIMIT, get_store
+    from valent._store import INLINE_LIMIT, get_store
 
     big = ct.electron(_big)
 
@@ -150,8 +150,8 @@ def _dispatch_with_big_output(results_dir):
 
 def _fresh_result(dispatch_id):
     """What another process (or `valent show`) would read."""
+    from valent._store import Store, get_store
     from valent.result import Result
-    from valent.store import Store, get_store
 
     store = Store(get_store().dir)
     try:
@@ -167,7 +167,7 @@ def test_a_store_others_can_write_is_never_unpickled(results_dir):
     import sys
 
     import pytest
-    from valent.store import StoreTrustError
+    from valent._store import StoreTrustError
 
     did, out = _dispatch_with_big_output(results_dir)
     inline = ct.get_result(did)
@@ -193,7 +193,7 @@ def test_a_store_or_output_owned_by_another_user_is_refused(results_dir):
     import os
 
     import pytest
-    from valent.store import StoreTrustError
+    from valent._store import StoreTrustError
 
     if os.geteuid() != 0:
         pytest.skip("giving a file to another user needs root")
@@ -212,7 +212,7 @@ def test_a_results_dir_owned_by_another_user_is_refused(tmp_path):
     import os
 
     import pytest
-    from valent.store import Store, StoreTrustError
+    from valent._store import Store, StoreTrustError
 
     if os.geteuid() != 0:
         pytest.skip("giving a folder to another user needs root")

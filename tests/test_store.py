@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 import valent as ct
-from valent.store import INLINE_LIMIT, Store, get_store
+from valent._store import INLINE_LIMIT, Store, get_store
 
 
 @ct.electron
@@ -138,7 +138,7 @@ def test_orphaned_dispatch_is_marked_failed_and_its_open_nodes_cancelled(tmp_pat
 
 
 def test_a_store_made_by_an_older_valent_gains_the_new_columns(tmp_path):
-    from valent.store import SCHEMA
+    from valent._store import SCHEMA
 
     d = tmp_path / "old"
     d.mkdir()
@@ -216,7 +216,7 @@ def test_several_processes_write_one_store_at_once(results_dir):
 
 _READER = r"""
 import json, os, sys
-from valent.store import Store, StoreError   # imported as root; then become nobody
+from valent._store import Store, StoreError   # imported as root; then become nobody
 os.setgroups([])
 os.setgid(65534)
 os.setuid(65534)

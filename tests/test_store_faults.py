@@ -18,8 +18,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import valent as ct
-from valent.result import Result
-from valent.store import (
+from valent._store import (
     INLINE_LIMIT,
     RESERVE_NAME,
     Store,
@@ -27,6 +26,7 @@ from valent.store import (
     StoreLostError,
     get_store,
 )
+from valent.result import Result
 
 N = 80  # nodes; 80 outputs of 60 KiB do not fit on 4 MiB
 OUT = 60 * 1024

@@ -11,7 +11,7 @@ import time
 import pytest
 import valent as ct
 from valent import timing
-from valent.plugins import get_plugins
+from valent._plugins.manager import get_plugins
 
 
 @ct.electron(executor="local")

@@ -7,6 +7,7 @@ and implement hooks with ``@ct.hookimpl``.
 
 from typing import TYPE_CHECKING, Any
 
+from ._plugins.contract import Capabilities, Executor, Wake
 from .cancel_token import cancel_requested
 from .errors import (
     ConfigError,
@@ -22,18 +23,17 @@ from .errors import (
     ValentError,
     WorkerDiedError,
 )
-from .executor import Capabilities, Executor, Wake
 from .graph import electron, lattice, wait
 from .status import CancelOutcome, Status
 from .task import Cancelled, Completed, Failed, Pending, Running, Task, TaskState, Upstream
 
 if TYPE_CHECKING:
-    from . import executors
+    from . import executor, executors
+    from ._plugins.manager import hookimpl
     from .api import cancel, dispatch, dispatch_sync, get_result
     from .config import get_config, reload_config, set_config
     from .deps import DependencyError, DepsBash, DepsCall, DepsPip
     from .lepton import Lepton, LeptonError
-    from .plugins import hookimpl
     from .result import Result
 
 __version__ = "0.1.0"
@@ -47,7 +47,7 @@ _LAZY = {
     "get_config": "config",
     "reload_config": "config",
     "set_config": "config",
-    "hookimpl": "plugins",
+    "hookimpl": "_plugins.manager",
     "Result": "result",
     "DepsBash": "deps",
     "DepsCall": "deps",
@@ -61,8 +61,8 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     import importlib
 
-    if name == "executors":
-        return importlib.import_module(f"{__name__}.executors")
+    if name in ("executor", "executors", "plugin"):
+        return importlib.import_module(f"{__name__}.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'valent' has no attribute {name!r}")
@@ -108,6 +108,7 @@ __all__ = [
     "dispatch",
     "dispatch_sync",
     "electron",
+    "executor",
     "executors",
     "get_config",
     "get_result",

@@ -29,10 +29,10 @@ def get_dispatcher():
     if _dispatcher is None:
         with _lock:
             if _dispatcher is None:
-                from .dispatcher import Dispatcher
+                from ._engine.dispatcher import Dispatcher
+                from ._plugins.manager import get_plugins
+                from ._store import get_store
                 from .lifecycle import at_exit, install_signal_handlers
-                from .plugins import get_plugins
-                from .store import get_store
 
                 _dispatcher = Dispatcher(get_store(), get_plugins())
                 install_signal_handlers()
@@ -55,7 +55,7 @@ def _reset_after_fork() -> None:
 
 
 def _store():
-    from .store import get_store
+    from ._store import get_store
 
     return get_store()
 
@@ -96,7 +96,7 @@ def _check_lattice(obj: Any, what: str) -> None:
 
 
 def _start(graph: Graph) -> str:
-    from .runstate import DispatchRun
+    from ._engine.runstate import DispatchRun
 
     dispatcher = get_dispatcher()
     store = _store()  # the configured one now (VALENT_RESULTS_DIR may have changed)
@@ -168,8 +168,8 @@ def _resolve_executors(dispatcher, graph: Graph) -> list[Any]:
     """Each node's executor (None for nodes that run inline), resolved now: a name no plugin
     provides, a bad ``[executors.NAME]`` setting or an ``__init__`` that rejects its settings
     fails ``dispatch`` at once, before anything runs."""
+    from ._engine.resolve import executor_spec
     from .config import default_executor_name
-    from .resolve import executor_spec
 
     default = default_executor_name()
     found: dict[Any, Any] = {}
@@ -228,7 +228,7 @@ def get_result(
     store = _store()
     dispatch_id = store.resolve(dispatch_id)
     if wait and progress:
-        from .progress import StoreProgress
+        from .cli.progress import StoreProgress
 
         with StoreProgress(store, dispatch_id):
             _wait(store, dispatch_id, timeout)
@@ -341,7 +341,7 @@ def cancel(dispatch_id: str, task_ids: list[int] | int | None = None) -> str:
             f"Dispatch {dispatch_id}: its owner process (pid {row['owner_pid']}) is gone; "
             "marked FAILED, nothing is running."
         )
-    from .dispatcher import check_task_ids
+    from ._engine.dispatcher import check_task_ids
 
     problem = check_task_ids(dispatch_id, task_ids, row["node_count"])
     if problem:

@@ -79,7 +79,7 @@ def check_config(data: dict[str, Any] | None = None, plugins: Any = None) -> lis
     """Every problem of the config (``data``, or the file): its shape, ``default_executor``,
     and each ``[executors.NAME]`` table checked against that executor's settings (the same
     check dispatch makes). ``valent plugins`` shows these; ``set_config`` refuses them."""
-    from .plugins import get_plugins
+    from ._plugins.manager import get_plugins
 
     where = config_path()
     plugins = plugins or get_plugins()
@@ -146,7 +146,7 @@ def default_executor_name() -> str:
     config = load_config()
     name = config.get("default_executor", "local")
     if "default_executor" in config:
-        from .plugins import get_plugins
+        from ._plugins.manager import get_plugins
 
         installed = get_plugins().executors
         if name not in installed:
@@ -204,10 +204,10 @@ def validate_executor(spec: Any) -> Any:
     instance (its number settings are checked: finite, within the bounds its class declares).
     Returns the executor. Meant for ``dispatch``: one call per executor a graph names.
     """
-    from .executor import Executor
+    from ._plugins.contract import Executor
 
     if isinstance(spec, str):
-        from .plugins import get_plugins
+        from ._plugins.manager import get_plugins
 
         return executor_from_config(spec, get_plugins().executor_class(spec))
     if isinstance(spec, Executor):
@@ -444,7 +444,7 @@ def get_config(key: str | list[str] | None = None) -> Any:
 
 
 def _effective() -> dict[str, Any]:
-    from .plugins import get_plugins
+    from ._plugins.manager import get_plugins
 
     data = load_config()
     tables = data.get("executors", {})

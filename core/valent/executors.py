@@ -1,8 +1,4 @@
-"""``valent.executors``: the installed executor classes by class name.
-
-``ct.executors.LocalExecutor``, ``ct.executors.DaskExecutor``, ``ct.executors.SSHExecutor``
-and any third-party executor class resolve here, loading plugins on first use.
-"""
+"""``valent.executors``: another name for :mod:`valent.executor` (the same namespace)."""
 
 from __future__ import annotations
 
@@ -10,20 +6,12 @@ from typing import Any
 
 
 def __getattr__(attr: str) -> Any:
-    if attr.startswith("__"):
-        raise AttributeError(attr)
-    from .plugins import get_plugins
+    from . import executor
 
-    for info in get_plugins().executors.values():
-        if info.cls.__name__ == attr:
-            return info.cls
-    names = sorted(i.cls.__name__ for i in get_plugins().executors.values())
-    raise AttributeError(
-        f"valent.executors has no {attr!r}; installed executor classes: {', '.join(names)}"
-    )
+    return getattr(executor, attr)
 
 
 def __dir__() -> list[str]:
-    from .plugins import get_plugins
+    from . import executor
 
-    return sorted(i.cls.__name__ for i in get_plugins().executors.values())
+    return dir(executor)

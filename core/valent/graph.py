@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._plugins.contract import Executor
 from .checks import number_problem, seconds_problem
 from .errors import TracingError, ValentError
-from .executor import Executor
 
 ExecutorSpec = str | Executor | None
 
@@ -396,7 +396,7 @@ def _check_executor(spec: Any, where: str) -> ExecutorSpec:
     if spec is None or isinstance(spec, Executor):
         return spec
     if isinstance(spec, str):
-        from .plugins import get_plugins
+        from ._plugins.manager import get_plugins
 
         get_plugins().executor_class(spec)  # UnknownExecutorError lists the installed names
         return spec

@@ -10,8 +10,8 @@ from typing import Any
 
 import cloudpickle
 
+from ._store import StoreTrustError, check_store_trusted, read_trusted_file
 from .status import Status
-from .store import StoreTrustError, check_store_trusted, read_trusted_file
 
 
 def _ts(value: float | None) -> datetime | None:

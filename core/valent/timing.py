@@ -25,8 +25,8 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
-from .executor import Executor, Wake
-from .plugins import get_plugins, hookimpl
+from ._plugins.contract import Executor, Wake
+from ._plugins.manager import get_plugins, hookimpl
 from .status import CancelOutcome
 from .task import Task, TaskState
 

@@ -6,11 +6,20 @@ import os
 import threading
 from typing import Any
 
-from valent.checks import MAX_SECONDS, Count, Seconds, require
-from valent.executor import Capabilities, Executor, Wake
-from valent.procpool import Job, ProcessPool
-from valent.status import CancelOutcome
-from valent.task import Task, TaskState
+from valent.plugin import (
+    MAX_SECONDS,
+    CancelOutcome,
+    Capabilities,
+    Count,
+    Executor,
+    Job,
+    ProcessPool,
+    Seconds,
+    Task,
+    TaskState,
+    Wake,
+    require,
+)
 
 
 class LocalExecutor(Executor):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from valent.errors import ExecutorError
+from valent.plugin import ExecutorError
 
 
 class SSHError(ExecutorError):

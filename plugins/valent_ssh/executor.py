@@ -6,11 +6,22 @@ import time
 import weakref
 from typing import Annotated, Any, ClassVar
 
-from valent.checks import MAX_SECONDS, Count, Ge, Le, PositiveSeconds, Seconds, require
-from valent.errors import ConfigError
-from valent.executor import Capabilities, Executor, Wake
-from valent.status import CancelOutcome
-from valent.task import Task, TaskState
+from valent.plugin import (
+    MAX_SECONDS,
+    CancelOutcome,
+    Capabilities,
+    ConfigError,
+    Count,
+    Executor,
+    Ge,
+    Le,
+    PositiveSeconds,
+    Seconds,
+    Task,
+    TaskState,
+    Wake,
+    require,
+)
 
 from .connection import Target
 from .handle import Phase, RemoteTask

@@ -12,9 +12,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from valent.executor import Wake
-from valent.status import CancelOutcome
-from valent.task import Cancelled, Failed, Pending, Task, TaskState
+from valent.plugin import Cancelled, CancelOutcome, Failed, Pending, Task, TaskState, Wake
 
 from .errors import RemoteTaskLostError
 from .payload import result_state

@@ -17,9 +17,7 @@ import threading
 import time
 from typing import Any
 
-from valent.errors import PicklingError
-from valent.status import CancelOutcome
-from valent.task import Cancelled, Failed, Running, TaskState
+from valent.plugin import Cancelled, CancelOutcome, Failed, PicklingError, Running, TaskState
 
 from .connection import Connection, ConnectionLost, Target, redact_error
 from .errors import SSHError, SSHUnreachableError

@@ -11,10 +11,7 @@ import threading
 import types
 from typing import Any
 
-from valent import pickling
-from valent.cancel_token import cancel_requested
-from valent.errors import PicklingError
-from valent.task import Completed, Failed, Task, TaskState
+from valent.plugin import Completed, Failed, PicklingError, Task, TaskState, cancel_requested, dumps
 
 from .runner import RESULT_ERROR, RESULT_VALUE
 
@@ -78,7 +75,7 @@ def pickle_task(task: Task) -> bytes:
                 cloudpickle.register_pickle_by_value(mod)
                 added.append(mod)
         try:
-            blob = pickling.dumps((task.fn, task.args, task.kwargs))  # file names kept
+            blob = dumps((task.fn, task.args, task.kwargs))  # file names kept
         except Exception as exc:
             raise PicklingError(
                 f"task {task.label} cannot be pickled for the SSH host: {exc}; pass values "

@@ -44,7 +44,7 @@ def test_plugin_import_is_lazy_and_registered():
     code = (
         "import sys, valent, valent_dask; "
         "assert valent.executors.DaskExecutor is valent_dask.DaskExecutor; "
-        "from valent.plugins import get_plugins; "
+        "from valent._plugins.manager import get_plugins; "
         "assert get_plugins().executor_class('dask') is valent_dask.DaskExecutor; "
         "bad = [m for m in ('dask', 'distributed') if m in sys.modules]; "
         "assert not bad, bad"

@@ -11,7 +11,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import valent as ct
-from valent.dispatcher import Dispatcher
+from valent._engine.dispatcher import Dispatcher
 
 # The dispatcher chains a task on Dask once its parents have started there, handing their
 # values as Upstream markers; a wait edge has no marker, so _can_chain must not chain over

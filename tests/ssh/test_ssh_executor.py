@@ -305,7 +305,7 @@ def test_cancel_fails_when_host_stays_unreachable(ssh, submit, rig):
 def test_import_is_cheap_and_registers_the_executor():
     code = (
         "import sys, valent_ssh, valent\n"
-        "from valent.plugins import get_plugins\n"
+        "from valent._plugins.manager import get_plugins\n"
         "assert 'paramiko' not in sys.modules, 'paramiko imported'\n"
         "assert get_plugins().executors['ssh'].cls is valent_ssh.SSHExecutor\n"
         "assert valent.executors.SSHExecutor is valent_ssh.SSHExecutor\n"

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 import valent as ct
-from valent.store import get_store
+from valent._store import get_store
 
 pytest_plugins = ["ssh_fixtures"]
 

@@ -17,8 +17,8 @@ import psutil
 import pytest
 
 import valent as ct
-from valent.executor import Executor, check_executor_class
-from valent.plugins import get_plugins
+from valent._plugins.contract import Executor, check_executor_class
+from valent._plugins.manager import get_plugins
 from valent.status import CancelOutcome, Status
 from valent.task import Cancelled, Completed, Failed, Pending, Task, TaskState, Upstream
 

@@ -15,8 +15,25 @@ from pathlib import Path
 
 import cloudpickle
 import valent
-from valent import CancelOutcome, Capabilities, Executor, Task, Wake, proctree
-from valent.task import Cancelled, Completed, Failed, Pending, Running, TaskState
+from valent.plugin import (
+    Cancelled,
+    CancelOutcome,
+    Capabilities,
+    Completed,
+    Executor,
+    Failed,
+    Pending,
+    Running,
+    Task,
+    TaskState,
+    Wake,
+    alive_escapees,
+    group_members,
+    signal_escapees,
+    signal_group,
+    signal_name,
+    snapshot_tree,
+)
 
 TAIL = 64 * 1024
 
@@ -166,9 +183,9 @@ class SubprocessExecutor(Executor):
     def _signal(self, job: Job, sig: int) -> None:
         """Signal the job's process group and any descendant that left it."""
         assert job.proc is not None
-        job.tree = job.tree + proctree.snapshot_tree(job.proc.pid)
-        proctree.signal_group(job.proc.pid, sig)
-        proctree.signal_escapees(job.tree, job.proc.pid, sig)
+        job.tree = job.tree + snapshot_tree(job.proc.pid)
+        signal_group(job.proc.pid, sig)
+        signal_escapees(job.tree, job.proc.pid, sig)
 
     def _watch(self, job: Job) -> None:
         """Wait for the job's process, then settle its state and start the next job."""
@@ -178,7 +195,7 @@ class SubprocessExecutor(Executor):
             job.timer.cancel()
         if job.cancelled:
             # Confirm the stop: nothing of its group (or escaped from it) may still run.
-            while proctree.group_members(job.proc.pid) or proctree.alive_escapees(
+            while group_members(job.proc.pid) or alive_escapees(
                 job.tree, job.proc.pid
             ):
                 self._signal(job, signal.SIGKILL)
@@ -201,7 +218,7 @@ class SubprocessExecutor(Executor):
         except FileNotFoundError:
             if job.cancelled:
                 return Cancelled(CancelOutcome.KILLED, started, time.time(), out, err)
-            why = proctree.signal_name(code)
+            why = signal_name(code)
             return Failed(valent.WorkerDiedError(
                 f"the process running {job.task.label} ended ({why}) without a result"
             ), "", started, time.time(), out, err)

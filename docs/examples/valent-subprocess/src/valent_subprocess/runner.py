@@ -36,7 +36,7 @@ def _on_sigterm(signum: int, frame: object) -> None:  # noqa: ARG001
 def main(task_file: str, result_file: str) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     import cloudpickle
-    from valent.cancel_token import set_process_token
+    from valent.plugin import set_process_token
 
     set_process_token(_token)
     started = time.time()

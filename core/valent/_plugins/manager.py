@@ -17,11 +17,11 @@ from typing import Any
 
 import pluggy
 
+from ..errors import PluginError, UnknownExecutorError
+from ..status import CancelOutcome
+from ..task import Task, TaskState
 from . import hookspecs
-from .errors import PluginError, UnknownExecutorError
-from .executor import Executor, Wake, check_executor_class
-from .status import CancelOutcome
-from .task import Task, TaskState
+from .contract import Executor, Wake, check_executor_class
 
 ENTRY_POINT_GROUP = "valent"
 BUILTINS = {"local": "valent_local", "dask": "valent_dask", "ssh": "valent_ssh"}
@@ -290,7 +290,7 @@ def build_plugins() -> Plugins:
             continue
         except PluginError as exc:
             plugins.problems.append(str(exc))
-    from .timing import register_from_env  # the opt-in built-in observer (VALENT_TIMING=1)
+    from ..timing import register_from_env  # the opt-in built-in observer (VALENT_TIMING=1)
 
     register_from_env(pm)
     return plugins

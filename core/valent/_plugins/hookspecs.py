@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from .executor import Executor, Wake
-    from .status import CancelOutcome, Status
-    from .task import Task, TaskState
+    from ..status import CancelOutcome, Status
+    from ..task import Task, TaskState
+    from .contract import Executor, Wake
 
 PROJECT = "valent"
 hookspec = pluggy.HookspecMarker(PROJECT)

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from .status import FINAL
+from ..status import FINAL
 
 _FINAL = {s.value for s in FINAL}
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import click
 
-from . import cli_format as fmt
-from .errors import ValentError
+from ..errors import ValentError
+from ..status import FINAL, Status
+from . import format as fmt
 from .progress import make_bar, node_counts, update_bar
-from .status import FINAL, Status
 
 _FINAL = {s.value for s in FINAL}
 _ALL_STATUSES = [s.value for s in Status]
@@ -55,7 +55,7 @@ def _errors(fn: Callable[..., None]) -> Callable[..., None]:
             click.echo(f"valent: error: {fmt.one_line(str(exc))}", err=True)
             sys.exit(EXIT_ERROR)
         except sqlite3.Error as exc:
-            from .store import get_store
+            from .._store import get_store
 
             click.echo(
                 f"valent: error: cannot read the results store {get_store().path}: "
@@ -71,14 +71,14 @@ def _errors(fn: Callable[..., None]) -> Callable[..., None]:
 
 
 def _store() -> Any:
-    from .store import get_store
+    from .._store import get_store
 
     return get_store()
 
 
 def _row(store: Any, dispatch_id: str) -> Any:
     """The dispatch's row (a full id or unique prefix), its owner checked for death."""
-    from .api import check_owner
+    from ..api import check_owner
 
     return check_owner(store, store.dispatch_row(store.resolve(dispatch_id)))
 
@@ -95,7 +95,7 @@ def _row(store: Any, dispatch_id: str) -> Any:
 @_errors
 def list_cmd(status: str | None, limit: int, as_json: bool) -> None:
     """Recent dispatches, newest first."""
-    from .api import reap_orphans
+    from ..api import reap_orphans
 
     store = _store()
     reap_orphans(store)
@@ -172,7 +172,7 @@ def status_cmd(dispatch_id: str, as_json: bool) -> None:
 @_errors
 def show_cmd(dispatch_id: str, as_json: bool) -> None:
     """The full Result of one dispatch, as print(result) shows it, and a per-node table."""
-    from .result import Result
+    from ..result import Result
 
     store = _store()
     row = _row(store, dispatch_id)
@@ -211,7 +211,7 @@ def cancel_cmd(
     dispatch_id: str, tasks: tuple[int, ...], wait: bool, timeout: float, as_json: bool
 ) -> None:
     """Cancel a dispatch (or some of its tasks) from any process, and report what stopped."""
-    from . import api
+    from .. import api
 
     store = _store()
     row = _row(store, dispatch_id)
@@ -290,7 +290,7 @@ def _wait_stopped(
     store: Any, did: str, targets: set[int], timeout: float
 ) -> tuple[Any, list[Any], bool]:
     """Poll the store until every target node is final (or the dispatch is)."""
-    from .api import check_owner
+    from ..api import check_owner
 
     deadline = time.monotonic() + timeout
     while True:
@@ -337,7 +337,7 @@ def watch_cmd(dispatch_id: str, interval: float) -> None:
 
 
 def _snapshot(store: Any, did: str) -> tuple[Any, list[Any]]:
-    from .api import check_owner
+    from ..api import check_owner
 
     row = check_owner(store, store.dispatch_row(did))
     return row, store.node_rows(did, with_outputs=False)
@@ -532,7 +532,7 @@ def _follow(store: Any, row: Any, n: Any, streams: Sequence[str], every: float =
 def _live_texts(row: Any, n: Any, streams: Sequence[str]) -> list[tuple[str, str]] | None:
     """A running task's output so far, from the files its executor named; None when there
     are none (not running, an executor that stores output only at the end, another host)."""
-    from .pooljobs import tail
+    from ..pooljobs import tail
 
     paths = _live_paths(row, n)
     if paths is None:

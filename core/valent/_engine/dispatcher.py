@@ -46,10 +46,13 @@ from typing import Any
 
 import cloudpickle
 
-from .errors import StoreError, TaskTimeoutError, ValentError
-from .executor import Executor
-from .graph import ELECTRON, PARAMETER, Ref
-from .plugins import Plugins
+from .._plugins.contract import Executor
+from .._plugins.manager import Plugins
+from .._store import Store
+from ..errors import StoreError, TaskTimeoutError, ValentError
+from ..graph import ELECTRON, PARAMETER, Ref
+from ..status import CancelOutcome, Status
+from ..task import Cancelled, Completed, Failed, Running, Task, Upstream
 from .resolve import Executors
 from .rules import lattice_status
 from .runstate import (
@@ -60,9 +63,6 @@ from .runstate import (
     release_inputs,
     structure_value,
 )
-from .status import CancelOutcome, Status
-from .store import Store
-from .task import Cancelled, Completed, Failed, Running, Task, Upstream
 
 EXTERNAL_CANCEL_EVERY = 0.2
 """How often (s) the loop looks for cancel requests other processes left in the store."""
@@ -96,7 +96,7 @@ class Dispatcher:
     """
 
     def __init__(self, store: Store, plugins: Plugins):
-        from .plugins import get_plugins
+        from .._plugins.manager import get_plugins
 
         # follow the process's plugins when built from them: a plugin registered (or
         # valent.timing enabled) after the first dispatch still takes part

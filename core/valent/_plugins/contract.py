@@ -7,9 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .errors import PluginError
-from .status import CancelOutcome
-from .task import Task, TaskState
+from ..errors import PluginError
+from ..status import CancelOutcome
+from ..task import Task, TaskState
 
 Wake = Callable[[], None]
 """Called by an executor, from any thread, when a task's state changed: "poll me now"."""

@@ -10,9 +10,9 @@ from typing import Any
 
 import click
 
-from .checks import MAX_SECONDS, fmt_number, number_problem
+from ..checks import MAX_SECONDS, fmt_number, number_problem
+from ..status import Status
 from .progress import dispatch_seconds, fmt_secs, node_counts
-from .status import Status
 
 STATUS_COLORS = {
     "COMPLETED": "green", "FAILED": "red", "CANCELLED": "yellow", "CANCELLING": "magenta",

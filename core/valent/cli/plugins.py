@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .errors import ValentError
+from ..errors import ValentError
 
 
 def escape(text: str) -> str:
@@ -24,8 +24,8 @@ def _default(p: inspect.Parameter) -> Any:
 
 def collect() -> dict[str, Any]:
     """Everything ``valent plugins`` shows, as plain data (also its ``--json`` output)."""
-    from .config import check_config, config_path, load_config
-    from .plugins import build_plugins
+    from .._plugins.manager import build_plugins
+    from ..config import check_config, config_path, load_config
 
     plugins = build_plugins()  # fresh, and without the first-use warning: problems show here
     problems = list(plugins.problems)

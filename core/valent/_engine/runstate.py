@@ -7,11 +7,11 @@ from typing import Any
 
 import cloudpickle
 
-from .errors import StoreError, ValentError
-from .executor import Executor
-from .graph import COLLECTION, GETATTR, GETITEM, Graph, Node, Ref
-from .status import CancelOutcome, Status
-from .store import Store
+from .._plugins.contract import Executor
+from .._store import Store
+from ..errors import StoreError, ValentError
+from ..graph import COLLECTION, GETATTR, GETITEM, Graph, Node, Ref
+from ..status import CancelOutcome, Status
 
 _MISSING = object()
 _RELEASED = object()
@@ -84,7 +84,7 @@ class DispatchRun:
         self.graph = graph
         self.store = store  # where it was created (the dispatcher's store when None)
         self.nodes = [NodeRun(self, n) for n in graph.nodes]
-        if executors is not None:  # resolved at dispatch (valent.resolve), one per node
+        if executors is not None:  # resolved at dispatch (valent._engine.resolve), one per node
             for nr, ex in zip(self.nodes, executors, strict=True):
                 nr.executor = ex
         self.children = graph.children()

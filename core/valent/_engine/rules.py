@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .status import CancelOutcome, Status
+from ..status import CancelOutcome, Status
 
 
 def lattice_status(

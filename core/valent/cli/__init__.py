@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from . import __version__
-from .cli_format import Seconds
+from .. import __version__
+from .format import Seconds
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,10 +25,10 @@ def demo(scale: float) -> None:
 
 
 def _register_commands() -> None:
-    from . import cli_dispatches, cli_plugins
+    from . import dispatches, plugins
 
-    cli_dispatches.register(cli)
-    cli_plugins.register(cli)
+    dispatches.register(cli)
+    plugins.register(cli)
 
 
 _register_commands()

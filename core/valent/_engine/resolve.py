@@ -13,8 +13,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from .executor import Executor
-from .plugins import Plugins
+from .._plugins.contract import Executor
+from .._plugins.manager import Plugins
 
 ExecutorSpec = str | Executor
 
@@ -29,7 +29,7 @@ def executor_spec(
         spec = lattice_executor
     if spec is None:
         if default is None:
-            from .config import default_executor_name
+            from ..config import default_executor_name
 
             default = default_executor_name()
         spec = default
@@ -47,7 +47,7 @@ def make_executor(plugins: Plugins, name: str) -> Executor:
     Raises ``UnknownExecutorError``/``PluginError`` for a name no plugin provides and
     ``ConfigError`` for settings the class rejects.
     """
-    from .config import executor_from_config
+    from ..config import executor_from_config
 
     return executor_from_config(name, plugins.executor_class(name))
 
@@ -70,7 +70,7 @@ class Executors:
         if isinstance(spec, Executor):
             with self._lock:
                 if id(spec) not in self._used:
-                    from .config import validate_executor
+                    from ..config import validate_executor
 
                     validate_executor(spec)  # finite settings within the class's bounds
                     self._used[id(spec)] = spec
@@ -80,7 +80,7 @@ class Executors:
             if ex is not None:
                 # made earlier: the config file may have changed since; a bad table still
                 # fails this dispatch at once (the shared instance keeps its settings)
-                from .config import executor_settings
+                from ..config import executor_settings
 
                 executor_settings(spec, type(ex))
             else:

@@ -1,0 +1,5 @@
+"""``python -m valent.cli``: the ``valent`` command."""
+
+from . import main
+
+main()

@@ -1,0 +1,32 @@
+"""``valent.executor``: the installed executor classes by class name, as Covalent has them.
+
+``ct.executor.LocalExecutor``, ``ct.executor.DaskExecutor``, ``ct.executor.SSHExecutor`` and
+every third-party executor class resolve here by class name, loaded on first use (no Dask or
+paramiko import until one is asked for). ``ct.executors`` is the same namespace.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _classes() -> dict[str, type]:
+    from .._plugins.manager import get_plugins
+
+    return {info.cls.__name__: info.cls for info in get_plugins().executors.values()}
+
+
+def __getattr__(attr: str) -> Any:
+    if attr.startswith("__"):
+        raise AttributeError(attr)
+    classes = _classes()
+    if attr in classes:
+        return classes[attr]
+    raise AttributeError(
+        f"valent.executor has no {attr!r}; installed executor classes: "
+        f"{', '.join(sorted(classes))} (`valent plugins` lists them with their plugins)"
+    )
+
+
+def __dir__() -> list[str]:
+    return sorted(_classes())
