@@ -28,6 +28,9 @@ def _register_commands() -> None:
 
     cli_dispatches.register(cli)
     cli_plugins.register(cli)
+    from .ui.command import ui_cmd
+
+    cli.add_command(ui_cmd)
 
 
 _register_commands()
