@@ -73,8 +73,11 @@ class Layout:
         }
 
 
+LABEL_CHARS = 30
+
+
 def _width(label: str) -> float:
-    return float(min(260, max(96, 7 * len(label) + 28)))
+    return float(max(96, 7 * min(len(label), LABEL_CHARS) + 28))
 
 
 def layout(

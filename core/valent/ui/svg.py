@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Mapping
 from html import escape
 
-from .layout import PARAMETER, Box, Layout
+from .layout import LABEL_CHARS, PARAMETER, Box, Layout
 
 STATUS_ORDER = ("COMPLETED", "RUNNING", "PENDING", "NEW_OBJECT", "CANCELLED", "FAILED")
 
@@ -106,7 +106,7 @@ def render_svg(
         status, badge = box_status(b, statuses)
         kind = "parameter" if b.kind == PARAMETER else b.kind
         x, y = b.x - b.w / 2, b.y - b.h / 2
-        label = b.label if len(b.label) <= 36 else b.label[:33] + "..."
+        label = b.label if len(b.label) <= LABEL_CHARS else b.label[: LABEL_CHARS - 3] + "..."
         tip = b.label if b.key.startswith("g") else f"{b.label}({b.members[0]})"
         out.append(f'<g class="box s-{status} k-{kind}" id="b-{b.key}" data-key="{b.key}">'
                    f"<title>{escape(tip)}</title>"

@@ -120,8 +120,8 @@ function dispatchPage() {
     S.params = e.target.checked; loadGraph(); });
   document.getElementById("grouping").addEventListener("change", (e) => {
     S.group = e.target.checked; loadGraph(); });
-  document.getElementById("zin").onclick = () => setZoom(S.zoom * 1.25);
-  document.getElementById("zout").onclick = () => setZoom(S.zoom / 1.25);
+  document.getElementById("zin").onclick = () => { S.zoomed = true; setZoom(S.zoom * 1.25); };
+  document.getElementById("zout").onclick = () => { S.zoomed = true; setZoom(S.zoom / 1.25); };
   document.getElementById("zfit").onclick = fit;
   document.getElementById("graph").addEventListener("click", (ev) => {
     const g = ev.target.closest("g.box"); if (g) select(g.dataset.key);
@@ -144,7 +144,7 @@ async function loadGraph() {
   }
   S.parents = g.parents;
   if (S.nodes.size) for (const key of new Set(S.boxOf.values())) paintBox(key);
-  if (S.svgW > box.clientWidth * 1.5 && S.zoom === 1) fit(); else setZoom(S.zoom);
+  if (!S.zoomed) fit(); else setZoom(S.zoom);
   document.body.dataset.graph = "ready";
 }
 
@@ -155,7 +155,8 @@ function setZoom(z) {
 }
 function fit() {
   const box = document.getElementById("graph");
-  setZoom(Math.min(1, (box.clientWidth - 10) / S.svgW, (box.clientHeight - 10) / S.svgH));
+  // fit the width (never below 35%: a tall graph scrolls rather than shrinking to dots)
+  setZoom(Math.max(0.35, Math.min(1, (box.clientWidth - 10) / S.svgW)));
 }
 
 async function poll() {
