@@ -62,10 +62,11 @@ def start_ui(*args: str) -> UI:
     raise AssertionError(f"valent ui did not start: {out}\n{err}")
 
 
-def stop_ui(ui: UI) -> None:
+def stop_ui(ui: UI) -> tuple[str, str]:
+    """Stop the server (SIGTERM, then SIGKILL); its remaining stdout and stderr."""
     ui.proc.terminate()
     try:
-        ui.proc.communicate(timeout=10)
+        return ui.proc.communicate(timeout=10)
     except subprocess.TimeoutExpired:
         ui.proc.kill()
-        ui.proc.communicate()
+        return ui.proc.communicate()

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import UnknownDispatchError
 from ..status import FINAL
 from ..store import Store
 from .layout import Layout, layout
@@ -123,6 +124,8 @@ class Data:
         return out
 
     def resolve(self, did: str) -> str:
+        if not self.store.exists():
+            raise UnknownDispatchError(did, str(self.store.path))
         return self.store.resolve(did)
 
     # ------------------------------------------------------------------ graph
