@@ -93,11 +93,14 @@ const S = { nodes: new Map(), names: new Map(), boxOf: new Map(), groups: {}, ve
   dispatch: null, selected: null, zoom: 1, tab: "graph", params: true, group: true };
 
 function dispatchPage() {
+  const qs = new URLSearchParams(location.search);
+  S.params = qs.get("params") !== "0"; S.group = qs.get("group") !== "0";
   main.innerHTML = `<div class="summary" id="summary"></div>
     <div class="toolbar"><span class="tabs"><button data-tab="graph" class="on">graph</button>
       <button data-tab="timeline">timeline</button></span>
-      <label><input type="checkbox" id="params" checked> parameters</label>
-      <label><input type="checkbox" id="grouping" checked> group repeated tasks</label>
+      <label><input type="checkbox" id="params" ${S.params ? "checked" : ""}> parameters</label>
+      <label><input type="checkbox" id="grouping" ${S.group ? "checked" : ""}> group repeated
+        tasks</label>
       <button id="zin">+</button><button id="zout">−</button><button id="zfit">fit</button>
       <span class="legend">${["NEW_OBJECT", "PENDING", "RUNNING", "COMPLETED", "FAILED",
         "CANCELLED"].map((s) => `<span><i class="lg-${s}"></i>${s}</span>`).join("")}
