@@ -200,6 +200,10 @@ def test_cancel_on_local_and_dask_from_the_page(browser, dask_cluster, results_d
               what="the node panel shows the Dask task's outcome")
         assert "dask" in browser.find_element(By.ID, "panel").text
         assert "cancel confirmed" in browser.find_element(By.ID, "panel").text
+        browser.find_element(By.ID, "params").click()  # hide the parameters (long paths)
+        _wait(browser, lambda d: not d.find_elements(By.CSS_SELECTOR, "g.k-parameter")
+              and d.find_elements(By.CSS_SELECTOR, "g.box.sel"), what="parameters hidden")
+        assert [badge(i) for i in range(4)] == ["killed", "killed", "dequeued", "killed"]
         browser.find_element(By.ID, "zfit").click()  # the panel took part of the width
         browser.save_screenshot(str(shots / "ui-dispatch.png"))
         browser.find_element(By.CSS_SELECTOR, ".tabs button[data-tab='timeline']").click()

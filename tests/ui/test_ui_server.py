@@ -96,6 +96,80 @@ def test_cancel_needs_post_and_csrf_and_reaches_the_owner(ui, tmp_path):
     assert result.get_node_result(0)["cancel_outcome"] == "killed"
 
 
+@ct.electron
+def boom(x):
+    raise ValueError(f"bad value {x}")
+
+
+@ct.lattice
+def failing(x):
+    return echo(boom(x))
+
+
+def test_node_detail_has_inputs_error_traceback_and_hidden_secrets(ui, tmp_path, monkeypatch):
+    did = ct.dispatch(failing)(7)
+    assert ct.get_result(did, wait=True, timeout=30).status == "FAILED"
+    code, body = ui.request(f"/api/d/{did}/node/0")
+    assert code == 200
+    node = json.loads(body)
+    assert node["status"] == "FAILED" and "bad value 7" in node["error"]
+    assert "in boom" in node["traceback"] and node["traceback"].startswith("Traceback")
+    assert node["parents"] == [{"node_id": 1, "name": ":parameter:7", "kind": "parameter",
+                                "status": node["parents"][0]["status"], "value": "7"}]
+    code, body = ui.request(f"/api/d/{did}/node/2")
+    assert json.loads(body)["status"] == "CANCELLED"  # upstream failed
+    # executor settings come from this machine's config, secret-looking keys hidden
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[executors.ssh]\nhostname = "h1"\nssh_password = "hunter2"\n')
+    monkeypatch.setenv("VALENT_CONFIG", str(cfg))
+    from valent.ui.data import Data
+
+    assert Data._settings("ssh") == {"hostname": "h1", "ssh_password": "(hidden)"}
+
+
+def test_cancel_one_node_and_its_dependents(ui, tmp_path):
+    gate = str(tmp_path / "gate")
+    did = ct.dispatch(gated)(gate)
+    deadline = time.monotonic() + 30
+    while ct.get_result(did).get_node_result(0)["status"] != "RUNNING":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    code, msg = ui.request(f"/api/d/{did}/cancel", method="POST", data=b'{"task_ids": [0]}',
+                           headers={"X-Valent-CSRF": _csrf(ui)})
+    assert code == 200, msg
+    result = ct.get_result(did, wait=True, timeout=30)
+    assert result.get_node_result(0)["cancel_outcome"] == "killed"
+    assert result.get_node_result(2)["status"] == "CANCELLED"
+
+
+def test_a_dead_owner_is_shown_dead_and_the_store_is_not_touched(ui, tmp_path):
+    owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import sys, time, valent as ct
+        @ct.electron
+        def sleepy():
+            time.sleep(60)
+        @ct.lattice
+        def orphan():
+            return sleepy()
+        print(ct.dispatch(orphan)(), flush=True)
+        time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        did = owner.stdout.readline().strip()
+        assert did
+    finally:
+        owner.kill()
+        owner.wait()
+    rows = json.loads(ui.request("/api/dispatches")[1])
+    assert [(r["id"], r["owner"]) for r in rows] == [(did, "dead")]
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "results" / "valent.db") as db:
+        (status,) = db.execute("SELECT status FROM dispatches").fetchone()
+    assert status != "FAILED"  # the UI only reads; `valent list` / get_result mark it
+    assert ct.get_result(did).status == "FAILED"  # (and they do)
+
+
 def test_changes_cursor_sends_only_what_changed(ui, tmp_path):
     gate = str(tmp_path / "gate")
     did = ct.dispatch(gated)(gate)
@@ -205,8 +279,9 @@ def test_lattice_draw_returns_an_inline_svg_and_result_draw_colours(results_dir,
     assert "<svg" in drawing._repr_html_()
     result = ct.dispatch_sync(fan)(3)
     colored = result.draw()
-    assert colored.svg.count('class="box s-COMPLETED') == 8  # 3 echo, 3 parameters, list, final echo
-    assert "COMPLETED" in colored.title or "COMPLETED" in colored.svg
+    # 3 echo, their 3 parameters, the list, the final echo: all green
+    assert colored.svg.count('class="box s-COMPLETED') == 8
+    assert f"fan {result.dispatch_id[:8]} COMPLETED</text>" in colored.svg
 
 
 def test_a_10000_node_fan_out_lays_out_as_a_few_boxes():

@@ -157,7 +157,11 @@ class Data:
     def changes(self, did: str, since: int) -> dict[str, Any]:
         """Node states changed after version ``since`` (all of them for 0 or a lost cursor)."""
         with self._lock:
-            tr = self._trackers.setdefault(did, _Tracker())
+            tr = self._trackers.get(did)
+            if tr is None:
+                if len(self._trackers) >= 64:  # the oldest viewed dispatch starts over
+                    self._trackers.pop(next(iter(self._trackers)))
+                tr = self._trackers[did] = _Tracker()
         row = self.store.dispatch_row(did)
         with tr.lock:
             if not tr.final or not tr.state:

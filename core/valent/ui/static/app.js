@@ -146,6 +146,8 @@ async function loadGraph() {
     if (!S.boxOf.has(id)) S.boxOf.set(id, `n${id}`);
   }
   S.parents = g.parents;
+  if (S.selected) { const sel = document.getElementById(`b-${S.selected.key}`);
+    if (sel) sel.classList.add("sel"); }
   if (S.nodes.size) for (const key of new Set(S.boxOf.values())) paintBox(key);
   if (!S.zoomed) fit(); else setZoom(S.zoom);
   document.body.dataset.graph = "ready";
