@@ -242,3 +242,38 @@ def test_read_only_hides_and_refuses_cancel(browser, results_dir):
         stop_ui(ui)
         ct.cancel(did)
         ct.get_result(did, wait=True, timeout=30)
+
+
+def test_group_box_lists_its_members_and_drawings_page_shows_draw_output(browser, ui):
+    from selenium.webdriver.common.by import By
+
+    @ct.lattice
+    def wide(n: int) -> list:
+        return join([double(i) for i in range(n)])
+
+    result = ct.dispatch_sync(wide)(30)
+    assert result.status == "COMPLETED"
+    browser.get(ui.url)
+    browser.get(f"{ui.base}/d/{result.dispatch_id}")
+    key = _wait(browser, lambda d: _js(
+        d, "const g=[...document.querySelectorAll('g.box')].find(g => "
+           "g.querySelector('text.label').textContent === 'double ×30');"
+           "return g && g.dataset.status ? g.dataset.key : null"),
+        what="the 30 doubles drawn as one group box, painted")
+    assert key.startswith("g") and _box_status(browser, key) == "COMPLETED"
+    assert len(_js(browser, "return document.querySelectorAll('g.box')")) == 4  # + params, join
+    _click_box(browser, key)
+    rows = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#panel tr[data-node]"))
+    assert len(rows) == 30
+    rows[3].click()
+    _wait(browser, lambda d: d.find_elements(By.ID, "output"), what="a member's node panel")
+    assert browser.find_element(By.CSS_SELECTOR, "#panel h2").text.startswith("double(")
+    # lattice.draw() in a script writes into the results dir; the drawings page shows it
+    drawing = live_flow.draw("x")
+    browser.get(f"{ui.base}/drawings")
+    frame = _wait(browser, lambda d: d.find_elements(By.ID, "frame"))[0]
+    assert drawing.path.name in browser.find_element(By.ID, "which").text
+    browser.switch_to.frame(frame)
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "svg g.box"), what="the drawing")
+    assert "ticker" in browser.find_element(By.TAG_NAME, "svg").text
+    browser.switch_to.default_content()
