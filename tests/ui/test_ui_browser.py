@@ -268,11 +268,13 @@ def test_group_box_lists_its_members_and_drawings_page_shows_draw_output(browser
     rows[3].click()
     _wait(browser, lambda d: d.find_elements(By.ID, "output"), what="a member's node panel")
     assert browser.find_element(By.CSS_SELECTOR, "#panel h2").text.startswith("double(")
-    # lattice.draw() in a script writes into the results dir; the drawings page shows it
-    drawing = live_flow.draw("x")
+    # lattice.draw() in a script writes into the results dir; an open drawings page shows it
     browser.get(f"{ui.base}/drawings")
-    frame = _wait(browser, lambda d: d.find_elements(By.ID, "frame"))[0]
-    assert drawing.path.name in browser.find_element(By.ID, "which").text
+    _wait(browser, lambda d: d.find_elements(By.ID, "none"))
+    drawing = live_flow.draw("x")
+    _wait(browser, lambda d: drawing.path.name in d.find_element(By.ID, "which").text,
+          what="the new drawing is listed")
+    frame = browser.find_element(By.ID, "frame")
     browser.switch_to.frame(frame)
     _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "svg g.box"), what="the drawing")
     assert "ticker" in browser.find_element(By.TAG_NAME, "svg").text

@@ -284,6 +284,13 @@ def test_lattice_draw_returns_an_inline_svg_and_result_draw_colours(results_dir,
     assert f"fan {result.dispatch_id[:8]} COMPLETED</text>" in colored.svg
 
 
+def test_draw_without_the_ui_extra_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "grandalf", None)
+    monkeypatch.setitem(sys.modules, "grandalf.graphs", None)
+    with pytest.raises(ct.ValentError, match=r"pip install 'valent\[ui\]'"):
+        gated.draw("x")
+
+
 def test_a_10000_node_fan_out_lays_out_as_a_few_boxes():
     from valent.ui.layout import layout
 

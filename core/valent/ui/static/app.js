@@ -390,14 +390,32 @@ async function loadTimeline() {
 // ------------------------------------------------------------------ drawings
 
 async function drawingsPage() {
-  const list = await get("/api/drawings");
+  // lists what lattice.draw() / result.draw() wrote; a new drawing shows up within 2 s
   main.innerHTML = `<h1>Drawings</h1><p>Written by <code>lattice.draw()</code> and
-    <code>result.draw()</code> into the results dir.</p><div class="toolbar">
-    <select id="which">${list.map((d) => `<option>${esc(d.name)}</option>`).join("")}</select>
-    </div>${list.length ? `<iframe class="drawing" id="frame"></iframe>` : "<p>none yet</p>"}`;
+    <code>result.draw()</code> into the results dir; the newest shows first.</p>
+    <div class="toolbar"><select id="which"></select></div>
+    <p id="none">none yet</p><iframe class="drawing" id="frame" style="display:none"></iframe>`;
   const sel = document.getElementById("which"), frame = document.getElementById("frame");
-  const show = () => { if (frame) frame.src = `/drawings/${encodeURIComponent(sel.value)}`; };
-  sel.addEventListener("change", show); show();
+  let newest = null, picked = false;
+  const show = () => {
+    frame.style.display = "";
+    const none = document.getElementById("none"); if (none) none.remove();
+    frame.src = `/drawings/${encodeURIComponent(sel.value)}`;
+  };
+  sel.addEventListener("change", () => { picked = true; show(); });
+  async function refresh() {
+    try {
+      const list = await get("/api/drawings");
+      if (list.length && list[0].name !== newest) {
+        const keep = sel.value;
+        sel.innerHTML = list.map((d) => `<option>${esc(d.name)}</option>`).join("");
+        newest = list[0].name;
+        if (picked && keep) sel.value = keep; else show();
+      }
+    } catch (e) { console.error(e); }
+    setTimeout(refresh, 2000);
+  }
+  refresh();
 }
 
 if (PAGE === "list") listPage();
