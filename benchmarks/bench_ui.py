@@ -1,8 +1,8 @@
 """`valent ui`: time to first render of a 10,000-node dispatch page in headless Chromium, the
 cost of one live-update poll on it, and the server's memory with 50 dispatches listed.
 
-An owner process dispatches 49 small workflows and one of 10,001 nodes (5,000 electrons, each
-with a parameter, and their list) that is still running while the page opens; `valent ui`
+An owner process dispatches 49 small workflows and one of 10,000 nodes (5,000 electrons, each
+with a parameter) that is still running while the page opens; `valent ui`
 runs as its own process; Debian's chromium is driven by Selenium (as in tests/ui).
 
     python benchmarks/bench_ui.py [--repeats 3] [--json out.json]
@@ -98,7 +98,7 @@ def main() -> None:
             what = ("grouped: 'nap ×5000' and 'parameters ×5000' boxes" if group else
                     "every node its own box (level layout), parameters hidden")
             label = "grouped" if group else "ungrouped"
-            rows.append(row(f"ui first render, 10,001-node dispatch ({label})",
+            rows.append(row(f"ui first render, 10,000-node dispatch ({label})",
                             statistics.median(times), "s",
                             note=f"{what}; median of {args.repeats}; then "
                                  f"{state['done']}/{state['total']} done"))
@@ -110,12 +110,12 @@ def main() -> None:
             polls.append(time.perf_counter() - t)
             since = json.loads(body)["version"]
             time.sleep(0.05)
-        rows.append(row("ui live poll (changes since cursor), 10,001 nodes",
+        rows.append(row("ui live poll (changes since cursor), 10,000 nodes",
                         statistics.median(polls) * 1000, "ms",
                         note=f"median of 20; dispatch {state['status']}"))
         rss_after = psutil.Process(ui.proc.pid).memory_info().rss / 2**20
         rows.append(row("ui server RSS, 50 dispatches listed", rss_list, "MiB"))
-        rows.append(row("ui server RSS, after the 10,001-node page", rss_after, "MiB"))
+        rows.append(row("ui server RSS, after the 10,000-node page", rss_after, "MiB"))
     finally:
         driver.quit()
         stop_ui(ui)

@@ -38,6 +38,18 @@ def _wait(driver, predicate, timeout: float = 30.0, what: str = ""):
         lambda d: predicate(d), message=what)
 
 
+def _dispatch_status(driver) -> str | None:
+    """The status the page shows (read in one step: polls redraw the summary)."""
+    return _js(driver, "const e=document.getElementById('dstatus');"
+                       "return e ? e.dataset.status : null;")
+
+
+def _text(driver, css: str) -> str | None:
+    """An element's text, read in one step (the panel is redrawn when its node changes)."""
+    return _js(driver, "const e=document.querySelector(arguments[0]);"
+                       "return e ? e.textContent : null;", css)
+
+
 def _click_box(driver, key: str) -> None:
     _js(driver, "document.getElementById('b-'+arguments[0]).dispatchEvent("
                 "new MouseEvent('click', {bubbles: true}))", key)
@@ -93,33 +105,35 @@ def join(xs: list) -> list:
 def test_list_live_dispatch_and_logs(browser, ui, tmp_path):
     """Open the list, open a running dispatch, follow a printing task's logs, see nodes turn
     RUNNING then COMPLETED."""
-    from selenium.webdriver.common.by import By
 
     release = str(tmp_path / "release")
     did = ct.dispatch(live_flow)(release)
     browser.get(ui.url)
-    row = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f"tr.row[data-id='{did}']"),
-                what="the dispatch is listed")
-    assert "live_flow" in row[0].text
-    row[0].click()
+    text = _wait(browser, lambda d: _js(d, "const r=document.querySelector("
+                                          "`tr.row[data-id='${arguments[0]}']`);"
+                                          "return r && r.textContent", did),
+                 what="the dispatch is listed")
+    assert "live_flow" in text and "RUNNING" in text and "alive" in text
+    # the list refreshes itself: find and click the row in one step
+    _js(browser, "document.querySelector(`tr.row[data-id='${arguments[0]}']`).click()", did)
     _wait(browser, lambda d: d.current_url.endswith(f"/d/{did}"), what="dispatch page opens")
     assert "token=" not in browser.current_url  # the token moved to a cookie
     _wait(browser, lambda d: _box_status(d, "n0") == "RUNNING", what="ticker shows RUNNING")
     assert _box_status(browser, "n2") in ("NEW_OBJECT", "PENDING")
     _click_box(browser, "n0")
-    _wait(browser, lambda d: "tick 5" in (d.find_element(By.ID, "stdout").text or ""),
+    _wait(browser, lambda d: "tick 5" in (_text(d, "#stdout") or ""),
           what="the running task's stdout streams into the node panel")
     assert ct.get_result(did).get_node_result(0)["status"] == "RUNNING"  # still printing
     _write(release, "go")
     _wait(browser, lambda d: _box_status(d, "n2") == "COMPLETED", what="double COMPLETED")
     assert _box_status(browser, "n0") == "COMPLETED"
-    _wait(browser, lambda d: d.find_element(By.ID, "dstatus").get_attribute("data-status")
-          == "COMPLETED", what="the dispatch shows COMPLETED")
+    _wait(browser, lambda d: _dispatch_status(d) == "COMPLETED",
+          what="the dispatch shows COMPLETED")
     result = ct.get_result(did, wait=True, timeout=30)
     assert result.status == "COMPLETED"
     # once ended, the panel holds the stored output: every tick the task printed
     ticks = result.get_node_result(0)["stdout"]
-    _wait(browser, lambda d: d.find_element(By.ID, "stdout").text.strip() == ticks.strip(),
+    _wait(browser, lambda d: (_text(d, "#stdout") or "").strip() == ticks.strip(),
           what="the panel shows the stored stdout once the task ended")
 
 
@@ -166,7 +180,7 @@ def test_cancel_on_local_and_dask_from_the_page(browser, dask_cluster, results_d
             pids[i] = [int(x) for x in text.split()]
         browser.get(ui.url)
         _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.row")) == 2)
-        _wait(browser, lambda d: "alive" in d.find_element(By.CSS_SELECTOR, "tr.row").text)
+        _wait(browser, lambda d: "alive" in (_text(d, "tr.row") or ""))
         browser.save_screenshot(str(shots / "ui-list.png"))
         browser.get(f"{ui.base}/d/{did}")
         for i in (0, 1, 3):
@@ -176,8 +190,8 @@ def test_cancel_on_local_and_dask_from_the_page(browser, dask_cluster, results_d
         browser.find_element(By.ID, "cancel-dispatch").click()
         _wait(browser, ec.alert_is_present(), 5, "a confirmation is asked")
         browser.switch_to.alert.accept()
-        _wait(browser, lambda d: d.find_element(By.ID, "dstatus").get_attribute("data-status")
-              == "CANCELLED", what="the page shows the dispatch CANCELLED")
+        _wait(browser, lambda d: _dispatch_status(d) == "CANCELLED",
+              what="the page shows the dispatch CANCELLED")
 
         def badge(i: int) -> str:
             return _js(browser, "return document.querySelector('#b-n'+arguments[0]+"
@@ -195,8 +209,7 @@ def test_cancel_on_local_and_dask_from_the_page(browser, dask_cluster, results_d
         assert wait_gone([p for i in pids for p in pids[i]], 15) == []
         assert not (piddir / "2.pid").exists()
         _click_box(browser, f"n{ids[3]}")
-        _wait(browser, lambda d: d.find_elements(By.ID, "outcome")
-              and d.find_element(By.ID, "outcome").text == "killed",
+        _wait(browser, lambda d: _text(d, "#outcome") == "killed",
               what="the node panel shows the Dask task's outcome")
         assert "dask" in browser.find_element(By.ID, "panel").text
         assert "cancel confirmed" in browser.find_element(By.ID, "panel").text
@@ -209,7 +222,7 @@ def test_cancel_on_local_and_dask_from_the_page(browser, dask_cluster, results_d
         browser.find_element(By.CSS_SELECTOR, ".tabs button[data-tab='timeline']").click()
         _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#timeline g.bar")) == 3,
               what="three bars (the tasks that started) on the timeline")
-        rows = browser.find_element(By.ID, "timeline").text
+        rows = _text(browser, "#timeline")
         assert "dask slot 0" in rows and "local slot 1" in rows
         browser.save_screenshot(str(shots / "ui-timeline.png"))
         for name in ("ui-list.png", "ui-dispatch.png", "ui-timeline.png"):
@@ -227,7 +240,7 @@ def test_read_only_hides_and_refuses_cancel(browser, results_dir):
     try:
         browser.get(f"{ui.url}")
         browser.get(f"{ui.base}/d/{did}")
-        _wait(browser, lambda d: d.find_element(By.ID, "dstatus"), what="page loads")
+        _wait(browser, _dispatch_status, what="page loads")
         _wait(browser, lambda d: _box_status(d, "n0") == "RUNNING")
         assert not browser.find_elements(By.ID, "cancel-dispatch")
         assert browser.find_element(By.ID, "ro").text == "read-only"
@@ -266,13 +279,13 @@ def test_group_box_lists_its_members_and_drawings_page_shows_draw_output(browser
     rows = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#panel tr[data-node]"))
     assert len(rows) == 30
     rows[3].click()
-    _wait(browser, lambda d: d.find_elements(By.ID, "output"), what="a member's node panel")
-    assert browser.find_element(By.CSS_SELECTOR, "#panel h2").text.startswith("double(")
+    _wait(browser, lambda d: _text(d, "#output"), what="a member's node panel")
+    assert _text(browser, "#panel h2").startswith("double(")
     # lattice.draw() in a script writes into the results dir; an open drawings page shows it
     browser.get(f"{ui.base}/drawings")
     _wait(browser, lambda d: d.find_elements(By.ID, "none"))
     drawing = live_flow.draw("x")
-    _wait(browser, lambda d: drawing.path.name in d.find_element(By.ID, "which").text,
+    _wait(browser, lambda d: drawing.path.name in (_text(d, "#which") or ""),
           what="the new drawing is listed")
     frame = browser.find_element(By.ID, "frame")
     browser.switch_to.frame(frame)

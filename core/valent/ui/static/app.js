@@ -70,12 +70,13 @@ function listPage() {
       const url = `/api/dispatches?q=${encodeURIComponent(q.value)}&status=${sel.value}`;
       const rows = await get(url);
       const tb = document.querySelector("#dispatches tbody");
-      tb.innerHTML = rows.map((d) => `<tr class="row" data-id="${esc(d.id)}">
+      const html = rows.map((d) => `<tr class="row" data-id="${esc(d.id)}">
         <td class="mono">${esc(d.id.slice(0, 8))}</td><td>${esc(d.lattice)}</td>
         <td>${st(d.status)}</td><td>${when(d.start || d.created)}</td>
         <td>${secs(d.duration)}</td><td>${progress(d.done, d.total)}</td>
         <td class="${d.owner}">${d.owner === "-" ? "-" : `pid ${d.owner_pid} ${d.owner}`}</td>
         </tr>`).join("") || `<tr><td colspan="7">no dispatches</td></tr>`;
+      if (html !== tb.dataset.html) { tb.innerHTML = html; tb.dataset.html = html; }
       document.getElementById("count").textContent = `${rows.length} shown`;
     } catch (e) { console.error(e); }
     timer = setTimeout(refresh, 1500);
@@ -230,19 +231,26 @@ function paintBox(key) {
 }
 
 function summary() {
+  // the facts are redrawn only when they change; the Cancel button lives apart, so a click on
+  // it never lands on an element a poll just replaced
   const d = S.dispatch;
   document.title = `${d.lattice} ${d.status} · valent ui`;
-  const canCancel = !READ_ONLY && !FINAL.has(d.status);
-  const el0 = document.getElementById("summary");
-  el0.innerHTML = `<h1>${esc(d.lattice)} <span class="mono">${esc(d.id.slice(0, 8))}</span></h1>
+  const box = document.getElementById("summary");
+  if (!box.firstChild) box.innerHTML = `<span id="facts" class="summary"></span><span id="actions"></span>`;
+  const facts = `<h1>${esc(d.lattice)} <span class="mono">${esc(d.id.slice(0, 8))}</span></h1>
     <span id="dstatus" data-status="${esc(d.status)}">${st(d.status)}</span>
     <span>${progress(d.done, d.total)}</span><span>started ${when(d.start || d.created)}</span>
     <span>duration ${secs(d.duration)}</span>
     <span class="${d.owner}">owner pid ${esc(d.owner_pid)} ${d.owner === "-" ? "" : d.owner}</span>
-    ${canCancel ? `<button class="danger" id="cancel-dispatch">Cancel dispatch</button>` : ""}
     ${d.error ? `<div class="error">${esc(d.error)}</div>` : ""}`;
-  const btn = document.getElementById("cancel-dispatch");
-  if (btn) btn.onclick = () => cancel(null);
+  const el0 = document.getElementById("facts");
+  if (el0.dataset.html !== facts) { el0.innerHTML = facts; el0.dataset.html = facts; }
+  const canCancel = !READ_ONLY && !FINAL.has(d.status);
+  const actions = document.getElementById("actions");
+  if (canCancel && !document.getElementById("cancel-dispatch")) {
+    actions.innerHTML = `<button class="danger" id="cancel-dispatch">Cancel dispatch</button>`;
+    document.getElementById("cancel-dispatch").onclick = () => cancel(null);
+  } else if (!canCancel) actions.innerHTML = "";
 }
 
 async function cancel(taskIds) {
