@@ -375,7 +375,7 @@ async function loadTimeline() {
     for (let k = 0; k <= 5; k++) {
       const v = t.t0 + (span * k) / 5;
       svg += `<line x1="${x(v)}" x2="${x(v)}" y1="${top - 6}" y2="${top + rows.length * rh}"
-        stroke="#e5e7eb"/><text x="${x(v)}" y="14" text-anchor="middle">${secs(v - t.t0)}</text>`;
+        stroke="#e5e7eb"/><text x="${x(v)}" y="14" text-anchor="${k === 5 ? "end" : "middle"}">${secs(v - t.t0)}</text>`;
     }
     rows.forEach(([ex, i], k) => { svg += `<text x="6" y="${top + k * rh + 16}">${esc(ex)} slot ${i}</text>`; });
     for (const b of t.bars) {
