@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import ValentError
 
 GROUP_AT = 12
-SUGIYAMA_MAX = 1500
+SUGIYAMA_MAX = 800
 NODE_H = 38
 GROUP_H = 46
 X_GAP = 24
