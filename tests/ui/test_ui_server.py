@@ -63,6 +63,12 @@ def test_every_request_needs_the_token(ui):
     conn.request("GET", "/api/dispatches", headers={"Cookie": name_value})
     r = conn.getresponse()
     assert r.status == 200 and json.loads(r.read()) == []
+    for tricky in ("//evil.example/", "/\\evil.example"):
+        conn.request("GET", f"{tricky}?token={ui.token}")
+        r = conn.getresponse()
+        r.read()
+        loc = r.getheader("Location")
+        assert r.status == 302 and loc.startswith("/") and loc[1:2] not in ("/", "\\"), loc
     # a loopback server refuses other Host names (DNS rebinding), even with the token
     assert ui.request("/api/dispatches", headers={"Host": "evil.example:80"})[0] == 403
     conn.close()
@@ -125,6 +131,26 @@ def test_node_detail_has_inputs_error_traceback_and_hidden_secrets(ui, tmp_path,
     from valent.ui.data import Data
 
     assert Data._settings("ssh") == {"hostname": "h1", "ssh_password": "(hidden)"}
+
+
+@ct.electron
+def big_output(n: int) -> bytes:
+    return b"x" * n
+
+
+@ct.lattice
+def big_flow(n: int) -> bytes:
+    return big_output(n)
+
+
+def test_a_large_output_is_named_not_loaded_for_its_preview(ui):
+    result = ct.dispatch_sync(big_flow)(3 << 20)
+    assert result.status == "COMPLETED"
+    node = json.loads(ui.request(f"/api/d/{result.dispatch_id}/node/0")[1])
+    assert node["output_file"] and node["output_truncated"]
+    assert node["output"].startswith("<large output: ") and "bytes pickled" in node["output"]
+    code, text = ui.request(f"/api/d/{result.dispatch_id}/node/0/output")
+    assert code == 200 and text.startswith(b"b'xxxx") and len(text) > 3 << 20
 
 
 def test_cancel_one_node_and_its_dependents(ui, tmp_path):

@@ -198,7 +198,6 @@ class Data:
     # ------------------------------------------------------------------ node
 
     def node(self, did: str, nid: int) -> dict[str, Any]:
-        from ..result import load_blob
 
         n = self.store.node_row(did, nid)
         if n is None:
@@ -213,12 +212,10 @@ class Data:
             pr = self.store.node_row(did, p)
             item = {"node_id": p, "name": pr["name"], "kind": pr["kind"], "status": pr["status"]}
             if pr["kind"] == "parameter" or pr["status"] == "COMPLETED":
-                item["value"], _ = self._preview(lambda pr=pr: load_blob(pr["output"],
-                                                                         pr["output_file"]))
+                item["value"], _ = self._preview_row(pr)
             out["parents"].append(item)
         if n["status"] == "COMPLETED" or n["kind"] == "parameter":
-            out["output"], out["output_truncated"] = self._preview(
-                lambda: load_blob(n["output"], n["output_file"]))
+            out["output"], out["output_truncated"] = self._preview_row(n)
             out["output_file"] = n["output_file"]
         out["settings"] = self._settings(n["executor"])
         return out
@@ -230,6 +227,19 @@ class Data:
         if n is None:
             raise KeyError(nid)
         return repr(load_blob(n["output"], n["output_file"]))[: 10 * 1024 * 1024]
+
+    def _preview_row(self, row: Any) -> tuple[str, bool]:
+        """A node output's repr, cut to ``PREVIEW_CHARS``; an output the store keeps in a file
+        (over 1 MiB pickled) is not loaded for a preview, only named."""
+        from ..result import load_blob
+
+        if row["output_file"]:
+            try:
+                size = os.path.getsize(row["output_file"])
+            except OSError as exc:
+                return f"<output file unreadable: {exc}>", False
+            return f"<large output: {size:,} bytes pickled; open it with the link>", True
+        return self._preview(lambda: load_blob(row["output"], None))
 
     @staticmethod
     def _preview(get) -> tuple[str, bool]:

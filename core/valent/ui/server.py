@@ -156,7 +156,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if in_query and self.command == "GET" and not parts.path.startswith("/api/"):
             # set the cookie and drop the token from the address bar
             self._send(302, b"", "text/plain", {
-                "Location": parts.path or "/",
+                # never "//host" or "/\\host" (browsers read both as another site)
+                "Location": "/" + parts.path.lstrip("/\\"),
                 "Set-Cookie": f"{self.server.cookie}={self.server.token}; HttpOnly; "
                               "SameSite=Strict; Path=/",
             })

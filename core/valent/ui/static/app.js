@@ -322,7 +322,7 @@ function startLogs(id) {
         if (r.live) { mine.stdout += r.stdout; mine.stderr += r.stderr; mine.offsets = r.offsets; }
         else if (FINAL.has(r.status)) { mine.stdout = r.stdout; mine.stderr = r.stderr;
           mine.done = true; }
-        mine.status = r.status;
+        mine.status = r.status; mine.live = r.live;
         if (S.logs === mine) renderLogs();
       } catch (e) { console.error(e); }
       await new Promise((ok) => setTimeout(ok, 400));
@@ -334,7 +334,10 @@ function renderLogs() {
   for (const s of ["stdout", "stderr"]) {
     const p = document.getElementById(s);
     if (!p) continue;
-    const text = S.logs[s] || (S.logs.status === "RUNNING" || !S.logs.status ? "" : "(nothing)");
+    let text = S.logs[s];
+    if (!text && S.logs.status === "RUNNING" && !S.logs.live)
+      text = "(running: this executor stores the task's output when it ends)";
+    else if (!text && S.logs.status && S.logs.status !== "RUNNING") text = "(nothing)";
     if (p.textContent !== text) { p.textContent = text; p.scrollTop = p.scrollHeight; }
   }
 }
