@@ -238,6 +238,9 @@ def test_read_only_hides_and_refuses_cancel(browser, results_dir):
     did = ct.dispatch(live_flow)(str(results_dir / "never"))
     ui = start_ui("--read-only")
     try:
+        browser.get(f"{ui.base}/d/{did}")  # a new server: no cookie for it yet, no token
+        assert "needs the token" in browser.find_element(By.TAG_NAME, "body").text
+        assert not browser.find_elements(By.ID, "main")
         browser.get(f"{ui.url}")
         browser.get(f"{ui.base}/d/{did}")
         _wait(browser, _dispatch_status, what="page loads")
