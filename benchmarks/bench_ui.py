@@ -57,6 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json")
+    ap.add_argument("--screenshot", help="save the grouped 10,000-node page as this PNG")
     args = ap.parse_args()
     import psutil
     from selenium import webdriver
@@ -92,6 +93,8 @@ def main() -> None:
                 WebDriverWait(driver, 300, 0.05).until(
                     lambda d: d.execute_script("return document.body.dataset.live") == "ready")
                 times.append(driver.execute_script("return window.__firstRender") / 1000)
+            if group and args.screenshot:
+                driver.save_screenshot(args.screenshot)
             import json
 
             state = json.loads(ui.request(f"/api/d/{did}/changes?since=0")[1])["dispatch"]

@@ -111,8 +111,8 @@ def layout(
             label = f"{what} ×{len(members)}"
             execs = {info[m]["executor"] for m in members}
             executor = execs.pop() if len(execs) == 1 else "mixed"
-            boxes.append(Box(key, label, n["kind"], list(members), executor, _width(label),
-                             GROUP_H))
+            width = max(_width(label), 180.0)  # room for "1234/5000 done" beside the executor
+            boxes.append(Box(key, label, n["kind"], list(members), executor, width, GROUP_H))
             for m in members:
                 box_of[m] = key
         else:

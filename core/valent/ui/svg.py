@@ -33,6 +33,7 @@ STYLE = """
 .vg rect.c-COMPLETED{fill:#16a34a}.vg rect.c-RUNNING{fill:#2563eb}
 .vg rect.c-PENDING{fill:#93c5fd}.vg rect.c-NEW_OBJECT{fill:#d1d5db}
 .vg rect.c-CANCELLED{fill:#d97706}.vg rect.c-FAILED{fill:#dc2626}
+.vg rect.track{fill:#fff;stroke:#64748b;stroke-width:.5}
 """
 
 
@@ -51,6 +52,9 @@ def box_status(box: Box, statuses: Mapping[int, tuple[str, str | None]]) -> tupl
     else:
         status = "COMPLETED" if counts.get("COMPLETED") == len(box.members) else "NEW_OBJECT"
     badge = ", ".join(f"{n} {o}" for o, n in outcomes.most_common(2))
+    if not badge:
+        done = sum(counts.get(s, 0) for s in ("COMPLETED", "FAILED", "CANCELLED"))
+        badge = f"{done}/{len(box.members)} done"
     return status, badge
 
 
@@ -59,7 +63,8 @@ def _bar(box: Box, statuses: Mapping[int, tuple[str, str | None]]) -> str:
     x0 = box.x - box.w / 2 + 6
     width = box.w - 12
     y = box.y + 1
-    parts, x = [], x0
+    parts, x = [f'<rect class="track" x="{x0:.1f}" y="{y:.1f}" width="{width:.1f}" '
+                f'height="5"/>'], x0
     for s in STATUS_ORDER:
         if counts.get(s):
             w = width * counts[s] / len(box.members)

@@ -203,8 +203,10 @@ function boxState(key) {
   }
   let status = ["RUNNING", "FAILED", "CANCELLED", "PENDING"].find((s) => counts[s]);
   if (!status) status = counts.COMPLETED === members.length ? "COMPLETED" : "NEW_OBJECT";
-  const badge = Object.entries(outcomes).sort((a, b) => b[1] - a[1]).slice(0, 2)
+  let badge = Object.entries(outcomes).sort((a, b) => b[1] - a[1]).slice(0, 2)
     .map(([o, n]) => `${n} ${o}`).join(", ");
+  if (!badge) badge = `${(counts.COMPLETED || 0) + (counts.FAILED || 0) + (counts.CANCELLED || 0)}` +
+    `/${members.length} done`;
   return [status, badge, counts];
 }
 
@@ -220,7 +222,8 @@ function paintBox(key) {
     const x0 = +frame.getAttribute("x") + 6, w = +frame.getAttribute("width") - 12;
     const y = +frame.getAttribute("y") + +frame.getAttribute("height") / 2 + 1;
     const total = S.groups[key].length;
-    let x = x0, html = "";
+    let x = x0, html = `<rect class="track" x="${x0.toFixed(1)}" y="${y.toFixed(1)}" ` +
+      `width="${w.toFixed(1)}" height="5"/>`;
     for (const s of BAR_ORDER) if (counts[s]) {
       const ww = (w * counts[s]) / total;
       html += `<rect class="c-${s}" x="${x.toFixed(1)}" y="${y.toFixed(1)}" width="${ww.toFixed(1)}" height="5"/>`;
