@@ -134,11 +134,11 @@ class Data:
     # ------------------------------------------------------------------ graph
 
     def graph(self, did: str, show_parameters: bool, group: bool) -> dict[str, Any]:
-        nodes = self.store.node_rows(did, with_outputs=False)
         key = (did, show_parameters, group)
         with self._lock:
             cached = self._layouts.get(key)
-        if cached is None:
+        if cached is None:  # a dispatch's graph never changes: laid out once per view option
+            nodes = self.store.node_rows(did, with_outputs=False)
             info = [{"node_id": n["node_id"], "name": n["name"], "kind": n["kind"],
                      "parents": json.loads(n["parents"]), "executor": n["executor"]}
                     for n in nodes]
