@@ -221,25 +221,28 @@ class Data:
         return out
 
     def output_text(self, did: str, nid: int) -> str:
-        from ..result import load_blob
-
         n = self.store.node_row(did, nid)
         if n is None:
             raise KeyError(nid)
-        return repr(load_blob(n["output"], n["output_file"]))[: 10 * 1024 * 1024]
+        return repr(self._load(did, n))[: 10 * 1024 * 1024]
+
+    def _load(self, did: str, row: Any) -> Any:
+        """A node's output, unpickled the way ``Result`` does it (with whatever checks that
+        store applies before unpickling); a string saying why when it cannot be loaded."""
+        from ..result import Result
+
+        return Result(self.store.dispatch_row(did), [], str(self.dir))._output(row)
 
     def _preview_row(self, row: Any) -> tuple[str, bool]:
         """A node output's repr, cut to ``PREVIEW_CHARS``; an output the store keeps in a file
         (over 1 MiB pickled) is not loaded for a preview, only named."""
-        from ..result import load_blob
-
         if row["output_file"]:
             try:
                 size = os.path.getsize(row["output_file"])
             except OSError as exc:
                 return f"<output file unreadable: {exc}>", False
             return f"<large output: {size:,} bytes pickled; open it with the link>", True
-        return self._preview(lambda: load_blob(row["output"], None))
+        return self._preview(lambda: self._load(row["dispatch_id"], row))
 
     @staticmethod
     def _preview(get) -> tuple[str, bool]:

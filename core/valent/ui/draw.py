@@ -72,10 +72,11 @@ def _publish(title: str, svg: str) -> Drawing:
     if _in_notebook():
         return drawing
     from ..config import results_dir
-    from ..store import ensure_private_dir
 
-    folder = Path(results_dir()).expanduser() / DRAWINGS
-    ensure_private_dir(folder)
+    root = Path(results_dir()).expanduser()
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)  # the results dir stays private
+    folder = root / DRAWINGS
+    folder.mkdir(exist_ok=True, mode=0o700)
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", title)[:60] or "graph"
     stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 1_000_000:06d}"
     path = folder / f"{safe}-{stamp}.html"
@@ -88,16 +89,25 @@ def _publish(title: str, svg: str) -> Drawing:
 
 
 def graph_nodes(graph: Any) -> list[dict[str, Any]]:
-    """A traced Graph's nodes as the dicts :func:`~valent.ui.layout.layout` takes."""
-    from ..api import _default_executor_name, _executor_label
+    """A traced Graph's nodes as the dicts :func:`~valent.ui.layout.layout` takes, each
+    electron with the executor it would run on (its own, else the lattice's, else the
+    config's default)."""
+    from ..config import default_executor_name
 
     try:
-        default = _default_executor_name(graph)
-    except Exception:
+        default = default_executor_name()
+    except Exception:  # a bad config is reported when dispatching; a drawing still helps
         default = "local"
+
+    def executor(node: Any) -> str | None:
+        if node.kind != "electron":
+            return None
+        spec = getattr(node.electron, "executor", None) or graph.executor or default
+        return spec if isinstance(spec, str) else getattr(spec, "name", str(spec))
+
     return [
         {"node_id": n.id, "name": n.name, "kind": n.kind, "parents": list(n.parents),
-         "executor": _executor_label(n, default)}
+         "executor": executor(n)}
         for n in graph.nodes
     ]
 
