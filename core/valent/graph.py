@@ -488,6 +488,13 @@ class Lattice:
         graph.result = graph.structure(ret)
         return graph
 
+    def draw(self, *args: Any, **kwargs: Any) -> Any:
+        """Trace with these arguments (nothing runs) and draw the graph: inline in a
+        notebook, else written to an HTML file whose path is printed (``valent ui`` lists it)."""
+        from .ui.draw import draw_lattice
+
+        return draw_lattice(self, *args, **kwargs)
+
     def __repr__(self) -> str:
         return f"<lattice {self.name}>"
 

@@ -179,5 +179,12 @@ class Result:
             lines.append(f"{r['name']}({r['node_id']}): {self._output(r)!r}  [{detail}]")
         return "\n".join(lines) + "\n"
 
+    def draw(self) -> Any:
+        """Draw the graph, nodes coloured by status with their cancel outcomes (as
+        ``Lattice.draw``: inline in a notebook, else an HTML file whose path is printed)."""
+        from .ui.draw import draw_result
+
+        return draw_result(self)
+
     def __repr__(self) -> str:
         return f"<Result {self.dispatch_id} {self.lattice_name} {self.status}>"

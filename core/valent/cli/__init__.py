@@ -29,6 +29,9 @@ def _register_commands() -> None:
 
     dispatches.register(cli)
     plugins.register(cli)
+    from ..ui.command import ui_cmd
+
+    cli.add_command(ui_cmd)
 
 
 _register_commands()
