@@ -89,17 +89,8 @@ CREATE TABLE IF NOT EXISTS cancel_requests (
 CREATE INDEX IF NOT EXISTS cancel_requests_open ON cancel_requests (handled_at, dispatch_id);
 """
 
-NODE_FIELDS = (
-    "status", "start_time", "end_time", "cancel_requested_at", "cancel_confirmed_at",
-    "cancel_outcome", "reason", "output", "output_file", "error", "traceback", "stdout",
-    "stderr", "attempts", "executor", "live_output",
-)
 ADDED_COLUMNS = {"nodes": {"live_output": "TEXT"}}
 """Columns added since schema version 1: a store made by an older valent gains them."""
-DISPATCH_FIELDS = (
-    "status", "start_time", "end_time", "result", "result_file", "error",
-    "cancel_requested_at",
-)
 
 
 class StoreLostError(StoreError):

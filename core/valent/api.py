@@ -17,7 +17,7 @@ import cloudpickle
 from .errors import DispatchTimeoutError, PicklingError, ValentError
 from .graph import ELECTRON, PARAMETER, Electron, Graph, Lattice, Ref
 from .result import Result
-from .status import FINAL, Status
+from .status import FINAL_VALUES, Status
 
 _lock = threading.Lock()
 _dispatcher = None
@@ -238,7 +238,6 @@ def get_result(
     return Result(row, store.node_rows(dispatch_id), str(store.dir))
 
 
-_FINAL = {s.value for s in FINAL}
 
 
 def _wait(store, dispatch_id: str, timeout: float | None) -> None:
@@ -256,7 +255,7 @@ def _wait(store, dispatch_id: str, timeout: float | None) -> None:
     delay = 0.02
     while True:
         row = check_owner(store, store.dispatch_row(dispatch_id))
-        if row["status"] in _FINAL:
+        if row["status"] in FINAL_VALUES:
             return
         if deadline is not None and time.monotonic() >= deadline:
             raise DispatchTimeoutError(
@@ -272,8 +271,10 @@ def _owner_dead(row) -> bool:
         return False
     pid = row["owner_pid"]
     if pid == os.getpid() and _dispatcher is not None:
-        return _dispatcher.owned(row["dispatch_id"]) is None and row["status"] not in _FINAL and (
-            abs(_dispatcher.owner[2] - (row["owner_started"] or 0)) > 1.0
+        return (
+            _dispatcher.owned(row["dispatch_id"]) is None
+            and row["status"] not in FINAL_VALUES
+            and abs(_dispatcher.owner[2] - (row["owner_started"] or 0)) > 1.0
         )
     import psutil
 
@@ -294,7 +295,7 @@ def check_owner(store, row):
     Every reader (``get_result``, ``cancel``, the CLI's list/status/show/watch) goes through
     this, so a dispatch whose owner was killed is never reported RUNNING.
     """
-    if row["status"] in _FINAL or not _owner_dead(row):
+    if row["status"] in FINAL_VALUES or not _owner_dead(row):
         return row
     store.mark_orphaned(row["dispatch_id"], _orphan_message(row))
     return store.dispatch_row(row["dispatch_id"])
@@ -334,7 +335,7 @@ def cancel(dispatch_id: str, task_ids: list[int] | int | None = None) -> str:
     if _owned_run(dispatch_id) is not None:
         return get_dispatcher().cancel(dispatch_id, task_ids)
     row = store.dispatch_row(dispatch_id)
-    if row["status"] in _FINAL:
+    if row["status"] in FINAL_VALUES:
         return f"Dispatch {dispatch_id} already finished ({row['status']}); nothing to cancel."
     if check_owner(store, row) is not row:
         return (

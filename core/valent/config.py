@@ -42,7 +42,7 @@ def config_path() -> Path:
 
 
 @cache
-def _load(path: str, stamp: tuple) -> dict[str, Any]:  # noqa: ARG001 - stamp keys the cache
+def _load(path: str, stamp: tuple) -> dict[str, Any]:  # stamp keys the cache
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

@@ -24,6 +24,7 @@ from typing import Any
 from ._plugins.contract import Executor
 from .checks import number_problem, seconds_problem
 from .errors import TracingError, ValentError
+from .task import node_label
 
 ExecutorSpec = str | Executor | None
 
@@ -62,7 +63,7 @@ class Node:
 
     @property
     def label(self) -> str:
-        return f"{self.name}({self.id})"
+        return node_label(self.name, self.id)
 
 
 @dataclass

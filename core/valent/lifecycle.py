@@ -91,7 +91,7 @@ def stop_owned(dispatcher: Any, runs: list[Any]) -> str:
     for run in runs:
         try:
             dispatcher.cancel(run.id, None)
-        except Exception as exc:  # noqa: BLE001 - report and go on stopping the others
+        except Exception as exc:  # report and go on stopping the others
             print(f"valent: cancelling {run.id}: {exc}", file=sys.stderr)
     for run in runs:
         run.done.wait(WAIT_AFTER_SIGNAL)

@@ -33,6 +33,8 @@ class Status(StrEnum):
 
 
 FINAL: frozenset[Status] = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+FINAL_VALUES: frozenset[str] = frozenset(s.value for s in FINAL)
+"""The final statuses as the store holds them (plain strings)."""
 
 
 class CancelOutcome(StrEnum):

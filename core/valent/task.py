@@ -9,6 +9,11 @@ from typing import Any
 from .status import CancelOutcome
 
 
+def node_label(name: str, node_id: int) -> str:
+    """A node's display name, as Covalent prints it: ``task_1(0)``."""
+    return f"{name}({node_id})"
+
+
 @dataclass(slots=True)
 class Task:
     """One attempt at running one node: the callable with its resolved arguments.
@@ -35,7 +40,7 @@ class Task:
     @property
     def label(self) -> str:
         """The node's display name, as Covalent prints it: ``task_1(0)``."""
-        return f"{self.name}({self.node_id})"
+        return node_label(self.name, self.node_id)
 
     @property
     def upstream(self) -> list[Upstream]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from typing import Any
@@ -56,7 +57,7 @@ class LocalExecutor(Executor):
         self.max_workers = max_workers
         self.grace = grace
         self.capture_output = capture_output
-        self.capabilities = Capabilities(True, True, True, grace)
+        self.capabilities = dataclasses.replace(type(self).capabilities, grace=grace)
         self._pool: ProcessPool | None = None
         self._lock = threading.Lock()
 

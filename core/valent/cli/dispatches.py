@@ -22,11 +22,10 @@ from typing import Any
 import click
 
 from ..errors import ValentError
-from ..status import FINAL, Status
+from ..status import FINAL_VALUES, Status
 from . import format as fmt
 from .progress import make_bar, node_counts, update_bar
 
-_FINAL = {s.value for s in FINAL}
 _ALL_STATUSES = [s.value for s in Status]
 EXIT_ERROR = 1
 EXIT_CANCEL_TIMEOUT = 3
@@ -226,13 +225,13 @@ def cancel_cmd(
     t0 = time.monotonic()
     message = api.cancel(did, list(tasks) or None)
     targets = _targets(nodes, tasks)
-    if not wait or row["status"] in _FINAL:
+    if not wait or row["status"] in FINAL_VALUES:
         if as_json:
             fmt.echo_json({"dispatch_id": did, "message": message, "status": row["status"],
                            "error": row["error"]})
         else:
             click.echo(message)
-            if row["status"] in _FINAL and row["error"]:
+            if row["status"] in FINAL_VALUES and row["error"]:
                 click.echo(f"error: {row['error']}")
         return
     if not as_json:
@@ -296,8 +295,8 @@ def _wait_stopped(
     while True:
         row = check_owner(store, store.dispatch_row(did))
         nodes = store.node_rows(did, with_outputs=False)
-        if row["status"] in _FINAL or all(
-            n["status"] in _FINAL for n in nodes if n["node_id"] in targets
+        if row["status"] in FINAL_VALUES or all(
+            n["status"] in FINAL_VALUES for n in nodes if n["node_id"] in targets
         ):
             return row, nodes, True
         if time.monotonic() >= deadline:
@@ -361,7 +360,7 @@ def _watch_lines(store: Any, did: str, interval: float) -> Any:
             note = fmt.node_note(n) if n["status"] in ("FAILED", "CANCELLED") else ""
             click.echo(f"{_clock()}  {fmt.label(n)} {fmt.styled(n['status'])}{extra}"
                        f"{'  ' + note if note else ''}  [{done}/{total}]")
-        if row["status"] in _FINAL:
+        if row["status"] in FINAL_VALUES:
             return row
         time.sleep(interval)
 
@@ -395,7 +394,7 @@ def _watch_live(store: Any, did: str, interval: float) -> Any:
 
     row, nodes = _snapshot(store, did)
     with Live(render(row, nodes), console=console, auto_refresh=False) as live:
-        while row["status"] not in _FINAL:
+        while row["status"] not in FINAL_VALUES:
             time.sleep(interval)
             row, nodes = _snapshot(store, did)
             live.update(render(row, nodes), refresh=True)
@@ -495,7 +494,7 @@ def _follow(store: Any, row: Any, n: Any, streams: Sequence[str], every: float =
         if time.monotonic() - checked > 1.0:  # notices a dead owner (marks it FAILED)
             row, checked = _row(store, did), time.monotonic()
         n = store.node_row(did, nid)
-        if n["status"] in _FINAL:
+        if n["status"] in FINAL_VALUES:
             break
         paths = _live_paths(row, n) or {}
         for s in streams:

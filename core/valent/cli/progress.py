@@ -12,15 +12,13 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from ..status import FINAL
-
-_FINAL = {s.value for s in FINAL}
+from ..status import FINAL_VALUES
 
 
 def node_counts(nodes: Sequence[Any]) -> tuple[int, int, Counter[str]]:
     """``(done, total, count per status)`` for a dispatch's node rows."""
     counts = Counter(n["status"] for n in nodes)
-    done = sum(v for k, v in counts.items() if k in _FINAL)
+    done = sum(v for k, v in counts.items() if k in FINAL_VALUES)
     return done, len(nodes), counts
 
 
@@ -40,7 +38,7 @@ def dispatch_seconds(row: Any) -> float | None:
     if start is None:
         return None
     if end is None:
-        return time.time() - start if row["status"] not in _FINAL else None
+        return time.time() - start if row["status"] not in FINAL_VALUES else None
     return max(0.0, end - start)
 
 

@@ -19,11 +19,10 @@ from typing import Any
 
 from .._store import Store
 from ..errors import UnknownDispatchError
-from ..status import FINAL
+from ..status import FINAL_VALUES
 from .layout import Layout, layout
 from .svg import render_svg
 
-FINAL_NAMES = {s.value for s in FINAL}
 PREVIEW_CHARS = 2000
 LOG_CHUNK = 256 * 1024
 _SECRET = re.compile(r"pass|secret|token|credential|private|auth", re.I)
@@ -66,7 +65,7 @@ def _secs(start: float | None, end: float | None, now: float) -> float | None:
 
 def owner_state(row: Any) -> str:
     """``alive``/``dead`` for an unfinished dispatch's owner process, ``-`` once it is final."""
-    if row["status"] in FINAL_NAMES:
+    if row["status"] in FINAL_VALUES:
         return "-"
     from ..api import _owner_dead
 
@@ -178,7 +177,7 @@ class Data:
                     tr.version += 1
                     tr.log.append((tr.version, changed))
                     del tr.log[: -_Tracker.KEEP]
-                tr.final = row["status"] in FINAL_NAMES
+                tr.final = row["status"] in FINAL_VALUES
             full = since <= 0 or not tr.log or since < tr.log[0][0] - 1 or since > tr.version
             if full:
                 ids: Sequence[int] = sorted(tr.state)
@@ -190,7 +189,7 @@ class Data:
                     wanted |= c
                 ids = sorted(wanted)
             states = [dict(zip(STATE_KEYS, tr.state[i], strict=True)) for i in ids]
-            done = sum(1 for s in tr.state.values() if s[1] in FINAL_NAMES)
+            done = sum(1 for s in tr.state.values() if s[1] in FINAL_VALUES)
             version = tr.version
         return {"version": version, "full": full, "nodes": states,
                 "dispatch": dispatch_summary(row, done, len(tr.state))}
@@ -278,7 +277,7 @@ class Data:
         n = self.store.node_row(did, nid)
         if n is None:
             raise KeyError(nid)
-        if n["status"] in FINAL_NAMES or n["status"] != "RUNNING":
+        if n["status"] in FINAL_VALUES or n["status"] != "RUNNING":
             return {"status": n["status"], "live": False, "stdout": n["stdout"] or "",
                     "stderr": n["stderr"] or "", "offsets": offsets}
         paths = _live_paths(row, n) or {}

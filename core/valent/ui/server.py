@@ -185,12 +185,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send(500, f"valent ui: {type(exc).__name__}: {exc}".encode(),
                        "text/plain; charset=utf-8")
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._run()
 
     do_HEAD = do_GET
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._run()
 
     # ------------------------------------------------------------------ GET

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import shutil
 import signal
@@ -82,7 +83,7 @@ class SubprocessExecutor(Executor):
         self.max_parallel = max_parallel or os.cpu_count() or 1
         self.grace = grace
         self.python = python or sys.executable
-        self.capabilities = Capabilities(True, True, True, grace)
+        self.capabilities = dataclasses.replace(type(self).capabilities, grace=grace)
         self._lock = threading.Lock()
         self._queue: collections.deque[Job] = collections.deque()
         self._running: set[Job] = set()
