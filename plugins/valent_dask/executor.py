@@ -28,14 +28,16 @@ Blobs = tuple[str, bytes, bytes]
 
 
 class DaskExecutor(valent.Executor):
-    """Run each task on a Dask cluster: a LocalCluster started on first use, or yours.
+    """Run each task on a Dask cluster: one started on first use, or yours.
 
     :param scheduler_address: an existing scheduler (``tcp://host:8786``); None starts a
-        ``distributed.LocalCluster`` on first use and closes it at shutdown or exit. A
-        cluster given by address is never shut down by valent.
-    :param n_workers: worker processes of the LocalCluster we start.
-    :param threads_per_worker: threads per worker of the LocalCluster we start.
-    :param processes: LocalCluster workers as processes (True) or threads (False).
+        cluster on 127.0.0.1 on first use (scheduler and workers as their own programs, so
+        a script needs no ``__main__`` guard) and ends it at shutdown, at exit, or when this
+        process dies. A cluster given by address is never shut down by valent.
+    :param n_workers: worker processes of the cluster we start.
+    :param threads_per_worker: threads per worker of the cluster we start.
+    :param processes: workers as processes (True) or as threads in this process (False,
+        a ``distributed.LocalCluster(processes=False)``).
     :param cancel_mode: ``"kill"`` (default): each task body runs in a warm child process on
         its worker, and cancel kills it (outcome ``killed``); ``"finish"``: native Dask, a
         running task finishes and keeps its output (outcome ``runs_to_completion``).
@@ -111,7 +113,7 @@ class DaskExecutor(valent.Executor):
         return (_rebuild, (type(self), self._settings_dict()))
 
     def __repr__(self) -> str:
-        where = self.scheduler_address or f"LocalCluster(n_workers={self.n_workers})"
+        where = self.scheduler_address or f"own cluster, n_workers={self.n_workers}"
         return f"DaskExecutor({where}, cancel_mode={self.cancel_mode!r})"
 
     # ------------------------------------------------------------ the contract
@@ -416,7 +418,7 @@ class DaskExecutor(valent.Executor):
                 pump=self._pump,
             )
         except Exception as exc:  # noqa: BLE001 - reported on every waiting task
-            where = self.scheduler_address or "a new LocalCluster"
+            where = self.scheduler_address or "a new local cluster"
             error = ExecutorError(f"DaskExecutor could not start/connect to {where}: {exc}")
             error.__cause__ = exc
         failed: list[Handle] = []
