@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 import signal
 import subprocess
@@ -266,7 +267,7 @@ def test_external_scheduler_is_never_closed(dask_cluster, dask_client, tmp_path)
     ex.shutdown()  # kills what it still runs, closes its client, leaves the cluster up
     assert wait_until(lambda: not [p for p in pids if alive(p)], 10)
     assert set(dask_client.run(os.getpid).values()) == workers
-    assert dask_client.submit(T.add, 1, 2, pure=False).result(timeout=30) == 3
+    assert dask_client.submit(operator.add, 1, 2, pure=False).result(timeout=30) == 3
     state = ex.poll(h)
     assert not state.final or isinstance(state, valent.Cancelled)
     assert r.call(T.add, 1, 1).get_value() == 2, "a shut-down executor connects again"
