@@ -254,8 +254,10 @@ class DaskExecutor(valent.Executor):
             h.outcome = outcome
             if outcome is CancelOutcome.DEQUEUED:
                 self._finish(h, Cancelled(outcome, ended_at=time.time()))
-            elif not isinstance(h.state, Running):
-                h.state = Running()
+            elif outcome is CancelOutcome.RUNS_TO_COMPLETION and isinstance(h.state, Pending):
+                h.state = Running()  # its body runs (a worker said so); its end says since when
+            # a task being killed stays as it is until the kill is confirmed: its final state
+            # says whether its body had started (the pool knows), never a made-up start time
         return outcome
 
     # ------------------------------------------------------------ internals

@@ -62,6 +62,8 @@ def cancel_outcome(answers: dict | None, key: str) -> CancelOutcome:
         return CancelOutcome.KILLED
     if ws.RUNNING in said:
         return CancelOutcome.RUNS_TO_COMPLETION
+    if ws.DEQUEUED in said:  # a worker had it, but its body had not started and never will
+        return CancelOutcome.DEQUEUED
     if ws.FINISHED in said:
         return CancelOutcome.TOO_LATE
     if any(not isinstance(a, dict) for a in answers.values()):
