@@ -189,10 +189,10 @@ class DaskExecutor(valent.Executor):
             conn.close()
         dropped = []
         with self._lock:
-            for h in list(self._live.values()):
+            for h in sorted(self._live.values(), key=lambda h: bool(h.ups)):  # heads first
                 if not h.state.final:
                     msg = f"the DaskExecutor was shut down before {h.task.label} finished"
-                    self._finish(h, Failed(ExecutorError(msg), "", ended_at=time.time()))
+                    self._end_unsent(h, ExecutorError(msg))
                     dropped.append(h)
         with self._lock:
             self._closed = False  # released; a later run starts (or connects) afresh
@@ -356,8 +356,7 @@ class DaskExecutor(valent.Executor):
                 future = conn.client.submit(fn, *head, *ups, key=h.task.key, pure=False)
             except Exception as exc:  # noqa: BLE001 - the client is closed or broken
                 with self._lock:
-                    msg = f"Dask refused {h.task.label}: {exc}"
-                    self._finish(h, Failed(ExecutorError(msg), "", ended_at=time.time()))
+                    self._end_unsent(h, ExecutorError(f"Dask refused {h.task.label}: {exc}"))
                 dropped.append(h)
                 continue
             with self._lock:
@@ -436,9 +435,9 @@ class DaskExecutor(valent.Executor):
                 ).start()
                 return
             waiting, self._waiting = self._waiting, []
-            for h, _ in waiting:
+            for h, _ in sorted(waiting, key=lambda item: bool(item[0].ups)):  # heads first
                 if not h.state.final:
-                    self._finish(h, Failed(error, "", ended_at=time.time()))
+                    self._end_unsent(h, error)
                     failed.append(h)
         if conn is not None:
             conn.close()
@@ -474,6 +473,15 @@ class DaskExecutor(valent.Executor):
                         woken.append(h)
             for h in woken:
                 h.wake()
+
+    def _end_unsent(self, h: Handle, error: BaseException) -> None:
+        """End a task Dask never ran because of ``error`` (lock held): ``Failed``, unless it is
+        chained after a task that did not complete; then its body never would have run, and it
+        is ``Cancelled(dequeued)``, so the dispatcher shows it CANCELLED "upstream"."""
+        if h.ups and any(u.will_not_complete() for u in h.ups):
+            self._finish(h, Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time()))
+        else:
+            self._finish(h, Failed(error, "", ended_at=time.time()))
 
     def _finish(self, h: Handle, state: TaskState) -> None:
         """Record a final state and drop the future, releasing its data (lock held)."""

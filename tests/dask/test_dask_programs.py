@@ -1,0 +1,372 @@
+"""The cluster valent starts (scheduler and workers as their own programs), and clusters it
+does not own (``dask scheduler`` / ``dask worker`` programs, connected to by address).
+
+Scripts run as real subprocesses; every process they (or a test) start is found by PID or by
+the ``VALENT_TEST_TAG`` environment variable it inherits, and must be gone at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import cloudpickle
+import dask_tasks as T
+import pytest
+import valent
+import valent as ct
+from dask_support import (
+    DaskPrograms,
+    Runner,
+    alive,
+    descendants,
+    end_pids,
+    free_port,
+    tagged_processes,
+    wait_until,
+)
+from valent import CancelOutcome, Status
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+# ------------------------------------------------------------------ scripts valent owns
+
+
+def _run_script(tmp_path, code: str, timeout: float = 120.0) -> tuple[subprocess.CompletedProcess,
+                                                                       str, float]:
+    """Run ``code`` as a script file in its own results dir; return (proc, tag, seconds)."""
+    script = tmp_path / f"script_{uuid.uuid4().hex[:6]}.py"
+    script.write_text(textwrap.dedent(code))
+    tag = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k != "VALENT_CONFIG"}
+    env.update(VALENT_RESULTS_DIR=str(tmp_path / "results"), VALENT_TEST_TAG=tag)
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=timeout,
+        env=env, cwd=str(tmp_path),
+    )
+    return proc, tag, time.monotonic() - t0
+
+
+def _no_tagged_left(tag: str) -> None:
+    left = []
+    if not wait_until(lambda: not tagged_processes(tag), 20, 0.1):
+        left = tagged_processes(tag)
+        end_pids([p.pid for p in left])  # clean up, then fail
+    assert not left, f"left behind: {[(p.pid, p.cmdline()[:4]) for p in left]}"
+
+
+def _dispatch_count(tmp_path) -> int:
+    with sqlite3.connect(tmp_path / "results" / "valent.db") as db:
+        return db.execute("SELECT COUNT(*) FROM dispatches").fetchone()[0]
+
+
+PLAIN_SCRIPT = """
+import valent as ct
+
+@ct.electron(executor="dask")
+def add(a, b):
+    return a + b
+
+@ct.lattice
+def flow(x):
+    return add(add(x, 1), 2)
+
+d = ct.dispatch(flow)(1)
+r = ct.get_result(d, wait=True)
+print("RESULT", r.status, r.result)
+"""
+
+
+def test_plain_script_without_main_guard_just_works(tmp_path):
+    """Issue 12 #11: no ``if __name__ == "__main__":``, as Covalent users write scripts."""
+    proc, tag, _ = _run_script(tmp_path, PLAIN_SCRIPT)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == ["RESULT", "COMPLETED", "4"], proc.stdout
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert "Nanny" not in proc.stderr, proc.stderr
+        assert _dispatch_count(tmp_path) == 1, "the script ran more than once"
+    finally:
+        _no_tagged_left(tag)
+
+
+TWO_CLUSTERS = """
+import valent as ct
+
+kill = ct.executors.DaskExecutor(n_workers=1, cancel_mode="kill")
+finish = ct.executors.DaskExecutor(n_workers=1, cancel_mode="finish")
+
+@ct.electron(executor=kill)
+def a(x):
+    return x + 1
+
+@ct.electron(executor=finish)
+def b(x):
+    return x * 10
+
+@ct.lattice
+def flow(x):
+    return b(a(x))
+
+r = ct.dispatch_sync(flow)(1)
+print("RESULT", r.status, r.result, flush=True)
+# no shutdown(): exit must end both clusters, within seconds
+"""
+
+
+def test_exit_after_two_own_clusters_is_prompt_and_clean(tmp_path):
+    """Issue 12 #12: a kill-mode and a finish-mode cluster in one script; exit did hang."""
+    for _ in range(3):
+        proc, tag, took = _run_script(tmp_path, TWO_CLUSTERS, timeout=60)
+        try:
+            assert proc.returncode == 0, proc.stderr
+            assert proc.stdout.split() == ["RESULT", "COMPLETED", "20"], proc.stdout
+            assert "Traceback" not in proc.stderr, proc.stderr
+        finally:
+            _no_tagged_left(tag)
+
+
+OWNER_DIES = """
+import os, sys, time
+import valent as ct
+
+ex = ct.executors.DaskExecutor(n_workers=1, cancel_mode=sys.argv[1])
+
+@ct.electron(executor=ex)
+def sleeper(path):
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    time.sleep(300)
+
+@ct.lattice
+def flow(path):
+    return sleeper(path)
+
+ct.dispatch(flow)(sys.argv[2])
+time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("mode", ["kill", "finish"])
+def test_own_cluster_dies_with_its_owner(tmp_path, how, mode):
+    """Whatever ends the owner (kill -9, SIGTERM), no process of its cluster outlives it."""
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER_DIES)
+    tag = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k != "VALENT_CONFIG"}
+    env.update(VALENT_RESULTS_DIR=str(tmp_path / "results"), VALENT_TEST_TAG=tag)
+    pidfile = str(tmp_path / "task.pid")
+    owner = subprocess.Popen(
+        [sys.executable, str(script), mode, pidfile], env=env, cwd=str(tmp_path),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_until(lambda: os.path.exists(pidfile), 90, 0.05), "the task never started"
+        task = int(open(pidfile).read())
+        os.kill(owner.pid, getattr(signal, how))
+        owner.wait(60)
+        assert wait_until(lambda: not alive(task), 30, 0.1), "the task outlived its owner"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        _no_tagged_left(tag)
+
+
+def test_own_cluster_that_cannot_start_says_why(monkeypatch):
+    """A scheduler program that fails at start: one clear error with its log, no process."""
+    # a real fault: the scheduler program cannot import its configured preload module
+    monkeypatch.setenv("DASK_DISTRIBUTED__SCHEDULER__PRELOAD", '["valent_no_such_preload"]')
+    before = set(descendants())
+    ex = valent.executors.DaskExecutor(n_workers=1, connect_timeout=60)
+    try:
+        state = Runner(ex).call(T.add, 1, 2, timeout=90)
+    finally:
+        ex.shutdown()
+    assert isinstance(state, valent.Failed)
+    assert isinstance(state.error, valent.ExecutorError)
+    msg = str(state.error)
+    assert "scheduler program" in msg and "valent_no_such_preload" in msg, msg
+    assert wait_until(lambda: not set(descendants()) - before, 20, 0.1), (
+        f"left behind: {set(descendants()) - before}"
+    )
+
+
+def test_dependent_of_a_node_whose_cluster_cannot_start_is_cancelled_upstream():
+    """Issue 12 #4 for Dask: the head FAILS with the start error; its dependent is CANCELLED
+    with reason "upstream", not FAILED."""
+    ex = ct.executors.DaskExecutor(
+        scheduler_address=f"tcp://127.0.0.1:{free_port()}", connect_timeout=1
+    )
+
+    @ct.electron(executor=ex)
+    def head(x):
+        return x + 1
+
+    @ct.electron(executor=ex)
+    def tail(x):
+        return x * 2
+
+    @ct.lattice
+    def flow(x):
+        return tail(head(x))
+
+    try:
+        r = ct.get_result(ct.dispatch(flow)(1), wait=True, timeout=60)
+    finally:
+        ex.shutdown()
+    nodes = {n["node_name"]: n for n in r.get_all_node_results()}
+    assert nodes["head"]["status"] == Status.FAILED
+    assert "could not start/connect" in str(nodes["head"]["error"])
+    assert nodes["tail"]["status"] == Status.CANCELLED, nodes["tail"]
+    assert nodes["tail"]["reason"] == "upstream", nodes["tail"]
+    assert r.status == Status.FAILED
+
+
+# ------------------------------------------------------------------ a cluster not ours
+
+
+@pytest.fixture
+def programs(tmp_path):
+    """A fresh ``dask scheduler`` + one ``dask worker`` (its own, it is broken on purpose);
+    allowed-failures 0, so a worker death fails the task at once instead of re-running it."""
+    c = DaskPrograms(
+        str(tmp_path), n_workers=1,
+        env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"},
+    )
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def _sleeper(seconds: float, pid_file: str) -> str:
+    """Write our PID and a subprocess's, then sleep."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    with open(pid_file + ".tmp", "w") as f:
+        f.write(f"{os.getpid()} {child.pid}")
+    os.replace(pid_file + ".tmp", pid_file)
+    time.sleep(seconds)
+    child.kill()
+    child.wait()
+    return "slept"
+
+
+def _pids(path) -> list[int]:
+    assert wait_until(lambda: os.path.exists(path), 60, 0.02), "the task never started"
+    return [int(x) for x in open(path).read().split()]
+
+
+def _chain_flow(ex, tmp_path):
+    @ct.electron(executor=ex)
+    def work(seconds):
+        return _sleeper(seconds, str(tmp_path / "pids"))
+
+    @ct.electron(executor=ex)
+    def after(x):
+        return x + "!"
+
+    @ct.lattice
+    def flow(seconds):
+        return after(work(seconds))
+
+    return flow
+
+
+@pytest.mark.parametrize("mode", ["kill", "finish"])
+def test_workflow_on_dask_programs(programs, mode):
+    """Issue 12 #13a: a workflow runs in both modes on a cluster of separate programs."""
+    ex = ct.executors.DaskExecutor(scheduler_address=programs.address, cancel_mode=mode)
+
+    @ct.electron(executor=ex)
+    def inc(x):
+        return x + 1
+
+    @ct.lattice
+    def flow(n):
+        return [inc(i) for i in range(n)]
+
+    try:
+        r = ct.dispatch_sync(flow)(5)
+    finally:
+        ex.shutdown()
+    assert r.status == Status.COMPLETED and r.result == [1, 2, 3, 4, 5]
+
+
+def test_worker_killed_under_a_running_kill_mode_task(programs, tmp_path):
+    """Issue 12 #13b: the worker process is killed (by PID) under a running kill-mode task."""
+    ex = ct.executors.DaskExecutor(scheduler_address=programs.address, grace=0.5)
+    worker = programs.worker_pids()[0]
+    try:
+        did = ct.dispatch(_chain_flow(ex, tmp_path))(300)
+        task, sub = _pids(str(tmp_path / "pids"))
+        os.kill(worker, signal.SIGKILL)
+        r = ct.get_result(did, wait=True, timeout=90)
+    finally:
+        ex.shutdown()
+    nodes = {n["node_name"]: n for n in r.get_all_node_results()}
+    assert nodes["work"]["status"] == Status.FAILED
+    assert "WorkerDiedError" in str(nodes["work"]["error"]), nodes["work"]["error"]
+    assert nodes["after"]["status"] == Status.CANCELLED
+    assert nodes["after"]["reason"] == "upstream"
+    assert r.status == Status.FAILED
+    assert wait_until(lambda: not alive(task), 20, 0.1), "the task outlived its worker"
+    # its own subprocess is in the task's session; the pool child's group dies with it
+    assert wait_until(lambda: not alive(sub), 20, 0.1), "the task's subprocess outlived it"
+
+
+@pytest.mark.parametrize("mode", ["kill", "finish"])
+def test_scheduler_restarted_mid_run(programs, tmp_path, mode):
+    """Issue 12 #13c: the scheduler is killed and started again while a task runs."""
+    ex = ct.executors.DaskExecutor(
+        scheduler_address=programs.address, cancel_mode=mode, grace=0.5
+    )
+    try:
+        did = ct.dispatch(_chain_flow(ex, tmp_path))(300)
+        task, sub = _pids(str(tmp_path / "pids"))
+        old = programs.scheduler
+        end_pids([old.pid])
+        old.wait(10)
+        programs.start_scheduler()
+        t0 = time.monotonic()
+        r = ct.get_result(did, wait=True, timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        ex.shutdown()
+    nodes = {n["node_name"]: n for n in r.get_all_node_results()}
+    assert nodes["work"]["status"] == Status.FAILED, nodes["work"]
+    assert "scheduler" in str(nodes["work"]["error"]), nodes["work"]["error"]
+    assert nodes["after"]["status"] == Status.CANCELLED
+    assert nodes["after"]["reason"] == "upstream"
+    assert r.status == Status.FAILED
+    assert took < 100
+    if mode == "kill":  # lost work is stopped, not left running on a worker
+        assert wait_until(lambda: not alive(task) and not alive(sub), 60, 0.1), (
+            "the lost task kept running"
+        )
+
+
+def test_cancel_kills_on_dask_programs(programs, tmp_path):
+    """Issue 12 #13d: cancel in kill mode kills the task and its subprocess (by PID)."""
+    ex = ct.executors.DaskExecutor(scheduler_address=programs.address, grace=0.5)
+    try:
+        did = ct.dispatch(_chain_flow(ex, tmp_path))(300)
+        task, sub = _pids(str(tmp_path / "pids"))
+        ct.cancel(did)
+        r = ct.get_result(did, wait=True, timeout=60)
+    finally:
+        ex.shutdown()
+    nodes = {n["node_name"]: n for n in r.get_all_node_results()}
+    assert nodes["work"]["status"] == Status.CANCELLED
+    assert nodes["work"]["cancel_outcome"] == CancelOutcome.KILLED
+    assert nodes["work"]["start_time"] is not None
+    assert not alive(task) and not alive(sub), "a killed task or its subprocess survived"
