@@ -60,8 +60,9 @@ class Connection:
     """A connected ``distributed.Client`` (and the cluster we started, if any).
 
     :param settle: ``settle(items)`` is called on the event loop with a list of
-        ``((future, tag), value)``: what the task returned, the future's exception, or None
-        when it was cancelled. It must not block.
+        ``((future, tag), value)``: what the task returned, the future's exception, or when
+        it was cancelled the cancel error Dask gives (with its ``reason``) or None. It must
+        not block.
     :param pump: ``pump(self)`` is called on the submitter thread after ``kick()``.
     """
 
@@ -191,13 +192,24 @@ class Connection:
                 if status == "error":
                     value = await future.exception(asynchronous=True)
                 elif status == "cancelled":
-                    value = None
+                    value = await self._cancel_reason(future)
                 else:  # lost with a worker and recomputed by Dask: follow it again
                     continue
                 self._settle([((future, tag), value)])
                 return
         except Exception:  # noqa: BLE001 - a follower must never die silently
             log.exception("valent-dask: following %s failed", getattr(future, "key", future))
+
+    async def _cancel_reason(self, future: Any) -> Any:
+        """Why Dask cancelled ``future``: the ``FutureCancelledError`` that ``gather`` raises
+        for it (its ``reason``: ``scheduler-connection-lost``, ...), or None."""
+        try:
+            await self.client.gather(future, asynchronous=True)
+        except BaseException as exc:
+            if getattr(exc, "key", None) != future.key or not hasattr(exc, "reason"):
+                raise  # not the future's own cancellation (this follower is being cancelled)
+            return exc
+        return None
 
     async def _fetch_loop(self) -> None:
         """Fetch finished values, one ``gather`` at a time: what finishes meanwhile waits and
