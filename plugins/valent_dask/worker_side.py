@@ -252,12 +252,18 @@ def run_killable(
 
 
 def _after_kill(pool: Any, state: Any, asked: float | None, grace: float) -> Any:
-    """A task the cancel asked to kill that then ended Failed (its SIGTERM handler exited, an
-    error while stopping) was stopped by the cancel: once the pool confirms its kill done,
-    it is ``Cancelled(killed)``. A failure that came before the cancel stays a failure."""
+    """The truth about a kill-mode task the pool ended.
+
+    Cancelled before the pool saw its body start: ``dequeued``, whatever the pool said. Asked
+    to be killed and then ended Failed (its SIGTERM handler exited, an error while stopping):
+    stopped by the cancel, so ``Cancelled(killed)`` once the pool confirms its kill done. A
+    failure that came before the cancel stays a failure."""
     from valent.status import CancelOutcome
     from valent.task import Cancelled, Failed
 
+    if isinstance(state, Cancelled) and state.started_at is None:
+        # the pool never saw its body start (a warm child not up yet): it never ran
+        return Cancelled(CancelOutcome.DEQUEUED, None, state.ended_at, state.stdout, state.stderr)
     if asked is None or not isinstance(state, Failed):
         return state
     ended = state.ended_at if state.ended_at is not None else time.time()

@@ -370,3 +370,89 @@ def test_cancel_kills_on_dask_programs(programs, tmp_path):
     assert nodes["work"]["cancel_outcome"] == CancelOutcome.KILLED
     assert nodes["work"]["start_time"] is not None
     assert not alive(task) and not alive(sub), "a killed task or its subprocess survived"
+
+
+# ------------------------------------------------------------------ cancel truth, kill mode
+
+
+def _mark_then_sleep(marker: str, seconds: float) -> str:
+    with open(marker, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return "slept"
+
+
+def _exit_on_sigterm(marker: str, seconds: float) -> str:
+    """A task whose SIGTERM handler exits with an error (as some libraries install)."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    with open(marker, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return "slept"
+
+
+def test_cancel_right_after_dispatch_is_dequeued_unless_the_body_ran(
+    dask_cluster, dask_client, tmp_path
+):
+    """Issue 12 #1 for Dask: cancelled 0-50 ms after dispatch (queued on the scheduler, on a
+    worker, or handed to a warm child not up yet), a task whose body did not start is
+    ``dequeued``; ``killed`` only with a start time, and its process gone."""
+    import random
+
+    from valent_dask.worker_side import close_pools
+
+    ex = ct.executors.DaskExecutor(scheduler_address=dask_cluster.scheduler_address, grace=0.5)
+
+    @ct.electron(executor=ex)
+    def marked(marker):
+        return _mark_then_sleep(marker, 60)
+
+    @ct.lattice
+    def flow(marker):
+        return marked(marker)
+
+    rng = random.Random(1)
+    seen = []
+    try:
+        for i in range(12):
+            if i % 2 == 0:  # cold: the next task waits for a fresh warm child
+                dask_client.run(close_pools, False)
+            marker = tmp_path / f"marker{i}"
+            did = ct.dispatch(flow)(str(marker))
+            time.sleep(rng.uniform(0, 0.05))
+            ct.cancel(did)
+            r = ct.get_result(did, wait=True, timeout=60)
+            (n,) = [n for n in r.get_all_node_results() if n["node_name"] == "marked"]
+            time.sleep(0.3)  # a body that still ran would have written its marker by now
+            pid = int(marker.read_text()) if marker.exists() else None
+            seen.append(n["cancel_outcome"])
+            assert n["status"] == Status.CANCELLED, n
+            if n["cancel_outcome"] == CancelOutcome.KILLED:
+                assert n["start_time"] is not None, f"run {i}: killed with no start time"
+                assert pid is None or not alive(pid), f"run {i}: killed, yet it runs"
+            else:
+                assert n["cancel_outcome"] == CancelOutcome.DEQUEUED, n
+                assert n["start_time"] is None, f"run {i}: dequeued with a start time"
+                assert pid is None, f"run {i}: dequeued, but its body ran"
+    finally:
+        ex.shutdown()
+    assert CancelOutcome.DEQUEUED in seen, seen  # the window this test is about was hit
+
+
+def test_sigterm_handler_that_exits_is_still_a_cancel(dask_cluster, dask_client, tmp_path):
+    """Issue 12 #2 for Dask kill mode: a task whose SIGTERM handler calls ``sys.exit(1)``
+    after a cancel ends CANCELLED (``killed``), not FAILED."""
+    ex = ct.executors.DaskExecutor(scheduler_address=dask_cluster.scheduler_address, grace=2)
+    marker = tmp_path / "marker"
+    r = Runner(ex)
+    try:
+        h, w = r.start(_exit_on_sigterm, str(marker), 60)
+        assert wait_until(marker.exists, 60, 0.02), "the task never started"
+        pid = int(marker.read_text())
+        assert ex.cancel(h) == CancelOutcome.KILLED
+        state = r.wait(h, w, timeout=30)
+    finally:
+        ex.shutdown()
+    assert isinstance(state, valent.Cancelled), state
+    assert state.outcome == CancelOutcome.KILLED and state.started_at is not None
+    assert not alive(pid)
