@@ -52,6 +52,15 @@ def _register_atexit() -> None:
             _atexit_registered = True
 
 
+def _forget_after_fork() -> None:
+    """A forked child never closes its parent's connections (pid checked in close, too)."""
+    global _open
+    _open = weakref.WeakSet()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def _ignore(future: Any) -> None:
     """A done-callback that does nothing (the follower continues after it)."""
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import collections
+import os
 import socket
 import threading
 import time
 import uuid
+import weakref
 from typing import Any, Literal
 
 import cloudpickle
@@ -89,6 +91,7 @@ class DaskExecutor(valent.Executor):
         else:
             self.capabilities = Capabilities(True, False, False, None, chain=True)
         self._init_state()
+        _instances.add(self)
 
     def _init_state(self) -> None:
         self._lock = threading.RLock()
@@ -517,3 +520,17 @@ def _running_state(info: Any, here: str) -> Running:
 
 def _rebuild(cls: type[DaskExecutor], settings: dict[str, Any]) -> DaskExecutor:
     return cls(**settings)
+
+
+_instances: weakref.WeakSet[DaskExecutor] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with empty executors: the client, the cluster and the tasks are
+    the parent's (the child must never close or cancel them), and a lock another thread held
+    at the fork would never be released. A task the child runs starts its own cluster."""
+    for ex in list(_instances):
+        ex._init_state()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

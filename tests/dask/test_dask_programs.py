@@ -252,9 +252,7 @@ def programs(tmp_path):
 def _sleeper(seconds: float, pid_file: str) -> str:
     """Write our PID and a subprocess's, then sleep."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
-    with open(pid_file + ".tmp", "w") as f:
-        f.write(f"{os.getpid()} {child.pid}")
-    os.replace(pid_file + ".tmp", pid_file)
+    _write(pid_file, f"{os.getpid()} {child.pid}")
     time.sleep(seconds)
     child.kill()
     child.wait()
@@ -375,9 +373,14 @@ def test_cancel_kills_on_dask_programs(programs, tmp_path):
 # ------------------------------------------------------------------ cancel truth, kill mode
 
 
+def _write(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 def _mark_then_sleep(marker: str, seconds: float) -> str:
-    with open(marker, "w") as f:
-        f.write(str(os.getpid()))
+    _write(marker, str(os.getpid()))
     time.sleep(seconds)
     return "slept"
 
@@ -385,8 +388,7 @@ def _mark_then_sleep(marker: str, seconds: float) -> str:
 def _exit_on_sigterm(marker: str, seconds: float) -> str:
     """A task whose SIGTERM handler exits with an error (as some libraries install)."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    with open(marker, "w") as f:
-        f.write(str(os.getpid()))
+    _write(marker, str(os.getpid()))
     time.sleep(seconds)
     return "slept"
 
@@ -459,3 +461,38 @@ def test_sigterm_handler_that_exits_is_still_a_cancel(dask_cluster, dask_client,
     assert isinstance(state, valent.Cancelled), state
     assert state.outcome == CancelOutcome.KILLED and state.started_at is not None
     assert not alive(pid)
+
+
+FORK_SCRIPT = """
+import os, sys, threading
+import valent
+
+def body(x):
+    return x + 1
+
+def run(ex, x):
+    woke = threading.Event()
+    h = ex.run(valent.Task("fork", x, "body", body, args=(x,)), woke.set)
+    while not ex.poll(h).final:
+        woke.wait(1); woke.clear()
+    return ex.poll(h).get_value()
+
+ex = valent.executors.DaskExecutor(n_workers=1)
+print(run(ex, 1), flush=True)
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)  # a normal exit: atexit runs in the child, which must not touch our cluster
+os.waitpid(pid, 0)
+print(run(ex, 2), flush=True)
+"""
+
+
+def test_a_forked_child_exiting_leaves_the_owners_cluster_alone(tmp_path):
+    """A child made by os.fork() that exits normally runs the atexit hooks it inherited; it
+    must not close (or end the programs of) the cluster its parent owns."""
+    proc, tag, _ = _run_script(tmp_path, FORK_SCRIPT, timeout=120)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == ["2", "3"], (proc.stdout, proc.stderr)
+    finally:
+        _no_tagged_left(tag)
