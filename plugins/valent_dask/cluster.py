@@ -86,22 +86,31 @@ class Connection:
         settle: Callable[[list[tuple[Any, Any]]], None],
         pump: Callable[[Connection], None],
     ):
-        import distributed
-
         self.cluster: Any = None
         """What this connection started: ClusterPrograms, or a threads-only LocalCluster."""
         self.owner = os.getpid()
+        if scheduler_address is None and processes:
+            from .programs import ClusterPrograms
+
+            # its programs boot while this process imports Dask (both take ~0.6 s)
+            self.cluster = ClusterPrograms(n_workers, threads_per_worker)
+        try:
+            import distributed
+        except BaseException:
+            if self.cluster is not None:
+                self.cluster.close()
+            raise
+
         if scheduler_address is not None:
             self.client = distributed.Client(
                 scheduler_address, set_as_default=False, timeout=connect_timeout
             )
         elif processes:
-            from .programs import ClusterPrograms
-
-            self.cluster = ClusterPrograms(n_workers, threads_per_worker, connect_timeout)
             try:
                 self.client = distributed.Client(
-                    self.cluster.address, set_as_default=False, timeout=connect_timeout
+                    self.cluster.wait_for_address(connect_timeout),
+                    set_as_default=False,
+                    timeout=connect_timeout,
                 )
                 self.cluster.wait_for_workers(self.client, connect_timeout)
             except BaseException:

@@ -87,11 +87,12 @@ def _child_pythonpath() -> str:
 class ClusterPrograms:
     """A scheduler and ``n_workers`` worker processes on 127.0.0.1, owned by this process.
 
-    Starts at construction and returns once every worker joined the scheduler; raises
-    :class:`ClusterStartError` (with the programs' last log lines) if that fails.
+    The programs start at construction (without waiting: the caller imports Dask meanwhile);
+    :meth:`wait_for_address` and :meth:`wait_for_workers` wait for them, and raise
+    :class:`ClusterStartError` (with the programs' last log lines) if they cannot start.
     """
 
-    def __init__(self, n_workers: int, threads_per_worker: int, timeout: float):
+    def __init__(self, n_workers: int, threads_per_worker: int):
         self.owner = os.getpid()
         self.n_workers = n_workers
         self.dir = tempfile.mkdtemp(prefix="valent-dask-")
@@ -108,15 +109,15 @@ class ClusterPrograms:
         )
         self.pgid = self.watcher.pid
         try:
-            self._start(py, n_workers, threads_per_worker, timeout)
+            self._start(py, n_workers, threads_per_worker)
         except BaseException:
             self.close()
             raise
 
-    def _start(self, py: str, n_workers: int, threads: int, timeout: float) -> None:
+    def _start(self, py: str, n_workers: int, threads: int) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = _child_pythonpath()
-        sched_file = os.path.join(self.dir, "scheduler.json")
+        self._sched_file = sched_file = os.path.join(self.dir, "scheduler.json")
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the children, closed below
         try:
             common = {"stdin": subprocess.DEVNULL, "stderr": log, "env": env,
@@ -138,15 +139,18 @@ class ClusterPrograms:
             )
         finally:
             log.close()
+
+    def wait_for_address(self, timeout: float) -> str:
+        """The scheduler's address, once it wrote it; ClusterStartError if it cannot start."""
         deadline = time.monotonic() + timeout
         while not self.address:
             self._check_alive()
             try:
-                self.address = json.loads(Path(sched_file).read_text())["address"]
+                self.address = json.loads(Path(self._sched_file).read_text())["address"]
             except (OSError, ValueError, KeyError):
                 self._check_time(deadline, timeout, "the scheduler to write its address")
                 time.sleep(0.02)
-        self._deadline = deadline
+        return self.address
 
     def wait_for_workers(self, client: object, timeout: float) -> None:
         """Return once every worker joined; raise ClusterStartError if a program died."""
@@ -196,11 +200,12 @@ class ClusterPrograms:
             return
         self._closed = True
         progs = [p for p in (self.workers, self.scheduler) if p is not None]
+        deadline = time.monotonic() + timeout
+        # the workers first (with their scheduler still there they close in ~0.2 s; without
+        # it a nanny waits 8 s for its worker), then the scheduler
         for p in progs:
             if p.poll() is None:
                 p.terminate()
-        deadline = time.monotonic() + timeout
-        for p in progs:
             try:
                 p.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
