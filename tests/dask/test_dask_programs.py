@@ -496,3 +496,51 @@ def test_a_forked_child_exiting_leaves_the_owners_cluster_alone(tmp_path):
         assert proc.stdout.split() == ["2", "3"], (proc.stdout, proc.stderr)
     finally:
         _no_tagged_left(tag)
+
+
+BUSY_AT_EXIT = """
+import os, sys, threading, time
+import valent
+
+def body(path):
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    time.sleep(300)
+
+ex = valent.executors.DaskExecutor(n_workers=1, cancel_mode=sys.argv[1])
+woke = threading.Event()
+h = ex.run(valent.Task("busy", 1, "body", body, args=(sys.argv[2],)), woke.set)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.02)
+print("exiting", flush=True)
+# exit with the task still running and no shutdown()
+"""
+
+
+@pytest.mark.parametrize("mode", ["kill", "finish"])
+def test_exit_with_a_task_still_running_is_prompt(tmp_path, mode):
+    """Exit finishes within seconds whatever runs (a finish-mode body cannot be interrupted:
+    its worker is ended with the cluster), and leaves no process."""
+    script = tmp_path / "busy.py"
+    script.write_text(BUSY_AT_EXIT)
+    tag = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k != "VALENT_CONFIG"}
+    env.update(VALENT_RESULTS_DIR=str(tmp_path / "results"), VALENT_TEST_TAG=tag)
+    owner = subprocess.Popen(
+        [sys.executable, str(script), mode, str(tmp_path / "task.pid")], env=env,
+        cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert owner.stdout.readline().strip() == "exiting", owner.stderr.read()
+        t0 = time.monotonic()
+        owner.wait(60)
+        took = time.monotonic() - t0
+        assert owner.returncode == 0, owner.stderr.read()
+        assert took < 30, f"exit took {took:.1f} s"  # ~1-4 s expected
+        assert "Traceback" not in owner.stderr.read()
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        _no_tagged_left(tag)
