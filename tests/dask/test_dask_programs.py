@@ -55,11 +55,16 @@ def _run_script(tmp_path, code: str, timeout: float = 120.0) -> tuple[subprocess
 
 
 def _no_tagged_left(tag: str) -> None:
-    left = []
+    left: list[str] = []
     if not wait_until(lambda: not tagged_processes(tag), 20, 0.1):
-        left = tagged_processes(tag)
-        end_pids([p.pid for p in left])  # clean up, then fail
-    assert not left, f"left behind: {[(p.pid, p.cmdline()[:4]) for p in left]}"
+        procs = tagged_processes(tag)
+        for p in procs:
+            try:
+                left.append(f"{p.pid} {' '.join(p.cmdline()[:4])}")
+            except Exception:  # noqa: BLE001 - it ended meanwhile
+                left.append(str(p.pid))
+        end_pids([p.pid for p in procs])  # clean up, then fail
+    assert not left, f"left behind: {left}"
 
 
 def _dispatch_count(tmp_path) -> int:
