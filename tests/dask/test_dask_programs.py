@@ -23,6 +23,7 @@ import valent
 import valent as ct
 from dask_support import (
     DaskPrograms,
+    NetnsHost,
     Runner,
     alive,
     descendants,
@@ -549,3 +550,67 @@ def test_exit_with_a_task_still_running_is_prompt(tmp_path, mode):
             owner.kill()
             owner.wait()
         _no_tagged_left(tag)
+
+
+@pytest.fixture
+def remote_programs(tmp_path):
+    """``dask scheduler`` here and a ``dask worker`` on a simulated second host (a network
+    namespace, reached over its own address); allowed-failures 0."""
+    try:
+        host = NetnsHost()
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot simulate a second host with ip netns: {exc}")
+    try:
+        c = DaskPrograms(
+            str(tmp_path), n_workers=1,
+            env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"},
+            host=host.host_ip, worker_host=host.ip, worker_prefix=host.prefix,
+        )
+        try:
+            yield c
+        finally:
+            c.stop()
+    finally:
+        host.close()
+
+
+def test_worker_on_another_host_cancel_and_host_death(remote_programs, tmp_path):
+    """Kill mode with a worker on another (simulated) host: a cancel kills the task and its
+    subprocess; then the host dies under a running task (every process started there is
+    killed): the task FAILS with WorkerDiedError, its dependent is CANCELLED upstream."""
+    with remote_programs.client() as c:
+        (addr,) = c.scheduler_info()["workers"]
+    assert remote_programs.worker_host in addr  # the worker really is on the other address
+    ex = ct.executors.DaskExecutor(scheduler_address=remote_programs.address, grace=0.5)
+    flow = _chain_flow(ex, tmp_path)
+    try:
+        did = ct.dispatch(flow)(300)
+        task, sub = _pids(str(tmp_path / "pids"))
+        ct.cancel(did)
+        r = ct.get_result(did, wait=True, timeout=60)
+        work = next(n for n in r.get_all_node_results() if n["node_name"] == "work")
+        assert work["status"] == Status.CANCELLED and work["cancel_outcome"] == "killed"
+        assert wait_until(lambda: not alive(task) and not alive(sub), 10, 0.05)
+
+        os.unlink(tmp_path / "pids")
+        did = ct.dispatch(flow)(300)
+        task, sub = _pids(str(tmp_path / "pids"))
+        end_pids([p for w in remote_programs.workers for p in _tree(w.pid)], grace=0)
+        r = ct.get_result(did, wait=True, timeout=90)
+    finally:
+        ex.shutdown()
+    nodes = {n["node_name"]: n for n in r.get_all_node_results()}
+    assert nodes["work"]["status"] == Status.FAILED
+    assert "WorkerDiedError" in str(nodes["work"]["error"]), nodes["work"]["error"]
+    assert nodes["after"]["status"] == Status.CANCELLED
+    assert nodes["after"]["reason"] == "upstream"
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (the processes started on the simulated host)."""
+    import psutil
+
+    try:
+        return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
