@@ -135,6 +135,13 @@ class Connection:
                 self.cluster.close()
                 raise
         self.address: str = self.client.scheduler.address
+        try:
+            from .reaper import Reaper
+
+            # a task whose key the scheduler lets go of (this process died, ...) is stopped
+            self.client.register_plugin(Reaper(), name=Reaper.name)
+        except Exception as exc:  # noqa: BLE001 - tasks still run; only that safety net is off
+            log.warning("valent-dask: could not register the worker plugin: %r", exc)
         self._settle = settle
         self._pump = pump
         self._kick = threading.Event()

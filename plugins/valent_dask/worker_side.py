@@ -370,6 +370,16 @@ def cancel_keys(keys: list[str]) -> dict[str, str]:
     return out
 
 
+def stop_released(key: str) -> None:
+    """The scheduler let go of ``key`` while it ran here (its client died or cancelled it
+    outside valent): stop it as a cancel would. Called by :class:`valent_dask.reaper.Reaper`
+    on the worker's event loop; never blocks."""
+    with _lock:
+        if key not in _running:
+            return
+    cancel_keys([key])
+
+
 def _prune_tombstones(now: float) -> None:
     while _tombstones:
         key, t = next(iter(_tombstones.items()))

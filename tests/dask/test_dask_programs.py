@@ -614,3 +614,56 @@ def _tree(pid: int) -> list[int]:
         return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
     except psutil.Error:
         return []
+
+
+OWNER_OF_A_REMOTE_TASK = """
+import os, subprocess, sys, time
+import valent as ct
+
+ex = ct.executors.DaskExecutor(scheduler_address=sys.argv[1], cancel_mode="kill")
+
+@ct.electron(executor=ex)
+def sleeper(path):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{os.getpid()} {child.pid}")
+    os.replace(path + ".tmp", path)
+    time.sleep(300)
+
+@ct.lattice
+def flow(path):
+    return sleeper(path)
+
+ct.dispatch(flow)(sys.argv[2])
+time.sleep(300)
+"""
+
+
+def test_kill_mode_task_on_a_cluster_not_ours_dies_with_its_owner(programs, tmp_path):
+    """The dispatching process is killed (-9) while its kill-mode task runs on a cluster it
+    does not own: the scheduler lets go of the task's key, and the task's processes end."""
+    script = tmp_path / "remote_owner.py"
+    script.write_text(OWNER_OF_A_REMOTE_TASK)
+    env = {k: v for k, v in os.environ.items() if k != "VALENT_CONFIG"}
+    env["VALENT_RESULTS_DIR"] = str(tmp_path / "results")
+    pidfile = str(tmp_path / "pids")
+    owner = subprocess.Popen(
+        [sys.executable, str(script), programs.address, pidfile], env=env, cwd=str(tmp_path),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        task, sub = _pids(pidfile)
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(30)
+        assert wait_until(lambda: not alive(task) and not alive(sub), 30, 0.1), (
+            "the task outlived its owner on the cluster"
+        )
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+    ex = ct.executors.DaskExecutor(scheduler_address=programs.address)
+    try:  # the worker is still serving
+        assert Runner(ex).call(T.add, 1, 2, timeout=60).get_value() == 3
+    finally:
+        ex.shutdown()
