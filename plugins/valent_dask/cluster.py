@@ -1,4 +1,7 @@
-"""The executor's side of a Dask cluster: one client, and the LocalCluster it may own.
+"""The executor's side of a Dask cluster: one client, and the cluster it may own.
+
+A cluster valent owns is :class:`~valent_dask.programs.ClusterPrograms` (scheduler and workers
+as their own programs), or with ``processes=False`` a LocalCluster of threads in this process.
 
 Finished futures are followed on the client's event loop: a coroutine per future waits for
 it; values are fetched one ``gather`` at a time (what finishes meanwhile goes in the next)
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -24,6 +28,8 @@ FETCH_COALESCE = 0.025
 A lone task's value is fetched at once; during a burst each gather (a scheduler and a worker
 round trip, on a machine the cluster shares) takes what finished in the last 25 ms: a 1,000
 no-op fan-out went from ~1.25x to ~1.13x raw Dask (5 ms) with results late by <= 25 ms."""
+EXIT_TIMEOUT = 3.0
+"""Seconds each closing step may take at interpreter exit (exit must not hang)."""
 _open: weakref.WeakSet[Connection] = weakref.WeakSet()
 _atexit_registered = False
 _atexit_lock = threading.Lock()
@@ -32,7 +38,7 @@ _atexit_lock = threading.Lock()
 def _close_all_at_exit() -> None:
     for conn in list(_open):
         try:
-            conn.close(timeout=5.0)
+            conn.close(timeout=EXIT_TIMEOUT)
         except Exception:  # noqa: BLE001 - best effort at interpreter exit
             pass
 
@@ -46,16 +52,26 @@ def _register_atexit() -> None:
             _atexit_registered = True
 
 
+def _forget_after_fork() -> None:
+    """A forked child never closes its parent's connections (pid checked in close, too)."""
+    global _open
+    _open = weakref.WeakSet()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
 def _ignore(future: Any) -> None:
     """A done-callback that does nothing (the follower continues after it)."""
 
 
 class Connection:
-    """A connected ``distributed.Client`` (and the LocalCluster we started, if any).
+    """A connected ``distributed.Client`` (and the cluster we started, if any).
 
     :param settle: ``settle(items)`` is called on the event loop with a list of
-        ``((future, tag), value)``: what the task returned, the future's exception, or None
-        when it was cancelled. It must not block.
+        ``((future, tag), value)``: what the task returned, the future's exception, or when
+        it was cancelled the cancel error Dask gives (with its ``reason``) or None. It must
+        not block.
     :param pump: ``pump(self)`` is called on the submitter thread after ``kick()``.
     """
 
@@ -70,18 +86,46 @@ class Connection:
         settle: Callable[[list[tuple[Any, Any]]], None],
         pump: Callable[[Connection], None],
     ):
-        import distributed
-
         self.cluster: Any = None
-        self._tracker_was_running = _tracker_running()
-        if scheduler_address is None:
+        """What this connection started: ClusterPrograms, or a threads-only LocalCluster."""
+        self.owner = os.getpid()
+        if scheduler_address is None and processes:
+            from .programs import ClusterPrograms
+
+            # its programs boot while this process imports Dask (both take ~0.6 s)
+            self.cluster = ClusterPrograms(n_workers, threads_per_worker)
+        try:
+            import distributed
+        except BaseException:
+            if self.cluster is not None:
+                self.cluster.close()
+            raise
+
+        if scheduler_address is not None:
+            self.client = distributed.Client(
+                scheduler_address, set_as_default=False, timeout=connect_timeout
+            )
+        elif processes:
+            try:
+                self.client = distributed.Client(
+                    self.cluster.wait_for_address(connect_timeout),
+                    set_as_default=False,
+                    timeout=connect_timeout,
+                )
+                self.cluster.wait_for_workers(self.client, connect_timeout)
+            except BaseException:
+                client = getattr(self, "client", None)
+                if client is not None:
+                    client.close(timeout=2.0)
+                self.cluster.close()
+                raise
+        else:  # threads in this process: nothing is spawned, so nothing re-runs the script
             self.cluster = distributed.LocalCluster(
                 n_workers=n_workers,
                 threads_per_worker=threads_per_worker,
-                processes=processes,
+                processes=False,
                 host="127.0.0.1",
                 dashboard_address=None,
-                # no dashboard; its HTTP server (health, metrics) on a free port, not 8787
                 scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                 scheduler_port=0,
             )
@@ -90,11 +134,14 @@ class Connection:
             except BaseException:
                 self.cluster.close()
                 raise
-        else:
-            self.client = distributed.Client(
-                scheduler_address, set_as_default=False, timeout=connect_timeout
-            )
         self.address: str = self.client.scheduler.address
+        try:
+            from .reaper import Reaper
+
+            # a task whose key the scheduler lets go of (this process died, ...) is stopped
+            self.client.register_plugin(Reaper(), name=Reaper.name)
+        except Exception as exc:  # noqa: BLE001 - tasks still run; only that safety net is off
+            log.warning("valent-dask: could not register the worker plugin: %r", exc)
         self._settle = settle
         self._pump = pump
         self._kick = threading.Event()
@@ -170,13 +217,24 @@ class Connection:
                 if status == "error":
                     value = await future.exception(asynchronous=True)
                 elif status == "cancelled":
-                    value = None
+                    value = await self._cancel_reason(future)
                 else:  # lost with a worker and recomputed by Dask: follow it again
                     continue
                 self._settle([((future, tag), value)])
                 return
         except Exception:  # noqa: BLE001 - a follower must never die silently
             log.exception("valent-dask: following %s failed", getattr(future, "key", future))
+
+    async def _cancel_reason(self, future: Any) -> Any:
+        """Why Dask cancelled ``future``: the ``FutureCancelledError`` that ``gather`` raises
+        for it (its ``reason``: ``scheduler-connection-lost``, ...), or None."""
+        try:
+            await self.client.gather(future, asynchronous=True)
+        except BaseException as exc:
+            if getattr(exc, "key", None) != future.key or not hasattr(exc, "reason"):
+                raise  # not the future's own cancellation (this follower is being cancelled)
+            return exc
+        return None
 
     async def _fetch_loop(self) -> None:
         """Fetch finished values, one ``gather`` at a time: what finishes meanwhile waits and
@@ -222,11 +280,17 @@ class Connection:
         return self.client.run(fn, *args, on_error="return", callback_timeout=timeout)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Close the client; close the cluster if we started it (never a user's cluster)."""
+        """Close the client; end the cluster if we started it (never a user's cluster).
+
+        Bounded: each step waits at most ``timeout`` seconds. In a forked child of the
+        process that connected, nothing is touched (the client and cluster are the parent's).
+        """
         if self._closed:
             return
         self._closed = True
         _open.discard(self)
+        if os.getpid() != self.owner:
+            return
         from .worker_side import close_pools
 
         try:
@@ -238,28 +302,8 @@ class Connection:
         self._submitter.join(timeout)
         try:
             self.client.close(timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - the cluster still has to go
+            log.debug("valent-dask: closing the client failed: %r", exc)
         finally:
             if self.cluster is not None:
-                self.cluster.close(timeout=timeout)
-                if not self._tracker_was_running:
-                    _stop_tracker()
-
-
-def _tracker_running() -> bool:
-    from multiprocessing import resource_tracker
-
-    return getattr(resource_tracker._resource_tracker, "_fd", None) is not None  # noqa: SLF001
-
-
-def _stop_tracker() -> None:
-    """Stop the multiprocessing resource tracker that our LocalCluster's spawned workers
-    started, so that closing the cluster leaves no process behind (it restarts on demand)."""
-    from multiprocessing import resource_tracker
-
-    stop = getattr(resource_tracker._resource_tracker, "_stop", None)  # noqa: SLF001
-    if stop is not None:
-        try:
-            stop()
-        except Exception as exc:  # noqa: BLE001
-            log.debug("valent-dask: could not stop the resource tracker: %r", exc)
-
+                self.cluster.close(timeout=min(timeout, 5.0))

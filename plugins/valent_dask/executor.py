@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import collections
+import os
 import socket
 import threading
 import time
 import uuid
+import weakref
 from typing import Any, Literal
 
 import cloudpickle
@@ -29,14 +31,16 @@ Blobs = tuple[str, bytes, bytes]
 
 
 class DaskExecutor(valent.Executor):
-    """Run each task on a Dask cluster: a LocalCluster started on first use, or yours.
+    """Run each task on a Dask cluster: one started on first use, or yours.
 
     :param scheduler_address: an existing scheduler (``tcp://host:8786``); None starts a
-        ``distributed.LocalCluster`` on first use and closes it at shutdown or exit. A
-        cluster given by address is never shut down by valent.
-    :param n_workers: worker processes of the LocalCluster we start.
-    :param threads_per_worker: threads per worker of the LocalCluster we start.
-    :param processes: LocalCluster workers as processes (True) or threads (False).
+        cluster on 127.0.0.1 on first use (scheduler and workers as their own programs, so
+        a script needs no ``__main__`` guard) and ends it at shutdown, at exit, or when this
+        process dies. A cluster given by address is never shut down by valent.
+    :param n_workers: worker processes of the cluster we start.
+    :param threads_per_worker: threads per worker of the cluster we start.
+    :param processes: workers as processes (True) or as threads in this process (False,
+        a ``distributed.LocalCluster(processes=False)``).
     :param cancel_mode: ``"kill"`` (default): each task body runs in a warm child process on
         its worker, and cancel kills it (outcome ``killed``); ``"finish"``: native Dask, a
         running task finishes and keeps its output (outcome ``runs_to_completion``).
@@ -89,6 +93,7 @@ class DaskExecutor(valent.Executor):
         else:
             self.capabilities = Capabilities(True, False, False, None, chain=True)
         self._init_state()
+        _instances.add(self)
 
     def _init_state(self) -> None:
         self._lock = threading.RLock()
@@ -113,7 +118,7 @@ class DaskExecutor(valent.Executor):
         return (_rebuild, (type(self), self._settings_dict()))
 
     def __repr__(self) -> str:
-        where = self.scheduler_address or f"LocalCluster(n_workers={self.n_workers})"
+        where = self.scheduler_address or f"own cluster, n_workers={self.n_workers}"
         return f"DaskExecutor({where}, cancel_mode={self.cancel_mode!r})"
 
     # ------------------------------------------------------------ the contract
@@ -189,10 +194,10 @@ class DaskExecutor(valent.Executor):
             conn.close()
         dropped = []
         with self._lock:
-            for h in list(self._live.values()):
+            for h in sorted(self._live.values(), key=lambda h: bool(h.ups)):  # heads first
                 if not h.state.final:
                     msg = f"the DaskExecutor was shut down before {h.task.label} finished"
-                    self._finish(h, Failed(ExecutorError(msg), "", ended_at=time.time()))
+                    self._end_unsent(h, ExecutorError(msg))
                     dropped.append(h)
         with self._lock:
             self._closed = False  # released; a later run starts (or connects) afresh
@@ -254,8 +259,10 @@ class DaskExecutor(valent.Executor):
             h.outcome = outcome
             if outcome is CancelOutcome.DEQUEUED:
                 self._finish(h, Cancelled(outcome, ended_at=time.time()))
-            elif not isinstance(h.state, Running):
-                h.state = Running()
+            elif outcome is CancelOutcome.RUNS_TO_COMPLETION and isinstance(h.state, Pending):
+                h.state = Running()  # its body runs (a worker said so); its end says since when
+            # a task being killed stays as it is until the kill is confirmed: its final state
+            # says whether its body had started (the pool knows), never a made-up start time
         return outcome
 
     # ------------------------------------------------------------ internals
@@ -354,8 +361,7 @@ class DaskExecutor(valent.Executor):
                 future = conn.client.submit(fn, *head, *ups, key=h.task.key, pure=False)
             except Exception as exc:  # noqa: BLE001 - the client is closed or broken
                 with self._lock:
-                    msg = f"Dask refused {h.task.label}: {exc}"
-                    self._finish(h, Failed(ExecutorError(msg), "", ended_at=time.time()))
+                    self._end_unsent(h, ExecutorError(f"Dask refused {h.task.label}: {exc}"))
                 dropped.append(h)
                 continue
             with self._lock:
@@ -418,7 +424,7 @@ class DaskExecutor(valent.Executor):
                 pump=self._pump,
             )
         except Exception as exc:  # noqa: BLE001 - reported on every waiting task
-            where = self.scheduler_address or "a new LocalCluster"
+            where = self.scheduler_address or "a new local cluster"
             error = ExecutorError(f"DaskExecutor could not start/connect to {where}: {exc}")
             error.__cause__ = exc
         failed: list[Handle] = []
@@ -434,9 +440,9 @@ class DaskExecutor(valent.Executor):
                 ).start()
                 return
             waiting, self._waiting = self._waiting, []
-            for h, _ in waiting:
+            for h, _ in sorted(waiting, key=lambda item: bool(item[0].ups)):  # heads first
                 if not h.state.final:
-                    self._finish(h, Failed(error, "", ended_at=time.time()))
+                    self._end_unsent(h, error)
                     failed.append(h)
         if conn is not None:
             conn.close()
@@ -473,6 +479,15 @@ class DaskExecutor(valent.Executor):
             for h in woken:
                 h.wake()
 
+    def _end_unsent(self, h: Handle, error: BaseException) -> None:
+        """End a task Dask never ran because of ``error`` (lock held): ``Failed``, unless it is
+        chained after a task that did not complete; then its body never would have run, and it
+        is ``Cancelled(dequeued)``, so the dispatcher shows it CANCELLED "upstream"."""
+        if h.ups and any(u.will_not_complete() for u in h.ups):
+            self._finish(h, Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time()))
+        else:
+            self._finish(h, Failed(error, "", ended_at=time.time()))
+
     def _finish(self, h: Handle, state: TaskState) -> None:
         """Record a final state and drop the future, releasing its data (lock held)."""
         h.state = state
@@ -507,3 +522,17 @@ def _running_state(info: Any, here: str) -> Running:
 
 def _rebuild(cls: type[DaskExecutor], settings: dict[str, Any]) -> DaskExecutor:
     return cls(**settings)
+
+
+_instances: weakref.WeakSet[DaskExecutor] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with empty executors: the client, the cluster and the tasks are
+    the parent's (the child must never close or cancel them), and a lock another thread held
+    at the fork would never be released. A task the child runs starts its own cluster."""
+    for ex in list(_instances):
+        ex._init_state()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -62,6 +62,8 @@ def cancel_outcome(answers: dict | None, key: str) -> CancelOutcome:
         return CancelOutcome.KILLED
     if ws.RUNNING in said:
         return CancelOutcome.RUNS_TO_COMPLETION
+    if ws.DEQUEUED in said:  # a worker had it, but its body had not started and never will
+        return CancelOutcome.DEQUEUED
     if ws.FINISHED in said:
         return CancelOutcome.TOO_LATE
     if any(not isinstance(a, dict) for a in answers.values()):
@@ -78,6 +80,13 @@ def _not_its_own(h: Handle, value: Any) -> bool:
     return task is not None and task != h.task.key
 
 
+def _cancel_error(value: Any) -> bool:
+    """Is ``value`` the error Dask gives for a cancelled future (not the task's own error)?"""
+    from distributed.client import FutureCancelledError
+
+    return isinstance(value, FutureCancelledError)
+
+
 def to_state(h: Handle, future: Any, value: Any) -> TaskState:
     """Map a task's returned tuple (or the future's error) to a valent state."""
     now = time.time()
@@ -85,11 +94,20 @@ def to_state(h: Handle, future: Any, value: Any) -> TaskState:
     if h.ups and not isinstance(value, tuple) and _not_its_own(h, value):
         # Dask failed or dropped it because an upstream task did: its body never ran
         return Cancelled(CancelOutcome.DEQUEUED, ended_at=now)
-    if value is None:
+    if value is None or _cancel_error(value):
         if h.outcome is not None:
             return Cancelled(h.outcome, ended_at=now)
-        msg = f"Dask dropped {label} (its future was cancelled outside valent)"
-        return Failed(ExecutorError(msg), "", ended_at=now)
+        why = getattr(value, "reason", None)
+        if why == "scheduler-connection-lost":
+            msg = (
+                f"{label} was lost: the connection to the Dask scheduler broke while it was "
+                f"on the cluster (the scheduler restarted or is unreachable); Dask said: {value}"
+            )
+        else:
+            msg = f"Dask dropped {label}: its future was cancelled outside valent ({value})"
+        err = ExecutorError(msg)
+        err.__cause__ = value
+        return Failed(err, "", ended_at=now)
     if isinstance(value, BaseException):
         from distributed.scheduler import KilledWorker
 

@@ -37,15 +37,19 @@ FN_CACHE = 256
 # result tuples: (kind, ...)
 OK, ERR, CANCELLED, SKIPPED = "ok", "err", "cancelled", "skipped"
 
-# answers of cancel_keys, per key
-KILLED, RUNNING, FINISHED, ABSENT = "killed", "running", "finished", "absent"
+# answers of cancel_keys, per key ("dequeued": here, but its body never started and never will)
+KILLED, RUNNING, FINISHED, ABSENT, DEQUEUED = "killed", "running", "finished", "absent", "dequeued"
+CONFIRM_WAIT = 10.0
+"""Seconds (after the grace) a killed task's thread waits for the pool to confirm the kill."""
 
 _lock = threading.Lock()
 _running: dict[str, Any] = {}
 """key -> (pool, job) (kill mode), None (kill mode, job starting) or a _Flag (finish mode)."""
 _kill_pending: set[str] = set()
+_kill_asked: dict[str, float] = {}
+"""key -> time.time() when a cancel asked the pool to kill it (kill mode)."""
 _started: dict[str, float] = {}
-"""key -> time.time() when its body started here."""
+"""key -> time.time() when its body started here (finish mode; kill mode asks the pool)."""
 _tombstones: collections.OrderedDict[str, float] = collections.OrderedDict()
 _finished: collections.OrderedDict[str, None] = collections.OrderedDict()
 _pools: dict[float, Any] = {}
@@ -155,11 +159,15 @@ def _remember(od: collections.OrderedDict, key: str, value: Any) -> None:
 
 
 def _claim(key: str, entry: Any) -> bool:
-    """Register ``key`` as running here; False if a cancel already tombstoned it (lock held)."""
+    """Register ``key`` as here; False if a cancel already tombstoned it (lock held).
+
+    A finish-mode body starts right after; a kill-mode one only when the pool says so.
+    """
     if _tombstones.pop(key, None) is not None:
         return False
     _running[key] = entry
-    _started[key] = time.time()
+    if entry is not None:
+        _started[key] = time.time()
     return True
 
 
@@ -168,6 +176,7 @@ def _release(key: str) -> None:
         _running.pop(key, None)
         _started.pop(key, None)
         _kill_pending.discard(key)
+        _kill_asked.pop(key, None)
         _remember(_finished, key, None)
 
 
@@ -191,6 +200,7 @@ def _pool(grace: float) -> Any:
         if pool is None:
             pool = ProcessPool(workers=_nthreads(), grace=grace, name="valent-dask")
             _pools[grace] = pool
+    pool.start()  # idempotent; here, so that submitting (under the lock) never spawns
     return pool
 
 
@@ -219,18 +229,51 @@ def run_killable(
     try:
         call = _cached(_calls, token, lambda: _Call(fn_blob))
         pool = _pool(grace)
-        job = pool.submit(call, (args_blob, payloads) if payloads else (args_blob,), label=key)
+        with _lock:  # a cancel that came while we prepared finds no job: its body never ran
+            if key in _kill_pending:
+                job = None
+            else:
+                job = pool.submit(
+                    call, (args_blob, payloads) if payloads else (args_blob,), label=key
+                )
+                _running[key] = (pool, job)
     except BaseException as exc:
         _release(key)
         return _pack_error(exc, traceback.format_exc()) + (None, time.time(), "", "")
-    with _lock:
-        _running[key] = (pool, job)
-        kill = key in _kill_pending
-    if kill:
-        pool.cancel(job)
+    if job is None:
+        _release(key)
+        return (CANCELLED, "dequeued", None, time.time(), "", "")
     state = job.wait()
+    with _lock:
+        asked = _kill_asked.get(key)
+    state = _after_kill(pool, state, asked, grace)
     _release(key)
     return _pack_state(state)
+
+
+def _after_kill(pool: Any, state: Any, asked: float | None, grace: float) -> Any:
+    """The truth about a kill-mode task the pool ended.
+
+    Cancelled before the pool saw its body start: ``dequeued``, whatever the pool said. Asked
+    to be killed and then ended Failed (its SIGTERM handler exited, an error while stopping):
+    stopped by the cancel, so ``Cancelled(killed)`` once the pool confirms its kill done. A
+    failure that came before the cancel stays a failure."""
+    from valent.status import CancelOutcome
+    from valent.task import Cancelled, Failed
+
+    if isinstance(state, Cancelled) and state.started_at is None:
+        # the pool never saw its body start (a warm child not up yet): it never ran
+        return Cancelled(CancelOutcome.DEQUEUED, None, state.ended_at, state.stdout, state.stderr)
+    if asked is None or not isinstance(state, Failed):
+        return state
+    ended = state.ended_at if state.ended_at is not None else time.time()
+    if ended < asked:
+        return state  # it failed on its own before the cancel came: too late
+    deadline = time.monotonic() + grace + CONFIRM_WAIT
+    while pool.stats()["dying"] and time.monotonic() < deadline:  # the kill is still going
+        time.sleep(0.01)
+    outcome = CancelOutcome.FAILED if pool.stats()["dying"] else CancelOutcome.KILLED
+    return Cancelled(outcome, state.started_at, time.time(), state.stdout, state.stderr)
 
 
 def _pack_state(state: Any) -> tuple:
@@ -309,21 +352,32 @@ def cancel_keys(keys: list[str]) -> dict[str, str]:
                 if isinstance(entry, _Flag):
                     entry.value = True
                     out[key] = RUNNING
-                    continue
-                if entry is not None:
+                elif entry is not None:
                     to_kill.append((key, *entry))
-                else:
+                else:  # claimed, not handed to the pool yet: it will not be
                     _kill_pending.add(key)
-                out[key] = KILLED
+                    out[key] = DEQUEUED
             elif key in _finished:
                 out[key] = FINISHED
             else:
                 _tombstones[key] = now
                 out[key] = ABSENT
     for key, pool, job in to_kill:
-        if pool.cancel(job) == "too_late":
-            out[key] = FINISHED
+        with _lock:
+            _kill_asked.setdefault(key, time.time())
+        said = str(pool.cancel(job))
+        out[key] = {"too_late": FINISHED, "dequeued": DEQUEUED}.get(said, KILLED)
     return out
+
+
+def stop_released(key: str) -> None:
+    """The scheduler let go of ``key`` while it ran here (its client died or cancelled it
+    outside valent): stop it as a cancel would. Called by :class:`valent_dask.reaper.Reaper`
+    on the worker's event loop; never blocks."""
+    with _lock:
+        if key not in _running:
+            return
+    cancel_keys([key])
 
 
 def _prune_tombstones(now: float) -> None:
@@ -340,16 +394,18 @@ def running_keys() -> dict[str, tuple]:
     on ``host``) are None in finish mode."""
     import socket
 
+    from valent.task import Running
+
     host = socket.gethostname()
     with _lock:
         out: dict[str, tuple] = {}
-        for key, t in _started.items():
-            paths: tuple = (None, None)
-            entry = _running.get(key)
+        for key, t in _started.items():  # finish mode
+            out[key] = (t, host, None, None)
+        for key, entry in _running.items():  # kill mode: started when the pool says so
             if isinstance(entry, tuple):
                 state = entry[1].state
-                paths = (getattr(state, "stdout_path", None), getattr(state, "stderr_path", None))
-            out[key] = (t, host, *paths)
+                if isinstance(state, Running) and state.started_at is not None:
+                    out[key] = (state.started_at, host, state.stdout_path, state.stderr_path)
         return out
 
 

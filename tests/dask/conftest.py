@@ -1,7 +1,8 @@
-"""Fixtures of the Dask executor tests: one real LocalCluster for the session, and helpers.
+"""Fixtures of the Dask executor tests: one real cluster for the session, and helpers.
 
-The cluster is ``distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1)``
-on 127.0.0.1. Executors under test connect to it by address, so they must never close it.
+The cluster is ``dask scheduler`` and two ``dask worker --nthreads 1`` programs on 127.0.0.1
+(:class:`dask_support.DaskPrograms`), not children of any client. Executors under test
+connect to it by address, so they must never close it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import pytest
 import valent
 from dask_support import (
+    DaskPrograms,
     Runner,
     cluster_pids,
     descendants,
@@ -19,26 +21,15 @@ from dask_support import (
 
 
 @pytest.fixture(scope="session")
-def dask_cluster():
-    """A real LocalCluster (2 worker processes × 1 thread); closed, and checked gone, at the end."""
-    import distributed
-    from valent_dask.cluster import _stop_tracker, _tracker_running
-
+def dask_cluster(tmp_path_factory):
+    """A cluster valent does not own: ``dask scheduler`` and two ``dask worker --nthreads 1``
+    programs, as a user starts them; ended by PID, and checked gone, at the end."""
     before = set(descendants())
-    tracker_was_running = _tracker_running()
-    cluster = distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-        # no dashboard; its HTTP server (health, metrics) on a free port, not 8787
-        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-    )
-    yield cluster
-    cluster.close()
-    if not tracker_was_running:
-        _stop_tracker()  # the spawned workers started it; the session must end with no process
+    cluster = DaskPrograms(str(tmp_path_factory.mktemp("dask-cluster")), n_workers=2)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
     assert wait_until(
         lambda: not [
             p for pid, p in descendants().items()
@@ -54,7 +45,7 @@ def dask_client(dask_cluster):
     """The test's own client of the cluster (for PIDs and scheduler facts)."""
     import distributed
 
-    client = distributed.Client(dask_cluster, set_as_default=False)
+    client = distributed.Client(dask_cluster.address, set_as_default=False, timeout=60)
     yield client
     client.close()
 

@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import os
 
+import chaos
+import cloudpickle
 import pytest
 import valent as ct
 from chaos import draw, run_and_check
+
+# the cluster's workers are programs of their own that cannot import the tests' modules
+cloudpickle.register_pickle_by_value(chaos)
 
 RUNS = int(os.environ.get("VALENT_CHAOS_DASK_RUNS", "50"))
 

@@ -1,0 +1,31 @@
+"""A Dask worker plugin that stops a valent task whose key the scheduler let go of.
+
+The scheduler releases a running task's key when no client wants it any more: the client
+that submitted it died (``kill -9`` of the dispatching process), lost its connection, or
+someone cancelled the future outside valent. Dask then lets the body run on (it cannot stop
+a thread); this plugin sees the worker's ``executing -> released`` (or ``cancelled``)
+transition and stops the task the way a valent cancel does: kill mode kills its process
+group, finish mode sets its ``cancel_requested()`` flag. Registered by the executor with
+``Client.register_plugin`` (idempotent: once per cluster); it acts only on keys of valent
+tasks running in that worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from . import worker_side as ws
+
+
+class Reaper(WorkerPlugin):
+    """Stop a valent task body once the scheduler released its key (see the module doc)."""
+
+    name = "valent-reaper"
+    idempotent = True
+
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        # executing -> released (or cancelled, by Dask version) while its body runs here
+        if finish in ("cancelled", "released", "forgotten") and isinstance(key, str):
+            ws.stop_released(key)
