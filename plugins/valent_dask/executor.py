@@ -14,8 +14,8 @@ from typing import Any, Literal
 import cloudpickle
 import valent
 from valent import CancelOutcome, Capabilities, ExecutorError, PicklingError, pickling
-from valent.checks import MAX_SECONDS, Count, PositiveSeconds, Seconds, require
-from valent.task import Cancelled, Completed, Failed, Pending, Running, Task, TaskState, Upstream
+from valent.plugin import MAX_SECONDS, Count, PositiveSeconds, Seconds, require
+from valent.plugin import Cancelled, Completed, Failed, Pending, Running, Task, TaskState, Upstream
 
 from . import worker_side as ws
 from .handles import Handle, cancel_outcome, final_outcome, to_state

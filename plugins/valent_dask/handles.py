@@ -8,7 +8,7 @@ from typing import Any
 import cloudpickle
 import valent
 from valent import CancelOutcome, ExecutorError, WorkerDiedError
-from valent.task import Cancelled, Completed, Failed, Pending, Task, TaskState
+from valent.plugin import Cancelled, Completed, Failed, Pending, Task, TaskState
 
 from . import worker_side as ws
 

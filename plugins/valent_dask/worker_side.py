@@ -193,7 +193,7 @@ def _pool(grace: float) -> Any:
     pool = _pools.get(grace)
     if pool is not None:
         return pool
-    from valent.procpool import ProcessPool
+    from valent.plugin import ProcessPool
 
     with _lock:
         pool = _pools.get(grace)
@@ -258,8 +258,8 @@ def _after_kill(pool: Any, state: Any, asked: float | None, grace: float) -> Any
     to be killed and then ended Failed (its SIGTERM handler exited, an error while stopping):
     stopped by the cancel, so ``Cancelled(killed)`` once the pool confirms its kill done. A
     failure that came before the cancel stays a failure."""
-    from valent.status import CancelOutcome
-    from valent.task import Cancelled, Failed
+    from valent.plugin import CancelOutcome
+    from valent.plugin import Cancelled, Failed
 
     if isinstance(state, Cancelled) and state.started_at is None:
         # the pool never saw its body start (a warm child not up yet): it never ran
@@ -277,7 +277,7 @@ def _after_kill(pool: Any, state: Any, asked: float | None, grace: float) -> Any
 
 
 def _pack_state(state: Any) -> tuple:
-    from valent.task import Cancelled, Completed, Failed
+    from valent.plugin import Cancelled, Completed, Failed
 
     if isinstance(state, Completed):
         return (OK, state.pickled, state.started_at, state.ended_at, state.stdout, state.stderr)
@@ -301,7 +301,7 @@ def run_native(key: str, token: str, fn_blob: bytes, args_blob: bytes, *ups: tup
 
     ``ups``: a chained task's upstream result tuples, in the order of its :class:`Up` markers.
     """
-    from valent.cancel_token import thread_token
+    from valent.plugin import thread_token
 
     payloads = _payloads(ups) if ups else None
     if ups and payloads is None:
@@ -394,7 +394,7 @@ def running_keys() -> dict[str, tuple]:
     on ``host``) are None in finish mode."""
     import socket
 
-    from valent.task import Running
+    from valent.plugin import Running
 
     host = socket.gethostname()
     with _lock:
