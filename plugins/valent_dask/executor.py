@@ -13,9 +13,23 @@ from typing import Any, Literal
 
 import cloudpickle
 import valent
-from valent import CancelOutcome, Capabilities, ExecutorError, PicklingError, pickling
-from valent.plugin import MAX_SECONDS, Count, PositiveSeconds, Seconds, require
-from valent.plugin import Cancelled, Completed, Failed, Pending, Running, Task, TaskState, Upstream
+from valent import CancelOutcome, Capabilities, ExecutorError, PicklingError
+from valent.plugin import (
+    MAX_SECONDS,
+    Cancelled,
+    Completed,
+    Count,
+    Failed,
+    Pending,
+    PositiveSeconds,
+    Running,
+    Seconds,
+    Task,
+    TaskState,
+    Upstream,
+    dumps,
+    require,
+)
 
 from . import worker_side as ws
 from .handles import Handle, cancel_outcome, final_outcome, to_state
@@ -277,7 +291,7 @@ class DaskExecutor(valent.Executor):
                 entry = None
         if entry is None:
             try:
-                blob = pickling.dumps(fn)  # keeps the file name for tracebacks
+                blob = dumps(fn)  # keeps the file name for tracebacks
             except Exception as exc:
                 msg = f"the function of {task.label} cannot be pickled: {exc}"
                 raise PicklingError(msg) from exc

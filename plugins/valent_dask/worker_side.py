@@ -258,8 +258,7 @@ def _after_kill(pool: Any, state: Any, asked: float | None, grace: float) -> Any
     to be killed and then ended Failed (its SIGTERM handler exited, an error while stopping):
     stopped by the cancel, so ``Cancelled(killed)`` once the pool confirms its kill done. A
     failure that came before the cancel stays a failure."""
-    from valent.plugin import CancelOutcome
-    from valent.plugin import Cancelled, Failed
+    from valent.plugin import Cancelled, CancelOutcome, Failed
 
     if isinstance(state, Cancelled) and state.started_at is None:
         # the pool never saw its body start (a warm child not up yet): it never ran
