@@ -395,6 +395,10 @@ class Placeholder:
 def _check_executor(spec: Any, where: str) -> ExecutorSpec:
     if spec is None or isinstance(spec, Executor):
         return spec
+    if type(spec).__module__ != "builtins" and _is_covalent_executor(spec):
+        from ._covalent_executor import wrap
+
+        return wrap(spec)  # a Covalent-style executor (valent.executor.base.BaseExecutor)
     if isinstance(spec, str):
         from ._plugins.manager import get_plugins
 
@@ -402,8 +406,15 @@ def _check_executor(spec: Any, where: str) -> ExecutorSpec:
         return spec
     raise ValentError(
         f"{where}: executor must be an executor name (like 'local') or an Executor instance "
-        f"(like ct.executors.LocalExecutor()), got {spec!r}"
+        f"(like ct.executors.LocalExecutor(), or a Covalent-style executor from "
+        f"valent.executor.base), got {spec!r}"
     )
+
+
+def _is_covalent_executor(spec: Any) -> bool:
+    from .executor.base import _AbstractBaseExecutor
+
+    return isinstance(spec, _AbstractBaseExecutor)
 
 
 class Electron:
