@@ -447,7 +447,9 @@ def adapter_class(cls: type) -> type[CovalentExecutor]:
         return cached
     if inspect.isabstract(cls):
         missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
-        raise PluginError(f"Covalent-style executor {cls.__qualname__} does not implement {missing}")
+        raise PluginError(
+            f"Covalent-style executor {cls.__qualname__} does not implement {missing}"
+        )
     mode_caps = THREAD_CAPS if cbase.implements_cancel(cls) else POOL_CAPS
 
     @functools.wraps(cls.__init__)

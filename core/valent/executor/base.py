@@ -77,7 +77,7 @@ def _jsonable(handle: Any) -> Any:
         ) from None
 
 
-class _AbstractBaseExecutor(abc.ABC):
+class _AbstractBaseExecutor(abc.ABC):  # noqa: B024 - as Covalent's: abstract by intent
     """What both kinds share: Covalent's common settings, names and task streams.
 
     :param log_stdout: a file the task's stdout is appended to as well (relative paths are
@@ -254,7 +254,7 @@ class AsyncBaseExecutor(_AbstractBaseExecutor):
 def implements_cancel(cls: type) -> bool:
     """Does a Covalent-style class override ``cancel``?"""
     base = AsyncBaseExecutor if issubclass(cls, AsyncBaseExecutor) else BaseExecutor
-    return getattr(cls, "cancel", None) is not getattr(base, "cancel")
+    return getattr(cls, "cancel", None) is not base.cancel
 
 
 def is_covalent_class(obj: Any) -> bool:
