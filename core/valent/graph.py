@@ -520,6 +520,7 @@ def electron(
     deps_pip: Any = None,
     call_before: Any = None,
     call_after: Any = None,
+    files: Any = None,
 ) -> Any:
     """Make a function a task. Bare (``@electron``) or with arguments.
 
@@ -533,13 +534,21 @@ def electron(
     :param call_before: ``ct.DepsCall`` (or a list) called before the task, in its process;
         ``retval_keyword`` passes a result to the task as that keyword argument.
     :param call_after: ``ct.DepsCall`` (or a list) called after the task returned.
+    :param files: ``ct.fs.FileTransfer`` objects (a list) run in the task's process before
+        or after it; the task gets ``files=[(from_path, to_path), ...]`` (see :mod:`valent.fs`).
     """
-    if any(v is not None for v in (deps_bash, deps_pip, call_before, call_after)):
+    if files is not None or any(
+        v is not None for v in (deps_bash, deps_pip, call_before, call_after)
+    ):
         from .deps import make_hooks
 
         def with_hooks(f: Callable[..., Any]) -> Electron:
             name = getattr(f, "__name__", type(f).__name__)
             made = make_hooks(name, deps_bash, deps_pip, call_before, call_after)
+            if files:
+                from .fs.transfer import attach
+
+                made = attach(name, made, files)
             return Electron(f, executor, timeout, retries, made)
 
         return with_hooks if fn is None else with_hooks(fn)
