@@ -93,6 +93,7 @@ class Rsync(FileTransferStrategy):
     :param connect_timeout: seconds ssh waits for the connection.
     :param ssh_executor: take host, user, key, port and host-key settings from this
         ``SSHExecutor`` (the ones given here win).
+    :param args: more rsync options (``["--bwlimit=1000", "-z"]``), valent's addition.
 
     The host's key is checked as the SSH executor checks it; the transfer runs where the task
     runs (with ``rsync`` and ``ssh`` installed there).
@@ -109,7 +110,13 @@ class Rsync(FileTransferStrategy):
         accept_unknown_host_key: bool | None = None,
         connect_timeout: float = 10.0,
         ssh_executor: Any = None,
+        args: list[str] | tuple[str, ...] = (),
     ):
+        if isinstance(args, str) or not all(isinstance(a, str) for a in args):
+            raise FileTransferSetupError(
+                f"Rsync: args must be a list of option strings, got {args!r}"
+            )
+        self.args = list(args)
         if ssh_executor is not None:
             inner = getattr(ssh_executor, "inner", ssh_executor)
             host = host or getattr(inner, "hostname", "") or ""
@@ -169,7 +176,7 @@ class Rsync(FileTransferStrategy):
         return f"{self.user + '@' if self.user else ''}{self.host}:{path}"
 
     def _spec(self, src: str, dst: str, remote: bool) -> TransferCall:
-        argv = ["rsync", "-a"]
+        argv = ["rsync", "-a", *self.args]
         if remote:
             # -s: the remote shell does not split or expand the paths
             argv += ["-s", "-e", " ".join(shlex.quote(a) for a in self.ssh_command())]
