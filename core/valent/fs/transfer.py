@@ -123,7 +123,8 @@ def TransferFromRemote(  # noqa: N802 - Covalent's name
     strategy: FileTransferStrategy | None = None,
     order: Order | str = Order.BEFORE,
 ) -> FileTransfer:
-    """A transfer from a remote path or URL to a local one, before the task."""
+    """A transfer from a remote path or URL to a local one, before the task (by default;
+    unlike Covalent's, ``order`` is honoured)."""
     is_dir = str(from_filepath).endswith("/")
     if is_dir and not str(to_filepath or "").endswith("/"):
         raise FileTransferSetupError(
@@ -132,7 +133,7 @@ def TransferFromRemote(  # noqa: N802 - Covalent's name
         )
     return FileTransfer(
         File(from_filepath, is_remote=True, is_dir=is_dir), File(to_filepath, is_dir=is_dir),
-        order=Order.BEFORE, strategy=strategy,
+        order=order, strategy=strategy,
     )
 
 
@@ -142,7 +143,8 @@ def TransferToRemote(  # noqa: N802 - Covalent's name
     strategy: FileTransferStrategy | None = None,
     order: Order | str = Order.AFTER,
 ) -> FileTransfer:
-    """A transfer from a local path to a remote path or URL, after the task."""
+    """A transfer from a local path to a remote path or URL, after the task (by default;
+    unlike Covalent's, ``order`` is honoured)."""
     is_dir = bool(from_filepath) and str(from_filepath).endswith("/")
     if is_dir and not str(to_filepath).endswith("/"):
         raise FileTransferSetupError(
@@ -151,7 +153,7 @@ def TransferToRemote(  # noqa: N802 - Covalent's name
         )
     return FileTransfer(
         File(from_filepath, is_dir=is_dir), File(to_filepath, is_remote=True, is_dir=is_dir),
-        order=Order.AFTER, strategy=strategy,
+        order=order, strategy=strategy,
     )
 
 
