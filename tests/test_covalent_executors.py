@@ -405,7 +405,7 @@ class TestInProcessConformance(ExecutorConformance):
 
     @pytest.fixture
     def executor(self):
-        return CovalentExecutor(InProcess(), workers=2, grace=0.5)
+        return ct.executor.base.as_executor(InProcess(), workers=2, grace=0.5)
 
 
 class TestNoCancelSubmittingConformance(ExecutorConformance):
@@ -413,7 +413,7 @@ class TestNoCancelSubmittingConformance(ExecutorConformance):
 
     @pytest.fixture
     def executor(self):
-        return CovalentExecutor(Submitting(cancel_works=False))
+        return ct.executor.base.as_executor(Submitting(cancel_works=False))
 
     def test_cancel_requested_is_seen_by_a_running_task(self, valent_harness):
         pytest.skip("the function runs in a backend job: valent.cancel_requested() is the "

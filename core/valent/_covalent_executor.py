@@ -464,7 +464,7 @@ def adapter_class(cls: type) -> type[CovalentExecutor]:
         }
 
     def __reduce__(self: CovalentExecutor) -> Any:
-        return (_rebuild, (cls, self.inner))
+        return (_rebuild, (cls, self.inner, self.workers, self.grace, self.cancel_wait))
 
     new = type(cls.__name__, (CovalentExecutor,), {
         "__init__": __init__,
@@ -481,9 +481,9 @@ def adapter_class(cls: type) -> type[CovalentExecutor]:
     return new
 
 
-def _rebuild(cls: type, inner: Any) -> CovalentExecutor:
+def _rebuild(cls: type, inner: Any, *options: Any) -> CovalentExecutor:
     ex = CovalentExecutor.__new__(adapter_class(cls))
-    CovalentExecutor.__init__(ex, inner)
+    CovalentExecutor.__init__(ex, inner, *options)
     return ex
 
 

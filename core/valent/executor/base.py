@@ -36,7 +36,7 @@ from typing import Any
 
 TypeJSON = str | int | float | bool | None | dict[str, Any] | list[Any]
 
-__all__ = ["AsyncBaseExecutor", "BaseExecutor", "TaskCancelledError"]
+__all__ = ["AsyncBaseExecutor", "BaseExecutor", "TaskCancelledError", "as_executor"]
 
 
 class TaskCancelledError(Exception):
@@ -261,3 +261,18 @@ def is_covalent_class(obj: Any) -> bool:
     """Is ``obj`` a Covalent-style executor class (a subclass of either base)?"""
     return isinstance(obj, type) and issubclass(obj, _AbstractBaseExecutor)
 
+
+def as_executor(
+    executor: _AbstractBaseExecutor, *, workers: int | None = None, grace: float = 1.0,
+    cancel_wait: float = 30.0,
+) -> Any:
+    """The valent :class:`~valent.Executor` that runs this Covalent-style ``executor``
+    (what ``@ct.electron(executor=...)`` uses; give it to ``valent.testing``'s conformance
+    suite to check the class). Options: ``workers`` (at most this many ``run`` calls at once
+    in the pool; default elastic), ``grace`` (seconds from SIGTERM to SIGKILL on cancel),
+    ``cancel_wait`` (seconds ``run`` may take to end after your ``cancel`` returned True)."""
+    from .._covalent_executor import CovalentExecutor, adapter_class
+
+    adapter = CovalentExecutor.__new__(adapter_class(type(executor)))
+    CovalentExecutor.__init__(adapter, executor, workers, grace, cancel_wait)
+    return adapter
