@@ -139,3 +139,24 @@ def pid_and_sleep(directory: str, seconds: float) -> str:
     os.replace(tmp, Path(directory, "pid"))
     child.wait()
     return "finished"
+
+
+class AsyncSubmitting(AsyncBaseExecutor):
+    """``Submitting`` with coroutines: run, set_job_handle, get_cancel_requested, cancel."""
+
+    async def run(self, function, args, kwargs, task_metadata):
+        import asyncio
+
+        proc, out = _submit(function, args, kwargs)
+        await self.set_job_handle({"pid": proc.pid})
+        while proc.poll() is None:
+            await asyncio.sleep(0.02)
+        if proc.returncode != 0:
+            if await self.get_cancel_requested():
+                raise TaskCancelledError(f"job {proc.pid} was cancelled")
+            raise RuntimeError(f"backend job {proc.pid} exited with {proc.returncode}")
+        return _collect(proc, out)
+
+    async def cancel(self, task_metadata, job_handle):
+        os.killpg(job_handle["pid"], signal.SIGKILL)
+        return True

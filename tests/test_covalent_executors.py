@@ -15,6 +15,7 @@ import valent as ct
 from core_support import alive, read_pid, wait_for, wait_gone
 from covex_support import (
     AsyncInProcess,
+    AsyncSubmitting,
     FireAndWait,
     InProcess,
     Submitting,
@@ -212,11 +213,12 @@ def test_in_process_kind_is_killed_with_its_tree(cls, tmp_path):
         _shutdown(ex)
 
 
-def test_submitting_kind_with_cancel_is_killed(tmp_path):
+@pytest.mark.parametrize("cls", [Submitting, AsyncSubmitting])
+def test_submitting_kind_with_cancel_is_killed(cls, tmp_path):
     """run() submits to a backend job and records its handle; cancel(task_metadata,
     job_handle) kills the job and says True: the node ends killed, the job's processes are
     gone."""
-    ex = Submitting()
+    ex = cls()
     try:
         did, pid, child = _dispatch_long(ex, tmp_path)
         ct.cancel(did)

@@ -77,10 +77,10 @@ class _Body:
     """The function ``run`` receives in a pool worker: notes where it went (marker files)."""
 
     def __init__(self, fn: Callable[..., Any], marker: str, tree: str):
+        functools.update_wrapper(self, fn)  # first: it copies fn's __dict__ in
         self.fn = fn
         self.marker = marker
         self.tree = tree
-        functools.update_wrapper(self, fn)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if os.environ.get("VALENT_COVALENT_TREE") == self.tree:
@@ -423,9 +423,15 @@ class CovalentExecutor(Executor):
     # -------------------------------------------------------------- the rest
 
     def shutdown(self) -> None:
+        """Stop the pool (killing what runs there); wait up to ``cancel_wait`` seconds for
+        ``run`` calls running in threads (their work is elsewhere, not ours to kill)."""
         with self._lock:
             pool, self._pool = self._pool, None
             directory, self._dir = self._dir, None
+            threads = list(self._threads)
+        deadline = time.monotonic() + self.cancel_wait
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
         if pool is not None:
             pool.shutdown()
         if directory is not None:

@@ -147,3 +147,27 @@ def test_cancel_during_a_long_ssh_transfer_kills_it(rig, ssh, shared_dir, tmp_pa
     assert node["status"] == ct.Status.CANCELLED and node["cancel_outcome"] == "killed"
     assert wait_gone(pids + transfer_pids()) == [], "a transfer process outlived the cancel"
     assert not ran.exists()
+
+
+def test_transfers_run_on_the_ssh_host_without_valent(rig, ssh, shared_dir):
+    """A task on the SSH executor runs its transfers on the host, with the host's Python
+    (no valent there: the task side is standard library and cloudpickle)."""
+    src = shared_dir / "on-host.txt"
+    src.write_text("host data")
+    os.chmod(src, 0o644)
+    dst = shared_dir / "copied" / "on-host.txt"
+
+    @ct.electron(executor=ssh(), files=[ct.fs.FileTransfer(str(src), str(dst))])
+    def read(files=None):
+        import getpass
+
+        return open(files[0][1]).read(), getpass.getuser()
+
+    @ct.lattice
+    def flow():
+        return read()
+
+    r = _run(flow)
+    assert r.status == ct.Status.COMPLETED, r.error
+    assert r.result == ("host data", rig.user)
+    assert pwd.getpwuid(dst.stat().st_uid).pw_name == rig.user
