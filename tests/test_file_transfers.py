@@ -87,6 +87,37 @@ def test_files_kwarg_order_after_and_temp_files(tmp_path, local_executor):
     os.unlink(r.result)
 
 
+def test_relative_paths_are_taken_from_the_current_directory(
+    tmp_path, monkeypatch, local_executor
+):
+    """The worker runs outside the user's directory: a relative path is made absolute when
+    the transfer is defined, so it names the same file there; a copy into a directory keeps
+    the file's name."""
+    monkeypatch.chdir(tmp_path)
+    Path("rel.txt").write_text("relative")
+    Path("into").mkdir()
+    xfer = ct.fs.FileTransfer("rel.txt", "into")
+    assert xfer.from_file.filepath == str(tmp_path / "rel.txt")
+
+    @ct.electron(executor=local_executor, files=[xfer])
+    def where(files=None):
+        return os.getcwd(), files[0]
+
+    @ct.lattice
+    def flow():
+        return where()
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the task runs in another directory than the definition's
+    r = _run(flow)
+    assert r.status == ct.Status.COMPLETED, r.error
+    cwd, pair = r.result
+    assert cwd != str(tmp_path)
+    assert pair == (str(tmp_path / "rel.txt"), str(tmp_path / "into"))
+    assert (tmp_path / "into" / "rel.txt").read_text() == "relative"
+
+
 def test_folder_contents_and_folder_itself(tmp_path, local_executor):
     src = tmp_path / "data"
     (src / "sub").mkdir(parents=True)

@@ -186,7 +186,7 @@ def _copy(src: str, dst: str) -> None:
             dst = os.path.join(dst, os.path.basename(src.rstrip("/")))
         shutil.copytree(src, dst, dirs_exist_ok=True)
         return
-    if dst.endswith("/"):
+    if dst.endswith("/") or os.path.isdir(dst):
         dst = os.path.join(dst, os.path.basename(src))
     os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
     shutil.copyfile(src, dst)

@@ -36,7 +36,8 @@ class File:
     """A file to transfer: a local path, a ``file://`` URL, or a remote URL (``https://``).
 
     :param filepath: the path or URL; None makes a temporary file path (``/tmp/<uuid>``),
-        created empty before the task runs.
+        created empty before the task runs. A relative local path is taken from the current
+        directory now (the task may run in another); a remote one is left as it is.
     :param is_remote: the path is on another host (Rsync over SSH), though it has no scheme.
     :param is_dir: a directory (also implied by a trailing ``/``).
     :param include_folder: transfer the directory itself, not only its contents.
@@ -76,6 +77,10 @@ class File:
         self._include_folder = bool(include_folder)
         if self.scheme == "file":
             path = parts.path if scheme else filepath
+            if not self._is_remote and not os.path.isabs(path):
+                # the task runs elsewhere (a worker starts outside this directory): a relative
+                # path means the same file here and there only if made absolute now
+                path = os.path.abspath(path)
             self._path = posixpath.normpath(path) if path else path
             self.uri = "file://" + self._path
         else:
