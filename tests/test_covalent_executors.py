@@ -442,3 +442,33 @@ def test_adapter_reports_dequeued_when_run_stops_before_submitting(tmp_path):
     assert isinstance(state, ct.Cancelled) and state.outcome == ct.CancelOutcome.DEQUEUED
     assert woke
     assert not (Path(tmp_path) / "pid").exists()
+
+
+def test_an_executor_that_cannot_travel_to_the_worker_is_named():
+    """Pool mode pickles the executor to its worker: one holding a lock fails the node with
+    an error that names the class and what to do."""
+    import threading
+
+    class Locky(InProcess):
+        def __init__(self):
+            super().__init__()
+            self.lock = threading.Lock()
+
+    ex = Locky()
+
+    @ct.electron(executor=ex)
+    def f(x):
+        return x
+
+    @ct.lattice
+    def flow():
+        return f(1)
+
+    try:
+        r = ct.get_result(ct.dispatch(flow)(), wait=True, timeout=60)
+        assert r.status == ct.Status.FAILED
+        err = r.get_node_result(0)["error"]
+        assert "Covalent-style executor Locky cannot be pickled" in err
+        assert "setup() or run()" in err
+    finally:
+        _shutdown(ex)

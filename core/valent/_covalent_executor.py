@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._plugins.contract import Capabilities, Executor, Wake
-from .errors import PluginError
+from .errors import PicklingError, PluginError
 from .executor import base as cbase
 from .status import CancelOutcome
 from .task import Cancelled, Completed, Failed, Pending, Running, Task, TaskState
@@ -275,11 +275,31 @@ class CovalentExecutor(Executor):
             return job
         pool, directory = self._pool_and_dir()
         marker = os.path.join(directory, uuid.uuid4().hex)
-        job = pool.submit(
-            _pool_run, (self.inner, task.fn, list(task.args), dict(task.kwargs), meta, marker),
-            on_change=lambda _job: wake(), label=task.label,
-        )
+        try:
+            job = pool.submit(
+                _pool_run,
+                (self.inner, task.fn, list(task.args), dict(task.kwargs), meta, marker),
+                on_change=lambda _job: wake(), label=task.label,
+            )
+        except PicklingError as exc:
+            self._explain_pickling(exc)
+            raise
         return _PoolJob(job, marker)
+
+    def _explain_pickling(self, exc: PicklingError) -> None:
+        """Say so when it is the executor itself that cannot travel to the worker."""
+        from .pickling import dumps
+
+        try:
+            dumps(self.inner)
+        except Exception as own:
+            cls = type(self.inner).__name__
+            raise PicklingError(
+                f"the Covalent-style executor {cls} cannot be pickled to run in a worker "
+                f"process ({own}); its run() runs there because it implements no cancel(). "
+                "Make such objects (locks, clients, connections) in setup() or run() instead "
+                "of __init__, or implement cancel() (then run() runs in a thread here)"
+            ) from exc
 
     def _pool_and_dir(self) -> tuple[Any, str]:
         with self._lock:
