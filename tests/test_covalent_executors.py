@@ -150,6 +150,8 @@ def test_base_module_and_names():
     assert ct.executor.base.BaseExecutor is __import__(
         "valent.executor.base", fromlist=["x"]
     ).BaseExecutor
+    assert ct.executor.BaseExecutor is ct.executor.base.BaseExecutor
+    assert ct.executors.AsyncBaseExecutor is ct.executor.base.AsyncBaseExecutor
     ex = InProcess()
     assert ex.short_name() == "covex_support"
     assert ex.to_dict()["short_name"] == "covex_support"

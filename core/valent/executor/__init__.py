@@ -25,10 +25,12 @@ def _classes() -> dict[str, type]:
 def __getattr__(attr: str) -> Any:
     if attr.startswith("__"):
         raise AttributeError(attr)
-    if attr == "base":  # Covalent's base classes: valent.executor.base.BaseExecutor
+    if attr in ("base", "BaseExecutor", "AsyncBaseExecutor"):
+        # Covalent's base classes, for executors written for Covalent
         import importlib
 
-        return importlib.import_module(f"{__name__}.base")
+        module = importlib.import_module(f"{__name__}.base")
+        return module if attr == "base" else getattr(module, attr)
     classes = _classes()
     if attr in classes:
         return classes[attr]
