@@ -474,3 +474,52 @@ def test_an_executor_that_cannot_travel_to_the_worker_is_named():
         assert "setup() or run()" in err
     finally:
         _shutdown(ex)
+
+
+def test_thread_mode_outcomes_follow_what_happened_first(tmp_path):
+    """After the executor's cancel returned True: a run() that still returns a value
+    completed (its output is kept); one that never ends is reported killed after
+    cancel_wait (the backend confirmed the stop)."""
+    import threading
+
+    from valent.executor.base import BaseExecutor, as_executor
+    from valent.task import Task
+
+    release = threading.Event()
+
+    class Late(BaseExecutor):
+        def run(self, function, args, kwargs, task_metadata):
+            release.wait(30)
+            return function(*args, **kwargs)
+
+        def cancel(self, task_metadata, job_handle):
+            return True
+
+    class Stuck(Late):
+        def run(self, function, args, kwargs, task_metadata):
+            release.wait(30)
+            raise TimeoutError("never got an answer")
+
+    def final(ex, job):
+        return wait_for(lambda: ex.poll(job).final and ex.poll(job), 20)
+
+    late = as_executor(Late())
+    job = late.run(Task("d", 0, "t", int, ("7",)), lambda: None)
+    assert late.cancel(job) == ct.CancelOutcome.RUNS_TO_COMPLETION
+    time.sleep(0.2)
+    release.set()
+    state = final(late, job)
+    assert isinstance(state, ct.Completed) and state.get_value() == 7
+    assert late.cancel(job) == ct.CancelOutcome.TOO_LATE
+
+    release.clear()
+    stuck = as_executor(Stuck(), cancel_wait=0.5)
+    job = stuck.run(Task("d", 1, "t", int, ("7",)), lambda: None)
+    t0 = time.monotonic()
+    stuck.cancel(job)
+    state = final(stuck, job)
+    assert isinstance(state, ct.Cancelled) and state.outcome == ct.CancelOutcome.KILLED
+    assert 0.4 < time.monotonic() - t0 < 10
+    release.set()
+    late.shutdown()
+    stuck.shutdown()
