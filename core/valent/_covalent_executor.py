@@ -22,6 +22,7 @@ Two ways to run a Covalent ``run()``, chosen by what the class implements:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import io
@@ -200,12 +201,21 @@ class _ThreadJob(cbase._JobContext):
 
 
 class _PoolJob:
-    __slots__ = ("job", "marker", "rtc")
+    __slots__ = ("job", "marker", "rtc", "cleaned")
 
     def __init__(self, job: Any, marker: str):
         self.job = job
         self.marker = marker
         self.rtc = False
+        self.cleaned = False
+
+    def clean(self) -> None:
+        """Remove the job's marker files (once it is final: nothing writes them any more)."""
+        if not self.cleaned:
+            self.cleaned = True
+            for suffix in (".here", ".shipped", ".cancel", ".handle"):
+                with contextlib.suppress(OSError):
+                    os.unlink(self.marker + suffix)
 
 
 # ---------------------------------------------------------------------- the adapter
@@ -373,8 +383,8 @@ class CovalentExecutor(Executor):
         if isinstance(handle, _ThreadJob):
             return handle.state
         state = handle.job.state
-        if handle.rtc and isinstance(state, Cancelled):  # never: an rtc job is not killed
-            return state  # pragma: no cover
+        if state.final:
+            handle.clean()
         return state
 
     # -------------------------------------------------------------- cancel
