@@ -28,11 +28,12 @@ from .status import CancelOutcome, Status
 from .task import Cancelled, Completed, Failed, Pending, Running, Task, TaskState, Upstream
 
 if TYPE_CHECKING:
-    from . import executor, executors
+    from . import executor, executors, fs
     from ._plugins.manager import hookimpl
     from .api import cancel, dispatch, dispatch_sync, get_result
     from .config import get_config, reload_config, set_config
     from .deps import DependencyError, DepsBash, DepsCall, DepsPip
+    from .fs import strategies as fs_strategies
     from .lepton import Lepton, LeptonError
     from .result import Result
 
@@ -61,8 +62,10 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     import importlib
 
-    if name in ("executor", "executors", "plugin"):
+    if name in ("executor", "executors", "plugin", "fs"):
         return importlib.import_module(f"{__name__}.{name}")
+    if name == "fs_strategies":  # Covalent's name for the transfer strategies
+        return importlib.import_module(f"{__name__}.fs.strategies")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'valent' has no attribute {name!r}")
@@ -110,6 +113,8 @@ __all__ = [
     "electron",
     "executor",
     "executors",
+    "fs",
+    "fs_strategies",
     "get_config",
     "get_result",
     "hookimpl",

@@ -6,7 +6,9 @@ runs on a host where valent is not installed (the SSH executor's remote Python n
 cloudpickle), exactly as on the Local pool or a Dask worker.
 
 A :class:`HookedCall` holds its parts as plain data: ``("bash", [commands])``,
-``("pip", spec)``, ``("call", func, args, kwargs, retval_keyword)`` and ``("body", fn)``.
+``("pip", spec)``, ``("call", func, args, kwargs, retval_keyword)``, ``("body", fn)``, and for
+file transfers (:mod:`valent.fs`) ``("files", [(from, to, from_temp, to_temp), ...])`` (the
+task's ``files`` argument) and ``("xfer", spec)`` (one transfer, see :func:`run_transfer`).
 When pickled, each callable part becomes its own cloudpickle blob, loaded only right before it
 runs, so a pip set is on ``sys.path`` before the body's imports happen.
 """
@@ -38,6 +40,11 @@ _HARMLESS_OPTIONS = {
 class DependencyError(RuntimeError):
     """A task's dependency could not be set up: a ``deps_bash`` command or a pip install
     failed. The task's node FAILS with this error."""
+
+
+class FileTransferError(RuntimeError):
+    """A file transfer of a task failed (a missing file, rsync or ssh refused, an HTTP
+    error). The task's node FAILS with this error, which says what to fix."""
 
 
 class HookedCall:
@@ -80,6 +87,10 @@ class HookedCall:
                     path = prepare_pip(part[1], self.name)
                     if path is not None:
                         scope.activate(path)
+                elif kind == "files":
+                    kwargs["files"] = prepare_files(part[1])
+                elif kind == "xfer":
+                    run_transfer(part[1], self.name)
                 elif kind == "call":
                     func, cargs, ckwargs, retval_keyword = _load(part)
                     when = "call_after" if seen_body else "call_before"
@@ -129,6 +140,130 @@ def run_bash(commands: list[str], where: str) -> None:
                 f"deps_bash of {where}: the command {cmd!r} exited with status "
                 f"{proc.returncode}{_tail(proc.stderr or proc.stdout)}"
             )
+
+
+# ---------------------------------------------------------------------- file transfers
+
+
+def prepare_files(entries: list) -> list[tuple[str, str]]:
+    """Create the temporary files among ``entries``; the task's ``files`` list."""
+    out = []
+    for src, dst, src_temp, dst_temp in entries:
+        for path, temp in ((src, src_temp), (dst, dst_temp)):
+            if temp:
+                os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+                open(path, "a").close()
+        out.append((src, dst))
+    return out
+
+
+def run_transfer(spec: dict[str, Any], where: str = "") -> None:
+    """Perform one transfer described by ``spec`` (made by :mod:`valent.fs.strategies`),
+    here, with the standard library: ``copy``, ``rsync`` (a subprocess in this process's
+    group, so a cancel of the task kills it), ``http_get`` or ``http_put``."""
+    op = spec["op"]
+    what = spec.get("what", op) + (f" (files of {where})" if where else "")
+    try:
+        if op == "copy":
+            _copy(spec["src"], spec["dst"])
+        elif op == "rsync":
+            _rsync(spec, what)
+        elif op == "http_get":
+            _http_get(spec["url"], spec["dst"], spec.get("timeout", 60.0))
+        elif op == "http_put":
+            _http_put(spec["src"], spec["url"], spec.get("timeout", 60.0))
+        else:
+            raise FileTransferError(f"{what}: unknown transfer kind {op!r}")
+    except FileTransferError:
+        raise
+    except OSError as exc:
+        raise FileTransferError(f"{what} failed: {exc}") from exc
+
+
+def _copy(src: str, dst: str) -> None:
+    if os.path.isdir(src):
+        if not src.endswith("/"):  # the folder itself, into dst
+            dst = os.path.join(dst, os.path.basename(src.rstrip("/")))
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+        return
+    if dst.endswith("/") or os.path.isdir(dst):
+        dst = os.path.join(dst, os.path.basename(src))
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
+def _rsync(spec: dict[str, Any], what: str) -> None:
+    argv = spec["argv"]
+    dst = argv[-1]
+    if ":" not in dst.split("/")[0]:  # a local destination: make its folder, as cp does
+        os.makedirs(os.path.dirname(dst.rstrip("/")) or ".", exist_ok=True)
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise FileTransferError(
+            f"{what}: rsync is not installed where the task runs; install it there "
+            "(Debian: apt-get install rsync) or use another strategy"
+        ) from None
+    if proc.returncode == 0:
+        return
+    err = proc.stderr or proc.stdout or ""
+    hint = ""
+    if "Host key verification failed" in err or "REMOTE HOST IDENTIFICATION HAS CHANGED" in err:
+        hint = (
+            f" The host key of {spec.get('host')}:{spec.get('port')} is not in the known_hosts "
+            f"file {spec.get('known_hosts')} (or does not match it): add the host's key there "
+            "(check it with the host's administrator), or accept_unknown_host_key=True to "
+            "trust a new host on first use."
+        )
+    elif "Permission denied" in err and spec.get("host"):
+        hint = " The login was refused: check user and private_key_path."
+    elif "command not found" in err or "rsync: not found" in err:
+        hint = " Is rsync installed on the remote host?"
+    raise FileTransferError(f"{what}: rsync exited with status {proc.returncode}.{hint}"
+                            f"{_tail(err)}")
+
+
+def _http_get(url: str, dst: str, timeout: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    if dst.endswith("/"):
+        dst = os.path.join(dst, os.path.basename(url.split("?")[0].rstrip("/")) or "download")
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+    tmp = f"{dst}.part-{os.getpid()}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
+            shutil.copyfileobj(resp, f, 1 << 16)
+        os.replace(tmp, dst)
+    except urllib.error.HTTPError as exc:
+        raise FileTransferError(
+            f"download {url}: the server answered {exc.code} {exc.reason}"
+        ) from None
+    except urllib.error.URLError as exc:
+        raise FileTransferError(f"download {url}: cannot reach it: {exc.reason}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _http_put(src: str, url: str, timeout: float) -> None:
+    import urllib.error
+    import urllib.request
+
+    size = os.path.getsize(src)
+    with open(src, "rb") as f:
+        req = urllib.request.Request(
+            url, data=f, method="PUT", headers={"Content-Length": str(size)}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout):
+                pass
+        except urllib.error.HTTPError as exc:
+            raise FileTransferError(
+                f"upload {src} -> {url}: the server answered {exc.code} {exc.reason}"
+            ) from None
+        except urllib.error.URLError as exc:
+            raise FileTransferError(f"upload to {url}: cannot reach it: {exc.reason}") from None
 
 
 # ---------------------------------------------------------------------- pip

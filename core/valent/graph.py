@@ -396,6 +396,10 @@ class Placeholder:
 def _check_executor(spec: Any, where: str) -> ExecutorSpec:
     if spec is None or isinstance(spec, Executor):
         return spec
+    if type(spec).__module__ != "builtins" and _is_covalent_executor(spec):
+        from ._covalent_executor import wrap
+
+        return wrap(spec)  # a Covalent-style executor (valent.executor.base.BaseExecutor)
     if isinstance(spec, str):
         from ._plugins.manager import get_plugins
 
@@ -403,8 +407,15 @@ def _check_executor(spec: Any, where: str) -> ExecutorSpec:
         return spec
     raise ValentError(
         f"{where}: executor must be an executor name (like 'local') or an Executor instance "
-        f"(like ct.executors.LocalExecutor()), got {spec!r}"
+        f"(like ct.executors.LocalExecutor(), or a Covalent-style executor from "
+        f"valent.executor.base), got {spec!r}"
     )
+
+
+def _is_covalent_executor(spec: Any) -> bool:
+    from .executor.base import _AbstractBaseExecutor
+
+    return isinstance(spec, _AbstractBaseExecutor)
 
 
 class Electron:
@@ -510,6 +521,7 @@ def electron(
     deps_pip: Any = None,
     call_before: Any = None,
     call_after: Any = None,
+    files: Any = None,
 ) -> Any:
     """Make a function a task. Bare (``@electron``) or with arguments.
 
@@ -523,13 +535,21 @@ def electron(
     :param call_before: ``ct.DepsCall`` (or a list) called before the task, in its process;
         ``retval_keyword`` passes a result to the task as that keyword argument.
     :param call_after: ``ct.DepsCall`` (or a list) called after the task returned.
+    :param files: ``ct.fs.FileTransfer`` objects (a list) run in the task's process before
+        or after it; the task gets ``files=[(from_path, to_path), ...]`` (see :mod:`valent.fs`).
     """
-    if any(v is not None for v in (deps_bash, deps_pip, call_before, call_after)):
+    if files is not None or any(
+        v is not None for v in (deps_bash, deps_pip, call_before, call_after)
+    ):
         from .deps import make_hooks
 
         def with_hooks(f: Callable[..., Any]) -> Electron:
             name = getattr(f, "__name__", type(f).__name__)
             made = make_hooks(name, deps_bash, deps_pip, call_before, call_after)
+            if files:
+                from .fs.transfer import attach
+
+                made = attach(name, made, files)
             return Electron(f, executor, timeout, retries, made)
 
         return with_hooks if fn is None else with_hooks(fn)

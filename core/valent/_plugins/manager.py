@@ -191,7 +191,7 @@ class Plugins:
     def _classes_of(self, plugin: Any) -> list[type[Executor]]:
         impl = getattr(plugin, "valent_executors", None)
         if impl is None:
-            return []
+            return _covalent_module_classes(plugin)
         try:
             got = impl()
         except Exception as exc:
@@ -200,7 +200,33 @@ class Plugins:
             return []
         if not isinstance(got, list | tuple):
             raise PluginError(f"valent_executors() must return a list of classes, got {got!r}")
-        return list(got)
+        return [_as_executor_class(c) for c in got]
+
+
+def _as_executor_class(cls: Any) -> Any:
+    """A Covalent-style class (valent.executor.base) becomes its adapter class; others stay."""
+    from ..executor.base import is_covalent_class
+
+    if is_covalent_class(cls):
+        from .._covalent_executor import adapter_class
+
+        return adapter_class(cls)
+    return cls
+
+
+def _covalent_module_classes(module: Any) -> list[Any]:
+    """A module laid out as a Covalent executor plugin (``executor_plugin_name = "Cls"``
+    naming a Covalent-style class in it) provides that class."""
+    name = getattr(module, "executor_plugin_name", None)
+    if not isinstance(name, str):
+        return []
+    cls = getattr(module, name, None)
+    if cls is None:
+        raise PluginError(
+            f"executor_plugin_name = {name!r} in {getattr(module, '__name__', module)!r}, but "
+            "the module has no class of that name"
+        )
+    return [_as_executor_class(cls)]
 
 
 def _disabled() -> set[str]:

@@ -3,6 +3,8 @@
 ``ct.executor.LocalExecutor``, ``ct.executor.DaskExecutor``, ``ct.executor.SSHExecutor`` and
 every third-party executor class resolve here by class name, loaded on first use (no Dask or
 paramiko import until one is asked for). ``ct.executors`` is the same namespace.
+``valent.executor.base`` holds Covalent's base classes for writing executors
+(``BaseExecutor``, ``AsyncBaseExecutor``).
 """
 
 from __future__ import annotations
@@ -13,12 +15,22 @@ from typing import Any
 def _classes() -> dict[str, type]:
     from .._plugins.manager import get_plugins
 
-    return {info.cls.__name__: info.cls for info in get_plugins().executors.values()}
+    # a Covalent-style class published as a plugin is found under its own name, as itself
+    return {
+        info.cls.__name__: getattr(info.cls, "covalent_class", None) or info.cls
+        for info in get_plugins().executors.values()
+    }
 
 
 def __getattr__(attr: str) -> Any:
     if attr.startswith("__"):
         raise AttributeError(attr)
+    if attr in ("base", "BaseExecutor", "AsyncBaseExecutor"):
+        # Covalent's base classes, for executors written for Covalent
+        import importlib
+
+        module = importlib.import_module(f"{__name__}.base")
+        return module if attr == "base" else getattr(module, attr)
     classes = _classes()
     if attr in classes:
         return classes[attr]
