@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 import time
 from pathlib import Path
 
 import cloudpickle
-import pytest
 import valent as ct
-from valent._engine.dispatcher import Dispatcher
-
-# The dispatcher chains a task on Dask once its parents have started there, handing their
-# values as Upstream markers; a wait edge has no marker, so _can_chain must not chain over
-# one (one line there, owned by the dispatcher's maintainers). Until it does, this fails.
-_CHAIN_KNOWS_WAITS = "waits" in inspect.getsource(Dispatcher._can_chain)
 
 
 def _stamp(folder: str, name: str, sleep: float = 0.0) -> None:
@@ -28,10 +20,6 @@ def _stamp(folder: str, name: str, sleep: float = 0.0) -> None:
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-@pytest.mark.xfail(
-    not _CHAIN_KNOWS_WAITS, strict=True,
-    reason="dispatcher._can_chain must skip a parent in node.waits until it completed",
-)
 def test_wait_edge_holds_a_chained_task_back_on_dask(dask_cluster, tmp_path):
     ex = ct.executors.DaskExecutor(
         scheduler_address=dask_cluster.scheduler_address, cancel_mode="finish"
