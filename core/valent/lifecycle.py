@@ -2,7 +2,8 @@
 
 - The first Ctrl-C (SIGINT) or SIGTERM while dispatches this process owns are running
   cancels them, waits until every executor confirmed the stop, prints one line and exits
-  (130 for Ctrl-C, 143 for SIGTERM). A second one exits at once (the tasks still die with
+  (130 for Ctrl-C, 143 for SIGTERM). Tasks their executor cannot stop (``runs_to_completion``)
+  are not waited for: the process leaves them, and readers then see the dispatch's owner died. A second one exits at once (the tasks still die with
   their owner: the pool's workers watch it through the kernel). With nothing of ours
   running, the signal does what it did before valent was imported. A handler the program
   installed itself is left alone (and so is a notebook kernel's).
@@ -16,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -93,19 +95,42 @@ def stop_owned(dispatcher: Any, runs: list[Any]) -> str:
             dispatcher.cancel(run.id, None)
         except Exception as exc:  # report and go on stopping the others
             print(f"valent: cancelling {run.id}: {exc}", file=sys.stderr)
-    for run in runs:
-        run.done.wait(WAIT_AFTER_SIGNAL)
+    deadline = time.monotonic() + WAIT_AFTER_SIGNAL
+    while time.monotonic() < deadline:
+        # settled: final, or all that is left are tasks their executor cannot stop (they
+        # were told runs_to_completion; waiting for them could take forever)
+        if all(run.done.is_set() for run in runs) or dispatcher.call(
+            lambda: all(_settled(run) for run in runs)
+        ):
+            break
+        time.sleep(0.02)
+    outcomes = dispatcher.call(lambda: _tally(runs))
+    ids = ", ".join(f"{run.id[:8]} {run.status}" for run in runs[:3])
+    if len(runs) > 3:
+        ids += f", and {len(runs) - 3} more"
+    tally = ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())) or "no task was running"
+    return f"cancelled {ids} ({tally})"
+
+
+def _settled(run: Any) -> bool:
+    """On the dispatcher's thread: ``run`` is final, or only tasks left to run to
+    completion are unfinished."""
+    from .status import CancelOutcome
+
+    return run.done.is_set() or all(
+        nr.final or nr.cancel_outcome == CancelOutcome.RUNS_TO_COMPLETION for nr in run.nodes
+    )
+
+
+def _tally(runs: list[Any]) -> dict[str, int]:
+    """On the dispatcher's thread: how many nodes had each cancel outcome."""
     outcomes: dict[str, int] = {}
     for run in runs:
         for nr in run.nodes:
             if nr.cancel_outcome is not None:
                 key = nr.cancel_outcome.value
                 outcomes[key] = outcomes.get(key, 0) + 1
-    ids = ", ".join(f"{run.id[:8]} {run.status}" for run in runs[:3])
-    if len(runs) > 3:
-        ids += f", and {len(runs) - 3} more"
-    tally = ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())) or "no task was running"
-    return f"cancelled {ids} ({tally})"
+    return outcomes
 
 
 def at_exit() -> None:
