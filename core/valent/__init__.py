@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from . import executor, executors
     from ._plugins.manager import hookimpl
     from .api import cancel, dispatch, dispatch_sync, get_result
+    from ._redispatch import redispatch
     from .config import get_config, reload_config, set_config
     from .deps import DependencyError, DepsBash, DepsCall, DepsPip
     from .lepton import Lepton, LeptonError
@@ -44,6 +45,7 @@ _LAZY = {
     "dispatch": "api",
     "dispatch_sync": "api",
     "get_result": "api",
+    "redispatch": "_redispatch",
     "get_config": "config",
     "reload_config": "config",
     "set_config": "config",
@@ -114,6 +116,7 @@ __all__ = [
     "get_result",
     "hookimpl",
     "lattice",
+    "redispatch",
     "reload_config",
     "set_config",
     "wait",

@@ -52,7 +52,12 @@ CREATE TABLE IF NOT EXISTS dispatches (
     owner_host TEXT,
     owner_started REAL,
     cancel_requested_at REAL,
-    node_count INTEGER NOT NULL DEFAULT 0
+    node_count INTEGER NOT NULL DEFAULT 0,
+    parent_dispatch_id TEXT,
+    parent_node_id INTEGER,
+    root_dispatch_id TEXT,
+    redispatch_of TEXT,
+    lattice BLOB
 );
 CREATE INDEX IF NOT EXISTS dispatches_created ON dispatches (created_at);
 CREATE TABLE IF NOT EXISTS nodes (
@@ -77,6 +82,10 @@ CREATE TABLE IF NOT EXISTS nodes (
     stderr TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     live_output TEXT,
+    sub_dispatch_id TEXT,
+    fn_digest TEXT,
+    in_digest TEXT,
+    out_digest TEXT,
     PRIMARY KEY (dispatch_id, node_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS cancel_requests (
@@ -92,10 +101,25 @@ CREATE INDEX IF NOT EXISTS cancel_requests_open ON cancel_requests (handled_at, 
 NODE_FIELDS = (
     "status", "start_time", "end_time", "cancel_requested_at", "cancel_confirmed_at",
     "cancel_outcome", "reason", "output", "output_file", "error", "traceback", "stdout",
-    "stderr", "attempts", "executor", "live_output",
+    "stderr", "attempts", "executor", "live_output", "sub_dispatch_id", "fn_digest",
+    "in_digest", "out_digest",
 )
-ADDED_COLUMNS = {"nodes": {"live_output": "TEXT"}}
+ADDED_COLUMNS = {
+    "nodes": {
+        "live_output": "TEXT", "sub_dispatch_id": "TEXT", "fn_digest": "TEXT",
+        "in_digest": "TEXT", "out_digest": "TEXT",
+    },
+    "dispatches": {
+        "parent_dispatch_id": "TEXT", "parent_node_id": "INTEGER", "root_dispatch_id": "TEXT",
+        "redispatch_of": "TEXT", "lattice": "BLOB",
+    },
+}
 """Columns added since schema version 1: a store made by an older valent gains them."""
+ADDED_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS dispatches_parent ON dispatches (parent_dispatch_id)",
+    "CREATE INDEX IF NOT EXISTS dispatches_root ON dispatches (root_dispatch_id)",
+)
+"""Indexes on added columns (made once the columns exist)."""
 DISPATCH_FIELDS = (
     "status", "start_time", "end_time", "result", "result_file", "error",
     "cancel_requested_at",
@@ -267,6 +291,7 @@ class Store:
         """Why this store can no longer be used (its file was deleted, replaced...), or None."""
         self.read_only = False
         self._reserve_missing = False
+        self._columns: dict[str, set[str]] = {}
         self.replaced: str | None = None
         """Set by ``get_store`` when this store replaced one whose file was lost (why)."""
 
@@ -393,6 +418,8 @@ class Store:
                     for col, decl in cols.items():
                         if col not in have:
                             conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+                for sql in ADDED_INDEXES:
+                    conn.execute(sql)
             except sqlite3.Error as exc:
                 what = f"cannot initialize the results store {self.path}"
                 raise self._error(what, exc) from exc
@@ -760,25 +787,54 @@ class Store:
         ]
 
     def mark_orphaned(self, dispatch_id: str, error: str) -> bool:
-        """Mark a dispatch whose owner died FAILED and its unfinished nodes CANCELLED."""
+        """Mark a dispatch whose owner died FAILED and its unfinished nodes CANCELLED, with
+        every unfinished dispatch of its tree (its sublattices' child dispatches, its
+        parent's): one process owned them all."""
         final = tuple(s.value for s in FINAL)
+        marks = ", ".join("?" * len(final))
+        nested = self.has_column("dispatches", "root_dispatch_id")
 
         def op(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                f"UPDATE dispatches SET status = ?, error = ?, end_time = ? "
-                f"WHERE dispatch_id = ? AND status NOT IN ({', '.join('?' * len(final))})",
-                (Status.FAILED.value, error, time.time(), dispatch_id, *final),
-            )
-            if cur.rowcount == 0:
-                return False
-            conn.execute(
-                f"UPDATE nodes SET status = ?, reason = ?, end_time = ? "
-                f"WHERE dispatch_id = ? AND status NOT IN ({', '.join('?' * len(final))})",
-                (Status.CANCELLED.value, "owner process died", time.time(), dispatch_id, *final),
-            )
-            return True
+            ids = [dispatch_id]
+            if nested:
+                row = conn.execute(
+                    "SELECT root_dispatch_id FROM dispatches WHERE dispatch_id = ?",
+                    (dispatch_id,),
+                ).fetchone()
+                root = (row[0] if row is not None else None) or dispatch_id
+                ids = [dispatch_id] + [
+                    r[0] for r in conn.execute(
+                        f"SELECT dispatch_id FROM dispatches WHERE (root_dispatch_id = ? OR "
+                        f"dispatch_id = ?) AND dispatch_id != ? AND status NOT IN ({marks})",
+                        (root, root, dispatch_id, *final),
+                    )
+                ]
+            now = time.time()
+            changed = False
+            for did in ids:
+                cur = conn.execute(
+                    f"UPDATE dispatches SET status = ?, error = ?, end_time = ? "
+                    f"WHERE dispatch_id = ? AND status NOT IN ({marks})",
+                    (Status.FAILED.value, error, now, did, *final),
+                )
+                if cur.rowcount == 0:
+                    continue
+                changed = changed or did == dispatch_id
+                conn.execute(
+                    f"UPDATE nodes SET status = ?, reason = ?, end_time = ? "
+                    f"WHERE dispatch_id = ? AND status NOT IN ({marks})",
+                    (Status.CANCELLED.value, "owner process died", now, did, *final),
+                )
+            return changed
 
         return self._write(op)
+
+    def has_column(self, table: str, column: str) -> bool:
+        """True when the store's ``table`` has ``column`` (a read-only store made by an older
+        valent may lack the added ones)."""
+        if table not in self._columns:
+            self._columns[table] = {r[1] for r in self._read(f"PRAGMA table_info({table})")}
+        return column in self._columns[table]
 
     # ------------------------------------------------------------------ reads
 
@@ -840,6 +896,7 @@ class Store:
         cols = "*" if with_outputs else (
             "dispatch_id, node_id, name, kind, executor, parents, status, start_time, end_time,"
             " cancel_requested_at, cancel_confirmed_at, cancel_outcome, reason, error, attempts"
+            + (", sub_dispatch_id" if self.has_column("nodes", "sub_dispatch_id") else "")
         )
         return self._read(
             f"SELECT {cols} FROM nodes WHERE dispatch_id = ? ORDER BY node_id", (dispatch_id,)
@@ -849,22 +906,51 @@ class Store:
         rows = self._read("SELECT status FROM dispatches WHERE dispatch_id = ?", (dispatch_id,))
         return rows[0][0] if rows else None
 
-    def list_dispatches(self, status: str | None = None, limit: int = 20) -> list[sqlite3.Row]:
-        """Recent dispatches, newest first, with done/total node counts."""
+    def list_dispatches(
+        self, status: str | None = None, limit: int = 20, children: bool = True
+    ) -> list[sqlite3.Row]:
+        """Recent dispatches, newest first, with done/total node counts. ``children=False``
+        leaves out the child dispatches of sublattices."""
+        nested = self.has_column("dispatches", "parent_dispatch_id")
+        extra = (
+            "d.parent_dispatch_id, d.parent_node_id, d.root_dispatch_id, d.redispatch_of, "
+            if nested else
+            "NULL AS parent_dispatch_id, NULL AS parent_node_id, NULL AS root_dispatch_id, "
+            "NULL AS redispatch_of, "
+        )
         sql = (
             "SELECT d.dispatch_id, d.lattice_name, d.status, d.created_at, d.start_time, "
             "d.end_time, d.node_count, d.error, d.owner_pid, d.owner_host, d.owner_started, "
+            + extra +
             "(SELECT COUNT(*) FROM nodes n WHERE n.dispatch_id = d.dispatch_id "
             " AND n.status IN ('COMPLETED','FAILED','CANCELLED')) AS done "
             "FROM dispatches d"
         )
+        where: list[str] = []
         args: list[Any] = []
         if status:
-            sql += " WHERE d.status = ?"
+            where.append("d.status = ?")
             args.append(status)
+        if not children and nested:
+            where.append("d.parent_dispatch_id IS NULL")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY d.created_at DESC LIMIT ?"
         args.append(limit)
         return self._read(sql, args)
+
+    def child_dispatches(self, dispatch_id: str) -> list[sqlite3.Row]:
+        """The child dispatches of a dispatch's sublattice nodes, by parent node id (one row
+        each, with done/total node counts as ``list_dispatches``)."""
+        if not self.has_column("dispatches", "parent_dispatch_id"):
+            return []
+        return self._read(
+            "SELECT d.*, (SELECT COUNT(*) FROM nodes n WHERE n.dispatch_id = d.dispatch_id "
+            " AND n.status IN ('COMPLETED','FAILED','CANCELLED')) AS done "
+            "FROM dispatches d WHERE d.parent_dispatch_id = ? ORDER BY d.parent_node_id, "
+            "d.created_at",
+            (dispatch_id,),
+        )
 
 
 def _cut(text: Any) -> Any:

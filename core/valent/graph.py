@@ -27,8 +27,8 @@ from .errors import TracingError, ValentError
 
 ExecutorSpec = str | Executor | None
 
-ELECTRON, PARAMETER, GETITEM, GETATTR, COLLECTION = (
-    "electron", "parameter", "getitem", "getattr", "collection",
+ELECTRON, PARAMETER, GETITEM, GETATTR, COLLECTION, SUBLATTICE = (
+    "electron", "parameter", "getitem", "getattr", "collection", "sublattice",
 )
 
 _building: contextvars.ContextVar[Graph | None] = contextvars.ContextVar(
@@ -435,13 +435,19 @@ class Electron:
         # the function wrapped with them, in the task's process
         self.hooks = hooks
         self.task_fn = fn if hooks is None else hooks.wrap(fn, name)
-        functools.update_wrapper(self, fn)
+        # over a lattice (a sublattice) take its names only, not its attributes (fn, ...)
+        functools.update_wrapper(self, fn, updated=() if isinstance(fn, Lattice) else ("__dict__",))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         graph = _building.get()
         if graph is None:
             return self.fn(*args, **kwargs)
-        node = graph.add(self.name, ELECTRON, fn=self.task_fn, electron=self)
+        if isinstance(self.fn, Lattice):
+            # a sublattice: its graph is built, and run as a child dispatch, when its inputs
+            # are known (valent._engine.dispatcher)
+            node = graph.add(f":sublattice:{self.name}", SUBLATTICE, fn=self.fn, electron=self)
+        else:
+            node = graph.add(self.name, ELECTRON, fn=self.task_fn, electron=self)
         if self.hooks is not None and self.hooks.retval_keywords:
             # filled in by a call_before's return value where the task runs (as Covalent)
             kwargs = {k: v for k, v in kwargs.items() if k not in self.hooks.retval_keywords}
@@ -476,6 +482,11 @@ class Lattice:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the workflow here, as plain function calls (no dispatch)."""
         return self.fn(*args, **kwargs)
+
+    def __reduce__(self):
+        # as Electron: an executor instance (clients, connections) never travels with it
+        spec = self.executor if isinstance(self.executor, str) else None
+        return (Lattice, (self.fn, spec))
 
     def build_graph(self, *args: Any, **kwargs: Any) -> Graph:
         """Trace the workflow with these arguments."""

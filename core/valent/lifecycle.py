@@ -97,7 +97,7 @@ def stop_owned(dispatcher: Any, runs: list[Any]) -> str:
         run.done.wait(WAIT_AFTER_SIGNAL)
     outcomes: dict[str, int] = {}
     for run in runs:
-        for nr in run.nodes:
+        for nr in run.leaf_nodes():  # the tasks of sublattices' child dispatches too
             if nr.cancel_outcome is not None:
                 key = nr.cancel_outcome.value
                 outcomes[key] = outcomes.get(key, 0) + 1
