@@ -115,11 +115,6 @@ ADDED_COLUMNS = {
     },
 }
 """Columns added since schema version 1: a store made by an older valent gains them."""
-ADDED_INDEXES = (
-    "CREATE INDEX IF NOT EXISTS dispatches_parent ON dispatches (parent_dispatch_id)",
-    "CREATE INDEX IF NOT EXISTS dispatches_root ON dispatches (root_dispatch_id)",
-)
-"""Indexes on added columns (made once the columns exist)."""
 DISPATCH_FIELDS = (
     "status", "start_time", "end_time", "result", "result_file", "error",
     "cancel_requested_at",
@@ -292,6 +287,7 @@ class Store:
         self.read_only = False
         self._reserve_missing = False
         self._columns: dict[str, set[str]] = {}
+        self._size_lock = threading.Lock()
         self.replaced: str | None = None
         """Set by ``get_store`` when this store replaced one whose file was lost (why)."""
 
@@ -418,8 +414,6 @@ class Store:
                     for col, decl in cols.items():
                         if col not in have:
                             conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
-                for sql in ADDED_INDEXES:
-                    conn.execute(sql)
             except sqlite3.Error as exc:
                 what = f"cannot initialize the results store {self.path}"
                 raise self._error(what, exc) from exc
@@ -443,20 +437,23 @@ class Store:
             raise StoreLostError(self.lost)
         if self._ident is None:
             return
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            what = "deleted"
-        except OSError as exc:
-            raise StoreError(f"cannot check the results store {self.path}: {exc}") from exc
-        else:
-            if _identity(st) != self._ident:
-                what = "replaced by another file"
-            elif st.st_size < self._size_seen:
-                what = f"truncated (from {self._size_seen} to {st.st_size} bytes)"
+        # stat and compare under a lock: a thread's older (smaller) size compared with the
+        # size a newer stat of another thread recorded would look like a truncation
+        with self._size_lock:
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                what = "deleted"
+            except OSError as exc:
+                raise StoreError(f"cannot check the results store {self.path}: {exc}") from exc
             else:
-                self._size_seen = st.st_size
-                return
+                if _identity(st) != self._ident:
+                    what = "replaced by another file"
+                elif st.st_size < self._size_seen:
+                    what = f"truncated (from {self._size_seen} to {st.st_size} bytes)"
+                else:
+                    self._size_seen = st.st_size
+                    return
         self.lost = (
             f"the results store {self.path} was {what} while this process was using it: "
             "the dispatches it held (and what this process wrote since) are lost, and "
