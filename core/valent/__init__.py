@@ -30,8 +30,8 @@ from .task import Cancelled, Completed, Failed, Pending, Running, Task, TaskStat
 if TYPE_CHECKING:
     from . import executor, executors
     from ._plugins.manager import hookimpl
-    from .api import cancel, dispatch, dispatch_sync, get_result
     from ._redispatch import redispatch
+    from .api import cancel, dispatch, dispatch_sync, get_result
     from .config import get_config, reload_config, set_config
     from .deps import DependencyError, DepsBash, DepsCall, DepsPip
     from .lepton import Lepton, LeptonError

@@ -259,7 +259,8 @@ def _orphan_message(row) -> str:
     return (
         f"the process that dispatched it (pid {row['owner_pid']} on {row['owner_host']}) "
         "exited or was killed before the dispatch finished; its unfinished tasks were "
-        "stopped with it. Dispatch the workflow again."
+        "stopped with it. Resume it (what completed is reused): "
+        f"`valent redispatch {row['dispatch_id'][:8]} --reuse`."
     )
 
 
