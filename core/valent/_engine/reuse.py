@@ -2,8 +2,8 @@
 
 Each node stores, when it completes, three digests:
 
-- ``fn_digest``: of its function pickled *by value* (the code of a function in a module of
-  yours, not just its name: an edited function is a different function);
+- ``fn_digest``: of its function's definition (the code, defaults, closure and globals of a
+  function of yours, not just its name: an edited function is a different function);
 - ``in_digest``: of its resolved inputs, made of its parents' ``out_digest`` by position
   and keyword (a parent's output is the input);
 - ``out_digest``: of its pickled output (the bytes the store keeps).
@@ -16,10 +16,13 @@ seed) is simply not reused: a digest never says "same" for different inputs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import pickle
 import sys
 import sysconfig
 import threading
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -72,12 +75,121 @@ def dumps_by_value(obj: Any, module_names: list[str | None]) -> bytes:
 
 
 def fn_digest(fn: Any) -> str | None:
-    """The digest of a task function pickled by value (None when it cannot be pickled)."""
-    inner = getattr(fn, "__wrapped__", fn)
+    """The digest of a task function's definition: for a function of yours (from
+    ``__main__`` or a module that is neither the standard library's nor valent's, or a
+    closure or lambda), its code, defaults, closure and the globals it uses, recursively; for any other, its
+    module and name. The same in every process (a pickle's bytes are not: pickling
+    memoizes by object identity), and a function that was edited digests differently."""
+    h = hashlib.blake2b(digest_size=16)
     try:
-        return blob_digest(dumps_by_value(fn, [getattr(inner, "__module__", None)]))
-    except Exception:  # noqa: BLE001 - an unpicklable function is never reused
+        _value(fn, h, set(), 0)
+    except Exception:  # noqa: BLE001 - what cannot be read is never reused
         return None
+    return h.hexdigest()
+
+
+_MAX_DEPTH = 40
+
+
+def _by_name(obj: Any) -> bool:
+    """True for a function or class imported by name (not yours: its module's version)."""
+    qual = getattr(obj, "__qualname__", "")
+    if "<locals>" in qual or "<lambda>" in qual:
+        return False
+    mod = getattr(obj, "__module__", None)
+    return mod != "__main__" and _yours(mod) is None
+
+
+def _value(v: Any, h: Any, seen: set[int], depth: int) -> None:
+    from ..graph import Electron, Lattice
+
+    if depth > _MAX_DEPTH:
+        raise ValueError("too deep")
+    depth += 1
+    if isinstance(v, types.ModuleType):
+        h.update(b"M" + v.__name__.encode())
+    elif isinstance(v, Electron):
+        h.update(b"E" + v.name.encode())
+        _value(v.task_fn, h, seen, depth)
+    elif isinstance(v, Lattice):
+        h.update(b"L" + v.name.encode())
+        _value(v.fn, h, seen, depth)
+    elif isinstance(v, types.FunctionType):
+        _function(v, h, seen, depth)
+    elif isinstance(v, functools.partial):
+        h.update(b"P")
+        _value(v.func, h, seen, depth)
+        _value(v.args, h, seen, depth)
+        _value(v.keywords, h, seen, depth)
+    elif isinstance(v, type | types.BuiltinFunctionType | types.MethodType) or callable(v) and (
+        hasattr(v, "__qualname__") and hasattr(v, "__module__")
+    ):
+        if isinstance(v, types.MethodType):
+            _value(v.__func__, h, seen, depth)
+            return
+        h.update(f"N{getattr(v, '__module__', '')}.{getattr(v, '__qualname__', '')}".encode())
+        if isinstance(v, type) and not _by_name(v) and id(v) not in seen:
+            seen.add(id(v))
+            for k in sorted(vars(v)):
+                if not k.startswith("__") or k in ("__init__", "__call__"):
+                    h.update(k.encode())
+                    _value(vars(v)[k], h, seen, depth)
+    elif isinstance(v, frozenset | set):
+        h.update(b"S")
+        for r in sorted(repr(x) for x in v):
+            h.update(r.encode())
+    elif isinstance(v, list | tuple):
+        h.update(b"T" + str(len(v)).encode())
+        for x in v:
+            _value(x, h, seen, depth)
+    elif isinstance(v, dict):
+        h.update(b"D" + str(len(v)).encode())
+        for k, x in v.items():
+            h.update(repr(k).encode())
+            _value(x, h, seen, depth)
+    else:
+        try:
+            h.update(b"V" + pickle.dumps(v, protocol=5))
+        except Exception:  # noqa: BLE001
+            h.update(b"R" + repr(v).encode())
+
+
+def _function(f: types.FunctionType, h: Any, seen: set[int], depth: int) -> None:
+    h.update(f"F{f.__module__}.{f.__qualname__}".encode())
+    if _by_name(f):
+        return
+    if id(f) in seen:
+        return  # recursion: named above
+    seen.add(id(f))
+    names: list[str] = []
+    _code(f.__code__, h, names)
+    _value(f.__defaults__, h, seen, depth)
+    _value(f.__kwdefaults__, h, seen, depth)
+    for cell in f.__closure__ or ():
+        try:
+            _value(cell.cell_contents, h, seen, depth)
+        except ValueError:  # an empty cell
+            h.update(b"empty")
+    g = f.__globals__
+    for name in dict.fromkeys(names):
+        if name in g:
+            h.update(b"G" + name.encode())
+            _value(g[name], h, seen, depth)
+
+
+def _code(code: types.CodeType, h: Any, names: list[str]) -> None:
+    h.update(code.co_code)
+    h.update(repr((code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars,
+                   code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount,
+                   code.co_flags)).encode())
+    names.extend(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            _code(c, h, names)
+        elif isinstance(c, frozenset):
+            h.update(repr(sorted(repr(x) for x in c)).encode())
+        else:
+            h.update(repr(c).encode())
 
 
 def in_digest(
