@@ -142,9 +142,12 @@ def list_cmd(status: str | None, limit: int, as_json: bool, show_all: bool) -> N
         )
         for r in rows
     ]
-    click.echo(fmt.table(
-        ("ID", "LATTICE", "STATUS", "STARTED", "DURATION", "NODES", "FROM"), table, 2
-    ))
+    headers: tuple[str, ...] = ("ID", "LATTICE", "STATUS", "STARTED", "DURATION", "NODES")
+    if any(r["redispatch_of"] for r in rows):
+        headers += ("FROM",)  # the dispatch a redispatch came from
+    else:
+        table = [t[:-1] for t in table]
+    click.echo(fmt.table(headers, table, 2))
 
 
 def _with_children(store: Any, rows: list[Any]) -> tuple[list[Any], dict[str, int]]:
