@@ -78,8 +78,9 @@ def fn_digest(fn: Any) -> str | None:
     """The digest of a task function's definition: for a function of yours (from
     ``__main__`` or a module that is neither the standard library's nor valent's, or a
     closure or lambda), its code, defaults, closure and the globals it uses, recursively;
-    for any other, its module and name. The same in every process (a pickle's bytes are not: pickling
-    memoizes by object identity), and a function that was edited digests differently."""
+    for any other, its module and name. The same in every process (a pickle's bytes are
+    not: pickling memoizes by object identity); a function that was edited digests
+    differently."""
     h = hashlib.blake2b(digest_size=16)
     try:
         _value(fn, h, set(), 0)
