@@ -110,11 +110,11 @@ def _start(
     run = create_run(
         graph, store, dispatcher.executors, dispatcher.owner, links,
         lattice_blob=_lattice_blob(lattice, replace) if lattice is not None else None,
+        reuse=reuse,
     )
     if lattice is not None:
         _remember_lattice(run.id, lattice, replace or {})
     run.replace = dict(replace or {})
-    run.reuse = reuse
     dispatcher.start(run)
     return run.id
 

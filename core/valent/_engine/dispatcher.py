@@ -48,14 +48,14 @@ import cloudpickle
 
 from .._plugins.contract import Executor
 from .._plugins.manager import Plugins
-from .._store import Store, read_trusted_file
+from .._store import Store
 from ..errors import StoreError, TaskTimeoutError, ValentError
 from ..graph import ELECTRON, PARAMETER, SUBLATTICE, Ref
 from ..status import CancelOutcome, Status
 from ..task import Cancelled, Completed, Failed, Running, Task, Upstream
 from .nest import Builder
 from .resolve import Executors
-from .reuse import blob_digest, fn_digest, in_digest
+from .reuse import blob_digest, in_digest, node_fn_digest
 from .rules import lattice_status, sublattice_outcome
 from .runstate import (
     DispatchRun,
@@ -248,8 +248,8 @@ class _Loop:
         self.builder = Builder(
             executors or Executors(plugins_now), owner or (os.getpid(), "", 0.0), self.deliver
         )
-        self.reused: deque[tuple[NodeRun, Any]] = deque()  # nodes taking an earlier output
         self.fn_digests: dict[int, tuple[Any, str | None]] = {}
+        self.reused: deque[tuple[NodeRun, Any]] = deque()  # nodes taking an earlier output
 
     def deliver(self, nr: NodeRun, child: DispatchRun | None, exc: Any, tb: str) -> None:
         """(builder thread) A sublattice's child dispatch is built, or could not be."""
@@ -372,16 +372,21 @@ class _Loop:
         run.status = Status.RUNNING
         self.batch.dispatch(run, {"status": Status.RUNNING.value, "start_time": now})
         ready = []
+        done = []
         for nr in run.nodes:
             if nr.node.kind == PARAMETER:
                 nr.value = nr.node.value
                 nr.start_time = nr.end_time = now
                 self.set(nr, Status.COMPLETED)
+                done.append(nr)
+            elif nr.reused:  # COMPLETED in the store already (a redispatch's reuse)
+                run.remaining -= 1
+                release_inputs(nr)
+                done.append(nr)
             elif nr.waiting == 0:
                 ready.append(nr)
-        for nr in run.nodes:
-            if nr.node.kind == PARAMETER:
-                self.release_children(nr)
+        for nr in done:
+            self.release_children(nr)
         for nr in ready:
             if not nr.final and not nr.submitted and not run.cancel_requested:
                 self.submit(nr)
@@ -408,6 +413,7 @@ class _Loop:
         nr.submitted = True
         nr.chained = chained
         if reuse and nr.run.reuse is not None and node.kind == ELECTRON and not chained:
+            # not taken before the start (a parent ran again): its inputs may still match
             old = nr.run.reuse.match(
                 node.id, node.name, node.kind, self.fn_digest(nr), self.in_digest(nr)
             )
@@ -459,13 +465,9 @@ class _Loop:
     # ---------------------------------------------------------------- reuse and sublattices
 
     def fn_digest(self, nr: NodeRun) -> str | None:
-        """The digest of the node's function by value (cached per function this turn)."""
-        if nr.fn_digest is None and nr.node.fn is not None:
-            fn = nr.node.fn
-            got = self.fn_digests.get(id(fn))
-            if got is None or got[0] is not fn:
-                got = self.fn_digests[id(fn)] = (fn, fn_digest(fn))
-            nr.fn_digest = got[1]
+        """The digest of the node's function (cached per function while runs go on)."""
+        if nr.fn_digest is None:
+            nr.fn_digest = node_fn_digest(nr.node, self.fn_digests)
         return nr.fn_digest
 
     def in_digest(self, nr: NodeRun) -> str | None:
@@ -481,20 +483,13 @@ class _Loop:
         """Complete ``nr`` with the output of the earlier dispatch's node (start == end)."""
         if nr.final:
             return
-        run = nr.run
-        try:
-            if old["output_file"]:
-                blob = read_trusted_file(old["output_file"], run.store.dir)
-            else:
-                blob = old["output"]
-            if blob is None:
-                raise ValentError("no stored output")
-        except Exception:  # noqa: BLE001 - its output is gone: run it after all
-            self.submit(nr, reuse=False)
+        nr.pickled = old["output"]
+        nr.output_file = old["output_file"]
+        if nr.pickled is None and not nr.output_file:
+            self.submit(nr, reuse=False)  # its output is gone: run it after all
             return
-        nr.pickled = blob
         nr.start_time = nr.end_time = time.time()
-        self.complete(nr, {"reason": f"reused from {run.reuse.source_id}"})
+        self.complete(nr, {"reason": f"reused from {nr.run.reuse.source_id}"})
 
     def built(
         self, nr: NodeRun, child: DispatchRun | None, exc: Any, tb: str
@@ -722,6 +717,8 @@ class _Loop:
     def complete(self, nr: NodeRun, out: dict[str, Any] | None) -> None:
         extra = dict(out or {})
         try:
+            if nr.pickled is None and nr.output_file:
+                nr.get_value()  # a reused output kept in a file: read it
             blob = nr.pickled if nr.pickled is not None else cloudpickle.dumps(nr.value)
         except Exception as exc:
             self.fail(nr, ValentError(f"its return value cannot be pickled: {exc}"), "", out)
@@ -739,7 +736,7 @@ class _Loop:
             return
         if nr.node.kind != PARAMETER:
             nr.out_digest = extra["out_digest"] = blob_digest(blob)
-            if nr.node.kind == ELECTRON:
+            if nr.node.kind != SUBLATTICE:
                 extra["fn_digest"] = self.fn_digest(nr)
                 extra["in_digest"] = self.in_digest(nr)
         if nr.attempts > 1 and nr.error is None:

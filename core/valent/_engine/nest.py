@@ -138,8 +138,7 @@ class Builder:
             "parent_node_id": node.id,
             "root_dispatch_id": parent.root_id,
         }
-        child = create_run(graph, store, self.executors, self.owner, links)
+        reuse = Reuse(source, store.node_rows(source)) if source is not None else None
+        child = create_run(graph, store, self.executors, self.owner, links, reuse=reuse)
         child.replace = replace
-        if source is not None:
-            child.reuse = Reuse(source, store.node_rows(source))
         return child

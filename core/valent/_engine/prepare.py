@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import pickle
 import time
 import uuid
@@ -15,13 +17,17 @@ from ..errors import PicklingError
 from ..graph import PARAMETER, Graph, Ref
 from ..status import Status
 from .resolve import Executors, executor_spec
-from .reuse import blob_digest
+from .reuse import Reuse, blob_digest
 from .runstate import DispatchRun
 
 NODE_COLUMNS = (
     "dispatch_id", "node_id", "name", "kind", "executor", "parents", "status", "output",
     "out_digest",
 )
+REUSE_COLUMNS = NODE_COLUMNS + (
+    "output_file", "start_time", "end_time", "fn_digest", "in_digest", "reason",
+)
+"""With a redispatch's reuse: the nodes that take an earlier output are written COMPLETED."""
 
 _PLAIN = (int, float, str, bytes, bool, type(None))
 
@@ -85,13 +91,45 @@ def create_run(
     lattice_blob: bytes | None = None,
     default_executor: str | None = None,
     new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    reuse: Reuse | None = None,
 ) -> DispatchRun:
     """Write a new dispatch of ``graph`` to ``store`` (NEW_OBJECT) and return its run.
 
     ``links``: ``parent_dispatch_id``, ``parent_node_id``, ``root_dispatch_id``,
-    ``redispatch_of`` (the root is the dispatch itself when not given).
+    ``redispatch_of`` (the root is the dispatch itself when not given). ``reuse``: the
+    earlier dispatch a redispatch takes outputs from; the nodes that qualify
+    (``Reuse.plan``) are written COMPLETED (start == end, reason ``reused from <id>``) and
+    never run.
     """
-    dispatch_id = new_id()
+    with _gc_paused():  # tens of thousands of small tuples: no collection in between
+        return _create_run(
+            graph, store, executors, owner, links, lattice_blob, default_executor, new_id(),
+            reuse,
+        )
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _create_run(
+    graph: Graph,
+    store: Any,
+    executors: Executors,
+    owner: tuple[int, str, float],
+    links: dict[str, Any] | None,
+    lattice_blob: bytes | None,
+    default_executor: str | None,
+    dispatch_id: str,
+    reuse: Reuse | None,
+) -> DispatchRun:
     # parameters first: an unpicklable lattice argument is reported with the node using it
     params: dict[int, bytes] = {}
     for node in graph.nodes:
@@ -124,6 +162,23 @@ def create_run(
         )
         for node in graph.nodes
     ]
+    columns = NODE_COLUMNS
+    plan = reuse.plan(graph, digests) if reuse is not None else {}
+    now = time.time()
+    if plan:
+        columns = REUSE_COLUMNS
+        done = Status.COMPLETED.value
+        why = f"reused from {reuse.source_id}"  # type: ignore[union-attr]
+        for i, row in enumerate(nodes):
+            got = plan.get(i)
+            if got is None:
+                nodes[i] = (*row, None, None, None, None, None, None)
+                continue
+            old, fn_d, in_d = got
+            nodes[i] = (
+                *row[:6], done, old["output"], old["out_digest"], old["output_file"], now, now,
+                fn_d, in_d, why,
+            )
     pid, host, started = owner
     links = dict(links or {})
     links.setdefault("root_dispatch_id", dispatch_id)
@@ -131,7 +186,7 @@ def create_run(
         "dispatch_id": dispatch_id,
         "lattice_name": graph.lattice_name,
         "status": Status.NEW_OBJECT.value,
-        "created_at": time.time(),
+        "created_at": now,
         "inputs": inputs,
         "input_repr": repr((graph.args, graph.kwargs))[:500],
         "owner_pid": pid,
@@ -141,9 +196,18 @@ def create_run(
         "lattice": lattice_blob,
         **links,
     }
-    store.create_dispatch(row, nodes, NODE_COLUMNS)
+    store.create_dispatch(row, nodes, columns)
     run = DispatchRun(dispatch_id, graph, store, node_executors)
     run.root_id = links["root_dispatch_id"]
+    run.reuse = reuse
     for nid, d in digests.items():
         run.nodes[nid].out_digest = d
+    for nid, (old, fn_d, in_d) in plan.items():
+        nr = run.nodes[nid]
+        nr.status = Status.COMPLETED
+        nr.reused = nr.submitted = True
+        nr.pickled = old["output"]
+        nr.output_file = old["output_file"]
+        nr.out_digest, nr.fn_digest, nr.in_digest = old["out_digest"], fn_d, in_d
+        nr.start_time = nr.end_time = now
     return run

@@ -221,6 +221,47 @@ def _arg_digest(a: Any, out_digests: Callable[[int], str | None]) -> str | None:
         return None
 
 
+def node_fn_digest(node: Any, cache: dict[int, tuple[Any, str | None]] | None = None):
+    """The ``fn_digest`` of a node: its function's for an electron (cached by function in
+    ``cache``), its kind and key for a node computed inline (getitem, collection...)."""
+    from ..graph import ELECTRON
+
+    if node.kind != ELECTRON:
+        text = f"{node.kind}:{node.key!r}:{getattr(node.value, '__name__', '')}"
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    fn = node.fn
+    if cache is None:
+        return fn_digest(fn)
+    got = cache.get(id(fn))
+    if got is None or got[0] is not fn:
+        got = cache[id(fn)] = (fn, fn_digest(fn))
+    return got[1]
+
+
+def _topological(graph: Any) -> list[Any]:
+    """The graph's nodes, each after its parents (ids are not: a node is added before the
+    parameter nodes of its arguments)."""
+    done: set[int] = set()
+    out = []
+    for start in graph.nodes:
+        if start.id in done:
+            continue
+        stack = [(start, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node.id in done:
+                continue
+            if expanded:
+                done.add(node.id)
+                out.append(node)
+                continue
+            stack.append((node, True))
+            for p in node.parents:
+                if p not in done:
+                    stack.append((graph.nodes[p], False))
+    return out
+
+
 class Reuse:
     """The earlier dispatch a redispatch may take outputs from (``reuse_previous_results``).
 
@@ -241,6 +282,29 @@ class Reuse:
         if old["fn_digest"] != fn_d or old["in_digest"] != in_d:
             return None
         return old
+
+    def plan(self, graph: Any, param_digests: dict[int, str]) -> dict[int, tuple]:
+        """The nodes of ``graph`` (a new dispatch) that take an earlier output, decided
+        before it starts: ``{node_id: (old_row, fn_digest, in_digest)}``. A node qualifies
+        when its parents' outputs are known (parameters, or nodes that qualify) and
+        ``match`` says so; a sublattice never does as a whole (its child dispatch reuses its
+        earlier child's nodes)."""
+        from ..graph import PARAMETER, SUBLATTICE
+
+        outs: dict[int, str | None] = dict(param_digests)
+        cache: dict[int, tuple[Any, str | None]] = {}
+        found: dict[int, tuple] = {}
+        for node in _topological(graph):
+            if node.kind in (PARAMETER, SUBLATTICE):
+                continue
+            fn_d = node_fn_digest(node, cache)
+            in_d = in_digest(node.args, node.kwargs, outs.get)
+            old = self.match(node.id, node.name, node.kind, fn_d, in_d)
+            if old is None or not old["out_digest"]:
+                continue
+            outs[node.id] = old["out_digest"]
+            found[node.id] = (old, fn_d, in_d)
+        return found
 
     def child_source(self, node_id: int, name: str) -> str | None:
         """The child dispatch of the old sublattice node ``node_id`` (same name), if any."""

@@ -25,6 +25,7 @@ class NodeRun:
         "cancel_at", "cancel_outcome", "cancel_tries", "timed_out", "deadline", "reason",
         "start_time", "end_time", "error", "submitted", "run", "consumers", "chained",
         "upstream_cancel", "live", "sub", "building", "fn_digest", "in_digest", "out_digest",
+        "output_file", "reused",
     )
 
     def __init__(self, run: DispatchRun, node: Node):
@@ -56,6 +57,8 @@ class NodeRun:
         self.fn_digest: str | None = None  # valent._engine.reuse
         self.in_digest: str | None = None
         self.out_digest: str | None = None
+        self.output_file: str | None = None  # where a reused output is (when not inline)
+        self.reused = False  # COMPLETED from the start: a redispatch took an earlier output
 
     @property
     def final(self) -> bool:
@@ -71,6 +74,10 @@ class NodeRun:
         if self.value is _RELEASED:
             raise ValentError(f"internal: the value of {self.node.label} was already released")
         if self.value is _MISSING:
+            if self.pickled is None and self.output_file:
+                from .._store import read_trusted_file
+
+                self.pickled = read_trusted_file(self.output_file, self.run.store.dir)
             self.value = cloudpickle.loads(self.pickled) if self.pickled is not None else None
         return self.value
 
