@@ -90,7 +90,7 @@ def redispatch(
                 f"redispatch: no electron named {', '.join(map(repr, missing))} in lattice "
                 f"{graph.lattice_name!r}; its electrons are {', '.join(map(repr, names))}"
             )
-        reuse = Reuse(did, store.node_rows(did)) if reuse_previous_results else None
+        reuse = Reuse(did, store.reuse_rows(did)) if reuse_previous_results else None
         return api._start(graph, lattice, {"redispatch_of": did}, replace, reuse)
 
     return start

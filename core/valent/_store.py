@@ -899,6 +899,13 @@ class Store:
             f"SELECT {cols} FROM nodes WHERE dispatch_id = ? ORDER BY node_id", (dispatch_id,)
         )
 
+    def reuse_rows(self, dispatch_id: str) -> list[sqlite3.Row]:
+        """What a redispatch needs of a dispatch's nodes to reuse their outputs."""
+        return self._read(
+            "SELECT node_id, name, kind, status, fn_digest, in_digest, out_digest, output, "
+            "output_file, sub_dispatch_id FROM nodes WHERE dispatch_id = ?", (dispatch_id,)
+        )
+
     def dispatch_status(self, dispatch_id: str) -> str | None:
         rows = self._read("SELECT status FROM dispatches WHERE dispatch_id = ?", (dispatch_id,))
         return rows[0][0] if rows else None

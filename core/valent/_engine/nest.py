@@ -138,7 +138,7 @@ class Builder:
             "parent_node_id": node.id,
             "root_dispatch_id": parent.root_id,
         }
-        reuse = Reuse(source, store.node_rows(source)) if source is not None else None
+        reuse = Reuse(source, store.reuse_rows(source)) if source is not None else None
         child = create_run(graph, store, self.executors, self.owner, links, reuse=reuse)
         child.replace = replace
         return child
