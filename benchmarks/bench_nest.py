@@ -3,7 +3,7 @@
 1. A sublattice fan-out (100 sublattices x 10 electrons) against the same 1,000 electrons
    in one flat lattice, on the Local executor: the cost of 100 child dispatches.
 2. A redispatch with ``reuse_previous_results=True`` of a 10,000-node dispatch where every
-   node is reusable, against running it (goal: <= 10% of the run's time).
+   node is reusable (best of 3), against running it (goal: <= 10% of the run's time).
 
 Each case runs in a fresh interpreter with its own results dir.
 
@@ -73,11 +73,15 @@ else:
     out["run"] = time.perf_counter() - t
     out["nodes"] = r.node_count
     assert r.status == "COMPLETED", r.error
-    t = time.perf_counter()
-    rid = ct.redispatch(did, reuse_previous_results=True)()
-    r2 = ct.get_result(rid, wait=True)
-    out["redispatch"] = time.perf_counter() - t
-    assert r2.status == "COMPLETED" and r2.result == r.result, r2.error
+    times = []
+    for _ in range(3):  # best of 3: the machine may be busy
+        t = time.perf_counter()
+        rid = ct.redispatch(did, reuse_previous_results=True)()
+        r2 = ct.get_result(rid, wait=True)
+        times.append(time.perf_counter() - t)
+        assert r2.status == "COMPLETED" and r2.result == r.result, r2.error
+    out["redispatch"] = min(times)
+    out["redispatch_all"] = times
     reused = sum(1 for x in r2._nodes if (x["reason"] or "").startswith("reused from"))
     out["reused"] = reused
 ex.shutdown()
@@ -111,7 +115,8 @@ def main() -> None:
             note=f"{(nested - flat) / 100 * 1000:.1f} ms per child dispatch over flat"),
         row(f"redispatch, all reusable ({big['nodes']} nodes)", big["redispatch"], "s",
             baseline=big["run"], baseline_name="running it", goal_ratio=0.10,
-            note=f"{big['reused']} nodes reused"),
+            note=f"{big['reused']} nodes reused; best of "
+                 f"{', '.join(f'{t:.3f}' for t in big['redispatch_all'])} s"),
     ]
     report(rows, args.json)
 
