@@ -417,3 +417,115 @@ def _no_leftover_runs():
     if d is not None:
         assert wait_for(lambda: not d.active(), 30) is not None
 
+
+
+# ------------------------------------------------------------------ forms, CLI, owner death
+
+
+def test_electron_of_a_lattice_object_with_an_executor_is_a_sublattice():
+    @ct.lattice
+    def plain(x):
+        return plus(x, 1)
+
+    as_node = ct.electron(plain)
+    with_ex = ct.electron(executor="local")(plain)
+
+    @ct.lattice
+    def wf(x):
+        return [as_node(x), with_ex(x)]
+
+    result = ct.dispatch_sync(wf)(1)
+    assert result.status == ct.Status.COMPLETED, result.error
+    assert result.result == [2, 2]
+    names = [n["node_name"] for n in result.get_all_node_results()]
+    assert names.count(":sublattice:plain") == 2
+    assert plain(1) is not None  # the lattice itself still runs as plain calls
+
+
+def _valent(*args: str):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=f"{root / 'core'}:{root / 'plugins'}")
+    out = subprocess.run([sys.executable, "-m", "valent.cli", *args], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_the_cli_shows_the_nesting():
+    did = ct.dispatch(three_deep)(0)
+    ct.get_result(did, wait=True, timeout=60)
+    top = _valent("list").splitlines()
+    assert len(top) == 2 and top[1].startswith(did[:8])  # child dispatches hidden
+    every = _valent("list", "--all").splitlines()[1:]
+    assert [len(line) - len(line.lstrip()) for line in every] == [0, 2, 4, 6]
+    assert [line.split()[1] for line in every] == ["three_deep", "level1", "level2", "level3"]
+    shown = _valent("show", did[:8])
+    table = shown[shown.index("Nodes\n-----"):].splitlines()
+    assert any(line.startswith("      0  ") and "plus" in line for line in table), table
+    lines = _valent("watch", did[:8]).splitlines()
+    assert any(line[8:].startswith(" " * 8 + "plus(0) COMPLETED") for line in lines), lines
+
+
+OWNER = """
+import os, sys, time
+import valent as ct
+
+d = sys.argv[1]
+
+@ct.electron
+def hold(name):
+    with open(os.path.join(d, name + ".tmp"), "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(os.path.join(d, name + ".tmp"), os.path.join(d, name))
+    time.sleep(300)
+
+@ct.electron
+@ct.lattice
+def inner(x):
+    return hold("inner.pid")
+
+@ct.lattice
+def wf(x):
+    return inner(x)
+
+did = ct.dispatch(wf)(1)
+print(did, flush=True)
+ct.get_result(did, wait=True)
+"""
+
+
+def test_owner_death_fails_every_level_and_its_inner_tasks_die(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER)
+    env = dict(os.environ, PYTHONPATH=f"{root / 'core'}:{root / 'plugins'}")
+    owner = subprocess.Popen([sys.executable, str(script), str(tmp_path)],
+                             stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        did = owner.stdout.readline().strip()
+        pid = read_pid(tmp_path / "inner.pid", 60)
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(30)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait(30)
+        owner.stdout.close()
+    assert wait_gone([pid], 15) == [], "the inner task outlived its killed owner"
+    result = ct.get_result(did)  # reading the root marks its whole tree
+    assert result.status == ct.Status.FAILED
+    from valent._store import get_store
+
+    child = get_store().child_dispatches(did)[0]
+    assert child["status"] == "FAILED" and "killed" in child["error"]
+    inner = get_store().node_rows(child["dispatch_id"])
+    assert {n["status"] for n in inner if n["kind"] == "electron"} == {"CANCELLED"}

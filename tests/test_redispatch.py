@@ -419,3 +419,21 @@ def test_redispatch_from_the_cli_in_another_process(tmp_path):
 def test_redispatch_of_an_unknown_id_is_a_clear_error():
     with pytest.raises(ct.UnknownDispatchError):
         ct.redispatch("deadbeef-0000")
+
+
+def test_a_lattice_is_loaded_from_the_store_only_after_its_trust_checks(tmp_path, results_dir):
+    """In another process (here: with this process's copy of the lattice forgotten), the
+    lattice comes from the store, which must be yours and writable by you only."""
+    from valent import api
+
+    did = ct.dispatch(chain)(str(tmp_path), 1, 2)
+    ct.get_result(did, wait=True, timeout=60)
+    api._lattices.clear()
+    os.chmod(results_dir, 0o777)
+    try:
+        with pytest.raises(ct.StoreError, match="writable by other users"):
+            ct.redispatch(did)()
+    finally:
+        os.chmod(results_dir, 0o700)
+    rid = ct.redispatch(did, reuse_previous_results=True)()  # from the store's copy
+    assert ct.get_result(rid, wait=True, timeout=60).result == 9
