@@ -28,7 +28,7 @@ from .status import CancelOutcome, Status
 from .task import Cancelled, Completed, Failed, Pending, Running, Task, TaskState, Upstream
 
 if TYPE_CHECKING:
-    from . import executor, executors
+    from . import executor, executors, triggers
     from ._plugins.manager import hookimpl
     from ._redispatch import redispatch
     from .api import cancel, dispatch, dispatch_sync, get_result
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from .deps import DependencyError, DepsBash, DepsCall, DepsPip
     from .lepton import Lepton, LeptonError
     from .result import Result
+    from .triggers import stop_triggers
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ _LAZY = {
     "dispatch_sync": "api",
     "get_result": "api",
     "redispatch": "_redispatch",
+    "stop_triggers": "triggers",
     "get_config": "config",
     "reload_config": "config",
     "set_config": "config",
@@ -63,7 +65,7 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     import importlib
 
-    if name in ("executor", "executors", "plugin"):
+    if name in ("executor", "executors", "plugin", "triggers"):
         return importlib.import_module(f"{__name__}.{name}")
     module = _LAZY.get(name)
     if module is None:
@@ -119,5 +121,7 @@ __all__ = [
     "redispatch",
     "reload_config",
     "set_config",
+    "stop_triggers",
+    "triggers",
     "wait",
 ]

@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS dispatches (
     parent_node_id INTEGER,
     root_dispatch_id TEXT,
     redispatch_of TEXT,
-    lattice BLOB
+    lattice BLOB,
+    trigger_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS dispatches_created ON dispatches (created_at);
 CREATE TABLE IF NOT EXISTS nodes (
@@ -111,7 +112,7 @@ ADDED_COLUMNS = {
     },
     "dispatches": {
         "parent_dispatch_id": "TEXT", "parent_node_id": "INTEGER", "root_dispatch_id": "TEXT",
-        "redispatch_of": "TEXT", "lattice": "BLOB",
+        "redispatch_of": "TEXT", "lattice": "BLOB", "trigger_id": "INTEGER",
     },
 }
 """Columns added since schema version 1: a store made by an older valent gains them."""
@@ -825,6 +826,121 @@ class Store:
             return changed
 
         return self._write(op)
+
+    # ------------------------------------------------------------------ triggers
+
+    TRIGGERS_TABLE = """
+    CREATE TABLE IF NOT EXISTS triggers (
+        id INTEGER PRIMARY KEY,
+        dispatch_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        settings TEXT,
+        owner_pid INTEGER,
+        owner_host TEXT,
+        owner_started REAL,
+        started_at REAL NOT NULL,
+        stop_requested_at REAL,
+        stopped_at REAL,
+        stop_reason TEXT,
+        fired INTEGER NOT NULL DEFAULT 0,
+        last_fired_at REAL,
+        last_dispatch_id TEXT
+    )
+    """
+    """Made on first use (a store that never had a trigger has no such table)."""
+
+    def add_trigger(
+        self, dispatch_id: str, kind: str, settings: str, owner: tuple[int, str, float]
+    ) -> int:
+        """Record a trigger now observing for ``dispatch_id`` in process ``owner``; its id."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            conn.execute(self.TRIGGERS_TABLE)
+            cur = conn.execute(
+                "INSERT INTO triggers (dispatch_id, kind, settings, owner_pid, owner_host, "
+                "owner_started, started_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (dispatch_id, kind, settings, *owner, time.time()),
+            )
+            return int(cur.lastrowid)
+
+        return self._write(op)
+
+    def _has_triggers(self) -> bool:
+        return bool(self._read(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'triggers'"
+        ))
+
+    def trigger_fired(self, trigger_id: int, new_dispatch_id: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            conn.execute(
+                "UPDATE triggers SET fired = fired + 1, last_fired_at = ?, last_dispatch_id = ? "
+                "WHERE id = ?", (now, new_dispatch_id, trigger_id),
+            )
+            conn.execute(
+                "UPDATE dispatches SET trigger_id = ? WHERE dispatch_id = ?",
+                (trigger_id, new_dispatch_id),
+            )
+
+        self._write(op)
+
+    def trigger_stopped(self, trigger_ids: Sequence[int], reason: str) -> None:
+        """Record that these triggers stopped observing (and why)."""
+        if not trigger_ids:
+            return
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE triggers SET stopped_at = ?, stop_reason = ? "
+                "WHERE id = ? AND stopped_at IS NULL",
+                [(time.time(), reason, t) for t in trigger_ids],
+            )
+
+        self._write(op)
+
+    def request_trigger_stop(
+        self, trigger_ids: Sequence[int] = (), dispatch_ids: Sequence[str] = ()
+    ) -> list[sqlite3.Row]:
+        """Ask the owners of these triggers (or of every running trigger of these
+        dispatches) to stop them; the triggers asked, as rows."""
+        if not self._has_triggers():
+            return []
+        rows = [
+            r for r in self.list_triggers(everything=True)
+            if r["stopped_at"] is None
+            and (r["id"] in set(trigger_ids) or r["dispatch_id"] in set(dispatch_ids))
+        ]
+        if not rows:
+            return []
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE triggers SET stop_requested_at = ? WHERE id = ? "
+                "AND stop_requested_at IS NULL",
+                [(time.time(), r["id"]) for r in rows],
+            )
+
+        self._write(op)
+        return rows
+
+    def trigger_stop_requests(self, trigger_ids: Sequence[int]) -> list[int]:
+        """Which of these (running) triggers another process asked to stop."""
+        if not trigger_ids or not self._has_triggers():
+            return []
+        wanted = set(trigger_ids)
+        rows = self._read(
+            "SELECT id FROM triggers WHERE stop_requested_at IS NOT NULL AND stopped_at IS NULL"
+        )
+        return [r["id"] for r in rows if r["id"] in wanted]
+
+    def list_triggers(self, everything: bool = False) -> list[sqlite3.Row]:
+        """Triggers, newest first: those not stopped (``everything``: all)."""
+        if not self._has_triggers():
+            return []
+        sql = "SELECT * FROM triggers"
+        if not everything:
+            sql += " WHERE stopped_at IS NULL"
+        return self._read(sql + " ORDER BY id DESC")
 
     def has_column(self, table: str, column: str) -> bool:
         """True when the store's ``table`` has ``column`` (a read-only store made by an older

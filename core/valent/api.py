@@ -67,6 +67,8 @@ def dispatch(lattice: Lattice) -> Callable[..., str]:
 
     def start(*args: Any, **kwargs: Any) -> str:
         graph = lattice.build_graph(*args, **kwargs)
+        if lattice.triggers:
+            return _start_triggered(graph, lattice)
         return _start(graph, lattice)
 
     return start
@@ -93,9 +95,23 @@ def _check_lattice(obj: Any, what: str) -> None:
     raise ValentError(f"{what}() takes a function decorated with @ct.lattice, got {obj!r}")
 
 
+def _start_triggered(graph: Graph, lattice: Lattice) -> str:
+    """A lattice with triggers: its dispatch is stored but waits; its triggers start
+    observing, and the first to fire runs it (``valent.triggers``)."""
+    from .triggers import track_pending
+
+    run_box: list[Any] = []
+    did = _start(graph, lattice, keep=run_box.append)
+    track_pending(run_box[0])
+    for t in lattice.triggers:
+        t.fresh(did).register()
+    return did
+
+
 def _start(
     graph: Graph, lattice: Lattice | None = None, links: dict[str, Any] | None = None,
     replace: dict[str, Electron] | None = None, reuse: Any = None,
+    keep: Callable[[Any], None] | None = None,
 ) -> str:
     """Write a new dispatch of ``graph`` to the store and start it; its id.
 
@@ -115,6 +131,9 @@ def _start(
     if lattice is not None:
         _remember_lattice(run.id, lattice, replace or {})
     run.replace = dict(replace or {})
+    if keep is not None:  # not started now (a lattice with triggers)
+        keep(run)
+        return run.id
     dispatcher.start(run)
     return run.id
 

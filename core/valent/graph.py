@@ -471,13 +471,20 @@ class Electron:
 class Lattice:
     """A workflow: tracing its function with arguments builds the graph to dispatch."""
 
-    def __init__(self, fn: Callable[..., Any], executor: ExecutorSpec = None):
+    def __init__(
+        self, fn: Callable[..., Any], executor: ExecutorSpec = None, triggers: Any = None
+    ):
         if not callable(fn):
             raise TypeError(f"@lattice needs a function, got {fn!r}")
         self.fn = fn
         self.name = getattr(fn, "__name__", type(fn).__name__)
         self.executor = _check_executor(executor, f"@lattice {self.name}")
-        functools.update_wrapper(self, fn)
+        self.triggers: list = []
+        if triggers is not None:  # valent.triggers: each dispatch of it is watched
+            from .triggers import check_triggers
+
+            self.triggers = check_triggers(triggers)
+        functools.update_wrapper(self, fn, updated=())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the workflow here, as plain function calls (no dispatch)."""
@@ -548,12 +555,15 @@ def electron(
     return Electron(fn, executor, timeout, retries)
 
 
-def lattice(fn: Callable[..., Any] | None = None, *, executor: ExecutorSpec = None) -> Any:
+def lattice(
+    fn: Callable[..., Any] | None = None, *, executor: ExecutorSpec = None, triggers: Any = None
+) -> Any:
     """Make a function a workflow of electrons. Bare or with ``executor=`` (its electrons'
-    default)."""
+    default) and ``triggers=`` (``valent.triggers``: a dispatch of it waits for a trigger to
+    fire, and each firing runs it again)."""
     if fn is None:
-        return lambda f: Lattice(f, executor)
-    return Lattice(fn, executor)
+        return lambda f: Lattice(f, executor, triggers)
+    return Lattice(fn, executor, triggers)
 
 
 def wait(child: Any, parents: Any) -> Any:

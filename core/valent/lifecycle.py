@@ -8,6 +8,7 @@
   installed itself is left alone (and so is a notebook kernel's).
 - After ``os.fork()`` the child starts with no dispatcher: its first dispatch makes its own.
 - At interpreter exit, dispatches still running are waited for (Ctrl-C cancels them).
+- Triggers (``valent.triggers``) stop at exit and on the first Ctrl-C/SIGTERM.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def _on_signal(signum: int, frame: Any) -> None:
     if _stopping:  # a second signal while stopping: leave now
         _exit_now(code)
     d = api._dispatcher
+    _stop_triggers("interrupted")
     runs = d.active() if d is not None else []
     if not runs:
         _as_if_not_installed(signum)
@@ -115,6 +117,7 @@ def at_exit() -> None:
     d = api._dispatcher
     if d is None:
         return
+    _stop_triggers("the process that registered it exited")
     code = None
     try:
         runs = d.active()
@@ -138,6 +141,14 @@ def at_exit() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code if isinstance(code, int) else 1)
+
+
+def _stop_triggers(reason: str) -> None:
+    """Stop the triggers this process observes (if it has any); a dispatch still waiting for
+    its first firing ends CANCELLED."""
+    triggers = sys.modules.get("valent.triggers")
+    if triggers is not None:
+        triggers.stop_all(reason)
 
 
 def _after_fork_in_child() -> None:

@@ -125,13 +125,14 @@ class Dispatcher:
 
     # ---------------------------------------------------------------- public (any thread)
 
-    def start(self, run: DispatchRun) -> None:
-        """Begin running ``run`` (already written to its store)."""
+    def start(self, run: DispatchRun, cancelled: bool = False) -> None:
+        """Begin running ``run`` (already written to its store); ``cancelled``: start
+        nothing of it and end it CANCELLED (its tasks dequeued)."""
         if run.store is None:
             run.store = self.store
         with self._owned_lock:
             self._owned[run.id] = run
-        self._q.put((_START, run))
+        self._q.put((_START, (run, cancelled)))
 
     def owned(self, dispatch_id: str) -> DispatchRun | None:
         """The run of ``dispatch_id`` if this process owns it and it is not finished."""
@@ -286,7 +287,7 @@ class _Loop:
                 if kind == _WAKE:
                     woken[id(payload)] = payload
                 elif kind == _START:
-                    self.start(payload)
+                    self.start(*payload)
                 elif kind == _CANCEL:
                     did, task_ids, reply = payload
                     try:
@@ -361,8 +362,9 @@ class _Loop:
     # ---------------------------------------------------------------- starting
 
     def start(self, run: DispatchRun, cancelled: bool = False) -> None:
-        """Start a dispatch; ``cancelled``: a sublattice's child built after its node was
-        cancelled, which starts nothing and ends CANCELLED (its tasks dequeued)."""
+        """Start a dispatch; ``cancelled``: one that starts nothing and ends CANCELLED, its
+        tasks dequeued (a sublattice's child built after its node was cancelled, a dispatch
+        whose triggers were stopped before any fired)."""
         self.runs[run.id] = run
         if run.parent is None:
             self.fn_digests.clear()  # functions' globals may have changed since

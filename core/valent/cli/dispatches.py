@@ -1,5 +1,5 @@
-"""``valent list | status | show | cancel | watch | logs | redispatch``: look at and control
-dispatches.
+"""``valent list | status | show | cancel | watch | logs | redispatch | triggers``: look at
+and control dispatches.
 
 Every command reads the results store (``VALENT_RESULTS_DIR``), so it works from any process
 on the machine, whoever dispatched. A dispatch id may be shortened to a unique prefix (at
@@ -652,7 +652,93 @@ def _load_replacement(spec: str) -> tuple[str, Any]:
     return name, obj
 
 
+@click.group("triggers", invoke_without_command=True)
+@click.option("--all", "-a", "show_all", is_flag=True, help="Also the stopped ones.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@_errors
+def triggers_cmd(ctx: click.Context, show_all: bool, as_json: bool) -> None:
+    """The triggers of any process (`valent triggers stop` stops them)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    rows = _store().list_triggers(everything=show_all)
+    data = [_trigger_json(r) for r in rows]
+    if as_json:
+        fmt.echo_json(data)
+        return
+    if not data:
+        click.echo("no triggers" + ("" if show_all else " running (--all shows stopped ones)"))
+        return
+    table = [
+        (t["id"], t["dispatch_id"][:8], t["kind"], fmt.one_line(json.dumps(t["settings"]))[:50],
+         t["state"], t["fired"], (t["last_dispatch_id"] or "-")[:8], t["owner"]["pid"])
+        for t in data
+    ]
+    click.echo(fmt.table(
+        ("ID", "DISPATCH", "KIND", "WATCHES", "STATE", "FIRED", "LAST", "OWNER"), table
+    ))
+
+
+def _trigger_state(r: Any) -> str:
+    from ..api import _owner_dead
+
+    if r["stopped_at"] is not None:
+        return f"stopped: {r['stop_reason']}"
+    owner = {"owner_host": r["owner_host"], "owner_pid": r["owner_pid"],
+             "owner_started": r["owner_started"], "dispatch_id": r["dispatch_id"],
+             "status": "RUNNING"}
+    if _owner_dead(owner):
+        return "gone: its process exited"
+    return "stopping" if r["stop_requested_at"] is not None else "running"
+
+
+def _trigger_json(r: Any) -> dict[str, Any]:
+    return {
+        "id": r["id"], "dispatch_id": r["dispatch_id"], "kind": r["kind"],
+        "settings": json.loads(r["settings"] or "{}"), "state": _trigger_state(r),
+        "fired": r["fired"], "last_dispatch_id": r["last_dispatch_id"],
+        "started_at": fmt.ts(r["started_at"]), "stopped_at": fmt.ts(r["stopped_at"]),
+        "owner": {"pid": r["owner_pid"], "host": r["owner_host"]},
+    }
+
+
+@triggers_cmd.command("stop")
+@click.argument("trigger_ids", type=int, nargs=-1)
+@click.option("--dispatch", "-d", "dispatch_ids", multiple=True, metavar="ID",
+              help="Stop every trigger of this dispatch (repeatable).")
+@click.option("--timeout", type=fmt.Seconds(0), default=10.0, show_default=True,
+              help="Seconds to wait for their owners to confirm.")
+@_errors
+def triggers_stop_cmd(
+    trigger_ids: tuple[int, ...], dispatch_ids: tuple[str, ...], timeout: float
+) -> None:
+    """Stop triggers (by id, or all of a dispatch), whichever process runs them."""
+    if not trigger_ids and not dispatch_ids:
+        raise _Fail("error: give trigger ids, or --dispatch ID (`valent triggers` lists them)")
+    store = _store()
+    dids = [store.resolve(d) for d in dispatch_ids]
+    asked = store.request_trigger_stop(trigger_ids=trigger_ids, dispatch_ids=dids)
+    if not asked:
+        raise _Fail("error: no running trigger matches (`valent triggers --all` lists them)")
+    gone = [r["id"] for r in asked if _trigger_state(r).startswith("gone")]
+    store.trigger_stopped(gone, "its process had exited")
+    ids = {r["id"] for r in asked}
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [r for r in store.list_triggers() if r["id"] in ids]
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    for r in asked:
+        state = "NOT confirmed stopped" if any(x["id"] == r["id"] for x in left) else "stopped"
+        click.echo(f"trigger {r['id']} ({r['kind']} of {r['dispatch_id'][:8]}): {state}")
+    if left:
+        raise _Fail(f"{len(left)} trigger(s) not confirmed stopped within {timeout:g}s",
+                    EXIT_CANCEL_TIMEOUT)
+
+
 def register(cli: click.Group) -> None:
     """Add this module's commands to the `valent` group."""
-    for cmd in (list_cmd, status_cmd, show_cmd, cancel_cmd, watch_cmd, logs_cmd, redispatch_cmd):
+    for cmd in (list_cmd, status_cmd, show_cmd, cancel_cmd, watch_cmd, logs_cmd, redispatch_cmd,
+                triggers_cmd):
         cli.add_command(cmd)
