@@ -260,3 +260,17 @@ def valent_list_state(env):
     import json
 
     return json.loads(out.stdout)
+
+
+def test_cancelling_a_dispatch_that_waits_for_its_triggers_stops_them(tmp_path):
+    @ct.lattice(triggers=TimeTrigger(time_gap=3600))
+    @ct.electron
+    def waits():
+        return 1
+
+    did = ct.dispatch(waits)()
+    assert "triggers" in ct.cancel(did)
+    assert ct.get_result(did, wait=True, timeout=30).status == ct.Status.CANCELLED
+    from valent import triggers
+
+    assert triggers.active() == []

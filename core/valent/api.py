@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -298,6 +299,10 @@ def cancel(dispatch_id: str, task_ids: list[int] | int | None = None) -> str:
     dispatch_id = store.resolve(dispatch_id)
     if _owned_run(dispatch_id) is not None:
         return get_dispatcher().cancel(dispatch_id, task_ids)
+    triggers = sys.modules.get("valent.triggers")
+    if triggers is not None and dispatch_id in triggers._pending:
+        triggers.stop_triggers(dispatch_id)  # it ends CANCELLED, nothing of it having run
+        return f"Dispatch {dispatch_id}: it was waiting for its triggers; they were stopped."
     row = store.dispatch_row(dispatch_id)
     if row["status"] in _FINAL:
         return f"Dispatch {dispatch_id} already finished ({row['status']}); nothing to cancel."
