@@ -81,7 +81,10 @@ def redispatch(
                     f"the inputs of dispatch {did} cannot be loaded here ({exc!r}); pass them: "
                     "redispatch(id)(*args, **kwargs)"
                 ) from exc
-        graph = lattice.build_graph(*args, **kwargs)
+        from ._engine.prepare import gc_paused
+
+        with gc_paused():  # a big graph: tens of thousands of objects, no collection meanwhile
+            graph = lattice.build_graph(*args, **kwargs)
         done = apply_replacements(graph, replace)
         missing = sorted(set(replace_electrons or {}) - done)
         if missing and not any(n.kind == SUBLATTICE for n in graph.nodes):

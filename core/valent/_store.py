@@ -578,10 +578,16 @@ class Store:
         row: dict[str, Any],
         nodes: Sequence[dict[str, Any]] | Sequence[tuple],
         node_columns: Sequence[str] | None = None,
+        reused: dict[str, Any] | None = None,
     ) -> None:
         """Insert a new dispatch and all its nodes in one transaction.
 
         ``nodes`` are dicts, or tuples in the order of ``node_columns`` (faster for big graphs).
+        ``reused``: nodes written COMPLETED with the output of the same node of an earlier
+        dispatch, copied inside the store: ``{"source": old dispatch id, "time": start and
+        end time, "reason": ..., "same": [node ids whose row is the old one's but for its
+        status, times and reason], "rows": [(node_id, name, kind, executor, parents,
+        fn_digest, in_digest)]}``.
         """
         if nodes and node_columns is None:
             node_columns = list(nodes[0])  # type: ignore[arg-type]
@@ -597,10 +603,45 @@ class Store:
                 names = ", ".join(node_columns)  # type: ignore[arg-type]
                 marks = ", ".join("?" * len(node_columns))  # type: ignore[arg-type]
                 conn.executemany(f"INSERT INTO nodes ({names}) VALUES ({marks})", nodes)
+            if reused:
+                self._copy_reused(conn, row["dispatch_id"], reused)
 
         self._write(op)
         if not self.read_only:
             self._make_reserve()  # if another process used it up, now that there is room
+
+    def _copy_reused(self, conn: sqlite3.Connection, did: str, r: dict[str, Any]) -> None:
+        cols = (
+            "INSERT INTO nodes (dispatch_id, node_id, name, kind, executor, parents, status, "
+            "start_time, end_time, fn_digest, in_digest, reason, output, output_file, "
+            "out_digest) SELECT ?, o.node_id, "
+        )
+        tail = (
+            ", 'COMPLETED', ?, ?, {}, ?, o.output, o.output_file, o.out_digest FROM nodes o "
+            "WHERE o.dispatch_id = ? AND o.node_id "
+        )
+        t, why, old = r["time"], r["reason"], r["source"]
+        copied = 0
+        if r["same"]:
+            cur = conn.execute(
+                cols + "o.name, o.kind, o.executor, o.parents"
+                + tail.format("o.fn_digest, o.in_digest")
+                + "IN (SELECT value FROM json_each(?))",
+                (did, t, t, why, old, json.dumps(list(r["same"]))),
+            )
+            copied += cur.rowcount
+        if r["rows"]:
+            cur = conn.executemany(
+                cols + "?, ?, ?, ?" + tail.format("?, ?") + "= ?",
+                [(did, name, kind, ex, parents, t, t, fd, ind, why, old, nid)
+                 for nid, name, kind, ex, parents, fd, ind in r["rows"]],
+            )
+            copied += cur.rowcount
+        if copied != len(r["same"]) + len(r["rows"]):
+            raise StoreLostError(
+                f"the results store {self.path} no longer holds every node of dispatch {old} "
+                "that was to be reused"
+            )
 
     def apply(
         self,
@@ -1018,9 +1059,19 @@ class Store:
     def reuse_rows(self, dispatch_id: str) -> list[sqlite3.Row]:
         """What a redispatch needs of a dispatch's nodes to reuse their outputs."""
         return self._read(
-            "SELECT node_id, name, kind, status, fn_digest, in_digest, out_digest, output, "
-            "output_file, sub_dispatch_id FROM nodes WHERE dispatch_id = ?", (dispatch_id,)
+            "SELECT node_id, name, kind, status, fn_digest, in_digest, out_digest, "
+            "(output IS NOT NULL OR output_file IS NOT NULL) AS has_output, sub_dispatch_id, "
+            "executor, parents "
+            "FROM nodes WHERE dispatch_id = ?", (dispatch_id,)
         )
+
+    def node_output(self, dispatch_id: str, node_id: int) -> tuple[bytes | None, str | None]:
+        """A node's stored output: (inline pickle, or None and the file holding it)."""
+        rows = self._read(
+            "SELECT output, output_file FROM nodes WHERE dispatch_id = ? AND node_id = ?",
+            (dispatch_id, node_id),
+        )
+        return (rows[0][0], rows[0][1]) if rows else (None, None)
 
     def dispatch_status(self, dispatch_id: str) -> str | None:
         rows = self._read("SELECT status FROM dispatches WHERE dispatch_id = ?", (dispatch_id,))

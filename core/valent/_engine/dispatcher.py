@@ -485,8 +485,12 @@ class _Loop:
         """Complete ``nr`` with the output of the earlier dispatch's node (start == end)."""
         if nr.final:
             return
-        nr.pickled = old["output"]
-        nr.output_file = old["output_file"]
+        try:
+            nr.pickled, nr.output_file = nr.run.store.node_output(
+                nr.run.reuse.source_id, nr.node.id
+            )
+        except StoreError:
+            nr.pickled = nr.output_file = None
         if nr.pickled is None and not nr.output_file:
             self.submit(nr, reuse=False)  # its output is gone: run it after all
             return

@@ -24,10 +24,6 @@ NODE_COLUMNS = (
     "dispatch_id", "node_id", "name", "kind", "executor", "parents", "status", "output",
     "out_digest",
 )
-REUSE_COLUMNS = NODE_COLUMNS + (
-    "output_file", "start_time", "end_time", "fn_digest", "in_digest", "reason",
-)
-"""With a redispatch's reuse: the nodes that take an earlier output are written COMPLETED."""
 
 _PLAIN = (int, float, str, bytes, bool, type(None))
 
@@ -101,7 +97,7 @@ def create_run(
     (``Reuse.plan``) are written COMPLETED (start == end, reason ``reused from <id>``) and
     never run.
     """
-    with _gc_paused():  # tens of thousands of small tuples: no collection in between
+    with gc_paused():  # tens of thousands of small tuples: no collection in between
         return _create_run(
             graph, store, executors, owner, links, lattice_blob, default_executor, new_id(),
             reuse,
@@ -109,7 +105,9 @@ def create_run(
 
 
 @contextlib.contextmanager
-def _gc_paused():
+def gc_paused():
+    """Pause the cyclic garbage collector (building tens of thousands of objects that all
+    stay alive: a collection would only walk them)."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -162,23 +160,24 @@ def _create_run(
         )
         for node in graph.nodes
     ]
-    columns = NODE_COLUMNS
     plan = reuse.plan(graph, digests) if reuse is not None else {}
     now = time.time()
+    reused: dict[str, Any] | None = None
     if plan:
-        columns = REUSE_COLUMNS
-        done = Status.COMPLETED.value
-        why = f"reused from {reuse.source_id}"  # type: ignore[union-attr]
-        for i, row in enumerate(nodes):
-            got = plan.get(i)
-            if got is None:
-                nodes[i] = (*row, None, None, None, None, None, None)
-                continue
-            old, fn_d, in_d = got
-            nodes[i] = (
-                *row[:6], done, old["output"], old["out_digest"], old["output_file"], now, now,
-                fn_d, in_d, why,
-            )
+        reused = {
+            "source": reuse.source_id,  # type: ignore[union-attr]
+            "time": now,
+            "reason": f"reused from {reuse.source_id}",  # type: ignore[union-attr]
+            "same": [],
+            "rows": [],
+        }
+        for nid, (old, fn_d, in_d) in sorted(plan.items()):
+            mine = nodes[nid]
+            if (mine[4], mine[5]) == (old["executor"], old["parents"]):
+                reused["same"].append(nid)  # copied whole in one statement
+            else:
+                reused["rows"].append((nid, *mine[2:6], fn_d, in_d))
+        nodes = [row for row in nodes if row[1] not in plan]
     pid, host, started = owner
     links = dict(links or {})
     links.setdefault("root_dispatch_id", dispatch_id)
@@ -196,7 +195,7 @@ def _create_run(
         "lattice": lattice_blob,
         **links,
     }
-    store.create_dispatch(row, nodes, columns)
+    store.create_dispatch(row, nodes, NODE_COLUMNS, reused)
     run = DispatchRun(dispatch_id, graph, store, node_executors)
     run.root_id = links["root_dispatch_id"]
     run.reuse = reuse
@@ -205,9 +204,7 @@ def _create_run(
     for nid, (old, fn_d, in_d) in plan.items():
         nr = run.nodes[nid]
         nr.status = Status.COMPLETED
-        nr.reused = nr.submitted = True
-        nr.pickled = old["output"]
-        nr.output_file = old["output_file"]
+        nr.reused = nr.submitted = True  # its output: read from the store when needed
         nr.out_digest, nr.fn_digest, nr.in_digest = old["out_digest"], fn_d, in_d
         nr.start_time = nr.end_time = now
     return run

@@ -196,20 +196,20 @@ def _code(code: types.CodeType, h: Any, names: list[str]) -> None:
 def in_digest(
     args: tuple, kwargs: dict, out_digests: Callable[[int], str | None]
 ) -> str | None:
-    """The digest of a node's inputs: its arguments' parents' output digests (None when a
-    parent has none, so the node is never reused)."""
+    """The digest of a node's inputs: its arguments' parents' output digests, by position
+    and keyword (None when a parent has none, so the node is never reused)."""
     parts = []
-    for i, a in enumerate(args):
-        d = _arg_digest(a, out_digests)
+    for a in args:
+        d = out_digests(a.node_id) if type(a) is Ref else _arg_digest(a, out_digests)
         if d is None:
             return None
-        parts.append(f"{i}={d}")
+        parts.append(d)
     for k, a in kwargs.items():
         d = _arg_digest(a, out_digests)
         if d is None:
             return None
         parts.append(f"{k!r}={d}")
-    return hashlib.blake2b(";".join(parts).encode(), digest_size=16).hexdigest()
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
 
 
 def _arg_digest(a: Any, out_digests: Callable[[int], str | None]) -> str | None:
@@ -279,7 +279,7 @@ class Reuse:
             return None
         if old["status"] != "COMPLETED" or old["name"] != name or old["kind"] != kind:
             return None
-        if old["fn_digest"] != fn_d or old["in_digest"] != in_d:
+        if old["fn_digest"] != fn_d or old["in_digest"] != in_d or not old["has_output"]:
             return None
         return old
 

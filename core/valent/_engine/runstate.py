@@ -74,6 +74,11 @@ class NodeRun:
         if self.value is _RELEASED:
             raise ValentError(f"internal: the value of {self.node.label} was already released")
         if self.value is _MISSING:
+            if self.pickled is None and self.reused and not self.output_file:
+                # written COMPLETED with an earlier node's output: it is in the store
+                self.pickled, self.output_file = self.run.store.node_output(
+                    self.run.id, self.node.id
+                )
             if self.pickled is None and self.output_file:
                 from .._store import read_trusted_file
 
