@@ -28,7 +28,7 @@ from typing import Any
 
 import cloudpickle
 
-from ..graph import Ref
+from ..graph import ELECTRON, Ref
 
 _lock = threading.Lock()
 _STDLIB = tuple(
@@ -224,8 +224,6 @@ def _arg_digest(a: Any, out_digests: Callable[[int], str | None]) -> str | None:
 def node_fn_digest(node: Any, cache: dict[int, tuple[Any, str | None]] | None = None):
     """The ``fn_digest`` of a node: its function's for an electron (cached by function in
     ``cache``), its kind and key for a node computed inline (getitem, collection...)."""
-    from ..graph import ELECTRON
-
     if node.kind != ELECTRON:
         text = f"{node.kind}:{node.key!r}:{getattr(node.value, '__name__', '')}"
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
