@@ -101,15 +101,13 @@ def _child(*args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--json", help="write the rows as JSON here")
-    ap.add_argument("--nodes", type=int, default=10_000, help="size of the redispatched graph")
-    args = ap.parse_args()
+def run(repeats: int = 1, nodes: int = 10_000) -> list[dict]:
+    """The rows (``benchmarks/run.py`` calls this; ``repeats`` is not used: each case
+    runs once in its own interpreter, the redispatch best of 3)."""
     nested = _child("nested")["seconds"]
     flat = _child("flat")["seconds"]
-    big = _child("redispatch", str(args.nodes))
-    rows = [
+    big = _child("redispatch", str(nodes))
+    return [
         row("100 sublattices x 10 electrons", nested, "s", baseline=flat,
             baseline_name="the same 1,000 electrons flat",
             note=f"{(nested - flat) / 100 * 1000:.1f} ms per child dispatch over flat"),
@@ -118,7 +116,14 @@ def main() -> None:
             note=f"{big['reused']} nodes reused; best of "
                  f"{', '.join(f'{t:.3f}' for t in big['redispatch_all'])} s"),
     ]
-    report(rows, args.json)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--json", help="write the rows as JSON here")
+    ap.add_argument("--nodes", type=int, default=10_000, help="size of the redispatched graph")
+    args = ap.parse_args()
+    report(run(nodes=args.nodes), args.json)
 
 
 if __name__ == "__main__":
