@@ -4,7 +4,7 @@
     python benchmarks/run.py --only local,import  # some families
     python benchmarks/run.py --repeats 3 --json out.json
 
-Families: import, local, scale, dask, ssh, cli. Each pairs valent with its baseline in the
+Families: import, local, scale, dask, ssh, cli, nest. Each pairs valent with its baseline in the
 same run (interleaved) and reports medians and ratios against the goals of the issues.
 Benchmarks are not tests: run them by hand on an idle machine.
 """
@@ -31,6 +31,7 @@ FAMILIES = {
     "dask": ("bench_dask", {}),
     "ssh": ("bench_ssh", {}),
     "cli": ("bench_cli_cancel", {}),
+    "nest": ("bench_nest", {}),
 }
 
 
