@@ -648,7 +648,12 @@ class _Loop:
         """The task raised. What happened first decides: its error, or the cancel."""
         ended = state.ended_at if state.ended_at is not None else time.time()
         error = {"error": error_text(state.error), "traceback": state.traceback or None}
-        if nr.cancel_at is not None and (nr.upstream_cancel or ended >= nr.cancel_at):
+        # the cancel reached it only if its executor answered, and not "too late" (it found
+        # the task finished): else its own error came first, whatever the clocks say
+        reached = nr.cancel_outcome not in (None, CancelOutcome.TOO_LATE)
+        if nr.cancel_at is not None and (
+            nr.upstream_cancel or (ended >= nr.cancel_at and reached)
+        ):
             # it ended after the cancel was requested (its own SIGTERM handler, an error
             # while stopping): the cancel ended it; keep what it said
             self.cancel_ended(nr, nr.cancel_outcome, {**out, **error})
