@@ -59,7 +59,8 @@ from .status import CancelOutcome
 from .task import Cancelled, Completed, Failed, Pending, Running, TaskState
 
 FN_CACHE_SIZE = 256
-KILL_TICK = 0.005  # seconds between looks at a worker being stopped
+KILL_TICK = 0.005  # seconds between rounds of killing a tree
+LOOK_FAST, LOOK_SLOW = 0.002, 0.02  # between looks at a stopping worker: first 0.1 s, then
 BOOT_FAILURES = 3  # workers in a row that die before they are up: stop trying, fail the queue
 
 
@@ -108,7 +109,7 @@ class _Worker:
     __slots__ = (
         "proc", "sock", "known", "job", "idle_since", "out_path", "err_path", "doomed",
         "kill_deadline", "reaping", "tree", "dead_at", "key", "ready", "cpu_mark", "rbuf",
-        "settled", "died_at",
+        "settled", "died_at", "term_at", "next_scan",
     )
 
     def __init__(self, proc, sock, out_path, err_path):
@@ -130,6 +131,8 @@ class _Worker:
         self.rbuf = bytearray()  # bytes received from the worker, not yet a whole message
         self.settled = False  # its task's result arrived after the kill began
         self.died_at: float | None = None  # time.time() it was seen dead on its own
+        self.term_at = 0.0  # monotonic time of the SIGTERM
+        self.next_scan = 0.0  # no /proc scan for it before this (monotonic)
 
     @property
     def pid(self) -> int:
@@ -410,6 +413,7 @@ class _Loop:
         self.idle: list[_Worker] = []
         self.dying: list[_Worker] = []
         self.watcher: subprocess.Popen | None = None
+        self.watcher_restarts = 0
         self.index = itertools.count()
         self.rbuf = bytearray(1 << 18)  # one receive buffer for every worker
         self.rview = memoryview(self.rbuf)
@@ -500,12 +504,11 @@ class _Loop:
         t = 1.0
         now = time.monotonic()
         for w in self.dying:
-            if w.reaping or w.dead_at is not None or w.settled:
+            if w.reaping:
                 return KILL_TICK
-            if w.kill_deadline is not None:
-                t = min(t, max(0.0, w.kill_deadline - now) + 0.001, 0.05)
-        if self.dying:
-            t = min(t, KILL_TICK * 4)  # a worker stops itself at SIGTERM: look soon
+            # it stops itself at SIGTERM (or returns, cooperatively): look soon, then less often
+            look = LOOK_FAST if now - w.term_at < 0.1 else LOOK_SLOW
+            t = min(t, look, max(0.0, (w.kill_deadline or now) - now) + 0.001)
         with self.lock:
             waiting = bool(self.pool._queue)
         if waiting and len(self.workers) < self.pool.max_workers:
@@ -776,7 +779,8 @@ class _Loop:
             self.idle.remove(w)
         self.dying.append(w)
         g = self.pool.grace if grace is None else grace
-        w.kill_deadline = time.monotonic() + g
+        w.term_at = time.monotonic()
+        w.kill_deadline = w.term_at + g
         if g <= 0:
             w.reaping = True
         else:
@@ -811,9 +815,12 @@ class _Loop:
             exited = w.proc.poll() is not None
             if now >= (w.kill_deadline or 0):
                 w.reaping = True
-            elif exited or w.settled or proctree.state(w.pid) in ("T", "t"):
+            elif now >= w.next_scan and (
+                exited or w.settled or proctree.state(w.pid) in ("T", "t")
+            ):  # it stopped: once nothing of its tree is left, no need to wait out the grace
                 scan = scan or proctree.Scan()
                 w.reaping = not self._rest(w, scan)
+                w.next_scan = now + LOOK_SLOW
         todo = [w for w in self.dying if w.reaping]
         for w in todo:
             if w.proc.poll() is None:
@@ -821,7 +828,7 @@ class _Loop:
                     w.proc.send_signal(signal.SIGSTOP)  # it keeps its orphans while we kill
                 except OSError:
                     pass
-        for _ in range(50):
+        for _ in range(10):  # what is still not gone (uninterruptible sleep): next turn
             if not todo:
                 return
             scan = proctree.Scan()
@@ -920,6 +927,13 @@ class _Loop:
 
     def _check_watcher(self) -> None:
         if self.watcher is not None and self.watcher.poll() is not None:
+            self.watcher = None
+            self.watcher_restarts += 1
+            if self.watcher_restarts > 3:
+                print(f"valent: the {self.pool.name} pool's watcher keeps exiting; if this "
+                      "process dies, its workers are frozen but nothing kills them",
+                      file=sys.stderr)
+                return
             self._start_watcher()  # someone killed it: a new one, told every worker
             for w in self.workers.values():
                 self._tell_watcher(f"+ {w.pid}")
