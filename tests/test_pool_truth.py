@@ -205,16 +205,20 @@ def _closes_stdout(how):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     elif how == "chdir":
         os.chdir("/")
+    elif how == "umask":
+        os.umask(0)
     return how
 
 
 def _prints(tag):
     print(f"hello {tag}")
     print(f"err {tag}", file=sys.stderr)
-    return os.getcwd()
+    mask = os.umask(0)
+    os.umask(mask)
+    return os.getcwd(), mask
 
 
-@pytest.mark.parametrize("how", ["close", "close-stderr", "replace", "chdir"])
+@pytest.mark.parametrize("how", ["close", "close-stderr", "replace", "chdir", "umask"])
 def test_a_task_that_closes_or_replaces_its_streams_does_not_break_the_next(how):
     with ProcessPool(workers=1, grace=0.5, name="test") as p:
         cwd = p.submit(_prints, ("before",)).wait(30).get_value()
@@ -297,7 +301,7 @@ def test_a_valent_planted_in_the_working_directory_never_runs(tmp_path, monkeypa
     (planted / "poolwatch.py").write_text(code)
     monkeypatch.chdir(tmp_path / "shared")
     with ProcessPool(workers=1, grace=0.5, name="test") as p:
-        assert p.submit(_prints, ("x",)).wait(30).get_value() == str(tmp_path / "shared")
+        assert p.submit(_prints, ("x",)).wait(30).get_value()[0] == str(tmp_path / "shared")
         pids = p.worker_pids()
     assert wait_gone(pids) == []
     assert not marker.exists(), "a module planted in the working directory ran"

@@ -103,13 +103,15 @@ def _on_sigterm(signum, frame):
 
 
 class _Streams:
-    """The worker's own ``sys.stdin/stdout/stderr``, signal handlers and working directory,
-    put back after every task: one task must not damage the worker for the next (a task
-    that closes or replaces ``sys.stdout``, installs a SIGTERM handler, or changes dir)."""
+    """The worker's own ``sys.stdin/stdout/stderr``, signal handlers, working directory and
+    umask, put back after every task: one task must not damage the worker for the next (a
+    task that closes or replaces ``sys.stdout``, installs a SIGTERM handler, changes dir)."""
 
     def __init__(self) -> None:
         self.streams = [sys.stdin, sys.stdout, sys.stderr]
         self.cwd = os.getcwd()
+        self.umask = os.umask(0o077)
+        os.umask(self.umask)
         self.handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def restore(self) -> None:
@@ -128,6 +130,7 @@ class _Streams:
         for sig, handler in self.handlers.items():
             if signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
+        os.umask(self.umask)
         try:
             if os.getcwd() != self.cwd:
                 os.chdir(self.cwd)

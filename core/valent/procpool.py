@@ -327,6 +327,13 @@ class ProcessPool:
         """PIDs of the current worker processes (each one a process-group leader)."""
         return list(self._loop.view[0]) if self._loop is not None else []
 
+    def own_pids(self) -> list[int]:
+        """PIDs of every process the pool started and holds: its workers and its watcher."""
+        if self._loop is None:
+            return []
+        view = self._loop.view
+        return list(view[0]) + ([view[4]] if view[4] else [])
+
     def busy_pids(self) -> list[int]:
         """PIDs of the workers running a task now."""
         return list(self._loop.view[1]) if self._loop is not None else []
@@ -396,13 +403,14 @@ class _Loop:
     every resize. Reads the pool's queue and kill list under the pool's lock; sets job states
     under that lock; calls ``on_change`` callbacks without it."""
 
-    EMPTY_VIEW: tuple[tuple[int, ...], tuple[int, ...], int, int] = ((), (), 0, 0)
+    EMPTY_VIEW: tuple[tuple[int, ...], tuple[int, ...], int, int, int] = ((), (), 0, 0, 0)
 
     def __init__(self, pool: ProcessPool):
         self.pool = pool
         self.lock = pool._lock
         self.booted = threading.Event()
-        self.view = self.EMPTY_VIEW  # (pids, busy pids, idle, dying): replaced, never mutated
+        # (pids, busy pids, idle, dying, watcher pid): replaced, never mutated
+        self.view = self.EMPTY_VIEW
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
@@ -523,6 +531,7 @@ class _Loop:
             tuple(w.pid for w in ws if w.job is not None),
             len(self.idle),
             len(self.dying),
+            self.watcher.pid if self.watcher is not None else 0,
         )
 
     def _finish(self, job: Job, state: TaskState) -> None:
@@ -989,6 +998,8 @@ class _Loop:
             except subprocess.TimeoutExpired:
                 self.watcher.kill()
                 self.watcher.wait()
+        self.watcher = None
+        self._publish()
         self.sel.close()
         for s in (self.wake_r, self.wake_w):
             s.close()
