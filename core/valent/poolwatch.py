@@ -53,12 +53,10 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
-def kill_trees(workers: dict[int, int]) -> None:
-    """Freeze each worker (pid -> start time), SIGKILL its descendants and process group
-    until two scans in a row find none, then SIGKILL the worker."""
-    mine = [p for p, start in workers.items() if (_stat(p) or ("", 0, 0, -1))[3] == start]
-    for pid in mine:
-        _kill(pid, signal.SIGSTOP)
+def kill_below(roots: list[int]) -> None:
+    """SIGKILL every descendant of ``roots`` and every other member of their process groups
+    until two scans in a row find none (a root that is alive keeps the orphans of its tree:
+    the workers are subreapers)."""
     empty = 0
     deadline = time.monotonic() + 30
     while empty < 2 and time.monotonic() < deadline:
@@ -67,18 +65,27 @@ def kill_trees(workers: dict[int, int]) -> None:
         for p, (ppid, _) in live.items():
             kids.setdefault(ppid, []).append(p)
         doomed = set()
-        for pid in mine:
-            stack = list(kids.get(pid, ()))
+        for root in roots:
+            stack = list(kids.get(root, ()))
             while stack:
                 c = stack.pop()
                 doomed.add(c)
                 stack.extend(kids.get(c, ()))
-            doomed.update(p for p, (_, grp) in live.items() if grp == pid and p != pid)
+            doomed.update(p for p, (_, grp) in live.items() if grp == root)
+        doomed.difference_update(roots)
         for p in doomed:
             _kill(p, signal.SIGKILL)
         empty = 0 if doomed else empty + 1
         if doomed:
             time.sleep(0.002)
+
+
+def kill_trees(workers: dict[int, int]) -> None:
+    """Freeze each worker (pid -> start time), kill everything under it, then the worker."""
+    mine = [p for p, start in workers.items() if (_stat(p) or ("", 0, 0, -1))[3] == start]
+    for pid in mine:
+        _kill(pid, signal.SIGSTOP)
+    kill_below(mine)
     for pid in mine:
         _kill(pid, signal.SIGKILL)
 

@@ -93,6 +93,14 @@ def _token() -> bool:
     return _cancelled
 
 
+def _orphaned() -> None:
+    """The pool's end of the socket closed: its process died (the kernel may not have frozen
+    this worker yet). Take everything this worker's tasks started down, then exit."""
+    from valent.poolwatch import kill_below
+
+    kill_below([os.getpid()])
+
+
 def _on_sigterm(signum, frame):
     """A task that never asked ``cancel_requested()`` stops at once; one that did gets the
     grace. Between tasks it only marks the cancel (the next body then never starts)."""
@@ -268,9 +276,12 @@ def main(argv: list[str]) -> None:
     fns: dict[int, object] = {}
     send_msg(sock, ("ready",))
     while True:
-        got = recv_msg(sock)
+        try:
+            got = recv_msg(sock)
+        except OSError:
+            got = None
         if got is None:
-            return
+            return _orphaned()
         (job_id, fn_key, fn_blob, forget), args_blob = got
         for k in forget:
             fns.pop(k, None)
@@ -315,10 +326,14 @@ def main(argv: list[str]) -> None:
                 payload = (None, msg_text, "".join(traceback.format_exception(exc)))
         else:
             payload = _pack_error(value)
-        if ok:
-            send_msg(sock, (job_id, ok, None, started, ended, out, err, stopped_by_cancel), payload)
-        else:
-            send_msg(sock, (job_id, ok, payload, started, ended, out, err, stopped_by_cancel))
+        try:
+            if ok:
+                send_msg(sock, (job_id, ok, None, started, ended, out, err, stopped_by_cancel),
+                         payload)
+            else:
+                send_msg(sock, (job_id, ok, payload, started, ended, out, err, stopped_by_cancel))
+        except OSError:
+            return _orphaned()
 
 
 if __name__ == "__main__":

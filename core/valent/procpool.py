@@ -422,6 +422,7 @@ class _Loop:
         self.dying: list[_Worker] = []
         self.watcher: subprocess.Popen | None = None
         self.watcher_restarts = 0
+        self.housekeeping = 0.0  # monotonic time of the next watcher check and shrink
         self.index = itertools.count()
         self.rbuf = bytearray(1 << 18)  # one receive buffer for every worker
         self.rview = memoryview(self.rbuf)
@@ -455,11 +456,14 @@ class _Loop:
                 events = self.sel.select(self._timeout())
                 for key, _ in events:
                     if key.data is None:
-                        self.woken = False
                         try:
-                            self.wake_r.recv(4096)
+                            while self.wake_r.recv(4096):
+                                pass
                         except OSError:
                             pass
+                        # after the reads: a wake() from now on sends again (cleared before
+                        # them, a wake() in between would be read here and then suppressed)
+                        self.woken = False
                     else:
                         self._on_readable(key.data)
                 self._turn()
@@ -494,13 +498,16 @@ class _Loop:
         if self.dying:
             self._advance_kills()
         if not self.closing:
-            self._check_watcher()
+            now = time.monotonic()
+            if now >= self.housekeeping:  # a few times a second, not on every message
+                self.housekeeping = now + 0.25
+                self._check_watcher()
+                self._shrink()
             while self.respawn:
                 self.respawn -= 1
                 live = len(self.workers) - len(self.dying)
                 if live < self.pool.max_workers and not self._broken():
                     self._spawn()
-            self._shrink()
             self._maybe_grow()
             self._hand_out()
         self._publish()
@@ -538,7 +545,6 @@ class _Loop:
         """Make ``job`` final (observers are told at the end of the turn)."""
         with self.lock:
             job.state = state
-        self._publish()
         job.done.set()
         self.notes.append(job)
 
@@ -580,6 +586,7 @@ class _Loop:
         self.workers[worker.key] = worker
         self.sel.register(parent_sock, selectors.EVENT_READ, worker)
         self.idle.append(worker)
+        self._publish()
 
     def _hand_out(self) -> None:
         """Give queued jobs to idle workers (booted ones first)."""
@@ -793,9 +800,9 @@ class _Loop:
         if g <= 0:
             w.reaping = True
         else:
-            scan = proctree.Scan()
-            w.tree = scan.tree(w.pid)
             proctree.signal_group(w.pid, signal.SIGTERM)
+            scan = proctree.Scan()  # then what left the group (setsid)
+            w.tree = scan.tree(w.pid)
             group = set(scan.groups.get(w.pid, ()))
             proctree.signal_pids([p for p in w.tree if p not in group], signal.SIGTERM)
         if not self.closing:
@@ -818,7 +825,7 @@ class _Loop:
         kill it, reap it, settle its job."""
         now = time.monotonic()
         scan: proctree.Scan | None = None
-        for w in self.dying:
+        for w in list(self.dying):
             if w.reaping:
                 continue
             exited = w.proc.poll() is not None
@@ -826,9 +833,12 @@ class _Loop:
                 w.reaping = True
             elif now >= w.next_scan and (
                 exited or w.settled or proctree.state(w.pid) in ("T", "t")
-            ):  # it stopped: once nothing of its tree is left, no need to wait out the grace
+            ):
+                # it stopped (frozen, idle, or dead): once nothing of its tree is left, it
+                # can go now, without waiting out the grace
                 scan = scan or proctree.Scan()
-                w.reaping = not self._rest(w, scan)
+                if not self._rest(w, scan):
+                    self._end(w)
                 w.next_scan = now + LOOK_SLOW
         todo = [w for w in self.dying if w.reaping]
         for w in todo:
@@ -848,22 +858,28 @@ class _Loop:
                     proctree.signal_pids(rest, signal.SIGKILL)
                     left.append(w)
                     continue
-                if w.proc.poll() is None:
-                    try:
-                        w.proc.kill()
-                        w.proc.wait(timeout=1)
-                    except (OSError, subprocess.TimeoutExpired):
-                        continue  # next turn
-                self._retire(w)
+                self._end(w)
             todo = left
             if todo:
                 time.sleep(0.001)
+
+    def _end(self, w: _Worker) -> None:
+        """Nothing of its tree is left: kill the worker, reap it, retire it."""
+        if w.proc.poll() is None:
+            try:
+                w.proc.kill()
+                w.proc.wait(timeout=1)
+            except (OSError, subprocess.TimeoutExpired):
+                w.reaping = True  # the next turn tries again
+                return
+        self._retire(w)
 
     def _retire(self, w: _Worker) -> None:
         """Forget a dead worker whose tree is gone; settle its job."""
         self._drain(w)  # a "started" or a result may still be in its socket
         self.dying.remove(w)
         self.workers.pop(w.key, None)
+        self._publish()
         if w.dead_at is None:
             # retired before the selector saw EOF: unregister before the close, or a new
             # worker's socket reusing this fd cannot be registered

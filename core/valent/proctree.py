@@ -13,11 +13,16 @@ def _stat_fields(pid: int) -> tuple[str, int, int, int] | None:
     """(state, pgrp, ppid, start time in clock ticks) of ``pid`` from /proc, or None if it is
     gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
     except OSError:
         return None
-    rest = data[data.rindex(b")") + 2 :].split()
+    try:
+        data = os.read(fd, 1024)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    rest = data[data.rindex(b")") + 2 :].split(None, 20)
     return rest[0].decode(), int(rest[2]), int(rest[1]), int(rest[19])
 
 
