@@ -512,7 +512,7 @@ class _Loop:
             self._hand_out()
         self._publish()
         notes, self.notes = self.notes, []
-        for job in notes:
+        for job in dict.fromkeys(notes):  # once each: started and ended in one turn, one call
             _notify(job)
 
     def _timeout(self) -> float:
