@@ -191,6 +191,11 @@ class ProcessPool:
     :param grace: seconds a cancelled task that uses ``cancel_requested()`` gets between
         SIGTERM and SIGKILL (a task that never asked stops at SIGTERM).
     :param capture: capture each task's stdout and stderr (fds 1 and 2, subprocesses too).
+    :param python: the interpreter the workers run (default: this one; 3.11+, started with
+        ``-P`` so that nothing in the working directory is importable at their start).
+
+    When the process that made the pool dies, however it dies, its workers and everything
+    their tasks started die too (see :mod:`valent.poolwatch`).
     """
 
     def __init__(
