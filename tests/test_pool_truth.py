@@ -334,3 +334,38 @@ def test_local_tasks_run_at_the_same_time():
         pids = ex.pool.worker_pids() if ex._pool is not None else []
         ex.shutdown()
         assert wait_gone(pids) == []
+
+
+# ------------------------------------------------------------- a forked child's own pool
+
+
+def test_a_forked_child_gets_its_own_pool_and_a_clear_error_for_the_parents(tmp_path):
+    ex = ct.executors.LocalExecutor(workers=1)
+    parent_pool = ex.pool
+    assert parent_pool.submit(os.getpid).wait(30).final
+    child = os.fork()
+    if child == 0:  # the child: report through a file, never return into pytest
+        code = 1
+        try:
+            try:
+                parent_pool.submit(os.getpid)
+                msg = "no error"
+            except RuntimeError as exc:
+                msg = str(exc)
+            pool = ex.pool  # a fresh pool of this process's own
+            value = pool.submit(os.getpid).wait(30).get_value()
+            pids = pool.own_pids()
+            pool.shutdown()
+            _put(tmp_path / "child", f"{msg}|{value}|{' '.join(map(str, pids))}")
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    msg, value, pids = (tmp_path / "child").read_text().split("|")
+    assert "forked from" in msg and "new ProcessPool" in msg, msg
+    assert int(value) not in parent_pool.worker_pids()
+    assert wait_gone([int(p) for p in pids.split()]) == []
+    pids = ex.pool.own_pids()
+    ex.shutdown()
+    assert wait_gone(pids) == []
