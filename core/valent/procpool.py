@@ -60,7 +60,8 @@ from .task import Cancelled, Completed, Failed, Pending, Running, TaskState
 
 FN_CACHE_SIZE = 256
 KILL_TICK = 0.005  # seconds between rounds of killing a tree
-LOOK_FAST, LOOK_SLOW = 0.002, 0.02  # between looks at a stopping worker: first 0.1 s, then
+LOOK_FAST, LOOK_SLOW = 0.001, 0.02  # between looks at a stopping worker: first 0.1 s, then
+RUNNING_NOTE_DELAY = 0.001  # observers hear of a start this late: a quick job is told once
 BOOT_FAILURES = 3  # workers in a row that die before they are up: stop trying, fail the queue
 
 
@@ -437,6 +438,8 @@ class _Loop:
         self.closing = False
         self.woken = False
         self.notes: list[Job] = []  # jobs whose observers are told at the end of this turn
+        # (when, job) of started jobs whose observers are told then, unless they ended
+        self.started: collections.deque[tuple[float, Job]] = collections.deque()
 
     # ------------------------------------------------------------ the loop
 
@@ -516,6 +519,12 @@ class _Loop:
             self._maybe_grow()
             self._hand_out()
         self._publish()
+        if self.started:
+            now = time.monotonic()
+            while self.started and self.started[0][0] <= now:
+                job = self.started.popleft()[1]
+                if not job.state.final:  # else its end is the one thing to tell
+                    self.notes.append(job)
         notes, self.notes = self.notes, []
         for job in dict.fromkeys(notes):  # once each: started and ended in one turn, one call
             _notify(job)
@@ -523,6 +532,8 @@ class _Loop:
     def _timeout(self) -> float:
         t = 1.0
         now = time.monotonic()
+        if self.started:
+            t = max(0.0, self.started[0][0] - now)
         for w in self.dying:
             if w.reaping:
                 return KILL_TICK
@@ -737,7 +748,7 @@ class _Loop:
                 with self.lock:
                     job.started_at = msg[2]
                     job.state = Running(msg[2], w.out_path, w.err_path)
-                self.notes.append(job)
+                self.started.append((time.monotonic() + RUNNING_NOTE_DELAY, job))
             return
         job_id, ok, payload, started, ended, out, err, asked_to_stop = msg
         if job is None or job.id != job_id or job.state.final:
