@@ -110,7 +110,7 @@ def _on_sigterm(signum, frame):
         _stop_self()
 
 
-class _Streams:
+class _OwnState:
     """The worker's own ``sys.stdin/stdout/stderr``, signal handlers, working directory and
     umask, put back after every task: one task must not damage the worker for the next (a
     task that closes or replaces ``sys.stdout``, installs a SIGTERM handler, changes dir)."""
@@ -272,7 +272,7 @@ def main(argv: list[str]) -> None:
     except Exception:
         pass
     capture = _Capture(out_path, err_path)
-    own = _Streams()
+    own = _OwnState()
     fns: dict[int, object] = {}
     send_msg(sock, ("ready",))
     while True:

@@ -268,7 +268,9 @@ class ProcessPool:
         on_change: Callable[[Job], None] | None = None,
         label: str = "",
     ) -> Job:
-        """Queue ``fn(*args, **kwargs)``; ``on_change(job)`` is called when it starts and ends.
+        """Queue ``fn(*args, **kwargs)``; ``on_change(job)`` is called, on the pool's thread,
+        when it starts and when it ends (once, with the final state, when the pool sees both
+        within a millisecond); read ``job.state`` there.
 
         Raises ``valent.PicklingError`` when the function or its arguments cannot be pickled.
         """
