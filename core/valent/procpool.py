@@ -419,6 +419,7 @@ class _Loop:
         self.booted = threading.Event()
         # (pids, busy pids, idle, dying, watcher pid): replaced, never mutated
         self.view = self.EMPTY_VIEW
+        self.view_key: tuple = ()
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
@@ -549,8 +550,13 @@ class _Loop:
         return t
 
     def _publish(self) -> None:
-        """Replace the read-only view the pool's public methods read."""
+        """Replace the read-only view the pool's public methods read (when it changed)."""
         ws = self.workers.values()
+        busy = sum(1 for w in ws if w.job is not None)
+        key = (len(self.workers), busy, len(self.idle), len(self.dying), self.watcher)
+        if key == self.view_key and busy in (0, len(self.workers)):
+            return  # same counts, and no choice of which workers are busy
+        self.view_key = key
         self.view = (
             tuple(w.pid for w in ws),
             tuple(w.pid for w in ws if w.job is not None),
@@ -664,9 +670,11 @@ class _Loop:
 
     def _maybe_grow(self) -> None:
         """Keep the minimum; grow an elastic pool when work waits behind waiting tasks."""
+        total = len(self.workers) - len(self.dying)
+        if total >= self.pool.max_workers:
+            return  # a full (or fixed-size) pool: nothing to decide
         with self.lock:
             queued = len(self.pool._queue)
-        total = len(self.workers) - len(self.dying)
         if total < self.pool.min_workers and (queued or not self._broken()):
             for _ in range(self.pool.min_workers - total):
                 self._spawn()
