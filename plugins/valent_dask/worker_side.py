@@ -410,7 +410,7 @@ def running_keys() -> dict[str, tuple]:
 
 def pool_pids() -> list[int]:
     """PIDs of this worker process's warm pool children (tests, diagnostics)."""
-    return [pid for pool in list(_pools.values()) for pid in pool.worker_pids()]
+    return [pid for pool in list(_pools.values()) for pid in pool.own_pids()]
 
 
 async def close_pools(only_idle: bool = True, wait: float = 5.0) -> int:
