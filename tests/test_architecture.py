@@ -91,8 +91,7 @@ def test_internal_packages_are_private():
     public_modules = {
         "__init__", "api", "plugin", "executor", "executors", "testing", "errors", "status",
         "task", "graph", "result", "config", "cli", "ui", "timing", "cancel_token", "deps",
-        "lepton", "lifecycle", "checks", "pickling", "procpool", "proctree", "poolworker",
-        "pooljobs", "poolkill", "fs", "triggers", "redispatch",
+        "lepton", "lifecycle", "checks", "pickling", "fs", "triggers", "redispatch",
     }
     names = {p.stem for p in CORE.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
     unexpected = sorted(n for n in names if not n.startswith("_") and n not in public_modules)

@@ -15,7 +15,7 @@ import time
 import pytest
 import valent as ct
 from core_support import wait_for, wait_gone
-from valent.procpool import ProcessPool
+from valent._pool.pool import ProcessPool
 from valent.testing.procs import alive
 
 
@@ -297,8 +297,9 @@ def test_a_valent_planted_in_the_working_directory_never_runs(tmp_path, monkeypa
     marker = tmp_path / "planted-ran"
     code = f"open({str(marker)!r}, 'a').write('ran\\n')\n"
     (planted / "__init__.py").write_text(code)
-    (planted / "poolworker.py").write_text(code)
-    (planted / "poolwatch.py").write_text(code)
+    (planted / "_pool").mkdir()
+    for name in ("__init__.py", "worker.py", "watch.py", "pool.py"):
+        (planted / "_pool" / name).write_text(code)
     monkeypatch.chdir(tmp_path / "shared")
     with ProcessPool(workers=1, grace=0.5, name="test") as p:
         assert p.submit(_prints, ("x",)).wait(30).get_value()[0] == str(tmp_path / "shared")

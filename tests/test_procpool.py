@@ -13,7 +13,7 @@ import psutil
 import pytest
 import valent as ct
 from core_support import wait_for, wait_gone
-from valent.procpool import ProcessPool, RemoteError
+from valent._pool.pool import ProcessPool, RemoteError
 
 
 def ident():

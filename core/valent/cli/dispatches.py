@@ -571,7 +571,7 @@ def _follow(store: Any, row: Any, n: Any, streams: Sequence[str], every: float =
 def _live_texts(row: Any, n: Any, streams: Sequence[str]) -> list[tuple[str, str]] | None:
     """A running task's output so far, from the files its executor named; None when there
     are none (not running, an executor that stores output only at the end, another host)."""
-    from ..procpool import tail
+    from .._pool.pool import tail
 
     paths = _live_paths(row, n)
     if paths is None:

@@ -20,7 +20,7 @@ Roles, as in CPython's ``concurrent.futures.process``:
 - :class:`_Loop` runs on the pool's one thread and alone holds and changes everything else:
   the selector, the workers, messages from them, kills, respawn, growth and shrinking. It
   publishes a read-only view (``stats``, pids) for the public face.
-- the worker program is :mod:`valent.poolworker`; :mod:`valent.poolwatch` is the watcher that
+- the worker program is :mod:`valent._pool.worker`; :mod:`valent._pool.watch` is the watcher that
   kills every worker tree when the owning process dies.
 
 What the pool reports (the truth invariants): a job is ``Running`` once its body started (the
@@ -52,11 +52,12 @@ from typing import Any
 
 import cloudpickle
 
-from . import pickling, proctree
-from .errors import PicklingError, WorkerDiedError
-from .poolworker import HEADER, send_msg
-from .status import CancelOutcome
-from .task import Cancelled, Completed, Failed, Pending, Running, TaskState
+from .. import pickling
+from ..errors import PicklingError, WorkerDiedError
+from ..status import CancelOutcome
+from ..task import Cancelled, Completed, Failed, Pending, Running, TaskState
+from . import proctree
+from .worker import HEADER, send_msg
 
 FN_CACHE_SIZE = 256
 KILL_TICK = 0.005  # seconds between rounds of killing a tree
@@ -196,7 +197,7 @@ class ProcessPool:
         ``-P`` so that nothing in the working directory is importable at their start).
 
     When the process that made the pool dies, however it dies, its workers and everything
-    their tasks started die too (see :mod:`valent.poolwatch`).
+    their tasks started die too (see :mod:`valent._pool.watch`).
     """
 
     def __init__(
@@ -592,7 +593,7 @@ class _Loop:
             # -P: the current directory is not on the worker's sys.path while it starts, so a
             # valent/ planted there cannot run (not -I: that would drop PYTHONPATH)
             proc = subprocess.Popen(
-                [self.pool.python, "-P", "-m", "valent.poolworker", str(child_sock.fileno()),
+                [self.pool.python, "-P", "-m", "valent._pool.worker", str(child_sock.fileno()),
                  str(os.getpid()), out_path, err_path],
                 pass_fds=(child_sock.fileno(),),
                 stdin=subprocess.DEVNULL,
@@ -967,7 +968,7 @@ class _Loop:
 
     def _start_watcher(self) -> None:
         """Start the process that kills every worker tree if this process dies."""
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "poolwatch.py")
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "watch.py")
         try:
             self.watcher = subprocess.Popen(
                 [self.pool.python, "-P", path, str(os.getpid())],
@@ -1002,7 +1003,7 @@ class _Loop:
 
     def _abandon(self) -> None:
         """After a bug in the loop: kill every worker tree, fail every job."""
-        from .poolwatch import kill_trees
+        from .watch import kill_trees
 
         try:
             kill_trees({w.pid: _start_ticks(w.pid) for w in self.workers.values()})

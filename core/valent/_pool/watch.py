@@ -1,6 +1,6 @@
 """The pool's watcher: when the pool's owning process dies, kill every worker and its tree.
 
-One per :class:`valent.procpool.ProcessPool`, started by the pool's thread as
+One per :class:`valent._pool.pool.ProcessPool`, started by the pool's thread as
 ``python -P /path/to/poolwatch.py OWNER_PID`` in its own session. Standard library only (run by
 path: nothing from valent or the current directory is imported). The pool writes one line per
 change on its stdin: ``+ PID`` (a worker started), ``- PID`` (a worker is gone), ``exit`` (the
@@ -9,7 +9,7 @@ pool shut down).
 Why a watcher: the owner's death must be noticed by the kernel, whatever its tasks do. The
 watcher holds a pidfd of the owner (fallback: polls ``getppid()``), not a pipe a fork of the
 owner could keep open, and runs no user code, so it always gets to run. The workers freeze
-themselves at the same moment (``PR_SET_PDEATHSIG`` = SIGSTOP in :mod:`valent.poolworker`): a
+themselves at the same moment (``PR_SET_PDEATHSIG`` = SIGSTOP in :mod:`valent._pool.worker`): a
 frozen worker is still the subreaper of everything its task started, including ``setsid``
 daemons, so the watcher finds the whole tree under it, kills it until a scan finds nothing,
 and kills the worker last.

@@ -1,6 +1,6 @@
-"""The child side of :mod:`valent.procpool`: one warm worker process, one task at a time.
+"""The child side of :mod:`valent._pool.pool`: one warm worker process, one task at a time.
 
-Started by the pool's own thread as ``python -P -m valent.poolworker SOCK_FD OWNER_PID OUT_PATH
+Started by the pool's own thread as ``python -P -m valent._pool.worker SOCK_FD OWNER_PID OUT_PATH
 ERR_PATH`` in its own session (``-P``: nothing from the current directory is importable at
 start, so a ``valent/`` planted there cannot run), so the task and every subprocess it starts
 share the worker's process group. On Linux it is also a child subreaper: a daemon a task starts
@@ -10,7 +10,7 @@ lives, everything its tasks started is in its process tree.
 That is why the worker never dies before its tree when it is stopped: on a cancel it stops
 itself (SIGSTOP) instead of exiting, and on its owner's death the kernel stops it
 (``PR_SET_PDEATHSIG`` = SIGSTOP, see :func:`_stop_with_owner`); then the pool (or the pool's
-watcher, :mod:`valent.poolwatch`) kills the tree under the frozen worker until it is empty,
+watcher, :mod:`valent._pool.watch`) kills the tree under the frozen worker until it is empty,
 and the worker last.
 
 Messages to the pool: ``("ready",)`` once up; ``("started", job_id, time)`` right before a
@@ -61,7 +61,7 @@ def _stop_with_owner(owner: int) -> None:
     Noticed by the kernel, so it works whatever the task does (a task holding the GIL, a
     fork of the owner that keeps pipes open). SIGSTOP, not SIGKILL: a frozen worker stays
     alive as the subreaper of everything its task started, so the pool's watcher
-    (:mod:`valent.poolwatch`, which holds a pidfd of the owner) finds the whole tree under it
+    (:mod:`valent._pool.watch`, which holds a pidfd of the owner) finds the whole tree under it
     and kills it, worker last. A dead worker would hand its daemons to init instead.
     """
     _prctl(PR_SET_PDEATHSIG, signal.SIGSTOP)
@@ -96,7 +96,7 @@ def _token() -> bool:
 def _orphaned() -> None:
     """The pool's end of the socket closed: its process died (the kernel may not have frozen
     this worker yet). Take everything this worker's tasks started down, then exit."""
-    from valent.poolwatch import kill_below
+    from valent._pool.watch import kill_below
 
     kill_below([os.getpid()])
 
