@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ROOT / "core" / "valent"
 PLUGINS = sorted(p for p in (ROOT / "plugins").iterdir() if (p / "__init__.py").exists())
-EXAMPLE = ROOT / "docs" / "examples" / "valent-subprocess" / "src" / "valent_subprocess"
-PLUGIN_NAMES = {p.name for p in PLUGINS} | {EXAMPLE.name}
+EXAMPLES = sorted((ROOT / "docs" / "examples").glob("*/src/valent_*"))
+PLUGIN_NAMES = {p.name for p in PLUGINS} | {e.name for e in EXAMPLES}
 PUBLIC = {"valent", "valent.plugin"}
 
 
@@ -51,7 +51,7 @@ def test_the_core_never_imports_a_plugin():
 
 def test_plugins_import_only_the_declared_api_and_never_each_other():
     bad = []
-    for folder in [*PLUGINS, EXAMPLE]:
+    for folder in [*PLUGINS, *EXAMPLES]:
         for path in folder.rglob("*.py"):
             for line, mod in _imports(path):
                 top = mod.split(".")[0]
