@@ -1,13 +1,13 @@
 """What happens to the dispatches a process owns when it is interrupted, forked, or exits.
 
 - The first Ctrl-C (SIGINT) or SIGTERM while dispatches this process owns are running
-  cancels them, waits until every executor confirmed the stop, prints one line and exits
-  (130 for Ctrl-C, 143 for SIGTERM). Tasks their executor cannot stop (``runs_to_completion``)
-  are not waited for: the process leaves them, and readers then see the dispatch's owner
-  died. A second one exits at once (the tasks still die with their owner: the pool's
-  workers watch it through the kernel). With nothing of ours
-  running, the signal does what it did before valent was imported. A handler the program
-  installed itself is left alone (and so is a notebook kernel's).
+  cancels them, waits until every executor confirmed the stop, prints one line and exits:
+  130 for Ctrl-C; after SIGTERM the process ends by the signal's default action (143 in a
+  shell). Tasks their executor cannot stop (``runs_to_completion``) are not waited for: the
+  process leaves them, and readers then see the dispatch's owner died. A second signal
+  exits at once (the tasks still die with their owner: the pool's workers watch it through
+  the kernel). With nothing of ours running, the signal does what it did before valent was
+  imported. A handler the program installed itself is left alone (and a notebook kernel's).
 - After ``os.fork()`` the child starts with no dispatcher: its first dispatch makes its own.
 - At interpreter exit, dispatches still running are waited for (Ctrl-C cancels them).
 - Triggers (``valent.triggers``) stop at exit and on the first Ctrl-C/SIGTERM.
@@ -71,6 +71,13 @@ def _on_signal(signum: int, frame: Any) -> None:
         print(f"valent: {name}: {summary}", file=sys.stderr, flush=True)
     finally:
         _stopping = False
+    if signum != signal.SIGINT:
+        # end as the signal's default action would have (no atexit hooks that might wait,
+        # e.g. multiprocessing joining its children): the shell sees 128 + signum
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
     raise SystemExit(code)
 
 
