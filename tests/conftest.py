@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from core_support import live_descendants, read_pid, wait_for, wait_gone  # noqa: F401
+from core_support import live_descendants, read_pid, wait_gone, wait_until  # noqa: F401
 
 
 @pytest.fixture(autouse=True)

@@ -13,14 +13,7 @@ import psutil
 import pytest
 import valent as ct
 from core_support import read_pid, wait_for, wait_gone
-
-
-def _put(path, text: str) -> None:
-    """Write a file atomically (the test may read it at any moment)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+from valent.testing.procs import write_atomic as _put
 
 
 @ct.electron

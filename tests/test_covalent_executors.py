@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import valent as ct
-from core_support import alive, read_pid, wait_for, wait_gone
+from core_support import alive, read_pid, wait_gone, wait_until
 from covex_support import (
     AsyncInProcess,
     AsyncSubmitting,
@@ -438,9 +438,9 @@ def test_adapter_reports_dequeued_when_run_stops_before_submitting(tmp_path):
     ex = CovalentExecutor(Careful())
     woke = []
     job = ex.run(Task("d", 0, "t", pid_and_sleep, (str(tmp_path), 1)), lambda: woke.append(1))
-    assert wait_for(lambda: not isinstance(ex.poll(job), ct.Pending), 10)
+    assert wait_until(lambda: not isinstance(ex.poll(job), ct.Pending), 10)
     assert ex.cancel(job) == ct.CancelOutcome.RUNS_TO_COMPLETION
-    state = wait_for(lambda: ex.poll(job).final and ex.poll(job), 10)
+    state = wait_until(lambda: ex.poll(job).final and ex.poll(job), 10)
     assert isinstance(state, ct.Cancelled) and state.outcome == ct.CancelOutcome.DEQUEUED
     assert woke
     assert not (Path(tmp_path) / "pid").exists()
@@ -501,7 +501,7 @@ def test_thread_mode_outcomes_follow_what_happened_first(tmp_path):
             raise TimeoutError("never got an answer")
 
     def final(ex, job):
-        return wait_for(lambda: ex.poll(job).final and ex.poll(job), 20)
+        return wait_until(lambda: ex.poll(job).final and ex.poll(job), 20)
 
     late = as_executor(Late())
     job = late.run(Task("d", 0, "t", int, ("7",)), lambda: None)

@@ -12,7 +12,7 @@ import time
 
 import psutil
 import valent as ct
-from core_support import wait_for, wait_gone
+from core_support import wait_gone, wait_until
 
 OWNER = textwrap.dedent(
     """
@@ -74,7 +74,7 @@ def _task_pids(tmp_path, n=2) -> list[int]:
     pids = []
     for i in range(n):
         path = tmp_path / f"{i}.pid"
-        text = wait_for(lambda path=path: path.exists() and path.read_text(), 30)
+        text = wait_until(lambda path=path: path.exists() and path.read_text(), 30)
         assert text, f"task {i} never started"
         pids += [int(x) for x in text.split()]
     return pids
@@ -105,7 +105,7 @@ def test_results_read_from_another_process_while_running_and_after(tmp_path):
         statuses = ct.get_result(dispatch_id).node_statuses()
         return statuses["gated(0)"] == "RUNNING" and statuses["quick(3)"] == "COMPLETED"
 
-    assert wait_for(gated_runs_quick_done, 20)
+    assert wait_until(gated_runs_quick_done, 20)
     seen = _read(
         "print(r.status, r.get_node_result(0)['status'], r.get_all_node_outputs()['quick(3)'])",
         dispatch_id,
@@ -156,7 +156,7 @@ def test_cancel_from_another_process_reaches_the_owner(tmp_path):
 def test_cancel_of_chosen_tasks_from_another_process_of_a_dispatch_owned_here(tmp_path):
     gate = tmp_path / "never-opened"
     dispatch_id = ct.dispatch(gated_flow)(str(gate), 1)
-    assert wait_for(
+    assert wait_until(
         lambda: ct.get_result(dispatch_id).get_node_result(0)["status"] == "RUNNING", 20
     )
     out = _read(f"print(ct.cancel({dispatch_id!r}, task_ids=[0]))", dispatch_id)

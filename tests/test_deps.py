@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import valent as ct
-from core_support import read_pid, wait_for, wait_gone
+from core_support import read_pid, wait_gone, wait_until
 from valent.deps import DepsPip
 
 # ---------------------------------------------------------------------- helpers
@@ -434,7 +434,7 @@ def test_cancel_during_a_step_kills_it(where, tmp_path, local_executor):
 
     did = ct.dispatch(workflow)()
     pid = read_pid(pid_file, timeout=30)
-    assert wait_for(lambda: ct.get_result(did).get_node_result(0)["status"] == "RUNNING", 10)
+    assert wait_until(lambda: ct.get_result(did).get_node_result(0)["status"] == "RUNNING", 10)
     ct.cancel(did)
     r = ct.get_result(did, wait=True, timeout=60)
     node = r.get_node_result(0)

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import valent as ct
-from core_support import read_pid, wait_for, wait_gone
+from core_support import read_pid, wait_gone, wait_until
 from valent.fs.strategies import HTTP, Rsync, Shutil
 
 needs_rsync = pytest.mark.skipif(
@@ -224,7 +224,7 @@ def test_cancel_during_a_long_rsync_kills_it(tmp_path, local_executor):
                 found.append(p.pid)
         return found
 
-    pids = wait_for(rsyncs, 30)
+    pids = wait_until(rsyncs, 30)
     assert pids, "the rsync never started"
     time.sleep(0.3)
     ct.cancel(did)
@@ -361,7 +361,7 @@ def test_cancel_during_a_slow_download_kills_it(tmp_path, http_server, local_exe
 
     did = ct.dispatch(flow)()
     worker = read_pid(pid_file, timeout=60)
-    assert wait_for(lambda: list(tmp_path.glob("slow.bin.part-*")), 30), "no download began"
+    assert wait_until(lambda: list(tmp_path.glob("slow.bin.part-*")), 30), "no download began"
     ct.cancel(did)
     r = ct.get_result(did, wait=True, timeout=60)
     node = r.get_node_result(0)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import valent as ct
-from core_support import wait_for, wait_gone
+from core_support import wait_gone, wait_until
 
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 
@@ -270,7 +270,7 @@ def test_cancel_kills_a_running_bash_lepton(tmp_path, local_executor):
         return task()
 
     did = ct.dispatch(flow)()
-    read_pid_lines = wait_for(
+    read_pid_lines = wait_until(
         lambda: pid_file.exists() and len(pid_file.read_text().split()) == 2
         and pid_file.read_text().split(), 30,
     )

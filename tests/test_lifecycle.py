@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 import valent as ct
-from core_support import wait_for, wait_gone
+from core_support import wait_gone, wait_until
 
 SCRIPT = textwrap.dedent(
     """
@@ -57,7 +57,7 @@ def _started(tmp_path, n=2) -> list[int]:
     pids: list[int] = []
     for i in range(n):
         path = tmp_path / f"{i}.pid"
-        text = wait_for(lambda path=path: path.exists() and path.read_text(), 60)
+        text = wait_until(lambda path=path: path.exists() and path.read_text(), 60)
         assert text, f"task {i} never started"
         pids += [int(x) for x in text.split()]
     return pids

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import valent as ct
-from core_support import read_pid, wait_for, wait_gone
+from core_support import read_pid, wait_gone, wait_until
 from valent.testing.tasks import write_atomic
 
 # ------------------------------------------------------------------ the how-to's workflow
@@ -281,7 +281,7 @@ def _wait_running(did, count):
         )
         return rows[0][0] >= count
 
-    assert wait_for(running, 60), "the inner tasks never ran"
+    assert wait_until(running, 60), "the inner tasks never ran"
 
 
 def test_cancelling_the_outer_dispatch_kills_the_tasks_at_every_level(tmp_path):
@@ -325,7 +325,7 @@ def test_cancelling_one_sublattice_node_stops_it_alone(tmp_path):
     did = ct.dispatch(one_of_two)(str(tmp_path))
     pid = read_pid(tmp_path / "inner.pid", 60)
     _wait_running(did, 1)
-    assert wait_for(lambda: (tmp_path / "quick").exists(), 30)
+    assert wait_until(lambda: (tmp_path / "quick").exists(), 30)
     ct.cancel(did, task_ids=[0])
     result = ct.get_result(did, wait=True, timeout=60)
     assert wait_gone([pid], 10) == []
@@ -415,7 +415,7 @@ def _no_leftover_runs():
 
     d = api._dispatcher
     if d is not None:
-        assert wait_for(lambda: not d.active(), 30) is not None
+        assert wait_until(lambda: not d.active(), 30) is not None
 
 
 

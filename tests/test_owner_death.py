@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 import pytest
-from core_support import wait_for, wait_gone
+from core_support import wait_gone, wait_until
 from valent.testing.procs import alive
 
 OWNER = textwrap.dedent(
@@ -68,7 +68,7 @@ def test_every_task_process_dies_with_its_owner(tmp_path, sig):
     helper = None
     try:
         files = ("owner", "daemon", "regex")
-        assert wait_for(lambda: all((out / f).exists() for f in files), 60), (
+        assert wait_until(lambda: all((out / f).exists() for f in files), 60), (
             "the owner's tasks never started: " + str(sorted(os.listdir(out)))
         )
         owner_pid, helper = map(int, (out / "owner").read_text().split())

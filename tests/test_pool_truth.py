@@ -17,18 +17,13 @@ import valent as ct
 from core_support import wait_for, wait_gone
 from valent._pool.pool import ProcessPool
 from valent.testing.procs import alive
+from valent.testing.procs import write_atomic as _put
 
 
 def _marker_then_sleep(marker, seconds):
     os.close(os.open(marker, os.O_CREAT | os.O_WRONLY, 0o600))  # the body's first act
     time.sleep(seconds)
     return "slept"
-
-
-def _put(path, text):
-    with open(f"{path}.tmp", "w") as f:
-        f.write(text)
-    os.replace(f"{path}.tmp", path)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 import valent as ct
-from core_support import wait_for, wait_gone
+from core_support import wait_gone, wait_until
 from valent._pool.pool import ProcessPool, RemoteError
 
 
@@ -76,7 +76,7 @@ def pool():
 
 
 def _pids(path):
-    text = wait_for(lambda: path.exists() and path.read_text(), 20)
+    text = wait_until(lambda: path.exists() and path.read_text(), 20)
     assert text, f"{path} never written"
     return [int(float(x)) for x in text.split()[:2]]
 
@@ -154,7 +154,7 @@ def test_cancel_queued_is_dequeued_and_running_is_killed(tmp_path):
         assert wait_gone([worker_pid, grandchild], 5) == []
         # told of the changes (a start and an end seen in one turn of the pool: one call),
         # the last call with the final state (observers are called after ``done`` is set)
-        assert wait_for(lambda: changes and changes[-1] is state, 5), changes
+        assert wait_until(lambda: changes and changes[-1] is state, 5), changes
         assert p.cancel(running) == ct.CancelOutcome.KILLED  # still the truth, after the fact
         assert p.cancel(queued) == ct.CancelOutcome.DEQUEUED
         done = p.submit(ident)
@@ -198,7 +198,7 @@ def test_elastic_pool_grows_for_sleeping_tasks(tmp_path):
         jobs = [p.submit(nap, (seconds, str(f))) for f in files]
         starts = []
         for f in files:
-            text = wait_for(lambda f=f: f.exists() and f.read_text(), 30)
+            text = wait_until(lambda f=f: f.exists() and f.read_text(), 30)
             assert text, "a task never started"
             starts.append(float(text.split()[1]))
         # all six started before the first could finish: they run side by side

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import valent as ct
-from core_support import read_pid, wait_for, wait_gone
+from core_support import read_pid, wait_gone, wait_until
 from valent.testing.tasks import write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,9 +213,9 @@ def test_resume_after_cancel_runs_only_what_did_not_complete(tmp_path):
     flag = str(tmp_path / "go")
     did = ct.dispatch(fan)(d, 6, flag)
     pids = [read_pid(tmp_path / f"slow{i}.pid", 60) for i in range(2)]
-    assert wait_for(lambda: all(runs(d, f"fast{i}") for i in range(6)), 60)
+    assert wait_until(lambda: all(runs(d, f"fast{i}") for i in range(6)), 60)
     first = ct.get_result(did)
-    assert wait_for(
+    assert wait_until(
         lambda: all(
             n["status"] == ct.Status.COMPLETED
             for n in ct.get_result(did).get_all_node_results() if n["node_name"] == "fast"
@@ -276,7 +276,7 @@ def test_resume_reuses_what_completed_inside_a_sublattice(tmp_path):
     flag = str(tmp_path / "go")
     did = ct.dispatch(nested_fan)(d, flag)
     pid = read_pid(tmp_path / "slow0.pid", 60)
-    assert wait_for(lambda: runs(d, "fast0") and runs(d, "fast1"), 60)
+    assert wait_until(lambda: runs(d, "fast0") and runs(d, "fast1"), 60)
     time.sleep(0.5)  # their completion reaches the store
     ct.cancel(did)
     assert ct.get_result(did, wait=True, timeout=60).status == ct.Status.CANCELLED
@@ -358,8 +358,8 @@ def test_resume_of_a_dispatch_whose_owner_was_killed(tmp_path):
     try:
         did = owner.stdout.readline().strip()
         slow_pid = read_pid(d / "slow.pid", 60)
-        assert wait_for(lambda: runs(d, "fast0") and runs(d, "fast1"), 60)
-        assert wait_for(
+        assert wait_until(lambda: runs(d, "fast0") and runs(d, "fast1"), 60)
+        assert wait_until(
             lambda: sum(n["status"] == "COMPLETED" for n in ct.get_result(did)
                         .get_all_node_results() if n["node_name"] == "fast") == 2, 30,
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import valent as ct
-from core_support import wait_for, wait_gone
+from core_support import wait_gone, wait_until
 from valent.api import get_dispatcher
 
 
@@ -57,7 +57,7 @@ def test_the_how_to_cancelled_with_its_real_sleeps():
         return all(statuses[n] == "RUNNING" for n in TASK_1)
 
     # the how-to sleeps 3 s here; by then the eleven 10-s task_1 must all be running at once
-    assert wait_for(eleven_running, 9.0), ct.get_result(dispatch_id).node_statuses()
+    assert wait_until(eleven_running, 9.0), ct.get_result(dispatch_id).node_statuses()
     running = ct.get_result(dispatch_id)
     assert running.status == ct.Status.RUNNING
     assert "status: RUNNING" in str(running)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import valent as ct
-from core_support import wait_for
+from core_support import wait_until
 from valent.triggers import DirTrigger, SQLiteTrigger, TimeTrigger
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +62,7 @@ def test_dir_trigger_runs_the_pending_dispatch_then_redispatches_until_stopped(t
     time.sleep(0.6)
     with data.open("a") as f:
         f.write("11\n")
-    again = wait_for(lambda: [r for r in _dispatches("my_workflow") if r["redispatch_of"]], 30)
+    again = wait_until(lambda: [r for r in _dispatches("my_workflow") if r["redispatch_of"]], 30)
     assert again and again[0]["redispatch_of"] == did
     rid = again[0]["dispatch_id"]
     assert ct.get_result(rid, wait=True, timeout=30).result == "File was changed."
@@ -99,7 +99,7 @@ def test_dir_trigger_created_deleted_moved_and_batches(tmp_path):
         time.sleep(0.3)
         assert t.new_dispatch_ids == []  # one event: batch of 2 not reached
         (d / "a").rename(d / "b")  # moved (same inode), not created + deleted
-        assert wait_for(lambda: len(t.new_dispatch_ids) == 1, 10)
+        assert wait_until(lambda: len(t.new_dispatch_ids) == 1, 10)
         (d / "b").unlink()  # deleted: not watched
         time.sleep(0.3)
         assert len(t.new_dispatch_ids) == 1
@@ -121,7 +121,7 @@ def test_time_trigger_registered_on_a_dispatch(tmp_path):
     time_trigger = TimeTrigger(time_gap=0.2)
     time_trigger.lattice_dispatch_id = did
     time_trigger.register()
-    assert wait_for(lambda: len(time_trigger.new_dispatch_ids) >= 3, 20)
+    assert wait_until(lambda: len(time_trigger.new_dispatch_ids) >= 3, 20)
     ct.stop_triggers(did)
     n = len(time_trigger.new_dispatch_ids)
     time.sleep(0.6)
@@ -150,12 +150,12 @@ def test_sqlite_trigger_fires_once_per_new_pending_row(tmp_path):
         conn.executemany("INSERT INTO jobs (status) VALUES (?)",
                          [("pending",), ("done",), ("pending",)])
         conn.commit()
-        assert wait_for(lambda: len(sqlite_trigger.new_dispatch_ids) == 2, 20)
+        assert wait_until(lambda: len(sqlite_trigger.new_dispatch_ids) == 2, 20)
         time.sleep(0.4)
         assert len(sqlite_trigger.new_dispatch_ids) == 2  # each row fires once
         conn.execute("INSERT INTO jobs (status) VALUES ('pending')")
         conn.commit()
-        assert wait_for(lambda: len(sqlite_trigger.new_dispatch_ids) == 3, 20)
+        assert wait_until(lambda: len(sqlite_trigger.new_dispatch_ids) == 3, 20)
     finally:
         ct.stop_triggers(did)
         conn.close()
@@ -228,7 +228,7 @@ def test_triggers_are_listed_and_stopped_from_another_process(tmp_path):
                              env=env)
     try:
         did = owner.stdout.readline().strip()
-        assert wait_for(lambda: len(_dispatches("ticker")) >= 3, 30)
+        assert wait_until(lambda: len(_dispatches("ticker")) >= 3, 30)
 
         def valent(*args):
             return subprocess.run([sys.executable, "-m", "valent.cli", *args],

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import valent as ct
-from core_support import read_pid, wait_for, wait_gone
+from core_support import read_pid, wait_gone, wait_until
 from valent_local import LocalExecutor
 
 
@@ -72,7 +72,7 @@ def test_no_retry_starts_after_a_cancel_and_no_node_ends_failed(tmp_path):
         return [keeps_failing(f"{d}/{i}.log") for i in range(5)]
 
     did = ct.dispatch(wf)(str(tmp_path))
-    assert wait_for(lambda: all((tmp_path / f"{i}.log").exists() for i in range(5)), 30)
+    assert wait_until(lambda: all((tmp_path / f"{i}.log").exists() for i in range(5)), 30)
     time.sleep(0.3)
     ct.cancel(did)
     result = ct.get_result(did, wait=True, timeout=60)
@@ -105,7 +105,7 @@ def test_a_task_that_raises_about_when_the_cancel_comes_is_told_truthfully():
     seen = set()
     for i in range(16):
         did = ct.dispatch(wf)(0.3)
-        assert wait_for(lambda did=did: ct.get_result(did).get_node_result(0)["status"]
+        assert wait_until(lambda did=did: ct.get_result(did).get_node_result(0)["status"]
                         == "RUNNING", 30)
         time.sleep(0.3 + (i % 4 - 2) * 0.01)
         ct.cancel(did)

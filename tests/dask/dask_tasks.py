@@ -9,6 +9,7 @@ import time
 
 import cloudpickle
 import valent
+from valent.testing.procs import write_atomic as _write
 
 
 def add(a, b=0):
@@ -75,14 +76,6 @@ def count_attempts_and_sleep(path: str, seconds: float):
         f.write(f"{os.getpid()} {os.getppid()}\n")
     time.sleep(seconds)
     return "finished"
-
-
-def _write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
 
 
 def kill_my_worker_once(path: str, in_child: bool):

@@ -15,14 +15,9 @@ import valent as ct
 import valent.timing
 from dask_support import alive, wait_until
 from valent import CancelOutcome, Status
+from valent.testing.procs import write_atomic as _write
 
 # ---------------------------------------------------------------------- task bodies
-
-
-def _write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def gate(directory: str) -> int:

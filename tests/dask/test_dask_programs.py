@@ -33,6 +33,8 @@ from dask_support import (
     wait_until,
 )
 from valent import CancelOutcome, Status
+from valent.testing.procs import read_pids
+from valent.testing.procs import write_atomic as _write
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -265,11 +267,6 @@ def _sleeper(seconds: float, pid_file: str) -> str:
     return "slept"
 
 
-def _pids(path) -> list[int]:
-    assert wait_until(lambda: os.path.exists(path), 60, 0.02), "the task never started"
-    return [int(x) for x in open(path).read().split()]
-
-
 def _chain_flow(ex, tmp_path):
     @ct.electron(executor=ex)
     def work(seconds):
@@ -312,7 +309,7 @@ def test_worker_killed_under_a_running_kill_mode_task(programs, tmp_path):
     worker = programs.worker_pids()[0]
     try:
         did = ct.dispatch(_chain_flow(ex, tmp_path))(300)
-        task, sub = _pids(str(tmp_path / "pids"))
+        task, sub = read_pids(str(tmp_path / "pids"), 60)
         os.kill(worker, signal.SIGKILL)
         r = ct.get_result(did, wait=True, timeout=90)
     finally:
@@ -336,7 +333,7 @@ def test_scheduler_restarted_mid_run(programs, tmp_path, mode):
     )
     try:
         did = ct.dispatch(_chain_flow(ex, tmp_path))(300)
-        task, sub = _pids(str(tmp_path / "pids"))
+        task, sub = read_pids(str(tmp_path / "pids"), 60)
         old = programs.scheduler
         end_pids([old.pid])
         old.wait(10)
@@ -364,7 +361,7 @@ def test_cancel_kills_on_dask_programs(programs, tmp_path):
     ex = ct.executors.DaskExecutor(scheduler_address=programs.address, grace=0.5)
     try:
         did = ct.dispatch(_chain_flow(ex, tmp_path))(300)
-        task, sub = _pids(str(tmp_path / "pids"))
+        task, sub = read_pids(str(tmp_path / "pids"), 60)
         ct.cancel(did)
         r = ct.get_result(did, wait=True, timeout=60)
     finally:
@@ -377,12 +374,6 @@ def test_cancel_kills_on_dask_programs(programs, tmp_path):
 
 
 # ------------------------------------------------------------------ cancel truth, kill mode
-
-
-def _write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def _mark_then_sleep(marker: str, seconds: float) -> str:
@@ -585,7 +576,7 @@ def test_worker_on_another_host_cancel_and_host_death(remote_programs, tmp_path)
     flow = _chain_flow(ex, tmp_path)
     try:
         did = ct.dispatch(flow)(300)
-        task, sub = _pids(str(tmp_path / "pids"))
+        task, sub = read_pids(str(tmp_path / "pids"), 60)
         ct.cancel(did)
         r = ct.get_result(did, wait=True, timeout=60)
         work = next(n for n in r.get_all_node_results() if n["node_name"] == "work")
@@ -594,7 +585,7 @@ def test_worker_on_another_host_cancel_and_host_death(remote_programs, tmp_path)
 
         os.unlink(tmp_path / "pids")
         did = ct.dispatch(flow)(300)
-        task, sub = _pids(str(tmp_path / "pids"))
+        task, sub = read_pids(str(tmp_path / "pids"), 60)
         end_pids([p for w in remote_programs.workers for p in _tree(w.pid)], grace=0)
         r = ct.get_result(did, wait=True, timeout=90)
     finally:
@@ -652,7 +643,7 @@ def test_kill_mode_task_on_a_cluster_not_ours_dies_with_its_owner(programs, tmp_
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        task, sub = _pids(pidfile)
+        task, sub = read_pids(pidfile, 60)
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait(30)
         assert wait_until(lambda: not alive(task) and not alive(sub), 30, 0.1), (

@@ -12,18 +12,8 @@ import pytest
 import valent as ct
 from dask_support import alive, wait_until
 from valent import CancelOutcome, Status
-
-
-def _write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
-def _pids(path: str) -> list[int]:
-    assert wait_until(lambda: os.path.exists(path), 30), "the task never started"
-    with open(path) as f:
-        return [int(x) for x in f.read().split()]
+from valent.testing.procs import read_pids
+from valent.testing.procs import write_atomic as _write
 
 
 def _slow_body(seconds: float, pid_file: str, marker: str) -> str:
@@ -112,7 +102,7 @@ def test_cancel_dispatch_with_running_dask_tasks(mode, dask_cluster, dask_client
         for i in range(3):
             if os.path.exists(tmp_path / f"pids{i}"):
                 running.append(i)
-        pids = [p for i in running for p in _pids(str(tmp_path / f"pids{i}"))]
+        pids = [p for i in running for p in read_pids(str(tmp_path / f"pids{i}"), 30)]
         t0 = time.monotonic()
         ct.cancel(did)
         r = ct.get_result(did, wait=True, timeout=60)

@@ -16,6 +16,7 @@ import ssh_tasks as T
 import valent
 from ssh_support import task_processes, wait_until
 from valent.status import CancelOutcome
+from valent.testing.procs import pgid as _pgid
 
 pytest_plugins = ["ssh_fixtures"]
 
@@ -335,10 +336,3 @@ def test_executor_pickles_without_connections(ssh):
     ex = ssh()
     copy = cloudpickle.loads(cloudpickle.dumps(ex))
     assert copy.target == ex.target and repr(copy) == repr(ex)
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None

@@ -12,6 +12,7 @@ import pytest
 import valent as ct
 from core_support import wait_gone
 from ssh_support import wait_until
+from valent.testing.procs import pgid as _pgid
 
 pytest_plugins = ["ssh_fixtures"]
 
@@ -188,10 +189,3 @@ def _uid(rig) -> int:
     import pwd
 
     return pwd.getpwnam(rig.user).pw_uid
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None

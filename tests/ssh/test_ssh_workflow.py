@@ -7,6 +7,7 @@ import time
 
 import valent as ct
 from ssh_support import wait_until
+from valent.testing.procs import pgid as _pgid
 
 pytest_plugins = ["ssh_fixtures"]
 
@@ -122,13 +123,6 @@ def rigmod_uid(rig) -> int:
     import pwd
 
     return pwd.getpwnam(rig.user).pw_uid
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
 
 
 def test_ssh_executor_by_name_from_the_config_file(ssh, rig, tmp_path, monkeypatch):

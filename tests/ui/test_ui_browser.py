@@ -16,6 +16,7 @@ import pytest
 import valent as ct
 from core_support import wait_for, wait_gone
 from ui_support import start_ui, stop_ui
+from valent.testing.procs import write_atomic as _write
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -53,12 +54,6 @@ def _text(driver, css: str) -> str | None:
 def _click_box(driver, key: str) -> None:
     _js(driver, "document.getElementById('b-'+arguments[0]).dispatchEvent("
                 "new MouseEvent('click', {bubbles: true}))", key)
-
-
-def _write(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------------- tasks

@@ -47,11 +47,44 @@ def wait_gone(pids: Iterable[int], timeout: float = 10.0) -> list[int]:
     return left
 
 
-def wait_until(pred: Callable[[], Any], timeout: float, step: float = 0.01) -> bool:
-    """Poll ``pred()`` until it is truthy (True) or ``timeout`` seconds pass (its last answer)."""
+def wait_until(pred: Callable[[], Any], timeout: float = 10.0, step: float = 0.01) -> Any:
+    """Poll ``pred()`` until it returns something truthy (returned) or ``timeout`` seconds
+    pass (then its last, falsy, answer). The one wait of every valent test suite."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if pred():
-            return True
+        value = pred()
+        if value:
+            return value
         time.sleep(step)
-    return bool(pred())
+    return pred()
+
+
+def write_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees all of it or no file (tasks use this
+    to tell a test their pid or that they ran)."""
+    path = os.fspath(path)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_pids(path: str | os.PathLike[str], timeout: float = 10.0) -> list[int]:
+    """The pids a task wrote to ``path`` (whitespace-separated), waiting for the file."""
+    path = os.fspath(path)
+    text = wait_until(lambda: os.path.exists(path) and open(path).read().strip(), timeout)
+    assert text, f"the task never wrote {path}"
+    return [int(x) for x in text.split()]
+
+
+def read_pid(path: str | os.PathLike[str], timeout: float = 10.0) -> int:
+    """The pid a task wrote to ``path``, waiting for the file."""
+    return read_pids(path, timeout)[0]
+
+
+def pgid(pid: int) -> int | None:
+    """The process group of ``pid``, or None once it is gone."""
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
