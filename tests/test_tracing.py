@@ -290,7 +290,7 @@ def test_wait_for_a_list_of_parents_and_the_wait_for_method(tmp_path):
         res = [slow(2, "1a"), slow(3, "1b"), slow(4, "1c")]
         res_3 = after(5)
         back = ct.wait(res_3, res)
-        tail = last(1).wait_until(res_3)
+        tail = last(1).wait_for(res_3)
         return [back, tail]
 
     result = ct.dispatch_sync(workflow)()

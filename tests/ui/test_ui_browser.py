@@ -14,7 +14,7 @@ import time
 import cloudpickle
 import pytest
 import valent as ct
-from core_support import wait_for, wait_gone
+from core_support import wait_gone, wait_until
 from ui_support import start_ui, stop_ui
 from valent.testing.procs import write_atomic as _write
 
@@ -163,7 +163,7 @@ def test_cancel_on_local_and_dask_from_the_page(browser, dask_executor, results_
                 ids[len(ids)] = n["node_id"]  # hold(i) nodes in i order
         pids = {}
         for i in (0, 1, 3):
-            text = wait_for(lambda i=i: (piddir / f"{i}.pid").exists()
+            text = wait_until(lambda i=i: (piddir / f"{i}.pid").exists()
                             and (piddir / f"{i}.pid").read_text(), 60)
             assert text, f"task {i} never started"
             pids[i] = [int(x) for x in text.split()]
