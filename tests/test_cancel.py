@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 import valent as ct
-from core_support import read_pid, wait_for, wait_gone
+from core_support import read_pid, wait_gone, wait_until
 from valent.testing.procs import write_atomic as _put
 
 
@@ -126,7 +126,7 @@ def test_cancel_kills_the_task_and_its_grandchild(tmp_path, escape):
 
     pid_file, marker = tmp_path / "pids", tmp_path / "marker"
     dispatch_id = ct.dispatch(wf)(str(pid_file), str(marker))
-    text = wait_for(lambda: pid_file.exists() and pid_file.read_text(), 20)
+    text = wait_until(lambda: pid_file.exists() and pid_file.read_text(), 20)
     assert text, "the task never started"
     worker_pid, grandchild_pid = map(int, text.split())
     assert psutil.pid_exists(grandchild_pid)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import valent as ct
-from core_support import wait_for, wait_gone
+from core_support import wait_gone, wait_until
 from valent._pool.pool import ProcessPool
 from valent.testing.procs import alive
 from valent.testing.procs import write_atomic as _put
@@ -125,7 +125,7 @@ def _fails_now():
 def test_a_task_whose_sigterm_handler_exits_is_cancelled_not_failed(tmp_path, pool):
     pid_file = tmp_path / "pid"
     job = pool.submit(_exits_on_sigterm, (str(pid_file), 1))
-    pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), 20))
+    pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), 20))
     pool.cancel(job)
     state = job.wait(30)
     assert isinstance(state, ct.Cancelled), state
@@ -136,7 +136,7 @@ def test_a_task_whose_sigterm_handler_exits_is_cancelled_not_failed(tmp_path, po
 def test_a_task_that_raises_while_stopping_is_cancelled(tmp_path, pool):
     pid_file = tmp_path / "pid"
     job = pool.submit(_raises_while_stopping, (str(pid_file),))
-    wait_for(lambda: pid_file.exists(), 20)
+    wait_until(lambda: pid_file.exists(), 20)
     pool.cancel(job)
     state = job.wait(30)
     assert isinstance(state, ct.Cancelled) and state.outcome == ct.CancelOutcome.KILLED, state
@@ -173,7 +173,7 @@ def _spawns_during_grace(directory):
 def test_processes_a_task_starts_in_its_grace_period_die_with_it(tmp_path):
     with ProcessPool(workers=1, grace=1.5, name="test") as p:
         job = p.submit(_spawns_during_grace, (str(tmp_path),))
-        worker = int(wait_for(lambda: (tmp_path / "pid").exists()
+        worker = int(wait_until(lambda: (tmp_path / "pid").exists()
                               and (tmp_path / "pid").read_text(), 20))
         p.cancel(job)
         state = job.wait(30)
@@ -232,11 +232,11 @@ def test_a_task_that_ignores_sigterm_does_not_make_the_next_unkillable(tmp_path)
         assert p.submit(_closes_stdout, ("handler",)).wait(30).get_value() == "handler"
         pid_file = tmp_path / "pid"
         job = p.submit(_exits_on_sigterm, (str(pid_file), 0))  # installs its own again
-        wait_for(lambda: pid_file.exists(), 20)
+        wait_until(lambda: pid_file.exists(), 20)
         nap = p.submit(time.sleep, (60,))
         p.cancel(job)
         assert isinstance(job.wait(30), ct.Cancelled)
-        wait_for(lambda: isinstance(nap.state, ct.Running), 20)
+        wait_until(lambda: isinstance(nap.state, ct.Running), 20)
         t0 = time.monotonic()
         p.cancel(nap)
         state = nap.wait(30)
