@@ -30,14 +30,16 @@ def dask_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
-    assert wait_until(
-        lambda: not [
+    def left() -> list:
+        return [
             p for pid, p in descendants().items()
             if pid not in before | local_pool_pids() and not is_resource_tracker(p)
-        ],
-        20,
-        0.1,
-    ), "the test cluster left processes behind"
+        ]
+
+    assert wait_until(lambda: not left(), 20, 0.1), (
+        "the test cluster left processes behind: "
+        + "; ".join(_describe(p) for p in left())
+    )
 
 
 @pytest.fixture(scope="session")
@@ -131,3 +133,11 @@ def dask_config(dask_cluster, tmp_path, monkeypatch):
     named = get_dispatcher().named_executor("dask")
     if named is not None:
         named.shutdown()  # releases its client; it reconnects if used again
+
+
+def _describe(proc) -> str:
+    """A process's pid and command line, for a failure message (it may be gone by now)."""
+    try:
+        return f"{proc.pid} {' '.join(proc.cmdline()[:6])}"
+    except Exception:
+        return f"{proc.pid} (gone)"
