@@ -232,6 +232,30 @@ def _is_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _whole_sqlite_file(path: Path, st: os.stat_result) -> bool:
+    """Is a store file that became smaller still a whole SQLite database?
+
+    SQLite itself shrinks the file: a checkpoint truncates it to the committed size (under
+    many connections that size can step back a few pages), and so does a ``VACUUM``. A file
+    cut by someone else is empty, lost its header, or ends inside a page.
+    """
+    if st.st_size < 100:
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except OSError:
+        return False
+    if len(head) < 100 or not head.startswith(SQLITE_MAGIC):
+        return False
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    return page >= 512 and st.st_size % page == 0
+
+
 def _identity(st: os.stat_result) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
 
@@ -416,7 +440,7 @@ class Store:
         else:
             if _identity(st) != self._ident:
                 what = "replaced by another file"
-            elif st.st_size < self._size_seen:
+            elif st.st_size < self._size_seen and not _whole_sqlite_file(self.path, st):
                 what = f"truncated (from {self._size_seen} to {st.st_size} bytes)"
             else:
                 self._size_seen = st.st_size
