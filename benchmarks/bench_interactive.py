@@ -17,7 +17,6 @@ import argparse
 import concurrent.futures as cf
 import multiprocessing as mp
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import textwrap
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import report, row  # noqa: E402
+from common import compile_valent, report, row  # noqa: E402
 
 FILL = textwrap.dedent(
     """
@@ -106,6 +105,7 @@ def fill_store(results: str, dispatches: int) -> float:
 
 def list_latency(runs: int, dispatches: int) -> list[dict]:
     """Wall time of ``valent list`` as a fresh process on a store of ``dispatches``."""
+    compile_valent()
     with tempfile.TemporaryDirectory(prefix="valent-bench-list-") as tmp:
         results = os.path.join(tmp, "results")
         fill = fill_store(results, dispatches)

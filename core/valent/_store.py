@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS dispatches (
     node_count INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS dispatches_created ON dispatches (created_at);
+CREATE INDEX IF NOT EXISTS dispatches_status ON dispatches (status);
 CREATE TABLE IF NOT EXISTS nodes (
     dispatch_id TEXT NOT NULL,
     node_id INTEGER NOT NULL,
@@ -863,6 +864,15 @@ class Store:
     def dispatch_status(self, dispatch_id: str) -> str | None:
         rows = self._read("SELECT status FROM dispatches WHERE dispatch_id = ?", (dispatch_id,))
         return rows[0][0] if rows else None
+
+    def unfinished_dispatches(self) -> list[sqlite3.Row]:
+        """Every dispatch not final yet (NEW_OBJECT, RUNNING, CANCELLING), with its owner's
+        pid, host and start time: what ``api.reap_orphans`` checks (one indexed query)."""
+        return self._read(
+            "SELECT dispatch_id, status, node_count, owner_pid, owner_host, owner_started "
+            "FROM dispatches WHERE status IN (?, ?, ?)",
+            (Status.NEW_OBJECT.value, Status.RUNNING.value, Status.CANCELLING.value),
+        )
 
     def list_dispatches(self, status: str | None = None, limit: int = 20) -> list[sqlite3.Row]:
         """Recent dispatches, newest first, with done/total node counts."""

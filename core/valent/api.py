@@ -5,14 +5,10 @@ from __future__ import annotations
 import atexit
 import os
 import pickle
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
-
-import cloudpickle
 
 from .errors import DispatchTimeoutError, PicklingError, ValentError
 from .graph import ELECTRON, PARAMETER, Electron, Graph, Lattice, Ref
@@ -96,6 +92,10 @@ def _check_lattice(obj: Any, what: str) -> None:
 
 
 def _start(graph: Graph) -> str:
+    import uuid
+
+    import cloudpickle
+
     from ._engine.runstate import DispatchRun
 
     dispatcher = get_dispatcher()
@@ -161,6 +161,8 @@ def _dumps(value: Any) -> bytes:
     (so functions and classes from ``__main__`` load in other processes too)."""
     if type(value) in _PLAIN:
         return pickle.dumps(value, protocol=5)
+    import cloudpickle
+
     return cloudpickle.dumps(value, protocol=5)
 
 
@@ -226,7 +228,8 @@ def get_result(
         if problem:
             raise ValentError(f"get_result(timeout={timeout!r}): {problem}")
     store = _store()
-    dispatch_id = store.resolve(dispatch_id)
+    if _owned_run(dispatch_id) is None:  # an id this process runs is a full id already
+        dispatch_id = store.resolve(dispatch_id)
     if wait and progress:
         from .cli.progress import StoreProgress
 
@@ -236,8 +239,6 @@ def get_result(
         _wait(store, dispatch_id, timeout)
     row = check_owner(store, store.dispatch_row(dispatch_id))
     return Result(row, store.node_rows(dispatch_id), str(store.dir))
-
-
 
 
 def _wait(store, dispatch_id: str, timeout: float | None) -> None:
@@ -267,6 +268,8 @@ def _wait(store, dispatch_id: str, timeout: float | None) -> None:
 
 def _owner_dead(row) -> bool:
     """True when the process that owns a dispatch (on this host) is gone."""
+    import socket
+
     if row["owner_host"] != socket.gethostname() or row["owner_pid"] is None:
         return False
     pid = row["owner_pid"]
@@ -304,10 +307,9 @@ def check_owner(store, row):
 def reap_orphans(store) -> int:
     """Mark every unfinished dispatch whose owner died (``check_owner``); how many were."""
     n = 0
-    for status in (Status.NEW_OBJECT, Status.RUNNING, Status.CANCELLING):
-        for row in store.list_dispatches(status=status.value, limit=1_000_000):
-            if check_owner(store, row) is not row:
-                n += 1
+    for row in store.unfinished_dispatches():
+        if check_owner(store, row) is not row:
+            n += 1
     return n
 
 
