@@ -19,6 +19,7 @@ Families (issue 17's goals, each with its baseline measured in the same run):
   the same cluster; kill-mode cancel latency p95 over 50 runs.
 - ssh: SSH executor on a loopback sshd; cancel latency p95 over 50 runs.
 - cli: ``valent cancel`` from another process.
+- nest: sublattices (see bench_nest.py).
 
 Benchmarks are not tests: run them by hand on an idle machine.
 """
@@ -47,6 +48,7 @@ FAMILIES = {
     "dask": ("bench_dask", "run", {}),
     "ssh": ("bench_ssh", "run", {}),
     "cli": ("bench_cli_cancel", "run", {}),
+    "nest": ("bench_nest", "run", {}),
 }
 OPT_IN = {"scale-1m"}
 """Families that run only when named in --only, or with --all (they take minutes)."""

@@ -17,8 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ROOT / "core" / "valent"
 PLUGINS = sorted(p for p in (ROOT / "plugins").iterdir() if (p / "__init__.py").exists())
-EXAMPLE = ROOT / "docs" / "examples" / "valent-subprocess" / "src" / "valent_subprocess"
-PLUGIN_NAMES = {p.name for p in PLUGINS} | {EXAMPLE.name}
+EXAMPLES = sorted((ROOT / "docs" / "examples").glob("*/src/valent_*"))
+PLUGIN_NAMES = {p.name for p in PLUGINS} | {e.name for e in EXAMPLES}
 PUBLIC = {"valent", "valent.plugin"}
 
 
@@ -51,7 +51,7 @@ def test_the_core_never_imports_a_plugin():
 
 def test_plugins_import_only_the_declared_api_and_never_each_other():
     bad = []
-    for folder in [*PLUGINS, EXAMPLE]:
+    for folder in [*PLUGINS, *EXAMPLES]:
         for path in folder.rglob("*.py"):
             for line, mod in _imports(path):
                 top = mod.split(".")[0]
@@ -91,8 +91,7 @@ def test_internal_packages_are_private():
     public_modules = {
         "__init__", "api", "plugin", "executor", "executors", "testing", "errors", "status",
         "task", "graph", "result", "config", "cli", "ui", "timing", "cancel_token", "deps",
-        "lepton", "lifecycle", "checks", "pickling", "procpool", "proctree", "poolworker",
-        "pooljobs", "poolkill", "fs", "triggers", "redispatch",
+        "lepton", "lifecycle", "checks", "pickling", "fs", "triggers", "redispatch",
     }
     names = {p.stem for p in CORE.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
     unexpected = sorted(n for n in names if not n.startswith("_") and n not in public_modules)

@@ -231,11 +231,9 @@ def test_a_store_file_truncated_under_a_live_store_is_detected(tmp_path):
 
 
 def test_a_store_file_sqlite_itself_made_smaller_is_not_lost(tmp_path):
-    """SQLite shrinks the file itself (a checkpoint truncates it to the committed size, which
-    under many connections can step back a few pages; a VACUUM): the store is not lost.
-
-    Before the fix any shrink read as "truncated": 10,000 dispatches from one process (two
-    connections checkpointing) hit it at a few thousand, and every later write failed."""
+    """SQLite shrinks the file itself (a ``VACUUM``, from any connection; a checkpoint that
+    truncates it to the committed size): the store is not lost. Before the fix any shrink
+    read as "truncated" and every later write of the process failed."""
     import sqlite3
 
     store = _live_store(tmp_path)

@@ -28,14 +28,16 @@ from .status import CancelOutcome, Status
 from .task import Cancelled, Completed, Failed, Pending, Running, Task, TaskState, Upstream
 
 if TYPE_CHECKING:
-    from . import executor, executors, fs
+    from . import executor, executors, fs, triggers
     from ._plugins.manager import hookimpl
+    from ._redispatch import redispatch
     from .api import cancel, dispatch, dispatch_sync, get_result
     from .config import get_config, reload_config, set_config
     from .deps import DependencyError, DepsBash, DepsCall, DepsPip
     from .fs import strategies as fs_strategies
     from .lepton import Lepton, LeptonError
     from .result import Result
+    from .triggers import stop_triggers
 
 __version__ = "0.1.0"
 
@@ -45,6 +47,8 @@ _LAZY = {
     "dispatch": "api",
     "dispatch_sync": "api",
     "get_result": "api",
+    "redispatch": "_redispatch",
+    "stop_triggers": "triggers",
     "get_config": "config",
     "reload_config": "config",
     "set_config": "config",
@@ -62,7 +66,7 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     import importlib
 
-    if name in ("executor", "executors", "plugin", "fs"):
+    if name in ("executor", "executors", "plugin", "fs", "triggers"):
         return importlib.import_module(f"{__name__}.{name}")
     if name == "fs_strategies":  # Covalent's name for the transfer strategies
         return importlib.import_module(f"{__name__}.fs.strategies")
@@ -119,7 +123,10 @@ __all__ = [
     "get_result",
     "hookimpl",
     "lattice",
+    "redispatch",
     "reload_config",
     "set_config",
+    "stop_triggers",
+    "triggers",
     "wait",
 ]

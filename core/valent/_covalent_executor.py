@@ -314,7 +314,7 @@ class CovalentExecutor(Executor):
     def _pool_and_dir(self) -> tuple[Any, str]:
         with self._lock:
             if self._pool is None:
-                from .procpool import ProcessPool
+                from ._pool.pool import ProcessPool
 
                 self._dir = tempfile.mkdtemp(prefix="valent-covalent-")
                 self._pool = ProcessPool(

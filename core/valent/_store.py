@@ -52,7 +52,13 @@ CREATE TABLE IF NOT EXISTS dispatches (
     owner_host TEXT,
     owner_started REAL,
     cancel_requested_at REAL,
-    node_count INTEGER NOT NULL DEFAULT 0
+    node_count INTEGER NOT NULL DEFAULT 0,
+    parent_dispatch_id TEXT,
+    parent_node_id INTEGER,
+    root_dispatch_id TEXT,
+    redispatch_of TEXT,
+    lattice BLOB,
+    trigger_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS dispatches_created ON dispatches (created_at);
 CREATE INDEX IF NOT EXISTS dispatches_status ON dispatches (status);
@@ -78,6 +84,10 @@ CREATE TABLE IF NOT EXISTS nodes (
     stderr TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     live_output TEXT,
+    sub_dispatch_id TEXT,
+    fn_digest TEXT,
+    in_digest TEXT,
+    out_digest TEXT,
     PRIMARY KEY (dispatch_id, node_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS cancel_requests (
@@ -90,7 +100,16 @@ CREATE TABLE IF NOT EXISTS cancel_requests (
 CREATE INDEX IF NOT EXISTS cancel_requests_open ON cancel_requests (handled_at, dispatch_id);
 """
 
-ADDED_COLUMNS = {"nodes": {"live_output": "TEXT"}}
+ADDED_COLUMNS = {
+    "nodes": {
+        "live_output": "TEXT", "sub_dispatch_id": "TEXT", "fn_digest": "TEXT",
+        "in_digest": "TEXT", "out_digest": "TEXT",
+    },
+    "dispatches": {
+        "parent_dispatch_id": "TEXT", "parent_node_id": "INTEGER", "root_dispatch_id": "TEXT",
+        "redispatch_of": "TEXT", "lattice": "BLOB", "trigger_id": "INTEGER",
+    },
+}
 """Columns added since schema version 1: a store made by an older valent gains them."""
 
 
@@ -283,6 +302,8 @@ class Store:
         """Why this store can no longer be used (its file was deleted, replaced...), or None."""
         self.read_only = False
         self._reserve_missing = False
+        self._columns: dict[str, set[str]] = {}
+        self._size_lock = threading.Lock()
         self.replaced: str | None = None
         """Set by ``get_store`` when this store replaced one whose file was lost (why)."""
 
@@ -432,20 +453,23 @@ class Store:
             raise StoreLostError(self.lost)
         if self._ident is None:
             return
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            what = "deleted"
-        except OSError as exc:
-            raise StoreError(f"cannot check the results store {self.path}: {exc}") from exc
-        else:
-            if _identity(st) != self._ident:
-                what = "replaced by another file"
-            elif st.st_size < self._size_seen and not _whole_sqlite_file(self.path, st):
-                what = f"truncated (from {self._size_seen} to {st.st_size} bytes)"
+        # stat and compare under a lock: a thread's older (smaller) size compared with the
+        # size a newer stat of another thread recorded would look like a truncation
+        with self._size_lock:
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                what = "deleted"
+            except OSError as exc:
+                raise StoreError(f"cannot check the results store {self.path}: {exc}") from exc
             else:
-                self._size_seen = st.st_size
-                return
+                if _identity(st) != self._ident:
+                    what = "replaced by another file"
+                elif st.st_size < self._size_seen and not _whole_sqlite_file(self.path, st):
+                    what = f"truncated (from {self._size_seen} to {st.st_size} bytes)"
+                else:
+                    self._size_seen = st.st_size
+                    return
         self.lost = (
             f"the results store {self.path} was {what} while this process was using it: "
             "the dispatches it held (and what this process wrote since) are lost, and "
@@ -569,10 +593,16 @@ class Store:
         row: dict[str, Any],
         nodes: Sequence[dict[str, Any]] | Sequence[tuple],
         node_columns: Sequence[str] | None = None,
+        reused: dict[str, Any] | None = None,
     ) -> None:
         """Insert a new dispatch and all its nodes in one transaction.
 
         ``nodes`` are dicts, or tuples in the order of ``node_columns`` (faster for big graphs).
+        ``reused``: nodes written COMPLETED with the output of the same node of an earlier
+        dispatch, copied inside the store: ``{"source": old dispatch id, "time": start and
+        end time, "reason": ..., "same": [node ids whose row is the old one's but for its
+        status, times and reason], "rows": [(node_id, name, kind, executor, parents,
+        fn_digest, in_digest)]}``.
         """
         if nodes and node_columns is None:
             node_columns = list(nodes[0])  # type: ignore[arg-type]
@@ -588,10 +618,45 @@ class Store:
                 names = ", ".join(node_columns)  # type: ignore[arg-type]
                 marks = ", ".join("?" * len(node_columns))  # type: ignore[arg-type]
                 conn.executemany(f"INSERT INTO nodes ({names}) VALUES ({marks})", nodes)
+            if reused:
+                self._copy_reused(conn, row["dispatch_id"], reused)
 
         self._write(op)
         if not self.read_only:
             self._make_reserve()  # if another process used it up, now that there is room
+
+    def _copy_reused(self, conn: sqlite3.Connection, did: str, r: dict[str, Any]) -> None:
+        cols = (
+            "INSERT INTO nodes (dispatch_id, node_id, name, kind, executor, parents, status, "
+            "start_time, end_time, fn_digest, in_digest, reason, output, output_file, "
+            "out_digest) SELECT ?, o.node_id, "
+        )
+        tail = (
+            ", 'COMPLETED', ?, ?, {}, ?, o.output, o.output_file, o.out_digest FROM nodes o "
+            "WHERE o.dispatch_id = ? AND o.node_id "
+        )
+        t, why, old = r["time"], r["reason"], r["source"]
+        copied = 0
+        if r["same"]:
+            cur = conn.execute(
+                cols + "o.name, o.kind, o.executor, o.parents"
+                + tail.format("o.fn_digest, o.in_digest")
+                + "IN (SELECT value FROM json_each(?))",
+                (did, t, t, why, old, json.dumps(list(r["same"]))),
+            )
+            copied += cur.rowcount
+        if r["rows"]:
+            cur = conn.executemany(
+                cols + "?, ?, ?, ?" + tail.format("?, ?") + "= ?",
+                [(did, name, kind, ex, parents, t, t, fd, ind, why, old, nid)
+                 for nid, name, kind, ex, parents, fd, ind in r["rows"]],
+            )
+            copied += cur.rowcount
+        if copied != len(r["same"]) + len(r["rows"]):
+            raise StoreLostError(
+                f"the results store {self.path} no longer holds every node of dispatch {old} "
+                "that was to be reused"
+            )
 
     def apply(
         self,
@@ -776,25 +841,169 @@ class Store:
         ]
 
     def mark_orphaned(self, dispatch_id: str, error: str) -> bool:
-        """Mark a dispatch whose owner died FAILED and its unfinished nodes CANCELLED."""
+        """Mark a dispatch whose owner died FAILED and its unfinished nodes CANCELLED, with
+        every unfinished dispatch of its tree (its sublattices' child dispatches, its
+        parent's): one process owned them all."""
         final = tuple(s.value for s in FINAL)
+        marks = ", ".join("?" * len(final))
+        nested = self.has_column("dispatches", "root_dispatch_id")
 
         def op(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                f"UPDATE dispatches SET status = ?, error = ?, end_time = ? "
-                f"WHERE dispatch_id = ? AND status NOT IN ({', '.join('?' * len(final))})",
-                (Status.FAILED.value, error, time.time(), dispatch_id, *final),
-            )
-            if cur.rowcount == 0:
-                return False
-            conn.execute(
-                f"UPDATE nodes SET status = ?, reason = ?, end_time = ? "
-                f"WHERE dispatch_id = ? AND status NOT IN ({', '.join('?' * len(final))})",
-                (Status.CANCELLED.value, "owner process died", time.time(), dispatch_id, *final),
-            )
-            return True
+            ids = [dispatch_id]
+            if nested:
+                row = conn.execute(
+                    "SELECT root_dispatch_id FROM dispatches WHERE dispatch_id = ?",
+                    (dispatch_id,),
+                ).fetchone()
+                root = (row[0] if row is not None else None) or dispatch_id
+                ids = [dispatch_id] + [
+                    r[0] for r in conn.execute(
+                        f"SELECT dispatch_id FROM dispatches WHERE (root_dispatch_id = ? OR "
+                        f"dispatch_id = ?) AND dispatch_id != ? AND status NOT IN ({marks})",
+                        (root, root, dispatch_id, *final),
+                    )
+                ]
+            now = time.time()
+            changed = False
+            for did in ids:
+                cur = conn.execute(
+                    f"UPDATE dispatches SET status = ?, error = ?, end_time = ? "
+                    f"WHERE dispatch_id = ? AND status NOT IN ({marks})",
+                    (Status.FAILED.value, error, now, did, *final),
+                )
+                if cur.rowcount == 0:
+                    continue
+                changed = changed or did == dispatch_id
+                conn.execute(
+                    f"UPDATE nodes SET status = ?, reason = ?, end_time = ? "
+                    f"WHERE dispatch_id = ? AND status NOT IN ({marks})",
+                    (Status.CANCELLED.value, "owner process died", now, did, *final),
+                )
+            return changed
 
         return self._write(op)
+
+    # ------------------------------------------------------------------ triggers
+
+    TRIGGERS_TABLE = """
+    CREATE TABLE IF NOT EXISTS triggers (
+        id INTEGER PRIMARY KEY,
+        dispatch_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        settings TEXT,
+        owner_pid INTEGER,
+        owner_host TEXT,
+        owner_started REAL,
+        started_at REAL NOT NULL,
+        stop_requested_at REAL,
+        stopped_at REAL,
+        stop_reason TEXT,
+        fired INTEGER NOT NULL DEFAULT 0,
+        last_fired_at REAL,
+        last_dispatch_id TEXT
+    )
+    """
+    """Made on first use (a store that never had a trigger has no such table)."""
+
+    def add_trigger(
+        self, dispatch_id: str, kind: str, settings: str, owner: tuple[int, str, float]
+    ) -> int:
+        """Record a trigger now observing for ``dispatch_id`` in process ``owner``; its id."""
+
+        def op(conn: sqlite3.Connection) -> int:
+            conn.execute(self.TRIGGERS_TABLE)
+            cur = conn.execute(
+                "INSERT INTO triggers (dispatch_id, kind, settings, owner_pid, owner_host, "
+                "owner_started, started_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (dispatch_id, kind, settings, *owner, time.time()),
+            )
+            return int(cur.lastrowid)
+
+        return self._write(op)
+
+    def _has_triggers(self) -> bool:
+        return bool(self._read(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'triggers'"
+        ))
+
+    def trigger_fired(self, trigger_id: int, new_dispatch_id: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            conn.execute(
+                "UPDATE triggers SET fired = fired + 1, last_fired_at = ?, last_dispatch_id = ? "
+                "WHERE id = ?", (now, new_dispatch_id, trigger_id),
+            )
+            conn.execute(
+                "UPDATE dispatches SET trigger_id = ? WHERE dispatch_id = ?",
+                (trigger_id, new_dispatch_id),
+            )
+
+        self._write(op)
+
+    def trigger_stopped(self, trigger_ids: Sequence[int], reason: str) -> None:
+        """Record that these triggers stopped observing (and why)."""
+        if not trigger_ids:
+            return
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE triggers SET stopped_at = ?, stop_reason = ? "
+                "WHERE id = ? AND stopped_at IS NULL",
+                [(time.time(), reason, t) for t in trigger_ids],
+            )
+
+        self._write(op)
+
+    def request_trigger_stop(
+        self, trigger_ids: Sequence[int] = (), dispatch_ids: Sequence[str] = ()
+    ) -> list[sqlite3.Row]:
+        """Ask the owners of these triggers (or of every running trigger of these
+        dispatches) to stop them; the triggers asked, as rows."""
+        if not self._has_triggers():
+            return []
+        rows = [
+            r for r in self.list_triggers(everything=True)
+            if r["stopped_at"] is None
+            and (r["id"] in set(trigger_ids) or r["dispatch_id"] in set(dispatch_ids))
+        ]
+        if not rows:
+            return []
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE triggers SET stop_requested_at = ? WHERE id = ? "
+                "AND stop_requested_at IS NULL",
+                [(time.time(), r["id"]) for r in rows],
+            )
+
+        self._write(op)
+        return rows
+
+    def trigger_stop_requests(self, trigger_ids: Sequence[int]) -> list[int]:
+        """Which of these (running) triggers another process asked to stop."""
+        if not trigger_ids or not self._has_triggers():
+            return []
+        wanted = set(trigger_ids)
+        rows = self._read(
+            "SELECT id FROM triggers WHERE stop_requested_at IS NOT NULL AND stopped_at IS NULL"
+        )
+        return [r["id"] for r in rows if r["id"] in wanted]
+
+    def list_triggers(self, everything: bool = False) -> list[sqlite3.Row]:
+        """Triggers, newest first: those not stopped (``everything``: all)."""
+        if not self._has_triggers():
+            return []
+        sql = "SELECT * FROM triggers"
+        if not everything:
+            sql += " WHERE stopped_at IS NULL"
+        return self._read(sql + " ORDER BY id DESC")
+
+    def has_column(self, table: str, column: str) -> bool:
+        """True when the store's ``table`` has ``column`` (a read-only store made by an older
+        valent may lack the added ones)."""
+        if table not in self._columns:
+            self._columns[table] = {r[1] for r in self._read(f"PRAGMA table_info({table})")}
+        return column in self._columns[table]
 
     # ------------------------------------------------------------------ reads
 
@@ -856,10 +1065,28 @@ class Store:
         cols = "*" if with_outputs else (
             "dispatch_id, node_id, name, kind, executor, parents, status, start_time, end_time,"
             " cancel_requested_at, cancel_confirmed_at, cancel_outcome, reason, error, attempts"
+            + (", sub_dispatch_id" if self.has_column("nodes", "sub_dispatch_id") else "")
         )
         return self._read(
             f"SELECT {cols} FROM nodes WHERE dispatch_id = ? ORDER BY node_id", (dispatch_id,)
         )
+
+    def reuse_rows(self, dispatch_id: str) -> list[sqlite3.Row]:
+        """What a redispatch needs of a dispatch's nodes to reuse their outputs."""
+        return self._read(
+            "SELECT node_id, name, kind, status, fn_digest, in_digest, out_digest, "
+            "(output IS NOT NULL OR output_file IS NOT NULL) AS has_output, sub_dispatch_id, "
+            "executor, parents "
+            "FROM nodes WHERE dispatch_id = ?", (dispatch_id,)
+        )
+
+    def node_output(self, dispatch_id: str, node_id: int) -> tuple[bytes | None, str | None]:
+        """A node's stored output: (inline pickle, or None and the file holding it)."""
+        rows = self._read(
+            "SELECT output, output_file FROM nodes WHERE dispatch_id = ? AND node_id = ?",
+            (dispatch_id, node_id),
+        )
+        return (rows[0][0], rows[0][1]) if rows else (None, None)
 
     def dispatch_status(self, dispatch_id: str) -> str | None:
         rows = self._read("SELECT status FROM dispatches WHERE dispatch_id = ?", (dispatch_id,))
@@ -874,22 +1101,51 @@ class Store:
             (Status.NEW_OBJECT.value, Status.RUNNING.value, Status.CANCELLING.value),
         )
 
-    def list_dispatches(self, status: str | None = None, limit: int = 20) -> list[sqlite3.Row]:
-        """Recent dispatches, newest first, with done/total node counts."""
+    def list_dispatches(
+        self, status: str | None = None, limit: int = 20, children: bool = True
+    ) -> list[sqlite3.Row]:
+        """Recent dispatches, newest first, with done/total node counts. ``children=False``
+        leaves out the child dispatches of sublattices."""
+        nested = self.has_column("dispatches", "parent_dispatch_id")
+        extra = (
+            "d.parent_dispatch_id, d.parent_node_id, d.root_dispatch_id, d.redispatch_of, "
+            if nested else
+            "NULL AS parent_dispatch_id, NULL AS parent_node_id, NULL AS root_dispatch_id, "
+            "NULL AS redispatch_of, "
+        )
         sql = (
             "SELECT d.dispatch_id, d.lattice_name, d.status, d.created_at, d.start_time, "
             "d.end_time, d.node_count, d.error, d.owner_pid, d.owner_host, d.owner_started, "
+            + extra +
             "(SELECT COUNT(*) FROM nodes n WHERE n.dispatch_id = d.dispatch_id "
             " AND n.status IN ('COMPLETED','FAILED','CANCELLED')) AS done "
             "FROM dispatches d"
         )
+        where: list[str] = []
         args: list[Any] = []
         if status:
-            sql += " WHERE d.status = ?"
+            where.append("d.status = ?")
             args.append(status)
+        if not children and nested:
+            where.append("d.parent_dispatch_id IS NULL")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY d.created_at DESC LIMIT ?"
         args.append(limit)
         return self._read(sql, args)
+
+    def child_dispatches(self, dispatch_id: str) -> list[sqlite3.Row]:
+        """The child dispatches of a dispatch's sublattice nodes, by parent node id (one row
+        each, with done/total node counts as ``list_dispatches``)."""
+        if not self.has_column("dispatches", "parent_dispatch_id"):
+            return []
+        return self._read(
+            "SELECT d.*, (SELECT COUNT(*) FROM nodes n WHERE n.dispatch_id = d.dispatch_id "
+            " AND n.status IN ('COMPLETED','FAILED','CANCELLED')) AS done "
+            "FROM dispatches d WHERE d.parent_dispatch_id = ? ORDER BY d.parent_node_id, "
+            "d.created_at",
+            (dispatch_id,),
+        )
 
 
 def _cut(text: Any) -> Any:

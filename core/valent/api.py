@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import atexit
 import os
-import pickle
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from .errors import DispatchTimeoutError, PicklingError, ValentError
-from .graph import ELECTRON, PARAMETER, Electron, Graph, Lattice, Ref
+from .errors import DispatchTimeoutError, ValentError
+from .graph import Electron, Graph, Lattice
 from .result import Result
-from .status import FINAL_VALUES, Status
+from .status import FINAL_VALUES
 
 _lock = threading.Lock()
 _dispatcher = None
@@ -65,7 +65,9 @@ def dispatch(lattice: Lattice) -> Callable[..., str]:
 
     def start(*args: Any, **kwargs: Any) -> str:
         graph = lattice.build_graph(*args, **kwargs)
-        return _start(graph)
+        if lattice.triggers:
+            return _start_triggered(graph, lattice)
+        return _start(graph, lattice)
 
     return start
 
@@ -91,120 +93,80 @@ def _check_lattice(obj: Any, what: str) -> None:
     raise ValentError(f"{what}() takes a function decorated with @ct.lattice, got {obj!r}")
 
 
-def _start(graph: Graph) -> str:
-    import uuid
+def _start_triggered(graph: Graph, lattice: Lattice) -> str:
+    """A lattice with triggers: its dispatch is stored but waits; its triggers start
+    observing, and the first to fire runs it (``valent.triggers``)."""
+    from .triggers import track_pending
 
-    import cloudpickle
+    run_box: list[Any] = []
+    did = _start(graph, lattice, keep=run_box.append)
+    track_pending(run_box[0])
+    for t in lattice.triggers:
+        t.fresh(did).register()
+    return did
 
-    from ._engine.runstate import DispatchRun
+
+def _start(
+    graph: Graph, lattice: Lattice | None = None, links: dict[str, Any] | None = None,
+    replace: dict[str, Electron] | None = None, reuse: Any = None,
+    keep: Callable[[Any], None] | None = None,
+) -> str:
+    """Write a new dispatch of ``graph`` to the store and start it; its id.
+
+    ``lattice`` (with the electrons ``replace`` puts in place of others, by name) is stored,
+    pickled by value, so that ``redispatch`` works from any process; ``reuse``: the earlier
+    dispatch whose outputs nodes may take (``valent._engine.reuse.Reuse``).
+    """
+    from ._engine.prepare import create_run
 
     dispatcher = get_dispatcher()
     store = _store()  # the configured one now (VALENT_RESULTS_DIR may have changed)
-    dispatch_id = str(uuid.uuid4())
-    # parameters first: an unpicklable lattice argument is reported with the node using it
-    params: dict[int, bytes] = {}
-    for node in graph.nodes:
-        if node.kind == PARAMETER:
-            try:
-                params[node.id] = _dumps(node.value)
-            except Exception as exc:
-                raise PicklingError(_param_problem(graph, node.id, exc)) from exc
-    try:
-        inputs = cloudpickle.dumps((graph.args, graph.kwargs))
-    except Exception as exc:
-        raise PicklingError(
-            f"the arguments of lattice {graph.lattice_name!r} cannot be pickled: {exc}; "
-            "pass plain data (numbers, strings, lists, dicts, arrays) or paths"
-        ) from exc
-    executors = _resolve_executors(dispatcher, graph)
-    now = time.time()
-    new = Status.NEW_OBJECT.value
-    nodes = [
-        (
-            dispatch_id,
-            node.id,
-            node.name,
-            node.kind,
-            None if executors[node.id] is None else executors[node.id].name,
-            "[" + ",".join(map(str, node.parents)) + "]",
-            new,
-            params.get(node.id),
-        )
-        for node in graph.nodes
-    ]
-    pid, host, started = dispatcher.owner
-    row = {
-        "dispatch_id": dispatch_id,
-        "lattice_name": graph.lattice_name,
-        "status": Status.NEW_OBJECT.value,
-        "created_at": now,
-        "inputs": inputs,
-        "input_repr": repr((graph.args, graph.kwargs))[:500],
-        "owner_pid": pid,
-        "owner_host": host,
-        "owner_started": started,
-        "node_count": len(graph.nodes),
-    }
-    store.create_dispatch(row, nodes, NODE_COLUMNS)
-    dispatcher.start(DispatchRun(dispatch_id, graph, store, executors))
-    return dispatch_id
+    run = create_run(
+        graph, store, dispatcher.executors, dispatcher.owner, links,
+        lattice_blob=_lattice_blob(lattice, replace) if lattice is not None else None,
+        reuse=reuse,
+    )
+    if lattice is not None:
+        _remember_lattice(run.id, lattice, replace or {})
+    run.replace = dict(replace or {})
+    if keep is not None:  # not started now (a lattice with triggers)
+        keep(run)
+        return run.id
+    dispatcher.start(run)
+    return run.id
 
 
-NODE_COLUMNS = ("dispatch_id", "node_id", "name", "kind", "executor", "parents", "status", "output")
+_LATTICES_KEPT = 64
+_lattices: dict[str, tuple[Lattice, dict[str, Electron]]] = {}
 
 
-_PLAIN = (int, float, str, bytes, bool, type(None))
+def _remember_lattice(dispatch_id: str, lattice: Lattice, replace: dict[str, Electron]) -> None:
+    """Keep the lattice object of recent dispatches: a redispatch in this process uses it
+    as it is (executor instances included, which the store does not keep)."""
+    _lattices[dispatch_id] = (lattice, replace)
+    while len(_lattices) > _LATTICES_KEPT:
+        del _lattices[next(iter(_lattices))]
 
 
-def _dumps(value: Any) -> bytes:
-    """Pickle a parameter: the C pickler for plain scalars, cloudpickle for everything else
-    (so functions and classes from ``__main__`` load in other processes too)."""
-    if type(value) in _PLAIN:
-        return pickle.dumps(value, protocol=5)
+def _lattice_blob(lattice: Lattice, replace: dict[str, Electron] | None) -> bytes | None:
+    """``{"lattice": ..., "replace": ...}`` pickled by value (the functions' code, and that
+    of the electrons in the same modules), for a redispatch from another process; None when
+    it cannot be pickled."""
     import cloudpickle
 
-    return cloudpickle.dumps(value, protocol=5)
+    from ._engine.reuse import dumps_by_value
 
-
-def _resolve_executors(dispatcher, graph: Graph) -> list[Any]:
-    """Each node's executor (None for nodes that run inline), resolved now: a name no plugin
-    provides, a bad ``[executors.NAME]`` setting or an ``__init__`` that rejects its settings
-    fails ``dispatch`` at once, before anything runs."""
-    from ._engine.resolve import executor_spec
-    from .config import default_executor_name
-
-    default = default_executor_name()
-    found: dict[Any, Any] = {}
-    out: list[Any] = []
-    for node in graph.nodes:
-        if node.kind != ELECTRON:
-            out.append(None)
+    what = {"lattice": lattice, "replace": dict(replace or {})}
+    modules = [getattr(lattice.fn, "__module__", None)]
+    modules += [getattr(e.fn, "__module__", None) for e in what["replace"].values()]
+    for by_value in (True, False):
+        try:
+            if by_value:
+                return dumps_by_value(what, modules)
+            return cloudpickle.dumps(what, protocol=5)
+        except Exception:  # noqa: BLE001 - redispatch from another process will say so
             continue
-        spec = executor_spec(node.electron, graph.executor, default)
-        key = spec if isinstance(spec, str) else id(spec)
-        ex = found.get(key)
-        if ex is None:
-            ex = found[key] = dispatcher.executors.resolve(spec)
-        out.append(ex)
-    return out
-
-
-def _param_problem(graph: Graph, node_id: int, exc: Exception) -> str:
-    node = graph.nodes[node_id]
-    users = []
-    for n in graph.nodes:
-        for i, a in enumerate(n.args):
-            if a == Ref(node_id):
-                users.append(f"argument {i + 1} of {n.label}")
-        for k, a in n.kwargs.items():
-            if a == Ref(node_id):
-                users.append(f"argument {k!r} of {n.label}")
-    where = ", ".join(users) or "an argument"
-    return (
-        f"{where} ({type(node.value).__name__} value, node {node.label}) cannot be pickled, so "
-        f"it cannot be sent to an executor: {exc}. Pass plain data, or create the object "
-        "inside the electron that uses it."
-    )
+    return None
 
 
 # ---------------------------------------------------------------------- results
@@ -239,6 +201,8 @@ def get_result(
         _wait(store, dispatch_id, timeout)
     row = check_owner(store, store.dispatch_row(dispatch_id))
     return Result(row, store.node_rows(dispatch_id), str(store.dir))
+
+
 
 
 def _wait(store, dispatch_id: str, timeout: float | None) -> None:
@@ -317,7 +281,8 @@ def _orphan_message(row) -> str:
     return (
         f"the process that dispatched it (pid {row['owner_pid']} on {row['owner_host']}) "
         "exited or was killed before the dispatch finished; its unfinished tasks were "
-        "stopped with it. Dispatch the workflow again."
+        "stopped with it. Resume it (what completed is reused): "
+        f"`valent redispatch {row['dispatch_id'][:8]} --reuse`."
     )
 
 
@@ -336,6 +301,10 @@ def cancel(dispatch_id: str, task_ids: list[int] | int | None = None) -> str:
     dispatch_id = store.resolve(dispatch_id)
     if _owned_run(dispatch_id) is not None:
         return get_dispatcher().cancel(dispatch_id, task_ids)
+    triggers = sys.modules.get("valent.triggers")
+    if triggers is not None and dispatch_id in triggers._pending:
+        triggers.stop_triggers(dispatch_id)  # it ends CANCELLED, nothing of it having run
+        return f"Dispatch {dispatch_id}: it was waiting for its triggers; they were stopped."
     row = store.dispatch_row(dispatch_id)
     if row["status"] in FINAL_VALUES:
         return f"Dispatch {dispatch_id} already finished ({row['status']}); nothing to cancel."

@@ -28,8 +28,8 @@ from .task import node_label
 
 ExecutorSpec = str | Executor | None
 
-ELECTRON, PARAMETER, GETITEM, GETATTR, COLLECTION = (
-    "electron", "parameter", "getitem", "getattr", "collection",
+ELECTRON, PARAMETER, GETITEM, GETATTR, COLLECTION, SUBLATTICE = (
+    "electron", "parameter", "getitem", "getattr", "collection", "sublattice",
 )
 
 _building: contextvars.ContextVar[Graph | None] = contextvars.ContextVar(
@@ -447,13 +447,19 @@ class Electron:
         # the function wrapped with them, in the task's process
         self.hooks = hooks
         self.task_fn = fn if hooks is None else hooks.wrap(fn, name)
-        functools.update_wrapper(self, fn)
+        # over a lattice (a sublattice) take its names only, not its attributes (fn, ...)
+        functools.update_wrapper(self, fn, updated=() if isinstance(fn, Lattice) else ("__dict__",))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         graph = _building.get()
         if graph is None:
             return self.fn(*args, **kwargs)
-        node = graph.add(self.name, ELECTRON, fn=self.task_fn, electron=self)
+        if isinstance(self.fn, Lattice):
+            # a sublattice: its graph is built, and run as a child dispatch, when its inputs
+            # are known (valent._engine.dispatcher)
+            node = graph.add(f":sublattice:{self.name}", SUBLATTICE, fn=self.fn, electron=self)
+        else:
+            node = graph.add(self.name, ELECTRON, fn=self.task_fn, electron=self)
         if self.hooks is not None and self.hooks.retval_keywords:
             # filled in by a call_before's return value where the task runs (as Covalent)
             kwargs = {k: v for k, v in kwargs.items() if k not in self.hooks.retval_keywords}
@@ -477,17 +483,29 @@ class Electron:
 class Lattice:
     """A workflow: tracing its function with arguments builds the graph to dispatch."""
 
-    def __init__(self, fn: Callable[..., Any], executor: ExecutorSpec = None):
+    def __init__(
+        self, fn: Callable[..., Any], executor: ExecutorSpec = None, triggers: Any = None
+    ):
         if not callable(fn):
             raise TypeError(f"@lattice needs a function, got {fn!r}")
         self.fn = fn
         self.name = getattr(fn, "__name__", type(fn).__name__)
         self.executor = _check_executor(executor, f"@lattice {self.name}")
-        functools.update_wrapper(self, fn)
+        self.triggers: list = []
+        if triggers is not None:  # valent.triggers: each dispatch of it is watched
+            from .triggers import check_triggers
+
+            self.triggers = check_triggers(triggers)
+        functools.update_wrapper(self, fn, updated=())
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the workflow here, as plain function calls (no dispatch)."""
         return self.fn(*args, **kwargs)
+
+    def __reduce__(self):
+        # as Electron: an executor instance (clients, connections) never travels with it
+        spec = self.executor if isinstance(self.executor, str) else None
+        return (Lattice, (self.fn, spec))
 
     def build_graph(self, *args: Any, **kwargs: Any) -> Graph:
         """Trace the workflow with these arguments."""
@@ -558,12 +576,15 @@ def electron(
     return Electron(fn, executor, timeout, retries)
 
 
-def lattice(fn: Callable[..., Any] | None = None, *, executor: ExecutorSpec = None) -> Any:
+def lattice(
+    fn: Callable[..., Any] | None = None, *, executor: ExecutorSpec = None, triggers: Any = None
+) -> Any:
     """Make a function a workflow of electrons. Bare or with ``executor=`` (its electrons'
-    default)."""
+    default) and ``triggers=`` (``valent.triggers``: a dispatch of it waits for a trigger to
+    fire, and each firing runs it again)."""
     if fn is None:
-        return lambda f: Lattice(f, executor)
-    return Lattice(fn, executor)
+        return lambda f: Lattice(f, executor, triggers)
+    return Lattice(fn, executor, triggers)
 
 
 def wait(child: Any, parents: Any) -> Any:

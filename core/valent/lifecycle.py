@@ -2,12 +2,15 @@
 
 - The first Ctrl-C (SIGINT) or SIGTERM while dispatches this process owns are running
   cancels them, waits until every executor confirmed the stop, prints one line and exits
-  (130 for Ctrl-C, 143 for SIGTERM). A second one exits at once (the tasks still die with
-  their owner: the pool's workers watch it through the kernel). With nothing of ours
+  (130 for Ctrl-C, 143 for SIGTERM). Tasks their executor cannot stop (``runs_to_completion``)
+  are not waited for: the process leaves them, and readers then see the dispatch's owner
+  died. A second one exits at once (the tasks still die with their owner: the pool's
+  workers watch it through the kernel). With nothing of ours
   running, the signal does what it did before valent was imported. A handler the program
   installed itself is left alone (and so is a notebook kernel's).
 - After ``os.fork()`` the child starts with no dispatcher: its first dispatch makes its own.
 - At interpreter exit, dispatches still running are waited for (Ctrl-C cancels them).
+- Triggers (``valent.triggers``) stop at exit and on the first Ctrl-C/SIGTERM.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -55,6 +59,7 @@ def _on_signal(signum: int, frame: Any) -> None:
     if _stopping:  # a second signal while stopping: leave now
         _exit_now(code)
     d = api._dispatcher
+    _stop_triggers("interrupted")
     runs = d.active() if d is not None else []
     if not runs:
         _as_if_not_installed(signum)
@@ -93,19 +98,42 @@ def stop_owned(dispatcher: Any, runs: list[Any]) -> str:
             dispatcher.cancel(run.id, None)
         except Exception as exc:  # report and go on stopping the others
             print(f"valent: cancelling {run.id}: {exc}", file=sys.stderr)
-    for run in runs:
-        run.done.wait(WAIT_AFTER_SIGNAL)
-    outcomes: dict[str, int] = {}
-    for run in runs:
-        for nr in run.nodes:
-            if nr.cancel_outcome is not None:
-                key = nr.cancel_outcome.value
-                outcomes[key] = outcomes.get(key, 0) + 1
+    deadline = time.monotonic() + WAIT_AFTER_SIGNAL
+    while time.monotonic() < deadline:
+        # settled: final, or all that is left are tasks their executor cannot stop (they
+        # were told runs_to_completion; waiting for them could take forever)
+        if all(run.done.is_set() for run in runs) or dispatcher.call(
+            lambda: all(_settled(run) for run in runs)
+        ):
+            break
+        time.sleep(0.02)
+    outcomes = dispatcher.call(lambda: _tally(runs))
     ids = ", ".join(f"{run.id[:8]} {run.status}" for run in runs[:3])
     if len(runs) > 3:
         ids += f", and {len(runs) - 3} more"
     tally = ", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())) or "no task was running"
     return f"cancelled {ids} ({tally})"
+
+
+def _settled(run: Any) -> bool:
+    """On the dispatcher's thread: ``run`` is final, or only tasks left to run to
+    completion are unfinished."""
+    from .status import CancelOutcome
+
+    return run.done.is_set() or all(
+        nr.final or nr.cancel_outcome == CancelOutcome.RUNS_TO_COMPLETION for nr in run.nodes
+    )
+
+
+def _tally(runs: list[Any]) -> dict[str, int]:
+    """On the dispatcher's thread: how many nodes had each cancel outcome."""
+    outcomes: dict[str, int] = {}
+    for run in runs:
+        for nr in run.leaf_nodes():  # the tasks of sublattices' child dispatches too
+            if nr.cancel_outcome is not None:
+                key = nr.cancel_outcome.value
+                outcomes[key] = outcomes.get(key, 0) + 1
+    return outcomes
 
 
 def at_exit() -> None:
@@ -115,6 +143,7 @@ def at_exit() -> None:
     d = api._dispatcher
     if d is None:
         return
+    _stop_triggers("the process that registered it exited")
     code = None
     try:
         runs = d.active()
@@ -138,6 +167,14 @@ def at_exit() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code if isinstance(code, int) else 1)
+
+
+def _stop_triggers(reason: str) -> None:
+    """Stop the triggers this process observes (if it has any); a dispatch still waiting for
+    its first firing ends CANCELLED."""
+    triggers = sys.modules.get("valent.triggers")
+    if triggers is not None:
+        triggers.stop_all(reason)
 
 
 def _after_fork_in_child() -> None:

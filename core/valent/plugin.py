@@ -11,6 +11,16 @@ from __future__ import annotations
 
 from ._plugins.contract import Capabilities, Executor, Wake
 from ._plugins.manager import PluginWarning, get_plugins, hookimpl
+from ._pool.pool import Job, ProcessPool, RemoteError
+from ._pool.proctree import (
+    alive_escapees,
+    group_members,
+    live_groups,
+    signal_escapees,
+    signal_group,
+    signal_name,
+    snapshot_tree,
+)
 from .cancel_token import cancel_requested, set_process_token, thread_token
 from .checks import MAX_SECONDS, Count, Ge, Gt, Le, PositiveSeconds, Seconds, require
 from .errors import (
@@ -22,16 +32,6 @@ from .errors import (
     WorkerDiedError,
 )
 from .pickling import dumps
-from .procpool import Job, ProcessPool
-from .proctree import (
-    alive_escapees,
-    group_members,
-    live_groups,
-    signal_escapees,
-    signal_group,
-    signal_name,
-    snapshot_tree,
-)
 from .status import CancelOutcome, Status
 from .task import (
     Cancelled,
@@ -64,6 +64,7 @@ __all__ = [
     "PluginWarning",
     "PositiveSeconds",
     "ProcessPool",
+    "RemoteError",
     "Running",
     "Seconds",
     "Status",

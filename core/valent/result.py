@@ -14,6 +14,11 @@ from ._store import StoreTrustError, check_store_trusted, read_trusted_file
 from .status import Status
 
 
+def _col(row: Any, key: str) -> Any:
+    """``row[key]``, or None in a store made before that column existed."""
+    return row[key] if key in row.keys() else None
+
+
 def _ts(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, tz=UTC)
 
@@ -53,6 +58,13 @@ class Result:
         self.created_at = _ts(row["created_at"])
         self.results_dir = results_dir
         self.cancel_requested_at = _ts(row["cancel_requested_at"])
+        self.parent_dispatch_id: str | None = _col(row, "parent_dispatch_id")
+        """The dispatch whose sublattice node this dispatch ran (None at the top level)."""
+        self.parent_node_id: int | None = _col(row, "parent_node_id")
+        self.root_dispatch_id: str = _col(row, "root_dispatch_id") or self.dispatch_id
+        """The top-level dispatch of this one's tree (itself at the top level)."""
+        self.redispatch_of: str | None = _col(row, "redispatch_of")
+        """The dispatch this one redispatched (``ct.redispatch``), if any."""
         self._row = row
         self._nodes = nodes
         self._outputs: dict[int, Any] = {}
@@ -105,10 +117,24 @@ class Result:
             raise KeyError(f"dispatch {self.dispatch_id} has no node {node_id}")
         return self._nodes[node_id]
 
+    def sublattice_result(self, node_id: int) -> Result | None:
+        """The Result of the child dispatch a sublattice node ran (None for other nodes, or
+        before it was built)."""
+        sub = _col(self._row_for(node_id), "sub_dispatch_id")
+        if not sub:
+            return None
+        from ._store import get_store
+
+        store = get_store(self.results_dir)
+        return Result(store.dispatch_row(sub), store.node_rows(sub), self.results_dir)
+
     def get_node_result(self, node_id: int) -> dict[str, Any]:
         """One node: ``node_id, node_name, status, output, error, start_time, end_time,
-        cancel_outcome`` and more (``executor, reason, traceback, stdout, stderr, attempts,
-        cancel_requested_at, cancel_confirmed_at, parents``)."""
+        cancel_outcome, sublattice_result`` and more (``executor, reason, traceback, stdout,
+        stderr, attempts, cancel_requested_at, cancel_confirmed_at, parents,
+        sub_dispatch_id``). ``sublattice_result`` is the inner Result of a sublattice node
+        (None for others); ``reason`` says ``reused from <id>`` for a node a redispatch took
+        from an earlier dispatch."""
         r = self._row_for(node_id)
         return {
             "node_id": r["node_id"],
@@ -128,6 +154,8 @@ class Result:
             "cancel_requested_at": _ts(r["cancel_requested_at"]),
             "cancel_confirmed_at": _ts(r["cancel_confirmed_at"]),
             "parents": json.loads(r["parents"]),
+            "sub_dispatch_id": _col(r, "sub_dispatch_id"),
+            "sublattice_result": self.sublattice_result(node_id),
         }
 
     def get_all_node_results(self) -> list[dict[str, Any]]:

@@ -136,7 +136,7 @@ def to_state(h: Handle, future: Any, value: Any) -> TaskState:
             except Exception:  # noqa: BLE001 - its class may not exist here
                 exc = None
         if exc is None:
-            from valent.procpool import RemoteError
+            from valent.plugin import RemoteError
 
             exc = RemoteError(text)
         return Failed(exc, tb, started, ended, out, errtxt)

@@ -4,7 +4,7 @@ Dask ships :func:`run_killable` (kill mode) or :func:`run_native` (finish mode) 
 function. Both register the task's key in a per-process registry that :func:`cancel_keys`,
 broadcast by the client with ``client.run``, consults:
 
-- kill mode: the body runs in a warm :class:`valent.procpool.ProcessPool` (one per worker
+- kill mode: the body runs in a warm :class:`valent.plugin.ProcessPool` (one per worker
   process, sized to its threads; children started with ``subprocess`` in their own session,
   so daemonic workers are fine); a cancel kills the child's process group and the worker
   thread returns as soon as the group is confirmed gone.
@@ -410,7 +410,7 @@ def running_keys() -> dict[str, tuple]:
 
 def pool_pids() -> list[int]:
     """PIDs of this worker process's warm pool children (tests, diagnostics)."""
-    return [pid for pool in list(_pools.values()) for pid in pool.worker_pids()]
+    return [pid for pool in list(_pools.values()) for pid in pool.own_pids()]
 
 
 async def close_pools(only_idle: bool = True, wait: float = 5.0) -> int:

@@ -63,10 +63,12 @@ class LocalExecutor(Executor):
 
     @property
     def pool(self) -> ProcessPool:
-        """The worker pool, started on first use."""
-        if self._pool is None:
+        """The worker pool, started on first use (and again in a forked child: a pool's
+        workers and thread belong to the process that started it)."""
+        pool = self._pool
+        if pool is None or pool._pid != os.getpid():
             with self._lock:
-                if self._pool is None:
+                if self._pool is None or self._pool._pid != os.getpid():
                     cap = self.max_workers
                     pool = ProcessPool(
                         self.workers,

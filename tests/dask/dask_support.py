@@ -43,7 +43,7 @@ def local_pool_pids() -> set[int]:
     ex = api._dispatcher.named_executor("local")
     if ex is None or getattr(ex, "_pool", None) is None:
         return set()
-    return set(ex.pool.worker_pids())
+    return set(ex.pool.own_pids())
 
 
 class Runner:

@@ -58,22 +58,12 @@ def shots(tmp_path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dask_cluster():
-    """A real LocalCluster (1 worker process, 2 threads), closed at the end of the module."""
-    import distributed
-    from valent_dask.cluster import _stop_tracker, _tracker_running
+def dask_executor():
+    """A kill-mode DaskExecutor on a cluster valent starts (its own scheduler and worker
+    programs), shut down at the end of the module."""
+    import valent as ct
 
-    was_running = _tracker_running()
-    cluster = distributed.LocalCluster(
-        n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1",
-        dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-    )
-    yield cluster
-    from valent.api import get_dispatcher
-
-    named = get_dispatcher().named_executor("dask")
-    if named is not None:
-        named.shutdown()
-    cluster.close()
-    if not was_running:
-        _stop_tracker()
+    ex = ct.executors.DaskExecutor(n_workers=1, threads_per_worker=2, cancel_mode="kill",
+                                   grace=0.5)
+    yield ex
+    ex.shutdown()

@@ -137,23 +137,17 @@ def test_list_live_dispatch_and_logs(browser, ui, tmp_path):
           what="the panel shows the stored stdout once the task ended")
 
 
-def test_cancel_on_local_and_dask_from_the_page(browser, dask_cluster, results_dir, tmp_path,
-                                                 monkeypatch, shots):
+def test_cancel_on_local_and_dask_from_the_page(browser, dask_executor, results_dir, tmp_path,
+                                                 shots):
     """Cancel pressed in the page: CANCELLED, killed/dequeued per node, processes gone."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
 
-    cfg = tmp_path / "config.toml"
-    cfg.write_text(
-        f'[executors.dask]\nscheduler_address = "{dask_cluster.scheduler_address}"\n'
-        'cancel_mode = "kill"\ngrace = 0.5\n'
-    )
-    monkeypatch.setenv("VALENT_CONFIG", str(cfg))
     piddir = tmp_path / "pids"
     piddir.mkdir()
     local2 = ct.executors.LocalExecutor(workers=2, grace=0.3)
     hold_local = ct.electron(hold, executor=local2)
-    hold_dask = ct.electron(hold, executor="dask")
+    hold_dask = ct.electron(hold, executor=dask_executor)
 
     @ct.lattice
     def mixed(piddir: str) -> list:

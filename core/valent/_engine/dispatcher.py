@@ -50,11 +50,13 @@ from .._plugins.contract import Executor
 from .._plugins.manager import Plugins
 from .._store import Store
 from ..errors import StoreError, TaskTimeoutError, ValentError
-from ..graph import ELECTRON, PARAMETER, Ref
+from ..graph import ELECTRON, PARAMETER, SUBLATTICE, Ref
 from ..status import CancelOutcome, Status
 from ..task import Cancelled, Completed, Failed, Running, Task, Upstream
+from .nest import Builder
 from .resolve import Executors
-from .rules import lattice_status
+from .reuse import blob_digest, in_digest, node_fn_digest
+from .rules import lattice_status, sublattice_outcome
 from .runstate import (
     DispatchRun,
     NodeRun,
@@ -69,7 +71,7 @@ EXTERNAL_CANCEL_EVERY = 0.2
 CANCEL_RETRIES = 3
 """Tries of a cancel an executor answered ``failed`` before that answer is final."""
 
-_WAKE, _START, _CANCEL, _CALL = range(4)
+_WAKE, _START, _CANCEL, _CALL, _BUILT = range(5)
 
 
 def check_task_ids(dispatch_id: str, task_ids: list[int] | None, node_count: int) -> str | None:
@@ -109,7 +111,10 @@ class Dispatcher:
         self._owned: dict[str, DispatchRun] = {}
         self._owned_lock = threading.Lock()
         self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._loop = _Loop(self._q, store, self.plugins_now, self._forget)
+        self._loop = _Loop(
+            self._q, store, self.plugins_now, self._forget, self.executors, self.owner,
+            self._own,
+        )
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="valent-dispatcher", daemon=True
         )
@@ -120,13 +125,14 @@ class Dispatcher:
 
     # ---------------------------------------------------------------- public (any thread)
 
-    def start(self, run: DispatchRun) -> None:
-        """Begin running ``run`` (already written to its store)."""
+    def start(self, run: DispatchRun, cancelled: bool = False) -> None:
+        """Begin running ``run`` (already written to its store); ``cancelled``: start
+        nothing of it and end it CANCELLED (its tasks dequeued)."""
         if run.store is None:
             run.store = self.store
         with self._owned_lock:
             self._owned[run.id] = run
-        self._q.put((_START, run))
+        self._q.put((_START, (run, cancelled)))
 
     def owned(self, dispatch_id: str) -> DispatchRun | None:
         """The run of ``dispatch_id`` if this process owns it and it is not finished."""
@@ -134,9 +140,10 @@ class Dispatcher:
             return self._owned.get(dispatch_id)
 
     def active(self) -> list[DispatchRun]:
-        """The dispatches this process owns that have not finished."""
+        """The dispatches this process owns that have not finished (top level: a
+        sublattice's child dispatch goes with its parent's)."""
         with self._owned_lock:
-            return list(self._owned.values())
+            return [r for r in self._owned.values() if r.parent is None]
 
     def cancel(self, dispatch_id: str, task_ids: list[int] | None) -> str:
         """Cancel a dispatch this process owns; returns the message for the user.
@@ -166,6 +173,10 @@ class Dispatcher:
     def shutdown_executors(self) -> None:
         """Shut down every executor this process used (at interpreter exit)."""
         self.executors.shutdown()
+
+    def _own(self, run: DispatchRun) -> None:
+        with self._owned_lock:
+            self._owned[run.id] = run
 
     def _forget(self, run: DispatchRun) -> None:
         with self._owned_lock:
@@ -215,6 +226,9 @@ class _Loop:
         store: Store,
         plugins_now: Callable[[], Plugins],
         forget: Callable[[DispatchRun], None],
+        executors: Executors | None = None,
+        owner: tuple[int, str, float] | None = None,
+        own: Callable[[DispatchRun], None] | None = None,
     ):
         self.q = q
         self.store = store
@@ -231,6 +245,16 @@ class _Loop:
         self.chaining = False
         self.next_external = 0.0
         self.observers = self.plugins.has_observers
+        self.own = own or (lambda run: None)
+        self.builder = Builder(
+            executors or Executors(plugins_now), owner or (os.getpid(), "", 0.0), self.deliver
+        )
+        self.fn_digests: dict[int, tuple[Any, str | None]] = {}
+        self.reused: deque[tuple[NodeRun, Any]] = deque()  # nodes taking an earlier output
+
+    def deliver(self, nr: NodeRun, child: DispatchRun | None, exc: Any, tb: str) -> None:
+        """(builder thread) A sublattice's child dispatch is built, or could not be."""
+        self.q.put((_BUILT, (nr, child, exc, tb)))
 
     # ---------------------------------------------------------------- the turn
 
@@ -263,13 +287,15 @@ class _Loop:
                 if kind == _WAKE:
                     woken[id(payload)] = payload
                 elif kind == _START:
-                    self.start(payload)
+                    self.start(*payload)
                 elif kind == _CANCEL:
                     did, task_ids, reply = payload
                     try:
                         replies.append((reply, self.cancel(did, task_ids)))
                     except Exception as exc:
                         replies.append((reply, exc))
+                elif kind == _BUILT:
+                    self.built(*payload)
                 elif kind == _CALL:
                     fn, reply = payload
                     try:
@@ -290,7 +316,7 @@ class _Loop:
                 reply.put(answer)
 
     def timeout(self) -> float | None:
-        if self.cancels or self.repoll:
+        if self.cancels or self.repoll or self.reused:
             return 0.0
         t: float | None = None
         if self.timers:
@@ -301,7 +327,9 @@ class _Loop:
 
     def drain(self) -> None:
         """Poll chained nodes whose parents just completed; send the turn's cancels."""
-        while self.repoll or self.cancels:
+        while self.repoll or self.cancels or self.reused:
+            while self.reused:
+                self.reuse_now(*self.reused.popleft())
             while self.repoll:
                 self.poll(self.repoll.popleft())
             if self.cancels:
@@ -333,25 +361,39 @@ class _Loop:
 
     # ---------------------------------------------------------------- starting
 
-    def start(self, run: DispatchRun) -> None:
+    def start(self, run: DispatchRun, cancelled: bool = False) -> None:
+        """Start a dispatch; ``cancelled``: one that starts nothing and ends CANCELLED, its
+        tasks dequeued (a sublattice's child built after its node was cancelled, a dispatch
+        whose triggers were stopped before any fired)."""
         self.runs[run.id] = run
+        if run.parent is None:
+            self.fn_digests.clear()  # functions' globals may have changed since
+        if cancelled:
+            run.cancel_requested = True
         now = time.time()
         run.status = Status.RUNNING
         self.batch.dispatch(run, {"status": Status.RUNNING.value, "start_time": now})
         ready = []
+        done = []
         for nr in run.nodes:
             if nr.node.kind == PARAMETER:
                 nr.value = nr.node.value
                 nr.start_time = nr.end_time = now
                 self.set(nr, Status.COMPLETED)
+                done.append(nr)
+            elif nr.reused:  # COMPLETED in the store already (a redispatch's reuse)
+                run.remaining -= 1
+                release_inputs(nr)
+                done.append(nr)
             elif nr.waiting == 0:
                 ready.append(nr)
-        for nr in run.nodes:
-            if nr.node.kind == PARAMETER:
-                self.release_children(nr)
+        for nr in done:
+            self.release_children(nr)
         for nr in ready:
-            if not nr.final and not nr.submitted:
+            if not nr.final and not nr.submitted and not run.cancel_requested:
                 self.submit(nr)
+        if cancelled:
+            self.cancel(run.id, None)
         self.check_done(run)
 
     def release_children(self, nr: NodeRun) -> None:
@@ -368,15 +410,28 @@ class _Loop:
             elif not run.cancel_requested:
                 self.submit(child)
 
-    def submit(self, nr: NodeRun, chained: bool = False) -> None:
+    def submit(self, nr: NodeRun, chained: bool = False, reuse: bool = True) -> None:
         node = nr.node
         nr.submitted = True
         nr.chained = chained
+        if reuse and nr.run.reuse is not None and node.kind == ELECTRON and not chained:
+            # not taken before the start (a parent ran again): its inputs may still match
+            old = nr.run.reuse.match(
+                node.id, node.name, node.kind, self.fn_digest(nr), self.in_digest(nr)
+            )
+            if old is not None:
+                self.reused.append((nr, old))  # in this turn's drain: no deep recursion
+                return
         try:
             args = tuple(self.resolve(nr.run, a, chained) for a in node.args)
             kwargs = {k: self.resolve(nr.run, v, chained) for k, v in node.kwargs.items()}
         except Exception as exc:
             self.fail(nr, exc, traceback.format_exc())
+            return
+        if node.kind == SUBLATTICE:
+            nr.building = True
+            self.set(nr, Status.PENDING)
+            self.builder.submit(nr, args, kwargs)
             return
         if node.kind != ELECTRON:
             try:
@@ -408,6 +463,91 @@ class _Loop:
             self.at(executor.poll_interval, "poll", nr)
         if not self.chaining and getattr(executor.capabilities, "chain", False):
             self.chain_from(nr)
+
+    # ---------------------------------------------------------------- reuse and sublattices
+
+    def fn_digest(self, nr: NodeRun) -> str | None:
+        """The digest of the node's function (cached per function while runs go on)."""
+        if nr.fn_digest is None:
+            nr.fn_digest = node_fn_digest(nr.node, self.fn_digests)
+        return nr.fn_digest
+
+    def in_digest(self, nr: NodeRun) -> str | None:
+        """The digest of the node's inputs, from its parents' output digests."""
+        if nr.in_digest is None:
+            nodes = nr.run.nodes
+            nr.in_digest = in_digest(
+                nr.node.args, nr.node.kwargs, lambda i: nodes[i].out_digest
+            )
+        return nr.in_digest
+
+    def reuse_now(self, nr: NodeRun, old: Any) -> None:
+        """Complete ``nr`` with the output of the earlier dispatch's node (start == end)."""
+        if nr.final:
+            return
+        try:
+            nr.pickled, nr.output_file = nr.run.store.node_output(
+                nr.run.reuse.source_id, nr.node.id
+            )
+        except StoreError:
+            nr.pickled = nr.output_file = None
+        if nr.pickled is None and not nr.output_file:
+            self.submit(nr, reuse=False)  # its output is gone: run it after all
+            return
+        nr.start_time = nr.end_time = time.time()
+        self.complete(nr, {"reason": f"reused from {nr.run.reuse.source_id}"})
+
+    def built(
+        self, nr: NodeRun, child: DispatchRun | None, exc: Any, tb: str
+    ) -> None:
+        """A sublattice's child dispatch is built (in the store): run it as the node."""
+        nr.building = False
+        if child is None:
+            if not nr.final:
+                self.fail(nr, exc, tb)
+            return
+        child.parent = nr
+        nr.sub = child
+        self.batch.node(nr, {"sub_dispatch_id": child.id})
+        self.own(child)
+        if nr.final:  # cancelled while it was being built: nothing of it starts
+            self.start(child, cancelled=True)
+            return
+        nr.start_time = time.time()
+        self.set(nr, Status.RUNNING)
+        timeout = nr.node.electron.timeout if nr.node.electron is not None else None
+        if timeout and math.isfinite(timeout):
+            nr.deadline = time.monotonic() + timeout
+            self.at(timeout, "timeout", nr)
+        self.start(child, cancelled=nr.run.cancel_requested and nr.cancel_at is not None)
+
+    def sub_done(self, child: DispatchRun) -> None:
+        """A child dispatch is final: its sublattice node ends as it did."""
+        nr = child.parent
+        if nr is None or nr.final:
+            return
+        nr.end_time = time.time()
+        what = f"sublattice {nr.node.label} (dispatch {child.id})"
+        if child.status == Status.COMPLETED:
+            if nr.cancel_at is not None:
+                nr.cancel_outcome = CancelOutcome.TOO_LATE
+            nr.pickled = child.result_blob
+            self.complete(nr, None)
+        elif child.status == Status.FAILED and not nr.timed_out:
+            if nr.cancel_at is not None:
+                nr.cancel_outcome = CancelOutcome.TOO_LATE  # it failed before the cancel
+            self.fail(nr, f"in {what}: {child.error}", "")
+        else:
+            outcome = sublattice_outcome([n.cancel_outcome for n in child.nodes])
+            nr.cancel_outcome = outcome
+            if nr.timed_out:
+                err = TaskTimeoutError(
+                    f"{nr.node.label} timed out after {nr.node.electron.timeout} s and its "
+                    f"dispatch {child.id} was stopped ({outcome.value})"
+                )
+                self.fail(nr, err, "")
+            else:
+                self.cancelled(nr, nr.reason or f"{what} was cancelled")
 
     def resolve(self, run: DispatchRun, ref: Any, chained: bool = False) -> Any:
         if not isinstance(ref, Ref):
@@ -508,7 +648,12 @@ class _Loop:
         """The task raised. What happened first decides: its error, or the cancel."""
         ended = state.ended_at if state.ended_at is not None else time.time()
         error = {"error": error_text(state.error), "traceback": state.traceback or None}
-        if nr.cancel_at is not None and (nr.upstream_cancel or ended >= nr.cancel_at):
+        # the cancel reached it only if its executor answered, and not "too late" (it found
+        # the task finished): else its own error came first, whatever the clocks say
+        reached = nr.cancel_outcome not in (None, CancelOutcome.TOO_LATE)
+        if nr.cancel_at is not None and (
+            nr.upstream_cancel or (ended >= nr.cancel_at and reached)
+        ):
             # it ended after the cancel was requested (its own SIGTERM handler, an error
             # while stopping): the cancel ended it; keep what it said
             self.cancel_ended(nr, nr.cancel_outcome, {**out, **error})
@@ -583,6 +728,8 @@ class _Loop:
     def complete(self, nr: NodeRun, out: dict[str, Any] | None) -> None:
         extra = dict(out or {})
         try:
+            if nr.pickled is None and nr.output_file:
+                nr.get_value()  # a reused output kept in a file: read it
             blob = nr.pickled if nr.pickled is not None else cloudpickle.dumps(nr.value)
         except Exception as exc:
             self.fail(nr, ValentError(f"its return value cannot be pickled: {exc}"), "", out)
@@ -598,6 +745,11 @@ class _Loop:
             self.fail(nr, lost, "", out)
             self.store_failed(nr.run.store, exc)
             return
+        if nr.node.kind != PARAMETER:
+            nr.out_digest = extra["out_digest"] = blob_digest(blob)
+            if nr.node.kind != SUBLATTICE:
+                extra["fn_digest"] = self.fn_digest(nr)
+                extra["in_digest"] = self.in_digest(nr)
         if nr.attempts > 1 and nr.error is None:
             # earlier attempts failed: the node succeeded, say so rather than keep their error
             extra.setdefault("error", None)
@@ -689,6 +841,9 @@ class _Loop:
             nr.cancel_at = time.time()
             if requested:
                 self.batch.node(nr, {"cancel_requested_at": nr.cancel_at})
+        if nr.sub is not None:  # a running sublattice: cancel its dispatch, every level
+            self.cancel(nr.sub.id, None, reason)
+            return
         if not nr.submitted or nr.handle is None:
             nr.submitted = True  # never to start
             nr.cancel_outcome = CancelOutcome.DEQUEUED
@@ -768,6 +923,7 @@ class _Loop:
                 blob = cloudpickle.dumps(value)
                 f = run.store.output_fields(run.id, None, blob)
                 fields.update({"result": f["output"], "result_file": f["output_file"]})
+                run.result_blob = blob
             except Exception as exc:
                 status = Status.FAILED
                 fields["status"] = status.value
@@ -776,8 +932,11 @@ class _Loop:
             failed = [nr for nr in run.nodes if nr.status == Status.FAILED]
             fields["error"] = "; ".join(f"{nr.node.label}: {nr.error}" for nr in failed[:5])
         run.status = status
+        run.error = fields.get("error")
         self.batch.dispatch(run, fields)
         self.finishing.append(run)
+        if run.parent is not None:
+            self.sub_done(run)
 
     def store_of(self, dispatch_id: str) -> Store:
         run = self.runs.get(dispatch_id)

@@ -24,3 +24,31 @@ def lattice_status(
     if any(s == Status.FAILED for s in statuses):
         return Status.FAILED
     return Status.CANCELLED
+
+
+_INNER_FIRST = (
+    CancelOutcome.KILLED,
+    CancelOutcome.FAILED,
+    CancelOutcome.RUNS_TO_COMPLETION,
+    CancelOutcome.DEQUEUED,
+    CancelOutcome.TOO_LATE,
+)
+
+
+def sublattice_outcome(outcomes: Sequence[CancelOutcome | None]) -> CancelOutcome:
+    """The cancel outcome of a sublattice node, from those of its child dispatch's nodes
+    (a nested sublattice's node carries its own aggregate): the first of
+
+    1. ``killed``: a running task inside was stopped;
+    2. ``failed``: the cancel of a task inside failed (it may still run);
+    3. ``runs_to_completion``: a task inside could not be stopped and finished;
+    4. ``dequeued``: tasks inside were stopped before they started;
+    5. ``too_late``: everything inside had finished.
+
+    (``dequeued`` when no node inside has an outcome: none had started.)
+    """
+    present = set(o for o in outcomes if o is not None)
+    for o in _INNER_FIRST:
+        if o in present:
+            return o
+    return CancelOutcome.DEQUEUED

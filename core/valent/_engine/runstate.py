@@ -24,7 +24,8 @@ class NodeRun:
         "node", "status", "executor", "handle", "waiting", "value", "pickled", "attempts",
         "cancel_at", "cancel_outcome", "cancel_tries", "timed_out", "deadline", "reason",
         "start_time", "end_time", "error", "submitted", "run", "consumers", "chained",
-        "upstream_cancel", "live",
+        "upstream_cancel", "live", "sub", "building", "fn_digest", "in_digest", "out_digest",
+        "output_file", "reused",
     )
 
     def __init__(self, run: DispatchRun, node: Node):
@@ -51,6 +52,13 @@ class NodeRun:
         self.chained = False  # started on its executor before every parent completed
         self.upstream_cancel = False  # cancelled because a parent failed or was cancelled
         self.live = False  # the store points at files holding its output so far
+        self.sub: DispatchRun | None = None  # a sublattice's child dispatch, once built
+        self.building = False  # a sublattice whose graph is being built
+        self.fn_digest: str | None = None  # valent._engine.reuse
+        self.in_digest: str | None = None
+        self.out_digest: str | None = None
+        self.output_file: str | None = None  # where a reused output is (when not inline)
+        self.reused = False  # COMPLETED from the start: a redispatch took an earlier output
 
     @property
     def final(self) -> bool:
@@ -66,6 +74,15 @@ class NodeRun:
         if self.value is _RELEASED:
             raise ValentError(f"internal: the value of {self.node.label} was already released")
         if self.value is _MISSING:
+            if self.pickled is None and self.reused and not self.output_file:
+                # written COMPLETED with an earlier node's output: it is in the store
+                self.pickled, self.output_file = self.run.store.node_output(
+                    self.run.id, self.node.id
+                )
+            if self.pickled is None and self.output_file:
+                from .._store import read_trusted_file
+
+                self.pickled = read_trusted_file(self.output_file, self.run.store.dir)
             self.value = cloudpickle.loads(self.pickled) if self.pickled is not None else None
         return self.value
 
@@ -99,6 +116,21 @@ class DispatchRun:
         self.executors: set[int] = set()
         self.executor_objs: list[Executor] = []
         self.store_error: StoreError | None = None
+        # nesting and redispatch
+        self.parent: NodeRun | None = None  # the sublattice node this child dispatch runs
+        self.root_id = dispatch_id
+        self.reuse: Any = None  # valent._engine.reuse.Reuse: outputs it may take
+        self.replace: dict[str, Any] = {}  # electron name -> replacement (redispatch)
+        self.result_blob: bytes | None = None  # the pickled result, once COMPLETED
+        self.error: str | None = None
+
+    def leaf_nodes(self):
+        """Its nodes and, in place of each sublattice node that ran, its child's (recursively)."""
+        for nr in self.nodes:
+            if nr.sub is not None:
+                yield from nr.sub.leaf_nodes()
+            else:
+                yield nr
 
     def use(self, executor: Executor) -> None:
         """Note that a task of this dispatch went to ``executor`` (closed at the end)."""

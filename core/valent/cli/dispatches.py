@@ -1,4 +1,5 @@
-"""``valent list | status | show | cancel | watch | logs``: look at and control dispatches.
+"""``valent list | status | show | cancel | watch | logs | redispatch | triggers``: look at
+and control dispatches.
 
 Every command reads the results store (``VALENT_RESULTS_DIR``), so it works from any process
 on the machine, whoever dispatched. A dispatch id may be shortened to a unique prefix (at
@@ -91,14 +92,21 @@ def _row(store: Any, dispatch_id: str) -> Any:
 @click.option("--limit", "-n", type=click.IntRange(min=1), default=20, show_default=True,
               help="How many dispatches to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of objects).")
+@click.option("--all", "-a", "show_all", is_flag=True,
+              help="Also the child dispatches of sublattices, indented under their parent.")
 @_errors
-def list_cmd(status: str | None, limit: int, as_json: bool) -> None:
-    """Recent dispatches, newest first."""
+def list_cmd(status: str | None, limit: int, as_json: bool, show_all: bool) -> None:
+    """Recent dispatches, newest first (FROM: the dispatch a redispatch came from)."""
     from ..api import reap_orphans
 
     store = _store()
     reap_orphans(store)
-    rows = store.list_dispatches(status=status.upper() if status else None, limit=limit)
+    rows = store.list_dispatches(
+        status=status.upper() if status else None, limit=limit, children=False
+    )
+    depth: dict[str, int] = {}
+    if show_all:
+        rows, depth = _with_children(store, rows)
     if as_json:
         fmt.echo_json([
             {
@@ -112,6 +120,10 @@ def list_cmd(status: str | None, limit: int, as_json: bool) -> None:
                 "nodes_done": r["done"],
                 "node_count": r["node_count"],
                 "error": r["error"],
+                "redispatch_of": r["redispatch_of"],
+                "parent_dispatch_id": r["parent_dispatch_id"],
+                "parent_node_id": r["parent_node_id"],
+                "root_dispatch_id": r["root_dispatch_id"] or r["dispatch_id"],
             }
             for r in rows
         ])
@@ -122,13 +134,35 @@ def list_cmd(status: str | None, limit: int, as_json: bool) -> None:
         return
     table = [
         (
-            r["dispatch_id"][:8], r["lattice_name"], r["status"],
+            "  " * depth.get(r["dispatch_id"], 0) + r["dispatch_id"][:8],
+            "  " * depth.get(r["dispatch_id"], 0) + r["lattice_name"], r["status"],
             fmt.local(r["start_time"] or r["created_at"]), fmt.fmt_secs(fmt.duration(r)),
-            f"{r['done']}/{r['node_count']}",
+            f"{r['done']}/{r['node_count']}", (r["redispatch_of"] or "-")[:8],
         )
         for r in rows
     ]
-    click.echo(fmt.table(("ID", "LATTICE", "STATUS", "STARTED", "DURATION", "NODES"), table, 2))
+    headers: tuple[str, ...] = ("ID", "LATTICE", "STATUS", "STARTED", "DURATION", "NODES")
+    if any(r["redispatch_of"] for r in rows):
+        headers += ("FROM",)  # the dispatch a redispatch came from
+    else:
+        table = [t[:-1] for t in table]
+    click.echo(fmt.table(headers, table, 2))
+
+
+def _with_children(store: Any, rows: list[Any]) -> tuple[list[Any], dict[str, int]]:
+    """``rows`` with each one's child dispatches (recursively) after it, and their depth."""
+    out: list[Any] = []
+    depth: dict[str, int] = {}
+
+    def add(row: Any, level: int) -> None:
+        out.append(row)
+        depth[row["dispatch_id"]] = level
+        for child in store.child_dispatches(row["dispatch_id"]):
+            add(child, level + 1)
+
+    for r in rows:
+        add(r, 0)
+    return out, depth
 
 
 @click.command("status")
@@ -162,6 +196,11 @@ def status_cmd(dispatch_id: str, as_json: bool) -> None:
         lines.append(f"running   {', '.join(running[:8])}{more}")
     if row["error"]:
         lines.append(f"error     {row['error']}")
+    if "redispatch_of" in row.keys() and row["redispatch_of"]:
+        lines.append(f"from      {row['redispatch_of']} (redispatch)")
+    if "parent_dispatch_id" in row.keys() and row["parent_dispatch_id"]:
+        lines.append(f"parent    {row['parent_dispatch_id']} node {row['parent_node_id']} "
+                     f"(root {row['root_dispatch_id']})")
     click.echo("\n".join(lines))
 
 
@@ -193,7 +232,7 @@ def show_cmd(dispatch_id: str, as_json: bool) -> None:
         return
     click.echo(str(result))
     click.echo("Nodes\n-----")
-    click.echo(fmt.node_table(nodes))
+    click.echo(fmt.node_table(fmt.node_tree(store, row["dispatch_id"], nodes)))
 
 
 @click.command("cancel")
@@ -343,7 +382,7 @@ def _snapshot(store: Any, did: str) -> tuple[Any, list[Any]]:
 
 
 def _watch_lines(store: Any, did: str, interval: float) -> Any:
-    seen: dict[int, str] = {}
+    seen: dict[tuple[str, int], str] = {}
     last_status = None
     while True:
         row, nodes = _snapshot(store, did)
@@ -352,13 +391,14 @@ def _watch_lines(store: Any, did: str, interval: float) -> Any:
             last_status = row["status"]
             click.echo(f"{_clock()}  dispatch {did[:8]} ({row['lattice_name']}) "
                        f"{fmt.styled(row['status'])}  [{done}/{total}]")
-        for n in nodes:
-            if n["kind"] == "parameter" or seen.get(n["node_id"]) == n["status"]:
+        for n in fmt.node_tree(store, did, nodes):
+            key = (n["dispatch_id"], n["node_id"])
+            if n["kind"] == "parameter" or seen.get(key) == n["status"]:
                 continue
-            seen[n["node_id"]] = n["status"]
+            seen[key] = n["status"]
             extra = f" ({n['cancel_outcome']})" if n["cancel_outcome"] else ""
             note = fmt.node_note(n) if n["status"] in ("FAILED", "CANCELLED") else ""
-            click.echo(f"{_clock()}  {fmt.label(n)} {fmt.styled(n['status'])}{extra}"
+            click.echo(f"{_clock()}  {fmt.tree_label(n)} {fmt.styled(n['status'])}{extra}"
                        f"{'  ' + note if note else ''}  [{done}/{total}]")
         if row["status"] in FINAL_VALUES:
             return row
@@ -383,10 +423,10 @@ def _watch_live(store: Any, did: str, interval: float) -> Any:
         table = Table(box=None, pad_edge=False)
         for col in ("ID", "NAME", "STATUS", "EXECUTOR", "CANCEL", "DURATION", "REASON"):
             table.add_column(col, no_wrap=col != "REASON")
-        for n in nodes:
+        for n in fmt.node_tree(store, did, nodes):
             st = n["status"]
             table.add_row(
-                str(n["node_id"]), n["name"], f"[{fmt.STATUS_COLORS.get(st, 'white')}]{st}",
+                fmt.tree_id(n), fmt.tree_name(n), f"[{fmt.STATUS_COLORS.get(st, 'white')}]{st}",
                 n["executor"] or "-", n["cancel_outcome"] or "-",
                 fmt.fmt_secs(fmt.node_duration(n)), fmt.node_note(n),
             )
@@ -531,7 +571,7 @@ def _follow(store: Any, row: Any, n: Any, streams: Sequence[str], every: float =
 def _live_texts(row: Any, n: Any, streams: Sequence[str]) -> list[tuple[str, str]] | None:
     """A running task's output so far, from the files its executor named; None when there
     are none (not running, an executor that stores output only at the end, another host)."""
-    from ..pooljobs import tail
+    from .._pool.pool import tail
 
     paths = _live_paths(row, n)
     if paths is None:
@@ -551,7 +591,153 @@ def _pick_node(did: str, nodes: Sequence[Any], spec: str) -> Any:
     raise _Fail(f"error: dispatch {did[:8]}: {what}; its tasks: {names}")
 
 
+@click.command("redispatch")
+@click.argument("dispatch_id")
+@click.option("--reuse", is_flag=True,
+              help="Reuse the outputs of nodes that completed with the same function and "
+                   "inputs (resume a cancelled, failed or orphaned dispatch).")
+@click.option("--replace", "replacements", multiple=True, metavar="NAME=MODULE:FUNCTION",
+              help="Run MODULE:FUNCTION (an electron, lattice or function) in place of the "
+                   "electrons called NAME (repeatable).")
+@_errors
+def redispatch_cmd(dispatch_id: str, reuse: bool, replacements: tuple[str, ...]) -> None:
+    """Run a dispatch's workflow again with its inputs; print the new id, then its end.
+
+    This process owns the new dispatch: it runs it to the end (Ctrl-C cancels it). Exit 0
+    when it COMPLETED, 1 otherwise.
+    """
+    from .._redispatch import redispatch
+
+    replace = {name: obj for name, obj in (_load_replacement(r) for r in replacements)}
+    store = _store()
+    did = _row(store, dispatch_id)["dispatch_id"]
+    new_id = redispatch(did, replace_electrons=replace, reuse_previous_results=reuse)()
+    click.echo(new_id)
+    sys.stdout.flush()
+    from .. import api
+
+    result = api.get_result(new_id, wait=True)
+    reused = sum(
+        1 for n in store.node_rows(new_id, with_outputs=False)
+        if (n["reason"] or "").startswith("reused from")
+    )
+    click.echo(f"dispatch {new_id[:8]} (from {did[:8]}) ended {fmt.styled(result.status)} "
+               f"after {fmt.fmt_secs(fmt.duration(store.dispatch_row(new_id)))}; "
+               f"{reused} node(s) reused")
+    if result.status != Status.COMPLETED:
+        if result.error:
+            click.echo(f"error: {result.error}")
+        sys.exit(EXIT_ERROR)
+
+
+def _load_replacement(spec: str) -> tuple[str, Any]:
+    """``NAME=MODULE:FUNCTION`` -> (NAME, the object), importing MODULE (the current folder
+    is searched too)."""
+    import importlib
+
+    name, eq, target = spec.partition("=")
+    module, colon, attr = target.partition(":")
+    if not (eq and colon and name and module and attr):
+        raise _Fail(f"error: --replace {spec!r}: give NAME=MODULE:FUNCTION, like "
+                    "--replace task_2=mymodule:task_2_fixed")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise _Fail(f"error: --replace {spec!r}: cannot load {target}: {exc}") from exc
+    return name, obj
+
+
+@click.group("triggers", invoke_without_command=True)
+@click.option("--all", "-a", "show_all", is_flag=True, help="Also the stopped ones.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@_errors
+def triggers_cmd(ctx: click.Context, show_all: bool, as_json: bool) -> None:
+    """The triggers of any process (`valent triggers stop` stops them)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    rows = _store().list_triggers(everything=show_all)
+    data = [_trigger_json(r) for r in rows]
+    if as_json:
+        fmt.echo_json(data)
+        return
+    if not data:
+        click.echo("no triggers" + ("" if show_all else " running (--all shows stopped ones)"))
+        return
+    table = [
+        (t["id"], t["dispatch_id"][:8], t["kind"], fmt.one_line(json.dumps(t["settings"]))[:50],
+         t["state"], t["fired"], (t["last_dispatch_id"] or "-")[:8], t["owner"]["pid"])
+        for t in data
+    ]
+    click.echo(fmt.table(
+        ("ID", "DISPATCH", "KIND", "WATCHES", "STATE", "FIRED", "LAST", "OWNER"), table
+    ))
+
+
+def _trigger_state(r: Any) -> str:
+    from ..api import _owner_dead
+
+    if r["stopped_at"] is not None:
+        return f"stopped: {r['stop_reason']}"
+    owner = {"owner_host": r["owner_host"], "owner_pid": r["owner_pid"],
+             "owner_started": r["owner_started"], "dispatch_id": r["dispatch_id"],
+             "status": "RUNNING"}
+    if _owner_dead(owner):
+        return "gone: its process exited"
+    return "stopping" if r["stop_requested_at"] is not None else "running"
+
+
+def _trigger_json(r: Any) -> dict[str, Any]:
+    return {
+        "id": r["id"], "dispatch_id": r["dispatch_id"], "kind": r["kind"],
+        "settings": json.loads(r["settings"] or "{}"), "state": _trigger_state(r),
+        "fired": r["fired"], "last_dispatch_id": r["last_dispatch_id"],
+        "started_at": fmt.ts(r["started_at"]), "stopped_at": fmt.ts(r["stopped_at"]),
+        "owner": {"pid": r["owner_pid"], "host": r["owner_host"]},
+    }
+
+
+@triggers_cmd.command("stop")
+@click.argument("trigger_ids", type=int, nargs=-1)
+@click.option("--dispatch", "-d", "dispatch_ids", multiple=True, metavar="ID",
+              help="Stop every trigger of this dispatch (repeatable).")
+@click.option("--timeout", type=fmt.Seconds(0), default=10.0, show_default=True,
+              help="Seconds to wait for their owners to confirm.")
+@_errors
+def triggers_stop_cmd(
+    trigger_ids: tuple[int, ...], dispatch_ids: tuple[str, ...], timeout: float
+) -> None:
+    """Stop triggers (by id, or all of a dispatch), whichever process runs them."""
+    if not trigger_ids and not dispatch_ids:
+        raise _Fail("error: give trigger ids, or --dispatch ID (`valent triggers` lists them)")
+    store = _store()
+    dids = [store.resolve(d) for d in dispatch_ids]
+    asked = store.request_trigger_stop(trigger_ids=trigger_ids, dispatch_ids=dids)
+    if not asked:
+        raise _Fail("error: no running trigger matches (`valent triggers --all` lists them)")
+    gone = [r["id"] for r in asked if _trigger_state(r).startswith("gone")]
+    store.trigger_stopped(gone, "its process had exited")
+    ids = {r["id"] for r in asked}
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [r for r in store.list_triggers() if r["id"] in ids]
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    for r in asked:
+        state = "NOT confirmed stopped" if any(x["id"] == r["id"] for x in left) else "stopped"
+        click.echo(f"trigger {r['id']} ({r['kind']} of {r['dispatch_id'][:8]}): {state}")
+    if left:
+        raise _Fail(f"{len(left)} trigger(s) not confirmed stopped within {timeout:g}s",
+                    EXIT_CANCEL_TIMEOUT)
+
+
 def register(cli: click.Group) -> None:
     """Add this module's commands to the `valent` group."""
-    for cmd in (list_cmd, status_cmd, show_cmd, cancel_cmd, watch_cmd, logs_cmd):
+    for cmd in (list_cmd, status_cmd, show_cmd, cancel_cmd, watch_cmd, logs_cmd, redispatch_cmd,
+                triggers_cmd):
         cli.add_command(cmd)

@@ -141,10 +141,60 @@ def node_json(n: Any) -> dict[str, Any]:
     }
 
 
+class Nested:
+    """A node row with its depth in a dispatch's tree (0: the dispatch's own nodes; 1: the
+    nodes of a sublattice's child dispatch, shown under its node; ...)."""
+
+    __slots__ = ("row", "depth")
+
+    def __init__(self, row: Any, depth: int):
+        self.row = row
+        self.depth = depth
+
+    def __getitem__(self, key: str) -> Any:
+        return self.row[key]
+
+    def keys(self) -> Any:
+        return self.row.keys()
+
+
+def node_tree(store: Any, dispatch_id: str, nodes: Sequence[Any], depth: int = 0) -> list[Any]:
+    """``nodes`` with, after each sublattice node, the nodes of its child dispatch (and theirs,
+    recursively), each knowing its depth."""
+    out: list[Any] = []
+    subs: dict[int, str] = {}
+    if any(n["kind"] == "sublattice" for n in nodes):
+        subs = {c["parent_node_id"]: c["dispatch_id"] for c in store.child_dispatches(dispatch_id)}
+    for n in nodes:
+        out.append(Nested(n, depth))
+        child = subs.get(n["node_id"])
+        if child is not None:
+            inner = store.node_rows(child, with_outputs=False)
+            out += node_tree(store, child, inner, depth + 1)
+    return out
+
+
+def _indent(n: Any) -> str:
+    return "  " * getattr(n, "depth", 0)
+
+
+def tree_id(n: Any) -> str:
+    """The node's id, indented by its depth in the tree."""
+    return f"{_indent(n)}{n['node_id']}"
+
+
+def tree_name(n: Any) -> str:
+    return f"{_indent(n)}{n['name']}"
+
+
+def tree_label(n: Any) -> str:
+    return f"{_indent(n)}{label(n)}"
+
+
 def node_table(nodes: Sequence[Any]) -> str:
     rows = [
         (
-            n["node_id"], n["name"], n["status"], n["executor"] or "-",
+            tree_id(n), tree_name(n), n["status"], n["executor"] or "-",
             n["cancel_outcome"] or "-", fmt_secs(node_duration(n)), node_note(n),
         )
         for n in nodes

@@ -9,15 +9,21 @@ from collections.abc import Iterator
 import psutil
 
 
-def _stat_fields(pid: int) -> tuple[str, int, int] | None:
-    """(state, pgrp, ppid) of ``pid`` from /proc, or None if it is gone."""
+def _stat_fields(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, pgrp, ppid, start time in clock ticks) of ``pid`` from /proc, or None if it is
+    gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
     except OSError:
         return None
-    rest = data[data.rindex(b")") + 2 :].split()
-    return rest[0].decode(), int(rest[2]), int(rest[1])
+    try:
+        data = os.read(fd, 1024)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    rest = data[data.rindex(b")") + 2 :].split(None, 20)
+    return rest[0].decode(), int(rest[2]), int(rest[1]), int(rest[19])
 
 
 def _live_procs() -> Iterator[tuple[int, int, int]]:
@@ -56,6 +62,66 @@ def _children_map() -> dict[int, list[int]]:
         out.setdefault(ppid, []).append(pid)
     _scan_cache = (now, out)
     return out
+
+
+class Scan:
+    """One fresh pass over the live (non-zombie) processes (Linux /proc): who is whose child,
+    who is in which group, when each started. Used to kill a tree until a scan finds nothing
+    left of it."""
+
+    def __init__(self) -> None:
+        self.kids: dict[int, list[int]] = {}
+        self.groups: dict[int, list[int]] = {}
+        self.start: dict[int, int] = {}  # pid -> start time (ticks): tells a reused pid apart
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            fields = _stat_fields(pid)
+            if fields is None or fields[0] in ("Z", "X"):
+                continue
+            self.kids.setdefault(fields[2], []).append(pid)
+            self.groups.setdefault(fields[1], []).append(pid)
+            self.start[pid] = fields[3]
+
+    def alive(self, tree: dict[int, int]) -> dict[int, int]:
+        """The members of an earlier ``tree`` ({pid: start}) that are the same processes
+        and still alive."""
+        return {p: t for p, t in tree.items() if self.start.get(p) == t}
+
+    def tree(self, pid: int) -> dict[int, int]:
+        """{pid: start} of the live descendants of ``pid`` and the members of its process
+        group, ``pid`` itself left out."""
+        out = {p: self.start[p] for p in self.descendants(pid)}
+        out.update((p, self.start[p]) for p in self.groups.get(pid, ()))
+        out.pop(pid, None)
+        return out
+
+    def descendants(self, pid: int) -> list[int]:
+        """Every live descendant of ``pid``."""
+        found, stack = [], list(self.kids.get(pid, ()))
+        while stack:
+            c = stack.pop()
+            found.append(c)
+            stack.extend(self.kids.get(c, ()))
+        return found
+
+
+
+def state(pid: int) -> str | None:
+    """The one-letter state of ``pid`` (``R``, ``S``, ``T`` stopped, ``Z`` zombie, ...), or
+    None if it is gone (or there is no /proc)."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
+
+
+def signal_pids(pids, sig: int) -> None:
+    """Send ``sig`` to each pid; one already gone is fine."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def group_members(pgid: int) -> list[int]:

@@ -1,11 +1,21 @@
-"""The child side of :mod:`valent.procpool`: one warm worker process, one task at a time.
+"""The child side of :mod:`valent._pool.pool`: one warm worker process, one task at a time.
 
-Started as ``python -m valent.poolworker SOCK_FD LIFELINE_FD OUT_PATH ERR_PATH`` in its own
-session, so the task and every subprocess it starts share the worker's process group.
-On Linux it is also a child subreaper: a daemon a task starts (double fork, ``setsid``)
-becomes the worker's child instead of init's, so the kill of a cancelled task finds it in
-the worker's process tree. Imports only the standard library and cloudpickle before the
-first task arrives.
+Started by the pool's own thread as ``python -P -m valent._pool.worker SOCK_FD OWNER_PID OUT_PATH
+ERR_PATH`` in its own session (``-P``: nothing from the current directory is importable at
+start, so a ``valent/`` planted there cannot run), so the task and every subprocess it starts
+share the worker's process group. On Linux it is also a child subreaper: a daemon a task starts
+(double fork, ``setsid``) becomes the worker's child instead of init's, so while the worker
+lives, everything its tasks started is in its process tree.
+
+That is why the worker never dies before its tree when it is stopped: on a cancel it stops
+itself (SIGSTOP) instead of exiting, and on its owner's death the kernel stops it
+(``PR_SET_PDEATHSIG`` = SIGSTOP, see :func:`_stop_with_owner`); then the pool (or the pool's
+watcher, :mod:`valent._pool.watch`) kills the tree under the frozen worker until it is empty,
+and the worker last.
+
+Messages to the pool: ``("ready",)`` once up; ``("started", job_id, time)`` right before a
+task's body is called (a task that never got there is reported dequeued, not killed); then
+the result tuple. Imports only the standard library and cloudpickle before the first task.
 """
 
 from __future__ import annotations
@@ -16,7 +26,6 @@ import signal
 import socket
 import struct
 import sys
-import threading
 import time
 import traceback
 
@@ -29,20 +38,42 @@ _cancelled = False
 _in_task = False
 
 
+PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
 
-def _become_subreaper() -> bool:
-    """Adopt orphaned descendants (Linux ``prctl``); False where that is not available."""
+def _prctl(option: int, arg: int) -> bool:
+    """Linux ``prctl(option, arg)``; False where that is not available."""
     if not sys.platform.startswith("linux"):
         return False
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        return libc.prctl(option, arg, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
+
+
+def _stop_with_owner(owner: int) -> None:
+    """Have the kernel freeze this worker when the pool's thread (its parent) dies.
+
+    Noticed by the kernel, so it works whatever the task does (a task holding the GIL, a
+    fork of the owner that keeps pipes open). SIGSTOP, not SIGKILL: a frozen worker stays
+    alive as the subreaper of everything its task started, so the pool's watcher
+    (:mod:`valent._pool.watch`, which holds a pidfd of the owner) finds the whole tree under it
+    and kills it, worker last. A dead worker would hand its daemons to init instead.
+    """
+    _prctl(PR_SET_PDEATHSIG, signal.SIGSTOP)
+    if os.getppid() != owner:  # the owner died before the line above: nothing to keep
+        os._exit(0)
+
+
+def _stop_self() -> None:
+    """Stopped by a cancel: freeze, still the subreaper of the task's tree, for the pool to
+    kill that tree and then this process (it never resumes; if it does, it exits)."""
+    os.kill(os.getpid(), signal.SIGSTOP)
+    os._exit(128 + signal.SIGTERM)
 
 
 def _reap_orphans() -> None:
@@ -62,25 +93,64 @@ def _token() -> bool:
     return _cancelled
 
 
-def _on_sigterm(signum, frame):  # noqa: ARG001
-    """A task that never asked ``cancel_requested()`` ends at once; one that did gets the grace."""
+def _orphaned() -> None:
+    """The pool's end of the socket closed: its process died (the kernel may not have frozen
+    this worker yet). Take everything this worker's tasks started down, then exit."""
+    from valent._pool.watch import kill_below
+
+    kill_below([os.getpid()])
+
+
+def _on_sigterm(signum, frame):
+    """A task that never asked ``cancel_requested()`` stops at once; one that did gets the
+    grace. Between tasks it only marks the cancel (the next body then never starts)."""
     global _cancelled
     _cancelled = True
     if _in_task and not _cooperative:
-        os._exit(128 + signal.SIGTERM)
+        _stop_self()
 
 
-def _watch_lifeline(fd: int) -> None:
-    """When the pool's process dies (its end of the pipe closes), take the whole group down."""
-    try:
-        while os.read(fd, 1):
-            pass
-    except OSError:
-        pass
-    try:
-        os.killpg(os.getpgid(0), signal.SIGKILL)
-    finally:
-        os._exit(137)
+class _OwnState:
+    """The worker's own ``sys.stdin/stdout/stderr``, signal handlers, working directory and
+    umask, put back after every task: one task must not damage the worker for the next (a
+    task that closes or replaces ``sys.stdout``, installs a SIGTERM handler, changes dir)."""
+
+    def __init__(self) -> None:
+        self.streams = [sys.stdin, sys.stdout, sys.stderr]
+        self.cwd = os.getcwd()
+        self.umask = os.umask(0o077)
+        os.umask(self.umask)
+        self.handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        for i, (name, fd, mode) in enumerate((("stdin", 0, "r"), ("stdout", 1, "w"),
+                                              ("stderr", 2, "w"))):
+            own = self.streams[i]
+            if own is None or own.closed:
+                own = self.streams[i] = _reopen(fd, mode)
+            if getattr(sys, name) is not own:
+                setattr(sys, name, own)
+        for sig, handler in self.handlers.items():
+            if signal.getsignal(sig) is not handler:
+                signal.signal(sig, handler)
+        os.umask(self.umask)
+        try:
+            if os.getcwd() != self.cwd:
+                os.chdir(self.cwd)
+        except OSError:
+            os.chdir(self.cwd)
+
+
+def _reopen(fd: int, mode: str):
+    """A fresh text stream on ``fd`` (which the worker keeps open: closing ``sys.stdout``
+    does not close fd 1), line buffered like an interpreter's own stdio."""
+    return open(fd, mode, buffering=1 if mode == "w" else -1, encoding="utf-8",
+                errors="backslashreplace", closefd=False)
 
 
 def recv_msg(sock: socket.socket) -> tuple[object, bytes | bytearray | None] | None:
@@ -177,15 +247,16 @@ def _pack_error(exc: BaseException) -> tuple:
 
 def main(argv: list[str]) -> None:
     global _cooperative, _in_task
-    sock_fd, life_fd = int(argv[0]), int(argv[1])
+    sock_fd, owner = int(argv[0]), int(argv[1])
     out_path, err_path = argv[2], argv[3]
-    threading.Thread(target=_watch_lifeline, args=(life_fd,), daemon=True).start()
+    _stop_with_owner(owner)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    subreaper = _become_subreaper()
+    subreaper = _prctl(PR_SET_CHILD_SUBREAPER, 1)
     import faulthandler
 
     faulthandler.enable()
+    os.set_inheritable(sock_fd, False)  # a task's exec'd children must not hold the pool's line
     sock = socket.socket(fileno=sock_fd)
     got = recv_msg(sock)
     if got is None:
@@ -201,12 +272,16 @@ def main(argv: list[str]) -> None:
     except Exception:
         pass
     capture = _Capture(out_path, err_path)
+    own = _OwnState()
     fns: dict[int, object] = {}
     send_msg(sock, ("ready",))
     while True:
-        got = recv_msg(sock)
+        try:
+            got = recv_msg(sock)
+        except OSError:
+            got = None
         if got is None:
-            return
+            return _orphaned()
         (job_id, fn_key, fn_blob, forget), args_blob = got
         for k in forget:
             fns.pop(k, None)
@@ -219,8 +294,10 @@ def main(argv: list[str]) -> None:
             fn = fns[fn_key]
             args, kwargs = cloudpickle.loads(args_blob)
             _in_task = True
-            if _cancelled and not _cooperative:
-                os._exit(128 + signal.SIGTERM)  # the cancel arrived before the task began
+            if _cancelled:
+                _stop_self()  # the cancel arrived before the body began: it never runs
+            started = time.time()
+            send_msg(sock, ("started", job_id, started))
             try:
                 value = fn(*args, **kwargs)
             finally:
@@ -232,6 +309,7 @@ def main(argv: list[str]) -> None:
         # marks it (the result is delivered and reported as finished before the cancel)
         stopped_by_cancel = _cancelled
         ended = time.time()
+        own.restore()
         out, err = capture.stop()
         if subreaper:
             _reap_orphans()
@@ -248,10 +326,14 @@ def main(argv: list[str]) -> None:
                 payload = (None, msg_text, "".join(traceback.format_exception(exc)))
         else:
             payload = _pack_error(value)
-        if ok:
-            send_msg(sock, (job_id, ok, None, started, ended, out, err, stopped_by_cancel), payload)
-        else:
-            send_msg(sock, (job_id, ok, payload, started, ended, out, err, stopped_by_cancel))
+        try:
+            if ok:
+                send_msg(sock, (job_id, ok, None, started, ended, out, err, stopped_by_cancel),
+                         payload)
+            else:
+                send_msg(sock, (job_id, ok, payload, started, ended, out, err, stopped_by_cancel))
+        except OSError:
+            return _orphaned()
 
 
 if __name__ == "__main__":

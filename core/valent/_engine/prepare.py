@@ -1,0 +1,210 @@
+"""Turning a traced graph into a dispatch's store rows and its run: for ``dispatch``,
+``redispatch`` and the child dispatch of a sublattice alike."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import pickle
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from ..errors import PicklingError
+from ..graph import PARAMETER, Graph, Ref
+from ..status import Status
+from .resolve import Executors, executor_spec
+from .reuse import Reuse, blob_digest
+from .runstate import DispatchRun
+
+NODE_COLUMNS = (
+    "dispatch_id", "node_id", "name", "kind", "executor", "parents", "status", "output",
+    "out_digest",
+)
+
+_PLAIN = (int, float, str, bytes, bool, type(None))
+
+
+def dumps_param(value: Any) -> bytes:
+    """Pickle a parameter: the C pickler for plain scalars, cloudpickle for everything else
+    (so functions and classes from ``__main__`` load in other processes too)."""
+    if type(value) in _PLAIN:
+        return pickle.dumps(value, protocol=5)
+    return cloudpickle.dumps(value, protocol=5)
+
+
+def resolve_executors(executors: Executors, graph: Graph, default: str | None = None) -> list:
+    """Each node's executor (None for nodes that run inline and sublattices), resolved now: a
+    name no plugin provides, a bad ``[executors.NAME]`` setting or an ``__init__`` that
+    rejects its settings fails at once, before anything runs."""
+    from ..config import default_executor_name
+    from ..graph import ELECTRON
+
+    if default is None:
+        default = default_executor_name()
+    found: dict[Any, Any] = {}
+    out: list[Any] = []
+    for node in graph.nodes:
+        if node.kind != ELECTRON:
+            out.append(None)
+            continue
+        spec = executor_spec(node.electron, graph.executor, default)
+        key = spec if isinstance(spec, str) else id(spec)
+        ex = found.get(key)
+        if ex is None:
+            ex = found[key] = executors.resolve(spec)
+        out.append(ex)
+    return out
+
+
+def param_problem(graph: Graph, node_id: int, exc: Exception) -> str:
+    node = graph.nodes[node_id]
+    users = []
+    for n in graph.nodes:
+        for i, a in enumerate(n.args):
+            if a == Ref(node_id):
+                users.append(f"argument {i + 1} of {n.label}")
+        for k, a in n.kwargs.items():
+            if a == Ref(node_id):
+                users.append(f"argument {k!r} of {n.label}")
+    where = ", ".join(users) or "an argument"
+    return (
+        f"{where} ({type(node.value).__name__} value, node {node.label}) cannot be pickled, so "
+        f"it cannot be sent to an executor: {exc}. Pass plain data, or create the object "
+        "inside the electron that uses it."
+    )
+
+
+def create_run(
+    graph: Graph,
+    store: Any,
+    executors: Executors,
+    owner: tuple[int, str, float],
+    links: dict[str, Any] | None = None,
+    lattice_blob: bytes | None = None,
+    default_executor: str | None = None,
+    new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    reuse: Reuse | None = None,
+) -> DispatchRun:
+    """Write a new dispatch of ``graph`` to ``store`` (NEW_OBJECT) and return its run.
+
+    ``links``: ``parent_dispatch_id``, ``parent_node_id``, ``root_dispatch_id``,
+    ``redispatch_of`` (the root is the dispatch itself when not given). ``reuse``: the
+    earlier dispatch a redispatch takes outputs from; the nodes that qualify
+    (``Reuse.plan``) are written COMPLETED (start == end, reason ``reused from <id>``) and
+    never run.
+    """
+    with gc_paused():  # tens of thousands of small tuples: no collection in between
+        return _create_run(
+            graph, store, executors, owner, links, lattice_blob, default_executor, new_id(),
+            reuse,
+        )
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Pause the cyclic garbage collector (building tens of thousands of objects that all
+    stay alive: a collection would only walk them)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _create_run(
+    graph: Graph,
+    store: Any,
+    executors: Executors,
+    owner: tuple[int, str, float],
+    links: dict[str, Any] | None,
+    lattice_blob: bytes | None,
+    default_executor: str | None,
+    dispatch_id: str,
+    reuse: Reuse | None,
+) -> DispatchRun:
+    # parameters first: an unpicklable lattice argument is reported with the node using it
+    params: dict[int, bytes] = {}
+    for node in graph.nodes:
+        if node.kind == PARAMETER:
+            try:
+                params[node.id] = dumps_param(node.value)
+            except Exception as exc:
+                raise PicklingError(param_problem(graph, node.id, exc)) from exc
+    try:
+        inputs = cloudpickle.dumps((graph.args, graph.kwargs))
+    except Exception as exc:
+        raise PicklingError(
+            f"the arguments of lattice {graph.lattice_name!r} cannot be pickled: {exc}; "
+            "pass plain data (numbers, strings, lists, dicts, arrays) or paths"
+        ) from exc
+    node_executors = resolve_executors(executors, graph, default_executor)
+    digests = {nid: blob_digest(b) for nid, b in params.items()}
+    new = Status.NEW_OBJECT.value
+    nodes = [
+        (
+            dispatch_id,
+            node.id,
+            node.name,
+            node.kind,
+            None if node_executors[node.id] is None else node_executors[node.id].name,
+            "[" + ",".join(map(str, node.parents)) + "]",
+            new,
+            params.get(node.id),
+            digests.get(node.id),
+        )
+        for node in graph.nodes
+    ]
+    plan = reuse.plan(graph, digests) if reuse is not None else {}
+    now = time.time()
+    reused: dict[str, Any] | None = None
+    if plan:
+        reused = {
+            "source": reuse.source_id,  # type: ignore[union-attr]
+            "time": now,
+            "reason": f"reused from {reuse.source_id}",  # type: ignore[union-attr]
+            "same": [],
+            "rows": [],
+        }
+        for nid, (old, fn_d, in_d) in sorted(plan.items()):
+            mine = nodes[nid]
+            if (mine[4], mine[5]) == (old["executor"], old["parents"]):
+                reused["same"].append(nid)  # copied whole in one statement
+            else:
+                reused["rows"].append((nid, *mine[2:6], fn_d, in_d))
+        nodes = [row for row in nodes if row[1] not in plan]
+    pid, host, started = owner
+    links = dict(links or {})
+    links.setdefault("root_dispatch_id", dispatch_id)
+    row = {
+        "dispatch_id": dispatch_id,
+        "lattice_name": graph.lattice_name,
+        "status": Status.NEW_OBJECT.value,
+        "created_at": now,
+        "inputs": inputs,
+        "input_repr": repr((graph.args, graph.kwargs))[:500],
+        "owner_pid": pid,
+        "owner_host": host,
+        "owner_started": started,
+        "node_count": len(graph.nodes),
+        "lattice": lattice_blob,
+        **links,
+    }
+    store.create_dispatch(row, nodes, NODE_COLUMNS, reused)
+    run = DispatchRun(dispatch_id, graph, store, node_executors)
+    run.root_id = links["root_dispatch_id"]
+    run.reuse = reuse
+    for nid, d in digests.items():
+        run.nodes[nid].out_digest = d
+    for nid, (old, fn_d, in_d) in plan.items():
+        nr = run.nodes[nid]
+        nr.status = Status.COMPLETED
+        nr.reused = nr.submitted = True  # its output: read from the store when needed
+        nr.out_digest, nr.fn_digest, nr.in_digest = old["out_digest"], fn_d, in_d
+        nr.start_time = nr.end_time = now
+    return run

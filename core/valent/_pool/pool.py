@@ -1,0 +1,1061 @@
+"""A warm pool of worker processes whose running tasks can be killed, subprocesses and all.
+
+Each worker is a fresh interpreter (``subprocess``, so it also works inside a daemonic Dask
+worker) started in its own session: a task and everything it spawns share one process group,
+and the worker is a child subreaper, so even a ``setsid`` daemon stays in its tree. Workers are
+reused across tasks; a worker whose task is cancelled is killed (SIGTERM, grace, then the tree
+under the frozen worker until nothing is left, the worker last) and replaced. The Local
+executor uses it directly, the Dask executor's kill mode runs one inside each Dask worker, and
+a third-party executor may reuse it.
+
+    pool = ProcessPool(workers=4)
+    job = pool.submit(fn, args, kwargs, on_change=callback)
+    job.wait(); job.state            # Completed(pickled=...) | Failed(...) | Cancelled(...)
+    pool.cancel(job)                 # CancelOutcome; the job then ends Cancelled(...)
+
+Roles, as in CPython's ``concurrent.futures.process``:
+
+- :class:`ProcessPool` is the public, locked face. Its methods only take the lock, put a job
+  on the queue (or a kill request on the kill list), and wake the loop.
+- :class:`_Loop` runs on the pool's one thread and alone holds and changes everything else:
+  the selector, the workers, messages from them, kills, respawn, growth and shrinking. It
+  publishes a read-only view (``stats``, pids) for the public face.
+- the worker program is :mod:`valent._pool.worker`; :mod:`valent._pool.watch` is the watcher that
+  kills every worker tree when the owning process dies.
+
+What the pool reports (the truth invariants): a job is ``Running`` once its body started (the
+worker says so right before calling it). A cancelled job whose body never started is
+``Cancelled(DEQUEUED)``, wherever it waited; ``Cancelled(KILLED)`` means its body started and
+its worker's whole tree is confirmed gone. What happened first decides: a job that failed
+before the cancel was requested stays ``Failed``; one that failed after it (its own SIGTERM
+handler, an error while stopping) is ``Cancelled(KILLED)``; one that completed is ``Completed``.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import pickle
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from .. import pickling
+from ..errors import PicklingError, WorkerDiedError
+from ..status import CancelOutcome
+from ..task import Cancelled, Completed, Failed, Pending, Running, TaskState
+from . import proctree
+from .worker import HEADER, send_msg
+
+FN_CACHE_SIZE = 256
+KILL_TICK = 0.005  # seconds between rounds of killing a tree
+LOOK_FAST, LOOK_SLOW = 0.001, 0.02  # between looks at a stopping worker: first 0.1 s, then
+RUNNING_NOTE_DELAY = 0.001  # observers hear of a start this late: a quick job is told once
+BOOT_FAILURES = 3  # workers in a row that die before they are up: stop trying, fail the queue
+
+
+class RemoteError(Exception):
+    """Stands in for a task's exception that could not be pickled back."""
+
+
+class Job:
+    """One task in the pool. ``state`` is a valent ``TaskState``; ``done`` is an Event.
+
+    ``state`` and the cancel fields change under the pool's lock; ``worker`` is set when the
+    loop claims the job for a worker (under the lock), after which a cancel kills.
+    """
+
+    __slots__ = (
+        "id", "fn_entry", "args_blob", "on_change", "state", "worker", "done",
+        "kill_requested", "cancel_at", "started_at", "held", "label",
+    )
+
+    def __init__(self, jid: int, fn_entry, args_blob: bytes, on_change, label: str):
+        self.id = jid
+        self.fn_entry = fn_entry
+        self.args_blob = args_blob
+        self.on_change = on_change
+        self.state: TaskState = Pending()
+        self.worker: _Worker | None = None
+        self.done = threading.Event()
+        self.kill_requested = False
+        self.cancel_at: float | None = None  # time.time() of the cancel request
+        self.started_at: float | None = None  # when the body started, as the worker said
+        self.held: tuple[str, str] | None = None  # output of a task stopped by the cancel
+        self.label = label
+
+    def wait(self, timeout: float | None = None) -> TaskState:
+        """Block until the job is final (or ``timeout``); return its state."""
+        self.done.wait(timeout)
+        return self.state
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.label} {type(self.state).__name__}>"
+
+
+class _Worker:
+    """One worker process, as the loop sees it (only the loop touches it)."""
+
+    __slots__ = (
+        "proc", "sock", "known", "job", "idle_since", "out_path", "err_path", "doomed",
+        "kill_deadline", "reaping", "tree", "dead_at", "key", "ready", "cpu_mark", "rbuf",
+        "settled", "died_at", "term_at", "next_scan",
+    )
+
+    def __init__(self, proc, sock, out_path, err_path):
+        self.proc: subprocess.Popen = proc
+        self.sock: socket.socket = sock
+        self.known: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self.job: Job | None = None
+        self.idle_since = time.monotonic()
+        self.out_path = out_path
+        self.err_path = err_path
+        self.doomed = False  # being stopped: SIGTERM sent (or died on its own)
+        self.kill_deadline: float | None = None  # when the grace ends
+        self.reaping = False  # past the grace: its tree is being killed, then it
+        self.tree: dict[int, int] = {}  # {pid: start} of its tree at the last look
+        self.dead_at: float | None = None  # when its socket closed
+        self.key = sock.fileno()
+        self.ready = False
+        self.cpu_mark: tuple[float, float] | None = None
+        self.rbuf = bytearray()  # bytes received from the worker, not yet a whole message
+        self.settled = False  # its task's result arrived after the kill began
+        self.died_at: float | None = None  # time.time() it was seen dead on its own
+        self.term_at = 0.0  # monotonic time of the SIGTERM
+        self.next_scan = 0.0  # no /proc scan for it before this (monotonic)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def cpu_mark(pid: int) -> tuple[float, float] | None:
+    """(CPU seconds used, monotonic time) of a process, or None if it is gone."""
+    import psutil
+
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return (t.user + t.system, time.monotonic())
+
+
+def unpack_error(payload: tuple) -> BaseException:
+    blob, text, _tb = payload
+    if blob is not None:
+        try:
+            return cloudpickle.loads(blob)
+        except Exception:
+            pass
+    return RemoteError(text)
+
+
+def tail(path: str, limit: int = 1 << 16) -> str:
+    """The last ``limit`` bytes of a text file, decoded; empty if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _notify(job: Job) -> None:
+    cb = job.on_change
+    if cb is not None:
+        try:
+            cb(job)
+        except Exception:  # an observer's bug must not kill the pool
+            traceback.print_exc()
+
+
+class ProcessPool:
+    """Warm, reusable, killable worker processes.
+
+    :param workers: a fixed number of workers; or None for an elastic pool of
+        ``min_workers`` .. ``max_workers`` that grows when queued work waits behind busy
+        workers for ``grow_after`` seconds (tasks that sleep or wait), and shrinks back when
+        workers stay idle for ``idle_timeout`` seconds.
+    :param grace: seconds a cancelled task that uses ``cancel_requested()`` gets between
+        SIGTERM and SIGKILL (a task that never asked stops at SIGTERM).
+    :param capture: capture each task's stdout and stderr (fds 1 and 2, subprocesses too).
+    :param python: the interpreter the workers run (default: this one; 3.11+, started with
+        ``-P`` so that nothing in the working directory is importable at their start).
+
+    When the process that made the pool dies, however it dies, its workers and everything
+    their tasks started die too (see :mod:`valent._pool.watch`).
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        min_workers: int | None = None,
+        max_workers: int | None = None,
+        grace: float = 1.0,
+        grow_after: float = 0.05,
+        idle_timeout: float = 60.0,
+        capture: bool = True,
+        python: str | None = None,
+        name: str = "valent",
+    ):
+        cpus = os.cpu_count() or 1
+        if workers is not None:
+            if workers < 1:
+                raise ValueError(f"workers must be >= 1, got {workers}")
+            min_workers = max_workers = workers
+        self.min_workers = min_workers if min_workers is not None else cpus
+        self.max_workers = max_workers if max_workers is not None else max(32, 4 * cpus)
+        if not 1 <= self.min_workers <= self.max_workers:
+            raise ValueError(
+                f"need 1 <= min_workers <= max_workers, got {self.min_workers}, {self.max_workers}"
+            )
+        self.grace = grace
+        self.grow_after = grow_after
+        self.idle_timeout = idle_timeout
+        self.capture = capture
+        self.python = python or sys.executable
+        self.name = name
+        # shared with the loop, under the lock: the queue, the kill list, the closed flag
+        self._lock = threading.RLock()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._kills: list[Job] = []
+        self._closed = False
+        self._ids = itertools.count(1)
+        self._fn_keys = itertools.count(1)
+        self._fn_cache: collections.OrderedDict[int, tuple[Any, int, bytes]] = (
+            collections.OrderedDict()
+        )
+        self._loop: _Loop | None = None
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+
+    # ---------------------------------------------------------------- public API
+
+    def start(self) -> None:
+        """Start the pool's thread and its minimum number of workers (done on first submit
+        otherwise); returns once the workers' processes exist."""
+        with self._lock:
+            self._check_usable()
+            if self._loop is not None:
+                return
+            self._loop = _Loop(self)
+            self._thread = threading.Thread(
+                target=self._loop.run, name=f"{self.name}-pool-io", daemon=True
+            )
+            self._thread.start()
+        self._loop.booted.wait(30)
+
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        args: tuple = (),
+        kwargs: dict | None = None,
+        *,
+        on_change: Callable[[Job], None] | None = None,
+        label: str = "",
+    ) -> Job:
+        """Queue ``fn(*args, **kwargs)``; ``on_change(job)`` is called, on the pool's thread,
+        when it starts and when it ends (once, with the final state, when the pool sees both
+        within a millisecond); read ``job.state`` there.
+
+        Raises ``valent.PicklingError`` when the function or its arguments cannot be pickled.
+        """
+        entry = self._fn_entry(fn, label)
+        try:
+            args_blob = cloudpickle.dumps((args, kwargs or {}), protocol=5)
+        except Exception as exc:
+            raise PicklingError(
+                f"the arguments of {label or fn!r} cannot be pickled: {exc}"
+            ) from exc
+        job = Job(next(self._ids), entry, args_blob, on_change, label)
+        if self._loop is None:
+            self.start()
+        with self._lock:
+            self._check_usable()
+            self._queue.append(job)
+        self._wake()
+        return job
+
+    def cancel(self, job: Job) -> CancelOutcome:
+        """Cancel ``job`` without blocking; its state turns ``Cancelled`` when confirmed.
+
+        A queued job is dequeued at once. A job handed to a worker is stopped by the loop; the
+        answer then is KILLED (what will be done), and the final state says what happened:
+        ``Cancelled(DEQUEUED)`` if its body had not started, ``Cancelled(KILLED)`` once its
+        tree is gone, or ``Completed``/``Failed`` if it ended before the cancel was asked for.
+        """
+        with self._lock:
+            if isinstance(job.state, Cancelled):
+                return job.state.outcome  # cancelled before: the same answer again
+            if job.state.final:
+                return CancelOutcome.TOO_LATE
+            if job.kill_requested:
+                return CancelOutcome.KILLED
+            if job.worker is None:
+                try:
+                    self._queue.remove(job)
+                except ValueError:
+                    return CancelOutcome.TOO_LATE
+                job.state = Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time())
+                job.done.set()
+                dequeued = True
+            else:
+                dequeued = False
+                job.kill_requested = True
+                job.cancel_at = time.time()
+                self._kills.append(job)
+        if dequeued:
+            _notify(job)
+            return CancelOutcome.DEQUEUED
+        self._wake()
+        return CancelOutcome.KILLED
+
+    def stats(self) -> dict[str, int]:
+        """Counts of workers (all, idle, being killed) and queued jobs."""
+        view = self._loop.view if self._loop is not None else _Loop.EMPTY_VIEW
+        with self._lock:
+            queued = len(self._queue)
+        return {"workers": len(view[0]), "idle": view[2], "dying": view[3], "queued": queued}
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the current worker processes (each one a process-group leader)."""
+        return list(self._loop.view[0]) if self._loop is not None else []
+
+    def own_pids(self) -> list[int]:
+        """PIDs of every process the pool started and holds: its workers and its watcher."""
+        if self._loop is None:
+            return []
+        view = self._loop.view
+        return list(view[0]) + ([view[4]] if view[4] else [])
+
+    def busy_pids(self) -> list[int]:
+        """PIDs of the workers running a task now."""
+        return list(self._loop.view[1]) if self._loop is not None else []
+
+    def shutdown(self, wait: bool = True, timeout: float = 10.0) -> None:
+        """Cancel what is queued, kill what runs, stop every worker; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            queued, self._queue = list(self._queue), collections.deque()
+            for job in queued:
+                job.state = Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time())
+                job.done.set()
+        for job in queued:
+            _notify(job)
+        if self._loop is None:
+            return
+        self._wake()
+        if wait and self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def __enter__(self) -> ProcessPool:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---------------------------------------------------------------- the caller's side
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise RuntimeError("this ProcessPool was shut down")
+        if os.getpid() != self._pid:
+            raise RuntimeError(
+                "this ProcessPool belongs to the process this one was forked from; its "
+                "workers and thread are not here. Make a new ProcessPool in this process."
+            )
+
+    def _wake(self) -> None:
+        loop = self._loop
+        if loop is not None:
+            loop.wake()
+
+    def _fn_entry(self, fn, label) -> tuple[Any, int, bytes]:
+        key = id(fn)
+        with self._lock:
+            entry = self._fn_cache.get(key)
+            if entry is not None and entry[0] is fn:
+                self._fn_cache.move_to_end(key)
+                return entry
+        try:
+            blob = pickling.dumps(fn)  # keeps the file name for tracebacks
+        except Exception as exc:
+            raise PicklingError(f"the function {label or fn!r} cannot be pickled: {exc}") from exc
+        entry = (fn, next(self._fn_keys), blob)
+        with self._lock:
+            self._fn_cache[key] = entry
+            while len(self._fn_cache) > FN_CACHE_SIZE:
+                self._fn_cache.popitem(last=False)
+        return entry
+
+
+class _Loop:
+    """The pool's one thread: owns the selector, the workers, the watcher, every kill and
+    every resize. Reads the pool's queue and kill list under the pool's lock; sets job states
+    under that lock; calls ``on_change`` callbacks without it."""
+
+    EMPTY_VIEW: tuple[tuple[int, ...], tuple[int, ...], int, int, int] = ((), (), 0, 0, 0)
+
+    def __init__(self, pool: ProcessPool):
+        self.pool = pool
+        self.lock = pool._lock
+        self.booted = threading.Event()
+        # (pids, busy pids, idle, dying, watcher pid): replaced, never mutated
+        self.view = self.EMPTY_VIEW
+        self.view_key: tuple = ()
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        self.tmpdir = tempfile.mkdtemp(prefix=f"{pool.name}-pool-")
+        self.workers: dict[int, _Worker] = {}  # by socket fileno
+        self.idle: list[_Worker] = []
+        self.dying: list[_Worker] = []
+        self.watcher: subprocess.Popen | None = None
+        self.watcher_restarts = 0
+        self.housekeeping = 0.0  # monotonic time of the next watcher check and shrink
+        self.index = itertools.count()
+        self.rbuf = bytearray(1 << 18)  # one receive buffer for every worker
+        self.rview = memoryview(self.rbuf)
+        self.last_start = time.monotonic()
+        self.respawn = 0
+        self.boot_failures = 0
+        self.closing = False
+        self.woken = False
+        self.notes: list[Job] = []  # jobs whose observers are told at the end of this turn
+        # (when, job) of started jobs whose observers are told then, unless they ended
+        self.started: collections.deque[tuple[float, Job]] = collections.deque()
+
+    # ------------------------------------------------------------ the loop
+
+    def wake(self) -> None:
+        """From any thread: make the loop look at the queue and the kill list now."""
+        if self.woken:
+            return
+        self.woken = True
+        try:
+            self.wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        try:
+            self._start_watcher()
+            for _ in range(self.pool.min_workers):
+                self._spawn()
+            self._publish()
+            self.booted.set()
+            while True:
+                events = self.sel.select(self._timeout())
+                for key, _ in events:
+                    if key.data is None:
+                        try:
+                            while self.wake_r.recv(4096):
+                                pass
+                        except OSError:
+                            pass
+                        # after the reads: a wake() from now on sends again (cleared before
+                        # them, a wake() in between would be read here and then suppressed)
+                        self.woken = False
+                    else:
+                        self._on_readable(key.data)
+                self._turn()
+                if self.closing and not self.workers:
+                    break
+        except BaseException:  # a bug here must not leave frozen workers or waiting jobs
+            traceback.print_exc()
+            self._abandon()
+        finally:
+            self.booted.set()
+            self._cleanup()
+
+    def _turn(self) -> None:
+        """One pass: take cancels and shutdown, advance kills, resize, hand out work."""
+        with self.lock:
+            kills, self.pool._kills = self.pool._kills, []
+            closing = self.pool._closed
+        for job in kills:
+            w = job.worker
+            if w is not None and not job.state.final and w.job is job and not w.doomed:
+                self._begin_kill(w)
+        if closing and not self.closing:
+            self.closing = True
+            for w in list(self.workers.values()):
+                if not w.doomed:
+                    if w.job is not None:
+                        with self.lock:
+                            if not w.job.kill_requested:
+                                w.job.kill_requested = True
+                                w.job.cancel_at = time.time()
+                    self._begin_kill(w, grace=0.0 if w.job is None else None)
+        if self.dying:
+            self._advance_kills()
+        if not self.closing:
+            now = time.monotonic()
+            if now >= self.housekeeping:  # a few times a second, not on every message
+                self.housekeeping = now + 0.25
+                self._check_watcher()
+                self._shrink()
+            while self.respawn:
+                self.respawn -= 1
+                live = len(self.workers) - len(self.dying)
+                if live < self.pool.max_workers and not self._broken():
+                    self._spawn()
+            self._maybe_grow()
+            self._hand_out()
+        self._publish()
+        if self.started:
+            now = time.monotonic()
+            while self.started and self.started[0][0] <= now:
+                job = self.started.popleft()[1]
+                if not job.state.final:  # else its end is the one thing to tell
+                    self.notes.append(job)
+        notes, self.notes = self.notes, []
+        for job in dict.fromkeys(notes):  # once each: started and ended in one turn, one call
+            _notify(job)
+
+    def _timeout(self) -> float:
+        t = 1.0
+        now = time.monotonic()
+        if self.started:
+            t = max(0.0, self.started[0][0] - now)
+        for w in self.dying:
+            if w.reaping:
+                return KILL_TICK
+            # it stops itself at SIGTERM (or returns, cooperatively): look soon, then less often
+            look = LOOK_FAST if now - w.term_at < 0.1 else LOOK_SLOW
+            t = min(t, look, max(0.0, (w.kill_deadline or now) - now) + 0.001)
+        with self.lock:
+            waiting = bool(self.pool._queue)
+        if waiting and len(self.workers) < self.pool.max_workers:
+            t = min(t, self.pool.grow_after)
+        return t
+
+    def _publish(self) -> None:
+        """Replace the read-only view the pool's public methods read (when it changed)."""
+        ws = self.workers.values()
+        busy = sum(1 for w in ws if w.job is not None)
+        key = (len(self.workers), busy, len(self.idle), len(self.dying), self.watcher)
+        if key == self.view_key and busy in (0, len(self.workers)):
+            return  # same counts, and no choice of which workers are busy
+        self.view_key = key
+        self.view = (
+            tuple(w.pid for w in ws),
+            tuple(w.pid for w in ws if w.job is not None),
+            len(self.idle),
+            len(self.dying),
+            self.watcher.pid if self.watcher is not None else 0,
+        )
+
+    def _finish(self, job: Job, state: TaskState) -> None:
+        """Make ``job`` final (observers are told at the end of the turn)."""
+        with self.lock:
+            job.state = state
+        job.done.set()
+        self.notes.append(job)
+
+    # ------------------------------------------------------------ workers and work
+
+    def _child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        return env
+
+    def _spawn(self) -> None:
+        """Start one worker. Only ever on this thread: a worker is frozen by the kernel when
+        the thread that started it ends (``PR_SET_PDEATHSIG``), so that thread must be the
+        one that lives as long as the pool."""
+        index = next(self.index)
+        parent_sock, child_sock = socket.socketpair()
+        out_path = os.path.join(self.tmpdir, f"w{index}.out")
+        err_path = os.path.join(self.tmpdir, f"w{index}.err")
+        try:
+            # -P: the current directory is not on the worker's sys.path while it starts, so a
+            # valent/ planted there cannot run (not -I: that would drop PYTHONPATH)
+            proc = subprocess.Popen(
+                [self.pool.python, "-P", "-m", "valent._pool.worker", str(child_sock.fileno()),
+                 str(os.getpid()), out_path, err_path],
+                pass_fds=(child_sock.fileno(),),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env=self._child_env(),
+            )
+        finally:
+            child_sock.close()
+        worker = _Worker(proc, parent_sock, out_path, err_path)
+        self._tell_watcher(f"+ {proc.pid}")
+        try:
+            send_msg(parent_sock, {"sys_path": list(sys.path)})
+        except OSError:
+            pass  # it died at once: its EOF is seen like any other death
+        self.workers[worker.key] = worker
+        self.sel.register(parent_sock, selectors.EVENT_READ, worker)
+        self.idle.append(worker)
+        self._publish()
+
+    def _hand_out(self) -> None:
+        """Give queued jobs to idle workers (booted ones first)."""
+        while self.idle:
+            with self.lock:
+                if not self.pool._queue:
+                    return
+                job = self.pool._queue.popleft()
+                w = self._take_idle()
+                job.worker = w  # claimed: from now on a cancel kills
+            w.job = job
+            w.cpu_mark = None
+            self.last_start = time.monotonic()
+            self._send(w, job)
+
+    def _take_idle(self) -> _Worker:
+        for i in range(len(self.idle) - 1, -1, -1):
+            if self.idle[i].ready:
+                return self.idle.pop(i)
+        return self.idle.pop()
+
+    def _send(self, w: _Worker, job: Job) -> None:
+        fn, key, blob = job.fn_entry
+        forget: list[int] = []
+        if key in w.known:
+            w.known.move_to_end(key)
+            send_blob = None
+        else:
+            send_blob = blob
+            w.known[key] = None
+            while len(w.known) > FN_CACHE_SIZE:
+                forget.append(w.known.popitem(last=False)[0])
+        try:
+            send_msg(w.sock, (job.id, key, send_blob, forget), job.args_blob)
+        except OSError:
+            pass  # the worker died: its EOF is seen and its job settled
+        job.args_blob = b""
+
+    def _busy_cpu_rate(self) -> float:
+        """Mean CPU use (0..1) of busy, booted workers since their task started.
+
+        Near 1 means the tasks compute (more workers would only oversubscribe the CPUs);
+        near 0 means they wait (sleep, I/O), so queued work may start beside them.
+        """
+        rates = []
+        for w in self.workers.values():
+            if w.job is None or w.doomed or not w.ready:
+                continue
+            now = cpu_mark(w.pid)
+            if now is None:
+                continue
+            if w.cpu_mark is None or now[1] - w.cpu_mark[1] < 0.02:
+                w.cpu_mark = w.cpu_mark or now  # first look at this task: measure from here
+                continue
+            rates.append((now[0] - w.cpu_mark[0]) / (now[1] - w.cpu_mark[1]))
+        return sum(rates) / len(rates) if rates else 0.0
+
+    def _maybe_grow(self) -> None:
+        """Keep the minimum; grow an elastic pool when work waits behind waiting tasks."""
+        total = len(self.workers) - len(self.dying)
+        if total >= self.pool.max_workers:
+            return  # a full (or fixed-size) pool: nothing to decide
+        with self.lock:
+            queued = len(self.pool._queue)
+        if total < self.pool.min_workers and (queued or not self._broken()):
+            for _ in range(self.pool.min_workers - total):
+                self._spawn()
+            return
+        if total >= self.pool.max_workers or not queued or self.idle:
+            return
+        booting = sum(1 for w in self.workers.values() if not w.ready and not w.doomed)
+        want = queued - booting
+        if want <= 0 or time.monotonic() - self.last_start < self.pool.grow_after:
+            return
+        if self._busy_cpu_rate() < 0.5:
+            for _ in range(min(want, max(1, total), self.pool.max_workers - total)):
+                self._spawn()
+            self.last_start = time.monotonic()
+
+    def _shrink(self) -> None:
+        now = time.monotonic()
+        live = len(self.workers) - len(self.dying)
+        for w in list(self.idle):
+            if live <= self.pool.min_workers:
+                break
+            if now - w.idle_since > self.pool.idle_timeout:
+                self._begin_kill(w, grace=0.0)
+                live -= 1
+
+    # ------------------------------------------------------------ messages from workers
+
+    def _on_readable(self, w: _Worker) -> bool:
+        """Read what the worker sent (one recv, however many messages) and handle each;
+        False at EOF (or when nothing was there)."""
+        try:
+            n = w.sock.recv_into(self.rbuf)
+        except BlockingIOError:
+            return False
+        except OSError:
+            n = 0
+        if n == 0:
+            self._on_eof(w)
+            return False
+        buf = w.rbuf
+        buf += self.rview[:n]
+        while len(buf) >= HEADER.size:
+            meta_len, blob_len = HEADER.unpack_from(buf)
+            start = HEADER.size + meta_len
+            end = start + max(blob_len - 1, 0)
+            if len(buf) < end:
+                break
+            try:
+                msg = pickle.loads(buf[HEADER.size:start])
+            except (pickle.UnpicklingError, EOFError, ValueError):
+                self._on_eof(w)
+                return False
+            blob = bytes(buf[start:end]) if blob_len else None
+            del buf[:end]
+            self._on_message(w, msg, blob)
+        return True
+
+    def _drain(self, w: _Worker) -> None:
+        """Read whatever a dead or frozen worker left in its socket (a "started", a result)."""
+        if w.dead_at is not None:
+            return
+        w.sock.setblocking(False)
+        try:
+            while self._on_readable(w):
+                pass
+        finally:
+            if w.dead_at is None:
+                try:
+                    w.sock.setblocking(True)
+                except OSError:
+                    pass
+
+    def _on_message(self, w: _Worker, msg: Any, blob: bytes | None) -> None:
+        if len(msg) == 1:  # ("ready",): the interpreter is up
+            w.ready = True
+            self.boot_failures = 0
+            return
+        job = w.job
+        if len(msg) == 3:  # ("started", job_id, time): its body is being called now
+            if job is not None and job.id == msg[1] and not job.state.final:
+                with self.lock:
+                    job.started_at = msg[2]
+                    job.state = Running(msg[2], w.out_path, w.err_path)
+                self.started.append((time.monotonic() + RUNNING_NOTE_DELAY, job))
+            return
+        job_id, ok, payload, started, ended, out, err, asked_to_stop = msg
+        if job is None or job.id != job_id or job.state.final:
+            return
+        if job.started_at is None:
+            job.started_at = started
+        with self.lock:
+            cancel_at = job.cancel_at
+        if cancel_at is not None and (asked_to_stop or (not ok and ended >= cancel_at)):
+            # it ended because of the cancel, or after it was requested (its own SIGTERM
+            # handler, an error while stopping): Cancelled(KILLED) once its tree is gone
+            job.held = (out, err)
+            w.settled = True
+            if not w.doomed:
+                self._begin_kill(w)
+            return
+        # it ended before the cancel was requested (or before it reached the task): the truth
+        w.job = None
+        if ok:
+            state: TaskState = Completed(
+                pickled=blob, started_at=started, ended_at=ended, stdout=out, stderr=err
+            )
+        else:
+            state = Failed(unpack_error(payload), payload[2], started, ended, out, err)
+        if w.doomed:
+            w.settled = True  # nothing more runs in it: no need to wait out the grace
+        else:
+            w.idle_since = time.monotonic()
+            self.idle.append(w)
+        self._finish(job, state)
+
+    def _on_eof(self, w: _Worker) -> None:
+        """The worker's socket closed: it died, by our kill or on its own."""
+        if w.dead_at is not None:
+            return
+        w.dead_at = time.monotonic()
+        try:
+            self.sel.unregister(w.sock)
+        except (KeyError, ValueError):
+            pass
+        if not w.doomed:
+            # died on its own (os._exit, segfault, OOM): nothing of its tree may stay
+            w.died_at = time.time()
+            w.doomed = w.reaping = True
+            if w in self.idle:
+                self.idle.remove(w)
+            self.dying.append(w)
+            if not w.ready:
+                self.boot_failures += 1
+            if not self.closing:
+                self.respawn += 1
+
+    # ------------------------------------------------------------ stopping workers
+
+    def _begin_kill(self, w: _Worker, grace: float | None = None) -> None:
+        """SIGTERM the worker's group and every descendant; after the grace (or sooner, once
+        it stopped and its tree is gone), :meth:`_advance_kills` kills the rest."""
+        w.doomed = True
+        if w in self.idle:
+            self.idle.remove(w)
+        self.dying.append(w)
+        g = self.pool.grace if grace is None else grace
+        w.term_at = time.monotonic()
+        w.kill_deadline = w.term_at + g
+        if g <= 0:
+            w.reaping = True
+        else:
+            proctree.signal_group(w.pid, signal.SIGTERM)
+            scan = proctree.Scan()  # then what left the group (setsid)
+            w.tree = scan.tree(w.pid)
+            group = set(scan.groups.get(w.pid, ()))
+            proctree.signal_pids([p for p in w.tree if p not in group], signal.SIGTERM)
+        if not self.closing:
+            self.respawn += 1
+
+    def _rest(self, w: _Worker, scan: proctree.Scan) -> dict[int, int]:
+        """What is left alive of the worker's tree. While the worker lives (unreaped, so its
+        pid is its own) that is its descendants and group now, every orphan included (it is
+        their subreaper); once it is dead, what was seen last, and its group."""
+        if w.proc.returncode is None:
+            w.tree = scan.tree(w.pid)
+            return w.tree
+        rest = scan.alive(w.tree)
+        rest.update((p, scan.start[p]) for p in scan.groups.get(w.pid, ()))
+        return rest
+
+    def _advance_kills(self) -> None:
+        """Move the dying workers on: wait out the grace (or until the worker stopped itself
+        and its tree is gone); then freeze each, kill its tree until a scan finds nothing,
+        kill it, reap it, settle its job."""
+        now = time.monotonic()
+        scan: proctree.Scan | None = None
+        for w in list(self.dying):
+            if w.reaping:
+                continue
+            exited = w.proc.poll() is not None
+            if now >= (w.kill_deadline or 0):
+                w.reaping = True
+            elif now >= w.next_scan and (
+                exited or w.settled or proctree.state(w.pid) in ("T", "t")
+            ):
+                # it stopped (frozen, idle, or dead): once nothing of its tree is left, it
+                # can go now, without waiting out the grace
+                scan = scan or proctree.Scan()
+                if not self._rest(w, scan):
+                    self._end(w)
+                w.next_scan = now + LOOK_SLOW
+        todo = [w for w in self.dying if w.reaping]
+        for w in todo:
+            if w.proc.poll() is None:
+                try:
+                    w.proc.send_signal(signal.SIGSTOP)  # it keeps its orphans while we kill
+                except OSError:
+                    pass
+        for _ in range(10):  # what is still not gone (uninterruptible sleep): next turn
+            if not todo:
+                return
+            scan = proctree.Scan()
+            left = []
+            for w in todo:
+                rest = self._rest(w, scan)
+                if rest:
+                    proctree.signal_pids(rest, signal.SIGKILL)
+                    left.append(w)
+                    continue
+                self._end(w)
+            todo = left
+            if todo:
+                time.sleep(0.001)
+
+    def _end(self, w: _Worker) -> None:
+        """Nothing of its tree is left: kill the worker, reap it, retire it."""
+        if w.proc.poll() is None:
+            try:
+                w.proc.kill()
+                w.proc.wait(timeout=1)
+            except (OSError, subprocess.TimeoutExpired):
+                w.reaping = True  # the next turn tries again
+                return
+        self._retire(w)
+
+    def _retire(self, w: _Worker) -> None:
+        """Forget a dead worker whose tree is gone; settle its job."""
+        self._drain(w)  # a "started" or a result may still be in its socket
+        self.dying.remove(w)
+        self.workers.pop(w.key, None)
+        self._publish()
+        if w.dead_at is None:
+            # retired before the selector saw EOF: unregister before the close, or a new
+            # worker's socket reusing this fd cannot be registered
+            try:
+                self.sel.unregister(w.sock)
+            except (KeyError, ValueError):
+                pass
+        w.sock.close()
+        self._tell_watcher(f"- {w.pid}")
+        job, w.job = w.job, None
+        out, err = tail(w.out_path), tail(w.err_path)
+        if self._broken() and not self.closing:
+            how = proctree.signal_name(w.proc.returncode)
+            last = " ".join(err.strip().splitlines()[-3:])
+            self._fail_queue(f"the last {self.boot_failures} exited with {how}: {last}")
+        for p in (w.out_path, w.err_path):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        if job is None or job.state.final:
+            return
+        if job.held is not None:
+            out, err = job.held
+        with self.lock:
+            cancel_at = job.cancel_at
+        # what happened first decides: a worker seen dead on its own before the cancel
+        # request failed its job; one that died after it was stopped by it
+        if cancel_at is not None and (w.died_at is None or w.died_at >= cancel_at):
+            if job.started_at is None:  # its body never ran
+                state: TaskState = Cancelled(CancelOutcome.DEQUEUED, None, time.time())
+            else:
+                state = Cancelled(CancelOutcome.KILLED, job.started_at, time.time(), out, err)
+        else:
+            how = proctree.signal_name(w.proc.returncode)
+            detail = err.strip().splitlines()[-12:]
+            msg = f"the worker process running {job.label or 'the task'} died ({how})"
+            if detail:
+                msg += "; its last output:\n" + "\n".join(detail)
+            state = Failed(WorkerDiedError(msg), "", job.started_at, time.time(), out, err)
+        self._finish(job, state)
+
+    def _broken(self) -> bool:
+        """Workers keep dying before they are up (a broken interpreter)."""
+        return self.boot_failures >= BOOT_FAILURES
+
+    def _fail_queue(self, why: str) -> None:
+        """Workers keep dying before they are up: fail what waits instead of starting more
+        forever. A later submit tries again."""
+        with self.lock:
+            queued, self.pool._queue = list(self.pool._queue), collections.deque()
+        for job in queued:
+            self._finish(job, Failed(WorkerDiedError(
+                f"{job.label or 'the task'} could not start: worker processes die while "
+                f"starting ({why})"), "", None, time.time()))
+        self.respawn = 0
+
+    # ------------------------------------------------------------ the watcher
+
+    def _start_watcher(self) -> None:
+        """Start the process that kills every worker tree if this process dies."""
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "watch.py")
+        try:
+            self.watcher = subprocess.Popen(
+                [self.pool.python, "-P", path, str(os.getpid())],
+                stdin=subprocess.PIPE, start_new_session=True,
+            )
+        except OSError:
+            self.watcher = None
+
+    def _check_watcher(self) -> None:
+        if self.watcher is not None and self.watcher.poll() is not None:
+            self.watcher = None
+            self.watcher_restarts += 1
+            if self.watcher_restarts > 3:
+                print(f"valent: the {self.pool.name} pool's watcher keeps exiting; if this "
+                      "process dies, its workers are frozen but nothing kills them",
+                      file=sys.stderr)
+                return
+            self._start_watcher()  # someone killed it: a new one, told every worker
+            for w in self.workers.values():
+                self._tell_watcher(f"+ {w.pid}")
+
+    def _tell_watcher(self, line: str) -> None:
+        if self.watcher is None or self.watcher.stdin is None:
+            return
+        try:
+            self.watcher.stdin.write(line.encode() + b"\n")
+            self.watcher.stdin.flush()
+        except (OSError, ValueError):
+            pass
+
+    # ------------------------------------------------------------ the end
+
+    def _abandon(self) -> None:
+        """After a bug in the loop: kill every worker tree, fail every job."""
+        from .watch import kill_trees
+
+        try:
+            kill_trees({w.pid: _start_ticks(w.pid) for w in self.workers.values()})
+        except Exception:
+            traceback.print_exc()
+        with self.lock:
+            self.pool._closed = True
+            jobs = list(self.pool._queue) + [w.job for w in self.workers.values() if w.job]
+            self.pool._queue.clear()
+        for w in self.workers.values():
+            try:
+                w.proc.wait(timeout=1)
+            except (subprocess.TimeoutExpired, OSError):
+                pass
+        self.workers.clear()
+        for job in jobs:
+            if not job.state.final:
+                self._finish(job, Failed(WorkerDiedError(
+                    "the process pool stopped on an internal error (traceback on stderr)"),
+                    "", job.started_at, time.time()))
+        for job in self.notes:
+            _notify(job)
+        self.notes = []
+
+    def _cleanup(self) -> None:
+        if self.watcher is not None:
+            self._tell_watcher("exit")
+            try:
+                if self.watcher.stdin is not None:
+                    self.watcher.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.watcher.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.watcher.kill()
+                self.watcher.wait()
+        self.watcher = None
+        self._publish()
+        self.sel.close()
+        for s in (self.wake_r, self.wake_w):
+            s.close()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def _start_ticks(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return int(data[data.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+__all__ = ["ProcessPool", "Job", "RemoteError", "HEADER", "tail"]

@@ -1,0 +1,128 @@
+"""``ct.redispatch``: run a dispatch's workflow again, with new inputs, replaced electrons,
+and the outputs of what completed before.
+
+``redispatch(dispatch_id, replace_electrons={"name": new_electron},
+reuse_previous_results=False)(*args, **kwargs)`` traces the dispatch's lattice again (with the
+old inputs when none are given), puts each replacement in place of the electrons of that
+name (in sublattices too) and starts a new dispatch, whose id it returns. With
+``reuse_previous_results=True`` a node takes the output of the same node of the earlier
+dispatch iff that one COMPLETED and its function and resolved inputs are the same (digests,
+see ``valent._engine.reuse``); such a node has ``start_time == end_time`` and the reason
+``reused from <id>``. A sublattice node runs again as a new child dispatch whose nodes reuse
+those of its earlier child. This is also how a CANCELLED or FAILED dispatch (or one whose
+owner died) is resumed: only what did not complete runs.
+
+Works from any process: the lattice (pickled by value), its electrons and its inputs are in
+the store. In the process that dispatched it, the lattice object itself is used (executor
+instances included; the store keeps executor names only, so another process runs electrons
+given an executor instance on their lattice's or the default executor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .errors import ValentError
+from .graph import SUBLATTICE, Electron, Lattice
+
+
+def redispatch(
+    dispatch_id: str,
+    replace_electrons: dict[str, Any] | None = None,
+    reuse_previous_results: bool = False,
+    is_pending: bool = False,
+) -> Callable[..., str]:
+    """``redispatch(id, replace_electrons=None, reuse_previous_results=False)(*args,
+    **kwargs)`` starts the workflow of dispatch ``id`` again and returns the new id.
+
+    No arguments: the earlier dispatch's inputs. ``replace_electrons``: ``{electron name:
+    electron (or function, or lattice)}``. ``is_pending`` is accepted for Covalent's
+    signature and has no effect.
+    """
+    from . import api
+    from ._engine.nest import as_electron
+    from ._store import get_store
+
+    if not isinstance(reuse_previous_results, bool):
+        raise ValentError(
+            f"redispatch(reuse_previous_results={reuse_previous_results!r}): give True or False"
+        )
+    if replace_electrons is not None and not isinstance(replace_electrons, dict):
+        raise ValentError(
+            "redispatch(replace_electrons=...) takes a dict {electron name: new electron}, got "
+            f"{replace_electrons!r}"
+        )
+    store = get_store()
+    did = store.resolve(dispatch_id)
+    row = api.check_owner(store, store.dispatch_row(did))
+    parent = row["parent_dispatch_id"] if "parent_dispatch_id" in row.keys() else None
+    if parent:
+        raise ValentError(
+            f"dispatch {did} is the child dispatch of a sublattice of {parent}; redispatch "
+            f"{row['root_dispatch_id'] or parent} (its sublattices reuse what completed inside)"
+        )
+    lattice, replace = _lattice_of(store, row)
+    for name, new in (replace_electrons or {}).items():
+        replace[name] = as_electron(name, new)
+
+    def start(*args: Any, **kwargs: Any) -> str:
+        from ._engine.nest import apply_replacements
+        from ._engine.reuse import Reuse
+        from .result import load_blob
+
+        if not args and not kwargs:
+            try:
+                args, kwargs = load_blob(row["inputs"], None, store.dir) or ((), {})
+            except ValentError:
+                raise
+            except Exception as exc:
+                raise ValentError(
+                    f"the inputs of dispatch {did} cannot be loaded here ({exc!r}); pass them: "
+                    "redispatch(id)(*args, **kwargs)"
+                ) from exc
+        from ._engine.prepare import gc_paused
+
+        with gc_paused():  # a big graph: tens of thousands of objects, no collection meanwhile
+            graph = lattice.build_graph(*args, **kwargs)
+        done = apply_replacements(graph, replace)
+        missing = sorted(set(replace_electrons or {}) - done)
+        if missing and not any(n.kind == SUBLATTICE for n in graph.nodes):
+            names = sorted({n.electron.name for n in graph.nodes if n.electron is not None})
+            raise ValentError(
+                f"redispatch: no electron named {', '.join(map(repr, missing))} in lattice "
+                f"{graph.lattice_name!r}; its electrons are {', '.join(map(repr, names))}"
+            )
+        reuse = Reuse(did, store.reuse_rows(did)) if reuse_previous_results else None
+        return api._start(graph, lattice, {"redispatch_of": did}, replace, reuse)
+
+    return start
+
+
+def _lattice_of(store: Any, row: Any) -> tuple[Lattice, dict[str, Electron]]:
+    """The dispatch's lattice and the replacements it ran with: this process's objects when
+    it dispatched it, else unpickled from the store (after the store-trust checks)."""
+    from . import api
+    from .result import load_blob
+
+    did = row["dispatch_id"]
+    kept = api._lattices.get(did)
+    if kept is not None:
+        return kept[0], dict(kept[1])
+    blob = row["lattice"] if "lattice" in row.keys() else None
+    if blob is None:
+        raise ValentError(
+            f"dispatch {did} has no stored lattice (made by an older valent, or its lattice "
+            "could not be pickled); dispatch the workflow again with ct.dispatch"
+        )
+    try:
+        what = load_blob(blob, None, store.dir)
+    except ValentError:
+        raise
+    except Exception as exc:
+        raise ValentError(
+            f"the lattice of dispatch {did} cannot be loaded in this process ({exc!r}): a "
+            "module it imports is missing here; run the redispatch where that module is "
+            "importable"
+        ) from exc
+    return what["lattice"], dict(what.get("replace") or {})

@@ -1,0 +1,91 @@
+"""When the dispatching process dies (kill -9 or SIGTERM), every worker and every process a
+task started dies too: noticed by the kernel, not by a thread in the worker (a task may hold
+the GIL) nor by a pipe a fork of the owner keeps open."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from core_support import wait_for, wait_gone
+from valent.testing.procs import alive
+
+OWNER = textwrap.dedent(
+    """
+    import multiprocessing, os, re, subprocess, sys, time
+    import valent as ct
+
+    out = sys.argv[1]
+
+    def put(name, text):
+        with open(f"{out}/{name}.tmp", "w") as f:
+            f.write(text)
+        os.replace(f"{out}/{name}.tmp", f"{out}/{name}")
+
+    def daemon_task():
+        got = subprocess.run(
+            ["sh", "-c", "setsid sleep 300 > /dev/null 2>&1 < /dev/null & echo $!"],
+            capture_output=True, text=True, check=True)
+        put("daemon", f"{os.getpid()} {got.stdout.strip()}")
+        time.sleep(300)
+
+    def regex_task():
+        put("regex", str(os.getpid()))
+        re.match(r"(a*)*b", "a" * 40)  # C code that never releases the GIL, for ages
+
+    def helper():
+        time.sleep(300)
+
+    if __name__ == "__main__":
+        ex = ct.executors.LocalExecutor(workers=2)
+        d, r = ct.electron(daemon_task, executor=ex), ct.electron(regex_task, executor=ex)
+
+        @ct.lattice
+        def wf():
+            return [d(), r()]
+
+        fork = multiprocessing.get_context("fork").Process(target=helper)
+        fork.start()  # inherits every pipe and socket the owner has at this point
+        dispatch_id = ct.dispatch(wf)()
+        put("owner", f"{os.getpid()} {fork.pid}")
+        time.sleep(300)
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_every_task_process_dies_with_its_owner(tmp_path, sig):
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER)
+    out = tmp_path / "out"
+    out.mkdir()
+    owner = subprocess.Popen([sys.executable, str(script), str(out)], cwd=tmp_path)
+    pids: list[int] = []
+    helper = None
+    try:
+        files = ("owner", "daemon", "regex")
+        assert wait_for(lambda: all((out / f).exists() for f in files), 60), (
+            "the owner's tasks never started: " + str(sorted(os.listdir(out)))
+        )
+        owner_pid, helper = map(int, (out / "owner").read_text().split())
+        daemon_worker, daemon = map(int, (out / "daemon").read_text().split())
+        regex_worker = int((out / "regex").read_text())
+        pids = [daemon_worker, daemon, regex_worker]
+        assert owner_pid == owner.pid and all(alive(p) for p in pids + [helper])
+        owner.send_signal(sig)
+        owner.wait(30)
+        left = wait_gone(pids, 20)
+        assert left == [], f"outlived their owner: {left} (of {pids})"
+        assert alive(helper)  # the owner's fork, holding its pipes, was still there
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        for p in pids + ([helper] if helper else []):
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+        wait_gone(pids + ([helper] if helper else []), 10)

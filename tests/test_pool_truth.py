@@ -1,0 +1,372 @@
+"""What the process pool reports is what happened: a body that never ran is dequeued, not
+killed; a task ended by its own handler after a cancel is cancelled, not failed; a process a
+task starts during the grace dies too; one task cannot break its worker for the next; a file
+planted in the working directory never runs in a worker; Local tasks really overlap."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import valent as ct
+from core_support import wait_for, wait_gone
+from valent._pool.pool import ProcessPool
+from valent.testing.procs import alive
+
+
+def _marker_then_sleep(marker, seconds):
+    os.close(os.open(marker, os.O_CREAT | os.O_WRONLY, 0o600))  # the body's first act
+    time.sleep(seconds)
+    return "slept"
+
+
+def _put(path, text):
+    with open(f"{path}.tmp", "w") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)
+
+
+@pytest.fixture
+def pool():
+    p = ProcessPool(workers=2, grace=0.5, name="test")
+    yield p
+    pids = p.worker_pids()
+    p.shutdown()
+    assert wait_gone(pids) == [], "the pool left workers behind"
+
+
+# ------------------------------------------------------------------ #1 killed => body ran
+
+
+def test_a_job_whose_body_never_ran_is_dequeued_never_killed(tmp_path, pool):
+    """Cancel 0-50 ms after submit, many times: KILLED only with the marker written (the
+    body's first act) and a start time; no marker means DEQUEUED without a start time."""
+    rng = random.Random(12)
+    seen = set()
+    for i in range(40):
+        if i % 2:  # every other time on warm workers that imported this module
+            for _ in range(2):
+                pool.submit(_marker_then_sleep, (str(tmp_path / "warm"), 0)).wait(30)
+        marker = tmp_path / f"m{i}"
+        job = pool.submit(_marker_then_sleep, (str(marker), 30), label=f"m({i})")
+        time.sleep(rng.uniform(0, 0.05))
+        pool.cancel(job)
+        state = job.wait(30)
+        assert isinstance(state, ct.Cancelled), state
+        seen.add(state.outcome)
+        if state.outcome == ct.CancelOutcome.KILLED:
+            assert marker.exists(), f"iteration {i}: killed, but the body never ran"
+            assert state.started_at is not None
+        else:
+            assert state.outcome == ct.CancelOutcome.DEQUEUED, state
+            assert not marker.exists(), f"iteration {i}: the body ran, yet 'dequeued'"
+            assert state.started_at is None
+    assert ct.CancelOutcome.KILLED in seen  # the test did reach running bodies
+
+
+@ct.electron
+def marker_task(marker, seconds):
+    return _marker_then_sleep(marker, seconds)
+
+
+def test_a_node_cancelled_before_its_body_ran_is_dequeued_with_no_start_time(tmp_path):
+    """The same through dispatch and cancel: the store says killed only for a body that ran."""
+    ex = ct.executors.LocalExecutor(workers=2, grace=0.5)
+
+    @ct.lattice(executor=ex)
+    def wf(marker):
+        return marker_task(marker, 30)
+
+    rng = random.Random(7)
+    try:
+        for i in range(15):
+            marker = tmp_path / f"m{i}"
+            dispatch_id = ct.dispatch(wf)(str(marker))
+            time.sleep(rng.uniform(0, 0.05))
+            ct.cancel(dispatch_id)
+            result = ct.get_result(dispatch_id, wait=True)
+            node = [n for n in result.get_all_node_results() if n["node_name"] == "marker_task"]
+            node = node[0]
+            assert node["status"] == ct.Status.CANCELLED, node
+            if node["cancel_outcome"] == "killed":
+                assert marker.exists(), f"iteration {i}: killed, but the body never ran"
+                assert node["start_time"] is not None
+            if not marker.exists():
+                assert node["cancel_outcome"] == "dequeued", node
+    finally:
+        pids = ex.pool.worker_pids() if ex._pool is not None else []
+        ex.shutdown()
+        assert wait_gone(pids) == []
+
+
+# ------------------------------------------------------ #2 an exit while stopping is a cancel
+
+
+def _exits_on_sigterm(pid_file, code):
+    def handler(signum, frame):
+        sys.exit(code)
+
+    signal.signal(signal.SIGTERM, handler)
+    _put(pid_file, str(os.getpid()))
+    time.sleep(60)
+
+
+def _raises_while_stopping(pid_file):
+    _put(pid_file, str(os.getpid()))
+    while not ct.cancel_requested():
+        time.sleep(0.01)
+    raise RuntimeError("cleanup went wrong while stopping")
+
+
+def _fails_now():
+    raise ValueError("failed on its own")
+
+
+def test_a_task_whose_sigterm_handler_exits_is_cancelled_not_failed(tmp_path, pool):
+    pid_file = tmp_path / "pid"
+    job = pool.submit(_exits_on_sigterm, (str(pid_file), 1))
+    pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), 20))
+    pool.cancel(job)
+    state = job.wait(30)
+    assert isinstance(state, ct.Cancelled), state
+    assert state.outcome == ct.CancelOutcome.KILLED and state.started_at is not None
+    assert wait_gone([pid], 10) == []
+
+
+def test_a_task_that_raises_while_stopping_is_cancelled(tmp_path, pool):
+    pid_file = tmp_path / "pid"
+    job = pool.submit(_raises_while_stopping, (str(pid_file),))
+    wait_for(lambda: pid_file.exists(), 20)
+    pool.cancel(job)
+    state = job.wait(30)
+    assert isinstance(state, ct.Cancelled) and state.outcome == ct.CancelOutcome.KILLED, state
+
+
+def test_a_task_that_failed_before_the_cancel_stays_failed(pool):
+    job = pool.submit(_fails_now)
+    assert isinstance(job.wait(30), ct.Failed)
+    assert pool.cancel(job) == ct.CancelOutcome.TOO_LATE
+    assert isinstance(job.state, ct.Failed)
+
+
+# ------------------------------------------- #3 processes started during the grace die too
+
+
+def _spawns_during_grace(directory):
+    """Cooperative: once asked to stop, start setsid daemons (double-forked) and keep going."""
+    d = str(directory)
+    _put(f"{d}/pid", str(os.getpid()))
+    while not ct.cancel_requested():
+        time.sleep(0.01)
+    pids = []
+    for _ in range(3):
+        out = subprocess.run(
+            ["sh", "-c", "setsid sleep 120 > /dev/null 2>&1 < /dev/null & echo $!"],
+            capture_output=True, text=True, check=True,
+        )
+        pids.append(out.stdout.strip())
+        _put(f"{d}/late", " ".join(pids))
+        time.sleep(0.05)
+    time.sleep(120)  # never returns: SIGKILL at the end of the grace
+
+
+def test_processes_a_task_starts_in_its_grace_period_die_with_it(tmp_path):
+    with ProcessPool(workers=1, grace=1.5, name="test") as p:
+        job = p.submit(_spawns_during_grace, (str(tmp_path),))
+        worker = int(wait_for(lambda: (tmp_path / "pid").exists()
+                              and (tmp_path / "pid").read_text(), 20))
+        p.cancel(job)
+        state = job.wait(30)
+        assert isinstance(state, ct.Cancelled) and state.outcome == ct.CancelOutcome.KILLED
+        late = [int(x) for x in (tmp_path / "late").read_text().split()]
+        assert len(late) == 3, late  # all three started before the grace ended
+        # confirmed means gone: no waiting after the job is final
+        assert [pid for pid in late + [worker] if alive(pid)] == []
+        pids = p.worker_pids()
+    assert wait_gone(pids) == []
+
+
+# --------------------------------------------------------- #10 one task cannot break the next
+
+
+def _closes_stdout(how):
+    if how == "close":
+        sys.stdout.close()
+    elif how == "close-stderr":
+        sys.stderr.close()
+    elif how == "replace":
+        sys.stdout = None
+    elif how == "handler":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    elif how == "chdir":
+        os.chdir("/")
+    elif how == "umask":
+        os.umask(0)
+    return how
+
+
+def _prints(tag):
+    print(f"hello {tag}")
+    print(f"err {tag}", file=sys.stderr)
+    mask = os.umask(0)
+    os.umask(mask)
+    return os.getcwd(), mask
+
+
+@pytest.mark.parametrize("how", ["close", "close-stderr", "replace", "chdir", "umask"])
+def test_a_task_that_closes_or_replaces_its_streams_does_not_break_the_next(how):
+    with ProcessPool(workers=1, grace=0.5, name="test") as p:
+        cwd = p.submit(_prints, ("before",)).wait(30).get_value()
+        assert p.submit(_closes_stdout, (how,)).wait(30).get_value() == how
+        for tag in ("next", "later"):
+            state = p.submit(_prints, (tag,)).wait(30)
+            assert isinstance(state, ct.Completed), state
+            assert state.stdout == f"hello {tag}\n" and state.stderr == f"err {tag}\n"
+            assert state.get_value() == cwd
+        pids = p.worker_pids()
+    assert wait_gone(pids) == []
+
+
+def test_a_task_that_ignores_sigterm_does_not_make_the_next_unkillable(tmp_path):
+    with ProcessPool(workers=1, grace=0.3, name="test") as p:
+        assert p.submit(_closes_stdout, ("handler",)).wait(30).get_value() == "handler"
+        pid_file = tmp_path / "pid"
+        job = p.submit(_exits_on_sigterm, (str(pid_file), 0))  # installs its own again
+        wait_for(lambda: pid_file.exists(), 20)
+        nap = p.submit(time.sleep, (60,))
+        p.cancel(job)
+        assert isinstance(job.wait(30), ct.Cancelled)
+        wait_for(lambda: isinstance(nap.state, ct.Running), 20)
+        t0 = time.monotonic()
+        p.cancel(nap)
+        state = nap.wait(30)
+        assert isinstance(state, ct.Cancelled) and state.outcome == ct.CancelOutcome.KILLED
+        assert time.monotonic() - t0 < 10  # SIGTERM stopped it (no handler left over)
+        pids = p.worker_pids()
+    assert wait_gone(pids) == []
+
+
+@ct.electron
+def close_stdout_task():
+    sys.stdout.close()
+    return "closed"
+
+
+@ct.electron
+def print_task(tag):
+    print(f"printed {tag}")
+    return tag
+
+
+def test_a_closed_stdout_does_not_break_later_nodes_or_dispatches():
+    ex = ct.executors.LocalExecutor(workers=1)
+
+    @ct.lattice(executor=ex)
+    def first():
+        return print_task(close_stdout_task())
+
+    @ct.lattice(executor=ex)
+    def second():
+        return print_task("again")
+
+    try:
+        r1 = ct.dispatch_sync(first)()
+        assert r1.status == ct.Status.COMPLETED, r1
+        assert r1.result == "closed"
+        r2 = ct.dispatch_sync(second)()
+        assert r2.status == ct.Status.COMPLETED, r2
+        node = [n for n in r2.get_all_node_results() if n["node_name"] == "print_task"][0]
+        assert node["stdout"] == "printed again\n"
+    finally:
+        pids = ex.pool.worker_pids() if ex._pool is not None else []
+        ex.shutdown()
+        assert wait_gone(pids) == []
+
+
+# ------------------------------------------- #22(c) nothing from the working directory runs
+
+
+def test_a_valent_planted_in_the_working_directory_never_runs(tmp_path, monkeypatch):
+    planted = tmp_path / "shared" / "valent"
+    planted.mkdir(parents=True)
+    marker = tmp_path / "planted-ran"
+    code = f"open({str(marker)!r}, 'a').write('ran\\n')\n"
+    (planted / "__init__.py").write_text(code)
+    (planted / "_pool").mkdir()
+    for name in ("__init__.py", "worker.py", "watch.py", "pool.py"):
+        (planted / "_pool" / name).write_text(code)
+    monkeypatch.chdir(tmp_path / "shared")
+    with ProcessPool(workers=1, grace=0.5, name="test") as p:
+        assert p.submit(_prints, ("x",)).wait(30).get_value()[0] == str(tmp_path / "shared")
+        pids = p.worker_pids()
+    assert wait_gone(pids) == []
+    assert not marker.exists(), "a module planted in the working directory ran"
+
+
+# ------------------------------------------------------- #13 Local tasks really overlap
+
+
+@ct.electron
+def interval(seconds):
+    t0 = time.time()
+    time.sleep(seconds)
+    return (t0, time.time())
+
+
+def test_local_tasks_run_at_the_same_time():
+    """Two 1.5 s tasks on two workers: their [start, end] intervals intersect."""
+    ex = ct.executors.LocalExecutor(workers=2)
+
+    @ct.lattice(executor=ex)
+    def two():
+        return [interval(1.5), interval(1.5)]
+
+    try:
+        r = ct.dispatch_sync(two)()
+        assert r.status == ct.Status.COMPLETED, r
+        (a0, a1), (b0, b1) = r.result
+        assert max(a0, b0) < min(a1, b1), f"no overlap: {r.result}"
+    finally:
+        pids = ex.pool.worker_pids() if ex._pool is not None else []
+        ex.shutdown()
+        assert wait_gone(pids) == []
+
+
+# ------------------------------------------------------------- a forked child's own pool
+
+
+def test_a_forked_child_gets_its_own_pool_and_a_clear_error_for_the_parents(tmp_path):
+    ex = ct.executors.LocalExecutor(workers=1)
+    parent_pool = ex.pool
+    assert parent_pool.submit(os.getpid).wait(30).final
+    child = os.fork()
+    if child == 0:  # the child: report through a file, never return into pytest
+        code = 1
+        try:
+            try:
+                parent_pool.submit(os.getpid)
+                msg = "no error"
+            except RuntimeError as exc:
+                msg = str(exc)
+            pool = ex.pool  # a fresh pool of this process's own
+            value = pool.submit(os.getpid).wait(30).get_value()
+            pids = pool.own_pids()
+            pool.shutdown()
+            _put(tmp_path / "child", f"{msg}|{value}|{' '.join(map(str, pids))}")
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    msg, value, pids = (tmp_path / "child").read_text().split("|")
+    assert "forked from" in msg and "new ProcessPool" in msg, msg
+    assert int(value) not in parent_pool.worker_pids()
+    assert wait_gone([int(p) for p in pids.split()]) == []
+    pids = ex.pool.own_pids()
+    ex.shutdown()
+    assert wait_gone(pids) == []

@@ -1,0 +1,439 @@
+"""ct.redispatch: new inputs, replaced electrons, reuse of what completed, resume after a
+cancel, a failure or the owner's death, and `valent redispatch` from another process.
+
+Each task appends a line to a file per node when its body runs, so the tests count real
+executions (a reused node never runs its body).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import valent as ct
+from core_support import read_pid, wait_for, wait_gone
+from valent.testing.tasks import write_atomic
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _ran(d, name: str) -> None:
+    with open(os.path.join(d, f"{name}.runs"), "a") as f:
+        f.write("x\n")
+
+
+def runs(d, name: str) -> int:
+    p = Path(d) / f"{name}.runs"
+    return len(p.read_text().split()) if p.exists() else 0
+
+
+# ------------------------------------------------------------------ the how-to's workflow
+
+
+@ct.electron
+def task_1(a, b):
+    return a + b
+
+
+@ct.electron
+def task_2(a, b):
+    return a / b
+
+
+@ct.electron
+def task_2_redefined(a, b):
+    return a * b
+
+
+@ct.lattice
+def workflow(a, b):
+    res_1 = task_1(a, b)
+    res_2 = task_2(res_1, b)
+    return res_2
+
+
+def test_the_redispatch_how_to():
+    """Replaced electron with the old inputs; reuse (start == end); new inputs."""
+    did = ct.dispatch(workflow)(1, 2)
+    result = ct.get_result(did, wait=True, timeout=60)
+    assert (result.status, result.result) == (ct.Status.COMPLETED, 1.5)
+
+    rid = ct.redispatch(did, replace_electrons={"task_2": task_2_redefined})()
+    assert rid != did
+    result = ct.get_result(rid, wait=True, timeout=60)
+    assert (result.status, result.result) == (ct.Status.COMPLETED, 6)
+    assert result.redispatch_of == did
+    assert result.get_node_result(0)["start_time"] != result.get_node_result(0)["end_time"]
+
+    rid = ct.redispatch(
+        did, replace_electrons={"task_2": task_2_redefined}, reuse_previous_results=True
+    )()
+    result = ct.get_result(rid, wait=True, timeout=60)
+    assert (result.status, result.result) == (ct.Status.COMPLETED, 6)
+    first = result.get_node_result(0)
+    assert first["start_time"] == first["end_time"]
+    assert first["reason"] == f"reused from {did}" and first["attempts"] == 0
+    replaced = result.get_node_result(3)
+    assert replaced["node_name"] == "task_2" and replaced["reason"] is None  # it ran
+
+    rid = ct.redispatch(
+        did, replace_electrons={"task_2": task_2_redefined}, reuse_previous_results=True
+    )(3, 4)
+    result = ct.get_result(rid, wait=True, timeout=60)
+    assert (result.status, result.result) == (ct.Status.COMPLETED, 28)
+    assert result.get_node_result(0)["start_time"] != result.get_node_result(0)["end_time"]
+
+
+# ------------------------------------------------------------------ counting executions
+
+
+@ct.electron
+def step(d, name, x):
+    _ran(d, name)
+    return x + 1
+
+
+@ct.electron
+def combine(d, a, b):
+    _ran(d, "combine")
+    return a * b
+
+
+@ct.lattice
+def chain(d, x, y):
+    a = step(d, "a", x)
+    b = step(d, "b", y)
+    return combine(d, step(d, "a2", a), b)
+
+
+def test_without_reuse_everything_runs_again(tmp_path):
+    d = str(tmp_path)
+    did = ct.dispatch(chain)(d, 1, 2)
+    assert ct.get_result(did, wait=True, timeout=60).result == 9
+    rid = ct.redispatch(did)()
+    assert ct.get_result(rid, wait=True, timeout=60).result == 9
+    assert [runs(d, n) for n in ("a", "b", "a2", "combine")] == [2, 2, 2, 2]
+
+
+def test_with_reuse_and_the_same_inputs_nothing_runs_again(tmp_path):
+    d = str(tmp_path)
+    did = ct.dispatch(chain)(d, 1, 2)
+    ct.get_result(did, wait=True, timeout=60)
+    rid = ct.redispatch(did, reuse_previous_results=True)()
+    result = ct.get_result(rid, wait=True, timeout=60)
+    assert (result.status, result.result) == (ct.Status.COMPLETED, 9)
+    assert [runs(d, n) for n in ("a", "b", "a2", "combine")] == [1, 1, 1, 1]
+    for n in result.get_all_node_results():
+        if n["node_name"] in ("step", "combine"):
+            assert n["reason"] == f"reused from {did}"
+            assert n["start_time"] == n["end_time"]
+
+
+def test_with_changed_inputs_only_the_nodes_whose_inputs_changed_run(tmp_path):
+    d = str(tmp_path)
+    did = ct.dispatch(chain)(d, 1, 2)
+    ct.get_result(did, wait=True, timeout=60)
+    rid = ct.redispatch(did, reuse_previous_results=True)(d, 1, 5)  # y changed
+    result = ct.get_result(rid, wait=True, timeout=60)
+    assert result.result == 3 * 6
+    assert [runs(d, n) for n in ("a", "b", "a2", "combine")] == [1, 2, 1, 2]
+
+
+@ct.electron
+def step_same(d, name, x):
+    _ran(d, name + "-new")
+    return x + 1  # the same output as step
+
+
+@ct.electron
+def step_other(d, name, x):
+    _ran(d, name + "-other")
+    return x + 10
+
+
+def test_a_replaced_electron_runs_and_its_dependents_run_only_if_its_output_changed(tmp_path):
+    d = str(tmp_path)
+    did = ct.dispatch(chain)(d, 1, 2)
+    ct.get_result(did, wait=True, timeout=60)
+    rid = ct.redispatch(did, {"step": step_same}, reuse_previous_results=True)()
+    result = ct.get_result(rid, wait=True, timeout=60)
+    assert result.result == 9
+    # every step node ran the new function; combine's inputs were unchanged: reused
+    assert [runs(d, n) for n in ("a-new", "b-new", "a2-new", "combine")] == [1, 1, 1, 1]
+    rid = ct.redispatch(did, {"step": step_other}, reuse_previous_results=True)()
+    result = ct.get_result(rid, wait=True, timeout=60)
+    assert result.result == (1 + 10 + 10) * (2 + 10)
+    assert runs(d, "combine") == 2
+
+
+def test_an_unknown_electron_name_to_replace_is_a_clear_error(tmp_path):
+    did = ct.dispatch(chain)(str(tmp_path), 1, 2)
+    ct.get_result(did, wait=True, timeout=60)
+    with pytest.raises(ct.ValentError, match="no electron named 'stpe'.*'step'"):
+        ct.redispatch(did, {"stpe": step_same})()
+
+
+# ------------------------------------------------------------------ resume
+
+
+@ct.electron
+def fast(d, i):
+    _ran(d, f"fast{i}")
+    return i
+
+
+@ct.electron
+def slow(d, i, flag):
+    _ran(d, f"slow{i}")
+    write_atomic(f"{d}/slow{i}.pid", str(os.getpid()))
+    if not os.path.exists(flag):
+        time.sleep(60)
+    return 10 * i
+
+
+@ct.electron
+def total(d, xs):
+    _ran(d, "total")
+    return sum(xs)
+
+
+@ct.lattice
+def fan(d, n, flag):
+    return total(d, [fast(d, i) for i in range(n)] + [slow(d, i, flag) for i in range(2)])
+
+
+def test_resume_after_cancel_runs_only_what_did_not_complete(tmp_path):
+    d = str(tmp_path)
+    flag = str(tmp_path / "go")
+    did = ct.dispatch(fan)(d, 6, flag)
+    pids = [read_pid(tmp_path / f"slow{i}.pid", 60) for i in range(2)]
+    assert wait_for(lambda: all(runs(d, f"fast{i}") for i in range(6)), 60)
+    first = ct.get_result(did)
+    assert wait_for(
+        lambda: all(
+            n["status"] == ct.Status.COMPLETED
+            for n in ct.get_result(did).get_all_node_results() if n["node_name"] == "fast"
+        ), 60,
+    ), first
+    ct.cancel(did)
+    old = ct.get_result(did, wait=True, timeout=60)
+    assert old.status == ct.Status.CANCELLED
+    assert wait_gone(pids, 10) == []
+    write_atomic(flag, "go")
+    rid = ct.redispatch(did, reuse_previous_results=True)()
+    new = ct.get_result(rid, wait=True, timeout=60)
+    assert (new.status, new.result) == (ct.Status.COMPLETED, sum(range(6)) + 10)
+    assert [runs(d, f"fast{i}") for i in range(6)] == [1] * 6  # completed: reused
+    assert [runs(d, f"slow{i}") for i in range(2)] == [2, 2]  # cancelled: ran again
+    assert runs(d, "total") == 1  # never ran before
+
+
+@ct.electron
+def flaky(d, flag):
+    _ran(d, "flaky")
+    if not os.path.exists(flag):
+        raise RuntimeError("no flag yet")
+    return 5
+
+
+@ct.lattice
+def fails_once(d, flag):
+    a = step(d, "a", 1)
+    return combine(d, a, flaky(d, flag))
+
+
+def test_resume_after_a_failure(tmp_path):
+    d = str(tmp_path)
+    flag = str(tmp_path / "flag")
+    did = ct.dispatch(fails_once)(d, flag)
+    assert ct.get_result(did, wait=True, timeout=60).status == ct.Status.FAILED
+    write_atomic(flag, "ok")
+    rid = ct.redispatch(did, reuse_previous_results=True)()
+    result = ct.get_result(rid, wait=True, timeout=60)
+    assert (result.status, result.result) == (ct.Status.COMPLETED, 10)
+    assert [runs(d, n) for n in ("a", "flaky", "combine")] == [1, 2, 1]
+
+
+@ct.electron
+@ct.lattice
+def sub_fan(d, flag):
+    return total(d, [fast(d, 0), fast(d, 1), slow(d, 0, flag)])
+
+
+@ct.lattice
+def nested_fan(d, flag):
+    return step(d, "after", sub_fan(d, flag))
+
+
+def test_resume_reuses_what_completed_inside_a_sublattice(tmp_path):
+    d = str(tmp_path)
+    flag = str(tmp_path / "go")
+    did = ct.dispatch(nested_fan)(d, flag)
+    pid = read_pid(tmp_path / "slow0.pid", 60)
+    assert wait_for(lambda: runs(d, "fast0") and runs(d, "fast1"), 60)
+    time.sleep(0.5)  # their completion reaches the store
+    ct.cancel(did)
+    assert ct.get_result(did, wait=True, timeout=60).status == ct.Status.CANCELLED
+    assert wait_gone([pid], 10) == []
+    write_atomic(flag, "go")
+    rid = ct.redispatch(did, reuse_previous_results=True)()
+    result = ct.get_result(rid, wait=True, timeout=60)
+    assert (result.status, result.result) == (ct.Status.COMPLETED, 0 + 1 + 0 + 1)
+    assert [runs(d, n) for n in ("fast0", "fast1", "slow0", "total", "after")] == [1, 1, 2, 1, 1]
+    inner = result.get_node_result(0)["sublattice_result"]
+    reasons = [n["reason"] for n in inner.get_all_node_results() if n["node_name"] == "fast"]
+    old_inner = ct.get_result(did).get_node_result(0)["sub_dispatch_id"]
+    assert reasons == [f"reused from {old_inner}"] * 2
+
+
+# ------------------------------------------------------------------ other processes
+
+
+OWNER = textwrap.dedent(
+    """
+    import os, sys, time
+    import valent as ct
+
+    d = sys.argv[1]
+
+    def ran(name):
+        with open(os.path.join(d, name + ".runs"), "a") as f:
+            f.write("x\\n")
+
+    @ct.electron
+    def fast(i):
+        ran(f"fast{i}")
+        return i
+
+    @ct.electron
+    def slow(flag):
+        ran("slow")
+        with open(os.path.join(d, "slow.pid.tmp"), "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(os.path.join(d, "slow.pid.tmp"), os.path.join(d, "slow.pid"))
+        while not os.path.exists(flag):
+            time.sleep(0.05)
+        return 100
+
+    @ct.electron
+    def total(xs):
+        ran("total")
+        return sum(xs)
+
+    @ct.lattice
+    def wf(flag):
+        return total([fast(0), fast(1), slow(flag)])
+
+    did = ct.dispatch(wf)(os.path.join(d, "go"))
+    print(did, flush=True)
+    print(ct.get_result(did, wait=True).status, flush=True)
+    """
+)
+
+
+def _python_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "core"), str(ROOT / "plugins")])
+    return env
+
+
+def test_resume_of_a_dispatch_whose_owner_was_killed(tmp_path):
+    """The owner (a subprocess) is killed by pid while its slow task runs; the dispatch,
+    read here, is FAILED (owner died), the task's process is gone, and a redispatch with
+    reuse, in this process (where the workflow's module does not exist), runs only the
+    unfinished part."""
+    d = tmp_path
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER)
+    owner = subprocess.Popen(
+        [sys.executable, str(script), str(d)], stdout=subprocess.PIPE, text=True,
+        env=_python_env(), cwd=tmp_path,
+    )
+    try:
+        did = owner.stdout.readline().strip()
+        slow_pid = read_pid(d / "slow.pid", 60)
+        assert wait_for(lambda: runs(d, "fast0") and runs(d, "fast1"), 60)
+        assert wait_for(
+            lambda: sum(n["status"] == "COMPLETED" for n in ct.get_result(did)
+                        .get_all_node_results() if n["node_name"] == "fast") == 2, 30,
+        )
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(30)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait(30)
+        owner.stdout.close()
+    assert wait_gone([slow_pid], 15) == [], "the task outlived its killed owner"
+    old = ct.get_result(did)
+    assert old.status == ct.Status.FAILED and "was killed" in old.error
+    assert "valent redispatch" in old.error
+    write_atomic(d / "go", "go")
+    rid = ct.redispatch(did, reuse_previous_results=True)()
+    new = ct.get_result(rid, wait=True, timeout=60)
+    assert (new.status, new.result) == (ct.Status.COMPLETED, 101)
+    assert [runs(d, n) for n in ("fast0", "fast1", "slow", "total")] == [1, 1, 2, 1]
+
+
+def test_redispatch_from_the_cli_in_another_process(tmp_path):
+    d = str(tmp_path)
+    did = ct.dispatch(chain)(d, 1, 2)
+    assert ct.get_result(did, wait=True, timeout=60).result == 9
+    repl = tmp_path / "replmod.py"
+    repl.write_text(
+        "import os\n"
+        "def step10(d, name, x):\n"
+        "    with open(os.path.join(d, name + '-cli.runs'), 'a') as f:\n"
+        "        f.write('x\\n')\n"
+        "    return x + 10\n"
+    )
+    env = _python_env()
+    env["PYTHONPATH"] += os.pathsep + str(tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "valent.cli", "redispatch", did[:8], "--reuse",
+         "--replace", "step=replmod:step10"],
+        capture_output=True, text=True, env=env, timeout=120, cwd="/",
+    )
+    assert out.returncode == 0, out.stderr
+    rid = out.stdout.split()[0]
+    result = ct.get_result(rid)
+    assert result.status == ct.Status.COMPLETED, (out.stdout, out.stderr, result.error)
+    assert result.result == (1 + 10 + 10) * (2 + 10)
+    assert result.redispatch_of == did
+    assert [runs(d, n) for n in ("a-cli", "b-cli", "a2-cli", "combine")] == [1, 1, 1, 2]
+    listed = subprocess.run(
+        [sys.executable, "-m", "valent.cli", "list"], capture_output=True, text=True,
+        env=env, timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    line = next(x for x in listed.stdout.splitlines() if x.startswith(rid[:8]))
+    assert did[:8] in line  # which dispatch it came from
+
+
+def test_redispatch_of_an_unknown_id_is_a_clear_error():
+    with pytest.raises(ct.UnknownDispatchError):
+        ct.redispatch("deadbeef-0000")
+
+
+def test_a_lattice_is_loaded_from_the_store_only_after_its_trust_checks(tmp_path, results_dir):
+    """In another process (here: with this process's copy of the lattice forgotten), the
+    lattice comes from the store, which must be yours and writable by you only."""
+    from valent import api
+
+    did = ct.dispatch(chain)(str(tmp_path), 1, 2)
+    ct.get_result(did, wait=True, timeout=60)
+    api._lattices.clear()
+    os.chmod(results_dir, 0o777)
+    try:
+        with pytest.raises(ct.StoreError, match="writable by other users"):
+            ct.redispatch(did)()
+    finally:
+        os.chmod(results_dir, 0o700)
+    rid = ct.redispatch(did, reuse_previous_results=True)()  # from the store's copy
+    assert ct.get_result(rid, wait=True, timeout=60).result == 9
