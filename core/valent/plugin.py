@@ -12,6 +12,7 @@ from __future__ import annotations
 from ._plugins.contract import Capabilities, Executor, Wake
 from ._plugins.manager import PluginWarning, get_plugins, hookimpl
 from ._pool.pool import Job, ProcessPool, RemoteError
+from ._pool.worker import Up as PoolUp
 from ._pool.proctree import (
     alive_escapees,
     group_members,
@@ -62,6 +63,7 @@ __all__ = [
     "Pending",
     "PicklingError",
     "PluginWarning",
+    "PoolUp",
     "PositiveSeconds",
     "ProcessPool",
     "RemoteError",

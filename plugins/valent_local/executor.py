@@ -13,11 +13,14 @@ from valent.plugin import (
     Capabilities,
     Count,
     Executor,
+    ExecutorError,
     Job,
+    PoolUp,
     ProcessPool,
     Seconds,
     Task,
     TaskState,
+    Upstream,
     Wake,
     require,
 )
@@ -40,7 +43,9 @@ class LocalExecutor(Executor):
     """
 
     name = "local"
-    capabilities = Capabilities(cancel_pending=True, stop_running=True, kill_tree=True, grace=1.0)
+    capabilities = Capabilities(
+        cancel_pending=True, stop_running=True, kill_tree=True, grace=1.0, chain=True
+    )
 
     def __init__(
         self,
@@ -84,9 +89,36 @@ class LocalExecutor(Executor):
         return self._pool
 
     def run(self, task: Task, wake: Wake) -> Job:
+        args, kwargs, ups = task.args, task.kwargs, None
+        if task.upstream:
+            args, kwargs, ups = self._mark_upstream(task)
         return self.pool.submit(
-            task.fn, task.args, task.kwargs, on_change=lambda _job: wake(), label=task.label
+            task.fn, args, kwargs, on_change=lambda _job: wake(), label=task.label, ups=ups
         )
+
+    def _mark_upstream(self, task: Task) -> tuple[tuple, dict, list[Job]]:
+        """Chaining: ``Upstream`` markers become ``PoolUp(i)``; ``ups[i]`` is the upstream
+        job. A task whose one upstream runs here starts in the same worker right after it,
+        the value passed there (no round trip through the dispatcher)."""
+        ups: list[Job] = []
+        index: dict[int, int] = {}
+
+        def mark(v: Any) -> Any:
+            if not isinstance(v, Upstream):
+                return v
+            if not isinstance(v.handle, Job):
+                raise ExecutorError(
+                    f"{task.label}: an Upstream marker must hold a job this LocalExecutor "
+                    f"started, got {v.handle!r}"
+                )
+            i = index.get(id(v.handle))
+            if i is None:
+                i = index[id(v.handle)] = len(ups)
+                ups.append(v.handle)
+            return PoolUp(i)
+
+        args = tuple(mark(a) for a in task.args)
+        return args, {k: mark(v) for k, v in task.kwargs.items()}, ups
 
     def poll(self, handle: Job) -> TaskState:
         return handle.state
