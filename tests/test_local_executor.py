@@ -51,7 +51,7 @@ def test_it_is_the_installed_local_executor():
     assert cls.name == "local"
     assert issubclass(cls, ct.Executor)
     ex = cls(workers=3, grace=0.2)
-    assert ex.capabilities == ct.Capabilities(True, True, True, 0.2)
+    assert ex.capabilities == ct.Capabilities(True, True, True, 0.2, chain=True)
     assert repr(ex) == "LocalExecutor(workers=3, grace=0.2)"
     copy = pickle.loads(pickle.dumps(ex))  # travels without its pool
     assert copy.workers == 3 and copy._pool is None

@@ -12,7 +12,6 @@ from __future__ import annotations
 from ._plugins.contract import Capabilities, Executor, Wake
 from ._plugins.manager import PluginWarning, get_plugins, hookimpl
 from ._pool.pool import Job, ProcessPool, RemoteError
-from ._pool.worker import Up as PoolUp
 from ._pool.proctree import (
     alive_escapees,
     group_members,
@@ -22,6 +21,7 @@ from ._pool.proctree import (
     signal_name,
     snapshot_tree,
 )
+from ._pool.worker import Up as PoolUp
 from .cancel_token import cancel_requested, set_process_token, thread_token
 from .checks import MAX_SECONDS, Count, Ge, Gt, Le, PositiveSeconds, Seconds, require
 from .errors import (

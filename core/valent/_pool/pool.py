@@ -64,8 +64,9 @@ KILL_TICK = 0.005  # seconds between rounds of killing a tree
 LOOK_FAST, LOOK_SLOW = 0.001, 0.02  # between looks at a stopping worker: first 0.1 s, then
 RUNNING_NOTE_DELAY = 0.001  # observers hear of a start this late: a quick job is told once
 BOOT_FAILURES = 3  # workers in a row that die before they are up: stop trying, fail the queue
-AHEAD = 2  # jobs sent to a busy worker ahead of its current one, when the queue is deep
-RECLAIM_AFTER = 0.05  # an idle worker takes back jobs sent ahead to one busy this long (s)
+AHEAD = 2  # jobs sent to a busy worker ahead of its current one, when the queue is deep:
+DEEP = 4  # this many queued jobs per worker (a few queued ones are dequeued at once on cancel)
+QUICK = 0.005  # and only jobs of functions that take less (s), behind one that does too
 
 
 class RemoteError(Exception):
@@ -472,6 +473,7 @@ class _Loop:
         self.boot_failures = 0
         self.closing = False
         self.woken = False
+        self.fn_time: dict[int, float] = {}  # function key -> its recent run time (s)
         self.notes: list[Job] = []  # jobs whose observers are told at the end of this turn
         # (when, job) of started jobs whose observers are told then, unless they ended
         self.started: collections.deque[tuple[float, Job]] = collections.deque()
@@ -569,8 +571,6 @@ class _Loop:
                     self._spawn()
             self._maybe_grow()
             self._hand_out()
-            if self.idle:
-                self._reclaim()
         self._publish()
         if self.started:
             now = time.monotonic()
@@ -595,8 +595,6 @@ class _Loop:
             t = min(t, look, max(0.0, (w.kill_deadline or now) - now) + 0.001)
         with self.lock:
             waiting = len(self.pool._queue) > self.pool._dead_queued
-        if self.idle and any(w.more for w in self.workers.values()):
-            t = min(t, RECLAIM_AFTER)
         if waiting and len(self.workers) < self.pool.max_workers:
             t = min(t, self.pool.grow_after)
         return t
@@ -701,29 +699,6 @@ class _Loop:
         except OSError:
             pass  # it died: its jobs are settled when it is retired
 
-    def _reclaim(self) -> None:
-        """Idle workers and nothing queued: take back independent jobs sent ahead to a
-        worker whose current task has run for a while (a long task; they would wait)."""
-        with self.lock:
-            if len(self.pool._queue) > self.pool._dead_queued:
-                return
-        now = time.time()
-        free = sum(1 for w in self.idle if w.ready)
-        for w in self.workers.values():
-            if free <= 0:
-                return
-            if not w.more or w.doomed or w.job is None:
-                continue
-            started = w.job.started_at
-            if started is None or now - started < RECLAIM_AFTER:
-                continue
-            for job in reversed(w.more):
-                if free <= 0:
-                    break
-                if job.skip is None and not job.ups:
-                    self._ask_back(w, job, "reclaim")
-                    free -= 1
-
     def _requeue(self, job: Job) -> None:
         """A job that never started goes back to the front of the queue (or is placed
         again, if chained)."""
@@ -815,11 +790,11 @@ class _Loop:
             self._send(w, job)
             self._send_chain(w, job)
         busy = [w for w in self.workers.values() if w.job is not None and w.ready
-                and not w.doomed and len(w.more) < AHEAD]
+                and not w.doomed and len(w.more) < AHEAD and self._quick(w.job)]
         if not busy:
             return
         with self.lock:
-            deep = len(self.pool._queue) - self.pool._dead_queued >= len(self.workers)
+            deep = len(self.pool._queue) - self.pool._dead_queued >= DEEP * len(self.workers)
         if not deep:
             return
         for _ in range(AHEAD):
@@ -827,6 +802,9 @@ class _Loop:
                 if len(w.more) >= AHEAD:
                     continue
                 with self.lock:
+                    q = self.pool._queue
+                    if q and not q[0].state.final and not self._quick(q[0]):
+                        return  # a job that may run long waits for a free worker
                     job = self._pop_queued()
                     if job is None:
                         return
@@ -834,6 +812,13 @@ class _Loop:
                 w.more.append(job)
                 self._send(w, job)
                 self._send_chain(w, job)
+
+    def _quick(self, job: Job) -> bool:
+        """Is ``job``'s function known to run quickly? Only such jobs are sent ahead, behind
+        such a job: a worker cannot hand back a job sent ahead while its task runs, so a job
+        sent behind a long task would wait for it while other workers are free."""
+        t = self.fn_time.get(job.fn_entry[1])
+        return t is not None and t < QUICK
 
     def _take_idle(self) -> _Worker:
         for i in range(len(self.idle) - 1, -1, -1):
@@ -1007,6 +992,12 @@ class _Loop:
                 self._begin_kill(w)
             return
         # it ended before the cancel was requested (or before it reached the task): the truth
+        key = job.fn_entry[1]
+        took = max(0.0, ended - started)
+        last = self.fn_time.get(key)
+        if last is None and len(self.fn_time) >= 4 * FN_CACHE_SIZE:
+            self.fn_time.clear()
+        self.fn_time[key] = took if last is None or took > 4 * last else 0.8 * last + 0.2 * took
         if ok:
             state: TaskState = Completed(
                 pickled=blob, started_at=started, ended_at=ended, stdout=out, stderr=err
