@@ -71,9 +71,9 @@ class LocalExecutor(Executor):
         """The worker pool, started on first use (and again in a forked child: a pool's
         workers and thread belong to the process that started it)."""
         pool = self._pool
-        if pool is None or pool._pid != os.getpid():
+        if pool is None or not pool.owned_here():
             with self._lock:
-                if self._pool is None or self._pool._pid != os.getpid():
+                if self._pool is None or not self._pool.owned_here():
                     cap = self.max_workers
                     pool = ProcessPool(
                         self.workers,

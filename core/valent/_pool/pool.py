@@ -69,6 +69,14 @@ DEEP = 4  # this many queued jobs per worker (a few queued ones are dequeued at 
 QUICK = 0.005  # and only jobs of functions that take less (s), behind one that does too
 
 
+_pid = [os.getpid()]  # this process's pid, kept at fork (getpid is a system call per task)
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
+_PLAIN = frozenset((int, float, str, bytes, bool, type(None)))
+"""Argument types the C pickler writes exactly as cloudpickle would."""
+
+
 class RemoteError(Exception):
     """Stands in for a task's exception that could not be pickled back."""
 
@@ -298,7 +306,10 @@ class ProcessPool:
         """
         entry = self._fn_entry(fn, label)
         try:
-            args_blob = cloudpickle.dumps((args, kwargs or {}), protocol=5)
+            if not kwargs and all(type(a) in _PLAIN for a in args):
+                args_blob = pickle.dumps((args, {}), protocol=5)  # the C pickler: 10x faster
+            else:
+                args_blob = cloudpickle.dumps((args, kwargs or {}), protocol=5)
         except Exception as exc:
             raise PicklingError(
                 f"the arguments of {label or fn!r} cannot be pickled: {exc}"
@@ -409,11 +420,15 @@ class ProcessPool:
     def _check_usable(self) -> None:
         if self._closed:
             raise RuntimeError("this ProcessPool was shut down")
-        if os.getpid() != self._pid:
+        if _pid[0] != self._pid:
             raise RuntimeError(
                 "this ProcessPool belongs to the process this one was forked from; its "
                 "workers and thread are not here. Make a new ProcessPool in this process."
             )
+
+    def owned_here(self) -> bool:
+        """True in the process that made the pool (not in a forked child of it)."""
+        return self._pid == _pid[0]
 
     def _wake(self) -> None:
         loop = self._loop
