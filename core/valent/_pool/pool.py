@@ -1101,7 +1101,7 @@ class _Loop:
                 scan = scan or proctree.Scan()
                 if not self._rest(w, scan):
                     self._end(w)
-                w.next_scan = now + LOOK_SLOW
+                w.next_scan = now + (LOOK_FAST if now - w.term_at < 0.1 else LOOK_SLOW)
         todo = [w for w in self.dying if w.reaping]
         for w in todo:
             if w.proc.poll() is None:
