@@ -40,6 +40,13 @@ class LocalExecutor(Executor):
     :param max_workers: the ceiling of the elastic pool (default ``max(32, 4 * CPUs)``).
     :param grace: seconds between SIGTERM and SIGKILL for cooperative tasks.
     :param capture_output: capture each task's stdout and stderr into the store.
+
+    It chains (``Capabilities.chain``): a task whose one upstream task runs on this executor
+    is sent to the same worker right behind it and starts there as soon as it ends, the
+    value passed in the worker (the dispatcher still stores every node's state and value);
+    if the upstream does not complete, its body never runs. When many tasks wait, busy
+    workers are sent the next ones ahead (of functions known to be quick), so that no task
+    waits for a round trip through the pool.
     """
 
     name = "local"
