@@ -81,8 +81,41 @@ class RemoteError(Exception):
     """Stands in for a task's exception that could not be pickled back."""
 
 
+_done_lock = threading.Lock()
+
+
+class _Done:
+    """A job's "it is final" flag: an ``Event`` made only for a caller that waits (an
+    ``Event`` costs ~1.3 KB; a million queued jobs would hold 1.3 GB of them)."""
+
+    __slots__ = ("_flag", "_event")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._event: threading.Event | None = None
+
+    def set(self) -> None:
+        with _done_lock:
+            self._flag = True
+            event = self._event
+        if event is not None:
+            event.set()
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with _done_lock:
+            if self._flag:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
+
+
 class Job:
-    """One task in the pool. ``state`` is a valent ``TaskState``; ``done`` is an Event.
+    """One task in the pool. ``state`` is a valent ``TaskState``; ``done`` is set when final.
 
     ``state`` and the cancel fields change under the pool's lock; ``worker`` is set when the
     loop claims the job for a worker (under the lock), after which a cancel kills.
@@ -101,7 +134,7 @@ class Job:
         self.on_change = on_change
         self.state: TaskState = Pending()
         self.worker: _Worker | None = None
-        self.done = threading.Event()
+        self.done = _Done()
         self.kill_requested = False
         self.cancel_at: float | None = None  # time.time() of the cancel request
         self.started_at: float | None = None  # when the body started, as the worker said
