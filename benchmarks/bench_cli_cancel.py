@@ -29,7 +29,7 @@ import time
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import report, row  # noqa: E402
+from common import compile_valent, report, row  # noqa: E402
 
 TASKS = 2
 OWNER = textwrap.dedent(
@@ -77,6 +77,7 @@ def measure(repeats: int, tasks: int = TASKS) -> dict[str, list[float]]:
     """Raw seconds per repeat: ``dead`` (tasks gone), ``returned`` (CLI exited), ``startup``."""
     out: dict[str, list[float]] = {"dead": [], "returned": [], "startup": []}
     cli = [sys.executable, "-m", "valent.cli"]
+    compile_valent()
     with tempfile.TemporaryDirectory(prefix="valent-bench-cli-") as tmp:
         env = {**os.environ, "VALENT_RESULTS_DIR": os.path.join(tmp, "results")}
         script = os.path.join(tmp, "owner.py")

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import report, row  # noqa: E402
+from common import compile_valent, report, row  # noqa: E402
 
 PROBE = (
     "import time, sys; t = time.perf_counter(); import valent; "
@@ -21,6 +21,7 @@ PROBE = (
 
 
 def run(repeats: int = 10) -> list[dict]:
+    compile_valent()
     times, heavy = [], set()
     for _ in range(max(5, repeats)):
         out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,

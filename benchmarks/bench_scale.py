@@ -1,11 +1,17 @@
-"""Scale: build and dispatch lattices of 10,000 and 100,000 nodes (fan-out and layered).
+"""Scale: big lattices, each in a fresh interpreter so that its peak memory is its own.
 
-Each case runs in a fresh interpreter so its peak memory is its own. Reported: tracing time,
-``dispatch()`` call time (tracing + storing every node + starting), time to run every node
-to completion on the Local executor, and peak RSS growth. Linear cost shows as a flat
-per-node time from 10k to 100k.
+- ``layered``: a 100,000-node layered lattice (layers of 100; each node takes two of the layer
+  above) run to completion on the Local executor, against the same number of no-op calls on
+  a warm ``ProcessPoolExecutor(2)`` (fork), interleaved repeats, medians; peak RSS growth of
+  each. Goals: <= 1.2x the pool, <= 300 MB.
+- ``fan``: a 100,000-node fan-out (50,000 electrons with a parameter each), run to completion
+  (for reference, same baseline).
+- ``huge`` (opt-in, ``--huge`` here or ``--only scale,scale-1m`` in run.py): a
+  1,000,000-node fan-out built and dispatched, then cancelled: build+dispatch seconds and peak
+  memory (goals <= 20 s, <= 2 GB), cancel completion time (``cancel()`` to the dispatch final;
+  goal <= 5 s), and a check that every node in the store is final.
 
-    python benchmarks/bench_scale.py
+    python benchmarks/bench_scale.py [--repeats 5] [--huge] [--json out.json]
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,65 +49,134 @@ def layered(n, width=100):        # layers of `width`; each node takes two of th
         made += width
     return prev[0]
 
-shape, nodes, run = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+shape, nodes, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 lat, arg = (fan, nodes // 2) if shape == "fan" else (layered, nodes)
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter(); g = lat.build_graph(arg); build = time.perf_counter() - t
-count = len(g.nodes); del g
+count = len(g.nodes); electrons = sum(1 for n in g.nodes if n.kind == "electron"); del g
 t = time.perf_counter(); did = ct.dispatch(lat)(arg); disp = time.perf_counter() - t
-total = None
-if run:
+out = {"nodes": count, "electrons": electrons, "build": build, "dispatch": disp}
+if mode == "run":
     r = ct.get_result(did, wait=True)
     assert r.status == "COMPLETED", r.status
-    total = time.perf_counter() - t
+    out["total"] = time.perf_counter() - t
 else:
-    ct.cancel(did); ct.get_result(did, wait=True)
+    t1 = time.perf_counter()
+    ct.cancel(did)
+    r = ct.get_result(did, wait=True)
+    out["cancel"] = time.perf_counter() - t1
+    out["status"] = str(r.status)
+    from valent._store import get_store
+    (left,) = get_store()._read(
+        "SELECT COUNT(*) FROM nodes WHERE dispatch_id = ? "
+        "AND status NOT IN ('COMPLETED', 'FAILED', 'CANCELLED')", (did,))[0]
+    out["not_final"] = left
+out["rss_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+print(json.dumps(out))
+"""
+
+POOL = r"""
+import concurrent.futures as cf, json, multiprocessing as mp, resource, sys, time
+
+def noop(*a):
+    return 0
+
+n = int(sys.argv[1])
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with cf.ProcessPoolExecutor(2, mp_context=mp.get_context("fork")) as pool:
+    list(pool.map(noop, range(8)))
+    t = time.perf_counter()
+    futures = [pool.submit(noop, i) for i in range(n)]
+    for f in futures:
+        f.result()
+    total = time.perf_counter() - t
 rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
-print(json.dumps({"nodes": count, "build": build, "dispatch": disp, "total": total, "rss_mb": rss}))
+print(json.dumps({"total": total, "rss_mb": rss}))
 """
 
 
-def measure(shape: str, nodes: int, run_all: bool) -> dict:
+def _child(code: str, *args: str) -> dict:
     env = dict(os.environ)
-    env.setdefault("VALENT_RESULTS_DIR", tempfile.mkdtemp(prefix="valent-scale-"))
+    env["VALENT_RESULTS_DIR"] = tempfile.mkdtemp(prefix="valent-scale-")
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, shape, str(nodes), "1" if run_all else "0"],
-        capture_output=True, text=True, env=env, check=True,
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env
     )
+    if out.returncode != 0:
+        raise RuntimeError(f"scale child {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(repeats: int = 1, run_all: bool = True) -> list[dict]:
+def measure(shape: str, nodes: int, mode: str = "run") -> dict:
+    """One valent run in a fresh interpreter: ``mode`` "run" (to completion) or "cancel"."""
+    return _child(CHILD, shape, str(nodes), mode)
+
+
+def pool_calls(n: int) -> dict:
+    """``n`` no-op calls on a warm ``ProcessPoolExecutor(2)`` in a fresh interpreter."""
+    return _child(POOL, str(n))
+
+
+def run_to_completion(repeats: int, nodes: int = 100_000) -> list[dict]:
     rows = []
-    for shape in ("fan", "layered"):
-        per_node = {}
-        for nodes in (10_000, 100_000):
-            m = min((measure(shape, nodes, run_all) for _ in range(repeats)),
-                    key=lambda x: x["dispatch"])
-            n = m["nodes"]
-            per_node[nodes] = m["dispatch"] / n
-            label = f"{shape} {n:,} nodes"
-            goal = 2.0 if nodes == 100_000 else None
-            rows.append(row(f"{label}: build", m["build"], "s", goal_abs=goal))
-            rows.append(row(f"{label}: dispatch() call", m["dispatch"], "s"))
-            if m["total"] is not None:
-                rows.append(row(f"{label}: run to completion", m["total"], "s",
-                                note=f"{m['total'] / n * 1e6:.0f} us/node"))
-            rows.append(row(f"{label}: peak memory", m["rss_mb"], "MB",
-                            goal_abs=300 if nodes == 100_000 else None))
-        growth = per_node[100_000] / per_node[10_000]
-        rows.append(row(f"{shape}: per-node dispatch cost 100k / 10k", growth, "x",
-                        goal_abs=1.5, note="1.0 = linear"))
+    for shape in ("layered", "fan"):
+        ours, base = [], []
+        for _ in range(repeats):  # interleaved: valent, then the pool, each repeat
+            m = measure(shape, nodes)
+            ours.append(m)
+            base.append(pool_calls(m["electrons"]))
+        n, calls = ours[0]["nodes"], ours[0]["electrons"]
+        total = statistics.median(m["total"] for m in ours)
+        btotal = statistics.median(b["total"] for b in base)
+        label = f"{shape} {n:,} nodes"
+        goal = 1.2 if shape == "layered" else None
+        rows.append(row(f"{label}: run to completion", total, "s", baseline=btotal,
+                        baseline_name=f"{calls:,} no-op calls, ProcessPoolExecutor(2)",
+                        goal_ratio=goal, note=f"{total / calls * 1e6:.0f} us/electron"))
+        rows.append(row(f"{label}: peak memory", statistics.median(m["rss_mb"] for m in ours),
+                        "MB", baseline=statistics.median(b["rss_mb"] for b in base),
+                        baseline_name="the pool's peak memory",
+                        goal_abs=300 if shape == "layered" else None))
+        rows.append(row(f"{label}: build + dispatch() call",
+                        statistics.median(m["build"] + m["dispatch"] for m in ours), "s"))
     return rows
 
 
+def huge(nodes: int = 1_000_000) -> list[dict]:
+    """A 1,000,000-node fan-out: built, dispatched, cancelled (one run: it is big)."""
+    m = measure("fan", nodes, "cancel")
+    n = m["nodes"]
+    ok = m["status"] == "CANCELLED" and m["not_final"] == 0
+    return [
+        row(f"fan {n:,} nodes: build + dispatch() call", m["build"] + m["dispatch"], "s",
+            goal_abs=20, note=f"build {m['build']:.1f} s"),
+        row(f"fan {n:,} nodes: peak memory", m["rss_mb"], "MB", goal_abs=2000),
+        row(f"fan {n:,} nodes: cancel() to final", m["cancel"], "s", goal_abs=5,
+            note=f"{m['status']}, {m['not_final']} nodes not final"
+                 + ("" if ok else " (NOT ALL FINAL)")),
+    ]
+
+
+def run(repeats: int = 5, huge_too: bool = False) -> list[dict]:
+    rows = run_to_completion(repeats)
+    if huge_too:
+        rows += huge()
+    return rows
+
+
+def run_huge(repeats: int = 1) -> list[dict]:
+    """run.py's ``scale-1m`` family."""
+    return huge()
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--no-run", action="store_true", help="dispatch and cancel, do not run")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--huge", action="store_true", help="also the 1,000,000-node fan-out")
+    ap.add_argument("--only-huge", action="store_true", help="only the 1,000,000-node case")
     ap.add_argument("--json")
     args = ap.parse_args()
-    rows = run(args.repeats, not args.no_run)
+    rows = huge() if args.only_huge else run(args.repeats, args.huge)
     report(rows, args.json)
 
 

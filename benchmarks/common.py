@@ -69,3 +69,20 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
         for line in lines:
             print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)))
+
+
+def compile_valent() -> None:
+    """Write bytecode for valent and its plugins, as ``pip install`` does.
+
+    A checkout run with ``PYTHONDONTWRITEBYTECODE=1`` (or from a read-only tree) compiles
+    every module from source in each new process; start-up times (``valent list``, the
+    CLI) would then measure the compiler, not valent.
+    """
+    import compileall
+    import importlib.util
+    import os
+
+    for name in ("valent", "valent_local", "valent_dask", "valent_ssh"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            compileall.compile_dir(os.path.dirname(spec.origin), quiet=2)

@@ -1,11 +1,26 @@
 """Run every benchmark family and print one table (and write JSON).
 
-    python benchmarks/run.py                      # everything, default repeats
+    python benchmarks/run.py                      # every family but the opt-in ones
+    python benchmarks/run.py --all                # and the opt-in ones (scale-1m)
     python benchmarks/run.py --only local,import  # some families
-    python benchmarks/run.py --repeats 3 --json out.json
+    python benchmarks/run.py --repeats 5 --json out.json
 
-Families: import, local, scale, dask, ssh, cli, nest. Each pairs valent with its baseline in the
-same run (interleaved) and reports medians and ratios against the goals of the issues.
+Families (issue 17's goals, each with its baseline measured in the same run):
+
+- import: ``import valent`` time, and that it pulls in neither dask nor paramiko.
+- local: fan-out 1,000 and 5,000, chain 1,000 vs a warm ``ProcessPoolExecutor(2)`` (fork),
+  medians of interleaved repeats; Local cancel latency p95 over 50 runs.
+- interactive: ``dispatch_sync`` of a one-node lattice p95; ``valent list`` with 10,000
+  dispatches in the store.
+- scale: 100,000-node layered lattice (and fan) vs the same no-op calls on the pool, peak
+  memory.
+- scale-1m (opt-in, a few minutes): 1,000,000-node fan-out build+dispatch, memory, cancel.
+- dask: fan-out (finish and kill mode) and chain vs raw ``client.submit`` + ``gather`` on
+  the same cluster; kill-mode cancel latency p95 over 50 runs.
+- ssh: SSH executor on a loopback sshd; cancel latency p95 over 50 runs.
+- cli: ``valent cancel`` from another process.
+- nest: sublattices (see bench_nest.py).
+
 Benchmarks are not tests: run them by hand on an idle machine.
 """
 
@@ -25,35 +40,42 @@ sys.path.insert(0, HERE)
 from common import print_table  # noqa: E402
 
 FAMILIES = {
-    "import": ("bench_import", {}),
-    "local": ("bench_local", {}),
-    "scale": ("bench_scale", {}),
-    "dask": ("bench_dask", {}),
-    "ssh": ("bench_ssh", {}),
-    "cli": ("bench_cli_cancel", {}),
-    "nest": ("bench_nest", {}),
+    "import": ("bench_import", "run", {}),
+    "local": ("bench_local", "run", {}),
+    "interactive": ("bench_interactive", "run", {}),
+    "scale": ("bench_scale", "run", {}),
+    "scale-1m": ("bench_scale", "run_huge", {}),
+    "dask": ("bench_dask", "run", {}),
+    "ssh": ("bench_ssh", "run", {}),
+    "cli": ("bench_cli_cancel", "run", {}),
+    "nest": ("bench_nest", "run", {}),
 }
+OPT_IN = {"scale-1m"}
+"""Families that run only when named in --only, or with --all (they take minutes)."""
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--only", default=",".join(FAMILIES), help="comma-separated families")
+    ap.add_argument("--only", default=",".join(f for f in FAMILIES if f not in OPT_IN),
+                    help="comma-separated families")
+    ap.add_argument("--all", action="store_true", help="every family, the opt-in ones too")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=os.path.join(HERE, "results", "latest.json"))
     args = ap.parse_args()
     os.environ.setdefault("VALENT_RESULTS_DIR", tempfile.mkdtemp(prefix="valent-bench-"))
     rows: list[dict] = []
     failed = []
-    for name in args.only.split(","):
+    names = list(FAMILIES) if args.all else args.only.split(",")
+    for name in names:
         name = name.strip()
         if name not in FAMILIES:
             ap.error(f"unknown family {name!r}; choose from {', '.join(FAMILIES)}")
-        module_name, kwargs = FAMILIES[name]
+        module_name, entry, kwargs = FAMILIES[name]
         print(f"== {name} ({module_name}) ...", flush=True)
         t = time.perf_counter()
         try:
             module = importlib.import_module(module_name)
-            got = module.run(args.repeats, **kwargs)
+            got = getattr(module, entry)(args.repeats, **kwargs)
             if hasattr(module, "table_rows"):
                 got = module.table_rows(got)
         except Exception:

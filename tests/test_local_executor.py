@@ -51,7 +51,7 @@ def test_it_is_the_installed_local_executor():
     assert cls.name == "local"
     assert issubclass(cls, ct.Executor)
     ex = cls(workers=3, grace=0.2)
-    assert ex.capabilities == ct.Capabilities(True, True, True, 0.2)
+    assert ex.capabilities == ct.Capabilities(True, True, True, 0.2, chain=True)
     assert repr(ex) == "LocalExecutor(workers=3, grace=0.2)"
     copy = pickle.loads(pickle.dumps(ex))  # travels without its pool
     assert copy.workers == 3 and copy._pool is None
@@ -139,3 +139,86 @@ def test_many_small_tasks(local_executor):
     took = time.monotonic() - t0
     assert result.status == "COMPLETED" and len(result.result) == 200
     assert took < 60, f"200 no-op tasks took {took:.1f} s"
+
+
+def step(x):
+    return x + 1
+
+
+def step_or_fail(x, fail_at):
+    if x == fail_at:
+        raise ValueError(f"stop at {x}")
+    return x + 1
+
+
+def step_slow(x, pid_dir, slow_at):
+    with open(os.path.join(pid_dir, f"{x}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    if x == slow_at:
+        time.sleep(60)
+    return x + 1
+
+
+def test_a_local_chain_runs_in_one_worker_and_the_store_sees_every_node(local_executor):
+    """Chaining on the Local executor: each electron starts in the same worker right after
+    its only parent; every node is still COMPLETED in the store with its own value."""
+    e = ct.electron(step, executor=local_executor)
+
+    @ct.lattice
+    def chain(n):
+        x = e(0)
+        for _ in range(n - 1):
+            x = e(x)
+        return x
+
+    r = ct.dispatch_sync(chain)(50)
+    assert r.status == "COMPLETED" and r.result == 50
+    electrons = [n for n in r.get_all_node_results() if n["node_name"] == "step"]
+    assert [n["status"] for n in electrons] == ["COMPLETED"] * 50
+    assert [n["output"] for n in electrons] == list(range(1, 51))
+
+
+def test_a_local_chain_stops_where_a_node_fails(local_executor):
+    e = ct.electron(step_or_fail, executor=local_executor)
+
+    @ct.lattice
+    def chain(n, fail_at):
+        x = e(0, fail_at)
+        for _ in range(n - 1):
+            x = e(x, fail_at)
+        return x
+
+    r = ct.dispatch_sync(chain)(10, 4)
+    assert r.status == "FAILED"
+    statuses = [n["status"] for n in r.get_all_node_results() if n["node_name"] == "step_or_fail"]
+    assert statuses == ["COMPLETED"] * 4 + ["FAILED"] + ["CANCELLED"] * 5
+
+
+def test_cancelling_a_local_chain_kills_the_running_node_and_dequeues_the_rest(
+    local_executor, tmp_path
+):
+    e = ct.electron(step_slow, executor=local_executor)
+
+    @ct.lattice
+    def chain(n, pid_dir, slow_at):
+        x = e(0, pid_dir, slow_at)
+        for _ in range(n - 1):
+            x = e(x, pid_dir, slow_at)
+        return x
+
+    did = ct.dispatch(chain)(10, str(tmp_path), 3)
+    pid_file = tmp_path / "3.pid"
+    deadline = time.monotonic() + 30
+    while not pid_file.exists():
+        assert time.monotonic() < deadline, "the slow node never started"
+        time.sleep(0.01)
+    pid = int(pid_file.read_text())
+    ct.cancel(did)
+    r = ct.get_result(did, wait=True, timeout=30)
+    assert r.status == "CANCELLED"
+    nodes = [n for n in r.get_all_node_results() if n["node_name"] == "step_slow"]
+    assert [n["status"] for n in nodes[:3]] == ["COMPLETED"] * 3
+    assert nodes[3]["status"] == "CANCELLED" and nodes[3]["cancel_outcome"] == "killed"
+    assert all(n["status"] == "CANCELLED" for n in nodes[4:])
+    assert not any((tmp_path / f"{x}.pid").exists() for x in range(4, 10))  # never ran
+    assert wait_gone([pid], 10) == []

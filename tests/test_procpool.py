@@ -228,3 +228,106 @@ def test_shutdown_kills_running_work_and_leaves_no_process(tmp_path):
         p.submit(ident)
     me = psutil.Process()
     assert not [c for c in me.children(recursive=True) if c.pid in pids]
+
+
+# ---------------------------------------------------------------- jobs sent ahead, chaining
+
+
+def pid_and(x):
+    return os.getpid(), x
+
+
+def add_one(pair):
+    pid, x = pair
+    return os.getpid(), x + 1
+
+
+def test_a_deep_queue_is_sent_ahead_and_a_job_asked_back_is_dequeued(tmp_path):
+    """With many jobs queued, busy workers get the next ones ahead (no round trip between
+    tasks). Cancelling one sent ahead, not started: its body never runs (``dequeued``); the
+    job running before it is not touched, and every other job still runs."""
+    with ProcessPool(workers=1, grace=0.5, name="test") as p:
+        [j.wait(10) for j in [p.submit(nap, (0,)) for _ in range(5)]]  # nap is known quick
+        first = p.submit(nap, (1.0, str(tmp_path / "first")))
+        rest = [p.submit(nap, (0, str(tmp_path / f"r{i}"))) for i in range(12)]
+        assert wait_for(lambda: (tmp_path / "first").exists(), 10)
+        assert wait_for(lambda: p.stats()["queued"] < 12, 5)  # some went ahead to the worker
+        ahead = rest[0]
+        assert ahead.worker is not None and ahead.state == ct.Pending()
+        outcome = p.cancel(ahead)
+        assert outcome in (ct.CancelOutcome.KILLED, ct.CancelOutcome.DEQUEUED)
+        state = ahead.wait(10)
+        assert state == ct.Cancelled(ct.CancelOutcome.DEQUEUED, ended_at=state.ended_at)
+        assert isinstance(first.wait(10), ct.Completed)  # not killed
+        assert all(isinstance(j.wait(10), ct.Completed) for j in rest[1:])
+        assert not (tmp_path / "r0").exists()  # its body never ran
+
+
+def test_no_job_is_sent_ahead_behind_a_task_that_may_run_long(tmp_path):
+    """Only jobs of functions known to be quick are sent ahead, behind such a job: a worker
+    cannot hand a job back while its task runs, so none waits behind a long task while
+    another worker is free (quick ones run meanwhile)."""
+    with ProcessPool(workers=2, name="test") as p:
+        [j.wait(10) for j in [p.submit(pid_and, (i,)) for i in range(20)]]  # known quick
+        long = p.submit(nap, (3.0,))
+        quick = [p.submit(pid_and, (i,)) for i in range(20)]
+        t = time.monotonic()
+        states = [j.wait(10) for j in quick]
+        assert all(isinstance(s, ct.Completed) for s in states)
+        assert time.monotonic() - t < 2.5, "a job waited behind the long task"
+        assert isinstance(long.wait(10), ct.Completed)
+
+
+def test_a_chained_job_runs_right_after_its_upstream_in_the_same_worker():
+    from valent.plugin import PoolUp
+
+    with ProcessPool(workers=2, name="test") as p:
+        head = p.submit(pid_and, (1,))
+        chain = [head]
+        for _ in range(30):
+            chain.append(p.submit(add_one, (PoolUp(0),), ups=[chain[-1]]))
+        values = [j.wait(10).get_value() for j in chain]
+        assert [v[1] for v in values] == list(range(1, 32))
+        assert len({v[0] for v in values}) == 1  # one worker ran the whole chain
+
+
+def test_a_chained_job_never_runs_when_its_upstream_fails_or_is_cancelled(tmp_path):
+    from valent.plugin import PoolUp
+
+    with ProcessPool(workers=1, grace=0.2, name="test") as p:
+        bad = p.submit(fail, ("no",))
+        after_bad = p.submit(nap, (0, PoolUp(0)), ups=[bad])
+        assert isinstance(bad.wait(10), ct.Failed)
+        assert after_bad.wait(10) == ct.Cancelled(
+            ct.CancelOutcome.DEQUEUED, ended_at=after_bad.state.ended_at)
+        running = p.submit(nap, (30, str(tmp_path / "running")))
+        marker = str(tmp_path / "never")
+        after = p.submit(nap, (PoolUp(0), marker), ups=[running])
+        after2 = p.submit(nap, (PoolUp(0), marker), ups=[after])
+        assert wait_for(lambda: (tmp_path / "running").exists(), 10)
+        assert p.cancel(running) == ct.CancelOutcome.KILLED
+        assert running.wait(10).outcome == ct.CancelOutcome.KILLED
+        for j in (after, after2):
+            assert j.wait(10) == ct.Cancelled(ct.CancelOutcome.DEQUEUED, ended_at=j.state.ended_at)
+        assert not os.path.exists(marker)
+        # an upstream already completed: its value is sent with the job
+        done = p.submit(pid_and, (5,))
+        done.wait(10)
+        assert p.submit(add_one, (PoolUp(0),), ups=[done]).wait(10).get_value()[1] == 6
+
+
+def test_many_queued_jobs_cancelled_are_skipped_not_searched():
+    """Cancelling a queued job does not search the queue (a million-node cancel was
+    quadratic): the queue count drops at once and the job is skipped when its turn comes."""
+    with ProcessPool(workers=1, name="test") as p:
+        block = p.submit(nap, (0.5,))
+        jobs = [p.submit(ident) for _ in range(2000)]
+        t = time.monotonic()
+        for j in jobs[::2]:
+            assert p.cancel(j) in (ct.CancelOutcome.DEQUEUED, ct.CancelOutcome.KILLED)
+        assert time.monotonic() - t < 10
+        assert p.stats()["queued"] <= 1000
+        block.wait(10)
+        states = [j.wait(30) for j in jobs]
+        assert all(isinstance(s, ct.Completed) for s in states[1::2])
+        assert all(isinstance(s, ct.Cancelled) for s in states[::2])

@@ -230,6 +230,33 @@ def test_a_store_file_truncated_under_a_live_store_is_detected(tmp_path):
     store.close()
 
 
+def test_a_store_file_sqlite_itself_made_smaller_is_not_lost(tmp_path):
+    """SQLite shrinks the file itself (a ``VACUUM``, from any connection; a checkpoint that
+    truncates it to the committed size): the store is not lost. Before the fix any shrink
+    read as "truncated" and every later write of the process failed."""
+    import sqlite3
+
+    store = _live_store(tmp_path)
+    db = tmp_path / "s" / "valent.db"
+    other = sqlite3.connect(db, isolation_level=None)  # a second connection, as a user's
+    other.execute("CREATE TABLE scratch (b BLOB)")
+    other.executemany("INSERT INTO scratch VALUES (?)", [(os.urandom(4000),) for _ in range(50)])
+    other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.dispatch_row("d1")  # the store sees the file at its biggest
+    big = db.stat().st_size
+    other.execute("DROP TABLE scratch")
+    other.execute("VACUUM")
+    other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    other.close()
+    assert db.stat().st_size < big  # SQLite made the file smaller
+    store.apply([("d1", 1, {"status": "COMPLETED"})])
+    assert store.node_row("d1", 1)["status"] == "COMPLETED"
+    os.truncate(db, 4096 + 100)  # cut inside a page by someone else: lost
+    with pytest.raises(StoreLostError, match="truncated"):
+        store.dispatch_row("d1")
+    store.close()
+
+
 def test_a_store_file_replaced_under_a_live_store_is_detected(tmp_path):
     store = _live_store(tmp_path)
     other = Store(tmp_path / "other")

@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS dispatches (
     trigger_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS dispatches_created ON dispatches (created_at);
+CREATE INDEX IF NOT EXISTS dispatches_status ON dispatches (status);
 CREATE TABLE IF NOT EXISTS nodes (
     dispatch_id TEXT NOT NULL,
     node_id INTEGER NOT NULL,
@@ -249,6 +250,30 @@ def _is_full(exc: BaseException) -> bool:
     if code is not None:
         return code & 0xFF == sqlite3.SQLITE_FULL
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def _whole_sqlite_file(path: Path, st: os.stat_result) -> bool:
+    """Is a store file that became smaller still a whole SQLite database?
+
+    SQLite itself shrinks the file: a checkpoint truncates it to the committed size (under
+    many connections that size can step back a few pages), and so does a ``VACUUM``. A file
+    cut by someone else is empty, lost its header, or ends inside a page.
+    """
+    if st.st_size < 100:
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except OSError:
+        return False
+    if len(head) < 100 or not head.startswith(SQLITE_MAGIC):
+        return False
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    return page >= 512 and st.st_size % page == 0
 
 
 def _identity(st: os.stat_result) -> tuple[int, int]:
@@ -440,7 +465,7 @@ class Store:
             else:
                 if _identity(st) != self._ident:
                     what = "replaced by another file"
-                elif st.st_size < self._size_seen:
+                elif st.st_size < self._size_seen and not _whole_sqlite_file(self.path, st):
                     what = f"truncated (from {self._size_seen} to {st.st_size} bytes)"
                 else:
                     self._size_seen = st.st_size
@@ -1066,6 +1091,15 @@ class Store:
     def dispatch_status(self, dispatch_id: str) -> str | None:
         rows = self._read("SELECT status FROM dispatches WHERE dispatch_id = ?", (dispatch_id,))
         return rows[0][0] if rows else None
+
+    def unfinished_dispatches(self) -> list[sqlite3.Row]:
+        """Every dispatch not final yet (NEW_OBJECT, RUNNING, CANCELLING), with its owner's
+        pid, host and start time: what ``api.reap_orphans`` checks (one indexed query)."""
+        return self._read(
+            "SELECT dispatch_id, status, node_count, owner_pid, owner_host, owner_started "
+            "FROM dispatches WHERE status IN (?, ?, ?)",
+            (Status.NEW_OBJECT.value, Status.RUNNING.value, Status.CANCELLING.value),
+        )
 
     def list_dispatches(
         self, status: str | None = None, limit: int = 20, children: bool = True

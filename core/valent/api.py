@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import atexit
 import os
-import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-import cloudpickle
-
 from .errors import DispatchTimeoutError, ValentError
 from .graph import Electron, Graph, Lattice
 from .result import Result
-from .status import FINAL_VALUES, Status
+from .status import FINAL_VALUES
 
 _lock = threading.Lock()
 _dispatcher = None
@@ -155,6 +152,8 @@ def _lattice_blob(lattice: Lattice, replace: dict[str, Electron] | None) -> byte
     """``{"lattice": ..., "replace": ...}`` pickled by value (the functions' code, and that
     of the electrons in the same modules), for a redispatch from another process; None when
     it cannot be pickled."""
+    import cloudpickle
+
     from ._engine.reuse import dumps_by_value
 
     what = {"lattice": lattice, "replace": dict(replace or {})}
@@ -191,7 +190,8 @@ def get_result(
         if problem:
             raise ValentError(f"get_result(timeout={timeout!r}): {problem}")
     store = _store()
-    dispatch_id = store.resolve(dispatch_id)
+    if _owned_run(dispatch_id) is None:  # an id this process runs is a full id already
+        dispatch_id = store.resolve(dispatch_id)
     if wait and progress:
         from .cli.progress import StoreProgress
 
@@ -232,6 +232,8 @@ def _wait(store, dispatch_id: str, timeout: float | None) -> None:
 
 def _owner_dead(row) -> bool:
     """True when the process that owns a dispatch (on this host) is gone."""
+    import socket
+
     if row["owner_host"] != socket.gethostname() or row["owner_pid"] is None:
         return False
     pid = row["owner_pid"]
@@ -269,10 +271,9 @@ def check_owner(store, row):
 def reap_orphans(store) -> int:
     """Mark every unfinished dispatch whose owner died (``check_owner``); how many were."""
     n = 0
-    for status in (Status.NEW_OBJECT, Status.RUNNING, Status.CANCELLING):
-        for row in store.list_dispatches(status=status.value, limit=1_000_000):
-            if check_owner(store, row) is not row:
-                n += 1
+    for row in store.unfinished_dispatches():
+        if check_owner(store, row) is not row:
+            n += 1
     return n
 
 

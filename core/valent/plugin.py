@@ -21,6 +21,7 @@ from ._pool.proctree import (
     signal_name,
     snapshot_tree,
 )
+from ._pool.worker import Up as PoolUp
 from .cancel_token import cancel_requested, set_process_token, thread_token
 from .checks import MAX_SECONDS, Count, Ge, Gt, Le, PositiveSeconds, Seconds, require
 from .errors import (
@@ -62,6 +63,7 @@ __all__ = [
     "Pending",
     "PicklingError",
     "PluginWarning",
+    "PoolUp",
     "PositiveSeconds",
     "ProcessPool",
     "RemoteError",

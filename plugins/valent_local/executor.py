@@ -13,11 +13,14 @@ from valent.plugin import (
     Capabilities,
     Count,
     Executor,
+    ExecutorError,
     Job,
+    PoolUp,
     ProcessPool,
     Seconds,
     Task,
     TaskState,
+    Upstream,
     Wake,
     require,
 )
@@ -37,10 +40,19 @@ class LocalExecutor(Executor):
     :param max_workers: the ceiling of the elastic pool (default ``max(32, 4 * CPUs)``).
     :param grace: seconds between SIGTERM and SIGKILL for cooperative tasks.
     :param capture_output: capture each task's stdout and stderr into the store.
+
+    It chains (``Capabilities.chain``): a task whose one upstream task runs on this executor
+    is sent to the same worker right behind it and starts there as soon as it ends, the
+    value passed in the worker (the dispatcher still stores every node's state and value);
+    if the upstream does not complete, its body never runs. When many tasks wait, busy
+    workers are sent the next ones ahead (of functions known to be quick), so that no task
+    waits for a round trip through the pool.
     """
 
     name = "local"
-    capabilities = Capabilities(cancel_pending=True, stop_running=True, kill_tree=True, grace=1.0)
+    capabilities = Capabilities(
+        cancel_pending=True, stop_running=True, kill_tree=True, grace=1.0, chain=True
+    )
 
     def __init__(
         self,
@@ -66,9 +78,9 @@ class LocalExecutor(Executor):
         """The worker pool, started on first use (and again in a forked child: a pool's
         workers and thread belong to the process that started it)."""
         pool = self._pool
-        if pool is None or pool._pid != os.getpid():
+        if pool is None or not pool.owned_here():
             with self._lock:
-                if self._pool is None or self._pool._pid != os.getpid():
+                if self._pool is None or not self._pool.owned_here():
                     cap = self.max_workers
                     pool = ProcessPool(
                         self.workers,
@@ -84,9 +96,36 @@ class LocalExecutor(Executor):
         return self._pool
 
     def run(self, task: Task, wake: Wake) -> Job:
+        args, kwargs, ups = task.args, task.kwargs, None
+        if task.upstream:
+            args, kwargs, ups = self._mark_upstream(task)
         return self.pool.submit(
-            task.fn, task.args, task.kwargs, on_change=lambda _job: wake(), label=task.label
+            task.fn, args, kwargs, on_change=lambda _job: wake(), label=task.label, ups=ups
         )
+
+    def _mark_upstream(self, task: Task) -> tuple[tuple, dict, list[Job]]:
+        """Chaining: ``Upstream`` markers become ``PoolUp(i)``; ``ups[i]`` is the upstream
+        job. A task whose one upstream runs here starts in the same worker right after it,
+        the value passed there (no round trip through the dispatcher)."""
+        ups: list[Job] = []
+        index: dict[int, int] = {}
+
+        def mark(v: Any) -> Any:
+            if not isinstance(v, Upstream):
+                return v
+            if not isinstance(v.handle, Job):
+                raise ExecutorError(
+                    f"{task.label}: an Upstream marker must hold a job this LocalExecutor "
+                    f"started, got {v.handle!r}"
+                )
+            i = index.get(id(v.handle))
+            if i is None:
+                i = index[id(v.handle)] = len(ups)
+                ups.append(v.handle)
+            return PoolUp(i)
+
+        args = tuple(mark(a) for a in task.args)
+        return args, {k: mark(v) for k, v in task.kwargs.items()}, ups
 
     def poll(self, handle: Job) -> TaskState:
         return handle.state

@@ -15,7 +15,17 @@ and the worker last.
 
 Messages to the pool: ``("ready",)`` once up; ``("started", job_id, time)`` right before a
 task's body is called (a task that never got there is reported dequeued, not killed); then
-the result tuple. Imports only the standard library and cloudpickle before the first task.
+the result tuple. ``("skipped", job_id)``: a job the pool asked back (``("skip", job_id)``)
+before its body started, or a chained job whose upstream did not complete here; its body never
+runs. ``("need", job_id)``: a chained job whose upstream value this worker no longer holds
+(the pool sends it again with the value).
+
+The pool may send several jobs ahead (when its queue is deep, and a chained job right after
+its upstream): they run in order; before each, whatever else the pool sent is read, so a skip
+that arrives before a job's body starts is honoured. A chained job's arguments hold
+:class:`Up` markers; ``ups[i]`` says where value ``i`` comes from: ``("j", job_id)``, the
+result of an earlier job of this worker, or ``("v", payload)``, a value the pool sends.
+Imports only the standard library and cloudpickle before the first task.
 """
 
 from __future__ import annotations
@@ -32,6 +42,22 @@ import traceback
 HEADER = struct.Struct("!QQ")  # length of the pickled message, length of the blob + 1 (0: none)
 SMALL = 1 << 16
 MAX_CAPTURE = 1 << 20
+KEEP_RESULTS = 8  # results of recent jobs kept for chained jobs sent later
+
+
+class Up:
+    """Marks, in a chained job's pickled arguments, where upstream value ``i`` goes."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+    def __reduce__(self) -> tuple:
+        return (Up, (self.i,))
+
+    def __repr__(self) -> str:
+        return f"Up({self.i})"
 
 _cooperative = False
 _cancelled = False
@@ -197,6 +223,82 @@ def send_msg(sock: socket.socket, msg: object, blob: bytes | None = None) -> Non
         sock.sendall(blob)
 
 
+class _Inbox:
+    """The pool's messages, read ahead: jobs in order, and the ids the pool asked back."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = bytearray()
+        self.jobs: list = []  # (message, args blob), oldest first
+        self.skips: set[int] = set()
+        self.eof = False
+
+    def _parse(self) -> None:
+        buf = self.buf
+        while len(buf) >= HEADER.size:
+            meta_len, blob_len = HEADER.unpack_from(buf)
+            start = HEADER.size + meta_len
+            end = start + max(blob_len - 1, 0)
+            if len(buf) < end:
+                return
+            msg = pickle.loads(buf[HEADER.size:start])
+            blob = bytes(buf[start:end]) if blob_len else None
+            del buf[:end]
+            if msg[0] == "skip":
+                self.skips.add(msg[1])
+            else:
+                self.jobs.append((msg, blob))
+
+    def poll(self) -> None:
+        """Read whatever the pool sent already, without waiting."""
+        while not self.eof:
+            try:
+                data = self.sock.recv(1 << 18, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                data = b""
+            if not data:
+                self.eof = True
+                break
+            self.buf += data
+        self._parse()
+
+    def next(self):
+        """The next job (waiting for one); None at EOF."""
+        self.poll()
+        while not self.jobs and not self.eof:
+            try:
+                data = self.sock.recv(1 << 18)
+            except InterruptedError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self.eof = True
+                break
+            self.buf += data
+            self._parse()
+        if not self.jobs:
+            return None
+        self.poll()  # and what came with it (a skip of this very job)
+        return self.jobs.pop(0)
+
+    def wanted(self) -> set[int]:
+        """Ids of earlier jobs whose results queued chained jobs take."""
+        return {u[1] for (msg, _) in self.jobs for u in msg[4] if u[0] == "j"}
+
+
+def _substitute(args: tuple, kwargs: dict, values: list) -> tuple[tuple, dict]:
+    """Put the upstream values where the :class:`Up` markers are."""
+    # this file runs as __main__: the markers unpickled are valent._pool.worker's class
+    from valent._pool.worker import Up as up
+
+    args = tuple(values[a.i] if isinstance(a, up) else a for a in args)
+    kwargs = {k: values[v.i] if isinstance(v, up) else v for k, v in kwargs.items()}
+    return args, kwargs
+
+
 class _Capture:
     """Send fds 1 and 2 to files for the length of one task."""
 
@@ -274,25 +376,48 @@ def main(argv: list[str]) -> None:
     capture = _Capture(out_path, err_path)
     own = _OwnState()
     fns: dict[int, object] = {}
+    inbox = _Inbox(sock)
+    results: dict[int, bytes | None] = {}  # job id -> its pickled value (None: not ok)
     send_msg(sock, ("ready",))
     while True:
-        try:
-            got = recv_msg(sock)
-        except OSError:
-            got = None
+        got = inbox.next()
         if got is None:
             return _orphaned()
-        (job_id, fn_key, fn_blob, forget), args_blob = got
+        (job_id, fn_key, fn_blob, forget, ups), args_blob = got
         for k in forget:
             fns.pop(k, None)
+        if fn_blob is not None:
+            fns[fn_key] = fn_blob  # unpickled when a job first calls it
+        payloads: list = []
+        reply = None
+        if job_id in inbox.skips:
+            inbox.skips.discard(job_id)
+            reply = ("skipped", job_id)
+        for kind, ref in ups:
+            if kind == "v":
+                payloads.append(ref)
+            elif ref not in results:
+                reply = reply or ("need", job_id)  # an evicted result: the pool resends
+            elif results[ref] is None:
+                reply = reply or ("skipped", job_id)  # its upstream did not complete here
+            else:
+                payloads.append(results[ref])
+        if reply is not None:
+            try:
+                send_msg(sock, reply)
+            except OSError:
+                return _orphaned()
+            continue
         _cooperative = False
         started = time.time()
         capture.start()
         try:
-            if fn_blob is not None:
-                fns[fn_key] = cloudpickle.loads(fn_blob)
             fn = fns[fn_key]
+            if isinstance(fn, bytes):
+                fn = fns[fn_key] = cloudpickle.loads(fn)
             args, kwargs = cloudpickle.loads(args_blob)
+            if ups:
+                args, kwargs = _substitute(args, kwargs, [cloudpickle.loads(p) for p in payloads])
             _in_task = True
             if _cancelled:
                 _stop_self()  # the cancel arrived before the body began: it never runs
@@ -326,6 +451,12 @@ def main(argv: list[str]) -> None:
                 payload = (None, msg_text, "".join(traceback.format_exception(exc)))
         else:
             payload = _pack_error(value)
+        results[job_id] = payload if ok else None
+        if len(results) > KEEP_RESULTS:
+            inbox.poll()
+            wanted = inbox.wanted()
+            for k in [k for k in results if k not in wanted][: len(results) - KEEP_RESULTS]:
+                del results[k]
         try:
             if ok:
                 send_msg(sock, (job_id, ok, None, started, ended, out, err, stopped_by_cancel),
