@@ -250,8 +250,8 @@ def test_a_deep_queue_is_sent_ahead_and_a_job_asked_back_is_dequeued(tmp_path):
         [j.wait(10) for j in [p.submit(nap, (0,)) for _ in range(5)]]  # nap is known quick
         first = p.submit(nap, (1.0, str(tmp_path / "first")))
         rest = [p.submit(nap, (0, str(tmp_path / f"r{i}"))) for i in range(12)]
-        assert wait_for(lambda: (tmp_path / "first").exists(), 10)
-        assert wait_for(lambda: p.stats()["queued"] < 12, 5)  # some went ahead to the worker
+        assert wait_until(lambda: (tmp_path / "first").exists(), 10)
+        assert wait_until(lambda: p.stats()["queued"] < 12, 5)  # some went ahead to the worker
         ahead = rest[0]
         assert ahead.worker is not None and ahead.state == ct.Pending()
         outcome = p.cancel(ahead)
@@ -304,7 +304,7 @@ def test_a_chained_job_never_runs_when_its_upstream_fails_or_is_cancelled(tmp_pa
         marker = str(tmp_path / "never")
         after = p.submit(nap, (PoolUp(0), marker), ups=[running])
         after2 = p.submit(nap, (PoolUp(0), marker), ups=[after])
-        assert wait_for(lambda: (tmp_path / "running").exists(), 10)
+        assert wait_until(lambda: (tmp_path / "running").exists(), 10)
         assert p.cancel(running) == ct.CancelOutcome.KILLED
         assert running.wait(10).outcome == ct.CancelOutcome.KILLED
         for j in (after, after2):
