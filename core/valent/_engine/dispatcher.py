@@ -581,6 +581,8 @@ class _Loop:
             return False
         if nr.run.cancel_requested:
             return False
+        if nr.run.reuse is not None:
+            return False  # a redispatch may reuse its output once its inputs are known
         ex = nr.executor
         if ex is None or not getattr(ex.capabilities, "chain", False):
             return False
