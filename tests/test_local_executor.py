@@ -222,3 +222,24 @@ def test_cancelling_a_local_chain_kills_the_running_node_and_dequeues_the_rest(
     assert all(n["status"] == "CANCELLED" for n in nodes[4:])
     assert not any((tmp_path / f"{x}.pid").exists() for x in range(4, 10))  # never ran
     assert wait_gone([pid], 10) == []
+
+
+@ct.electron
+def _inc(x: int) -> int:
+    return x + 1
+
+
+def test_a_long_chain_completes_without_filling_a_workers_socket():
+    """A 2,000-long chain on Local: chained jobs are sent to a worker only a few ahead (sent
+    all at once, the pool's thread blocked on a full socket while the worker blocked sending
+    its results back: a deadlock seen in the chain benchmark)."""
+
+    @ct.lattice
+    def long_chain(n: int) -> int:
+        x = _inc(0)
+        for _ in range(n - 1):
+            x = _inc(x)
+        return x
+
+    result = ct.get_result(ct.dispatch(long_chain)(2000), wait=True, timeout=300)
+    assert (result.status, result.result) == (ct.Status.COMPLETED, 2000)

@@ -706,8 +706,11 @@ class _Loop:
                 self.pool._queue.appendleft(job)  # a chain goes on before new work
             return
         u = ups[-1]  # held by the last: placed again when each of the others is final
-        if len(ups) == 1 and u.worker is not None and not u.worker.doomed:
-            self._send_after(u.worker, job)
+        w = u.worker
+        if len(ups) == 1 and w is not None and not w.doomed and len(w.more) < AHEAD:
+            # bounded: the io thread must never block on a full socket while the worker
+            # blocks sending results back (a 1,000-long chain sent at once deadlocked)
+            self._send_after(w, job)
         else:
             u.deps.append(job)
 
@@ -731,7 +734,7 @@ class _Loop:
         """``job`` went to ``w``: its chained jobs with one upstream go right after it."""
         keep = []
         for d in job.deps:
-            if not d.state.final and d.worker is None and len({
+            if len(w.more) < AHEAD and not d.state.final and d.worker is None and len({
                     id(u) for u in d.ups if isinstance(u, Job) and not u.state.final}) == 1:
                 self._send_after(w, d)
             else:
