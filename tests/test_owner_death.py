@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from core_support import wait_gone, wait_until
@@ -89,3 +90,62 @@ def test_every_task_process_dies_with_its_owner(tmp_path, sig):
             if alive(p):
                 os.kill(p, signal.SIGKILL)
         wait_gone(pids + ([helper] if helper else []), 10)
+
+
+POOL_OWNER = textwrap.dedent(
+    """
+    import sys, time
+    from valent.plugin import ProcessPool
+
+    pool = ProcessPool(2, grace=0.5, name="owner-test")
+    pool.start()
+    while len(pool.own_pids()) < 3:  # two workers and the watcher
+        time.sleep(0.01)
+    print(" ".join(map(str, pool.own_pids())), pool.worker_pids(), flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def test_workers_die_with_their_owner_even_after_its_children_got_sigterm(tmp_path):
+    """`pkill -P OWNER` (SIGTERM to each of its children, the watcher too), then the owner is
+    killed: the watcher must have ignored the SIGTERM and still take the workers down (it
+    once died first, leaving the workers frozen for ever)."""
+    script = tmp_path / "pool_owner.py"
+    script.write_text(POOL_OWNER)
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pids: list[int] = []
+    try:
+        line = owner.stdout.readline()
+        own, workers = line.rsplit(" [", 1)
+        pids = [int(x) for x in own.split()]
+        workers = [int(x) for x in workers.strip("]\n").split(",")]
+        watcher = [p for p in pids if p not in workers]
+        assert len(watcher) == 1 and len(workers) == 2, line
+        assert wait_until(lambda: _ignores(watcher[0], signal.SIGTERM), 20), "watcher not up"
+        os.kill(watcher[0], signal.SIGTERM)
+        time.sleep(0.3)
+        assert alive(watcher[0]), "the watcher died of SIGTERM"
+        owner.kill()
+        owner.wait(30)
+        assert wait_gone(pids, 20) == [], "workers or watcher outlived their owner"
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+        owner.stdout.close()
+        for p in pids:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def _ignores(pid: int, sig: int) -> bool:
+    """True once ``pid`` ignores ``sig`` (its SigIgn mask in /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigIgn:"):
+                    return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    except OSError:
+        pass
+    return False

@@ -92,7 +92,11 @@ def kill_trees(workers: dict[int, int]) -> None:
 
 def main(argv: list[str]) -> None:
     owner = int(argv[0])
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # it must outlive its owner to do its work: a signal sent to the owner's group or children
+    # (Ctrl-C, `pkill -P OWNER`, a service manager stopping everything) must not end it first
+    # and leave the workers frozen; the pool ends it with "exit", or SIGKILL
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     pidfd = None
     try:
         pidfd = os.pidfd_open(owner)
