@@ -104,11 +104,13 @@ def test_list_live_dispatch_and_logs(browser, ui, tmp_path):
     release = str(tmp_path / "release")
     did = ct.dispatch(live_flow)(release)
     browser.get(ui.url)
-    text = _wait(browser, lambda d: _js(d, "const r=document.querySelector("
-                                          "`tr.row[data-id='${arguments[0]}']`);"
-                                          "return r && r.textContent", did),
-                 what="the dispatch is listed")
-    assert "live_flow" in text and "RUNNING" in text and "alive" in text
+    # the list refreshes itself: wait for the row to say RUNNING (under load the first
+    # refresh may still see the dispatch NEW_OBJECT)
+    text = _wait(browser, lambda d: (t := _js(d, "const r=document.querySelector("
+                                               "`tr.row[data-id='${arguments[0]}']`);"
+                                               "return r && r.textContent", did))
+                 and "RUNNING" in t and t, what="the dispatch is listed RUNNING")
+    assert "live_flow" in text and "alive" in text
     # the list refreshes itself: find and click the row in one step
     _js(browser, "document.querySelector(`tr.row[data-id='${arguments[0]}']`).click()", did)
     _wait(browser, lambda d: d.current_url.endswith(f"/d/{did}"), what="dispatch page opens")
@@ -284,3 +286,45 @@ def test_group_box_lists_its_members_and_drawings_page_shows_draw_output(browser
     _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "svg g.box"), what="the drawing")
     assert "ticker" in browser.find_element(By.TAG_NAME, "svg").text
     browser.switch_to.default_content()
+
+
+@ct.lattice
+def inner_doubles(n: int) -> list:
+    return join([double(i) for i in range(n)])
+
+
+def test_a_sublattice_node_opens_its_inner_dispatch_and_back(browser, ui):
+    """The list shows the outer dispatch only; its sublattice node's panel links to the inner
+    dispatch, whose page links back to the outer one."""
+    from selenium.webdriver.common.by import By
+
+    @ct.lattice
+    def outer(n: int) -> list:
+        return join(ct.electron(inner_doubles)(n))
+
+    result = ct.dispatch_sync(outer)(3)
+    assert result.status == "COMPLETED" and result.result == [0, 2, 4]
+    did = result.dispatch_id
+    sub = next(n for n in result.get_all_node_results() if n["sub_dispatch_id"])
+    browser.get(ui.url)
+    text = _wait(browser, lambda d: _js(d, "const r=document.querySelector("
+                                           "`tr.row[data-id='${arguments[0]}']`);"
+                                           "return r && r.textContent", did),
+                 what="the outer dispatch is listed")
+    assert "+1 sublattice dispatch" in text
+    assert not _js(browser, "return document.querySelector(`tr.row[data-id='${arguments[0]}']`)",
+                   sub["sub_dispatch_id"])  # the inner one is not a row of its own
+    browser.get(f"{ui.base}/d/{did}")
+    _wait(browser, lambda d: _box_status(d, f"n{sub['node_id']}") == "COMPLETED",
+          what="the sublattice node painted")
+    _click_box(browser, f"n{sub['node_id']}")
+    link = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#panel a.child"),
+                 what="the inner dispatch link in the node panel")
+    link[0].click()
+    _wait(browser, lambda d: d.current_url.endswith(f"/d/{sub['sub_dispatch_id']}"),
+          what="the inner dispatch's page opens")
+    back = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#parent a"),
+                 what="the link back to the outer dispatch")
+    assert "sublattice of" in _text(browser, "#parent")
+    back[0].click()
+    _wait(browser, lambda d: d.current_url.endswith(f"/d/{did}"), what="back on the outer page")

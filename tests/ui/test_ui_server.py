@@ -337,3 +337,37 @@ def test_a_10000_node_fan_out_lays_out_as_a_few_boxes():
     # not grouped: the level layout (no Sugiyama) keeps even this openable
     flat = layout(nodes, group=False)
     assert len(flat.boxes) == n + 2 and flat.height > 0
+
+
+@ct.lattice
+def inner_sum(x):
+    return echo(x)
+
+
+@ct.lattice
+def outer_with_sublattice(x):
+    return echo(ct.electron(inner_sum)(x))
+
+
+def test_the_list_shows_sublattice_dispatches_under_their_parent(ui):
+    """A sublattice's dispatch is not a row of its own: the parent says how many it has, the
+    sublattice node links to it, the child links back; a search by id still finds it."""
+    result = ct.dispatch_sync(outer_with_sublattice)(5)
+    assert result.status == "COMPLETED" and result.result == 5
+    did = result.dispatch_id
+    code, body = ui.request("/api/dispatches")
+    rows = json.loads(body)
+    assert [r["id"] for r in rows] == [did]
+    assert rows[0]["subs"] == 1 and rows[0]["parent"] is None
+    sub = next(n for n in result.get_all_node_results() if n["sub_dispatch_id"])
+    code, body = ui.request(f"/api/d/{did}/node/{sub['node_id']}")
+    assert code == 200
+    children = json.loads(body)["children"]
+    assert len(children) == 1 and children[0]["status"] == "COMPLETED"
+    child = children[0]["id"]
+    assert child == sub["sub_dispatch_id"] != did and children[0]["lattice"] == "inner_sum"
+    code, body = ui.request(f"/api/d/{child}/changes?since=0")
+    summary = json.loads(body)["dispatch"]
+    assert (summary["parent"], summary["parent_node"]) == (did, sub["node_id"])
+    rows = json.loads(ui.request(f"/api/dispatches?q={child[:8]}")[1])
+    assert [(r["id"], r["parent"]) for r in rows] == [(child, did)]

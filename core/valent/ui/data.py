@@ -52,6 +52,17 @@ class ReadOnlyStore(Store):
             "ORDER BY node_id", (dispatch_id,)
         ).fetchall()
 
+    def child_counts(self, dispatch_ids: Sequence[str]) -> dict[str, int]:
+        """How many child dispatches (sublattices) each of ``dispatch_ids`` has."""
+        if not dispatch_ids or not self.has_column("dispatches", "parent_dispatch_id"):
+            return {}
+        marks = ",".join("?" * len(dispatch_ids))
+        return dict(self._conn().execute(
+            f"SELECT parent_dispatch_id, COUNT(*) FROM dispatches "
+            f"WHERE parent_dispatch_id IN ({marks}) GROUP BY parent_dispatch_id",
+            list(dispatch_ids),
+        ).fetchall())
+
 
 STATE_KEYS = ("id", "status", "outcome", "start", "end", "reason", "cancel_requested",
               "cancel_confirmed")
@@ -82,7 +93,15 @@ def dispatch_summary(row: Any, done: int, total: int) -> dict[str, Any]:
         "owner_host": row["owner_host"], "owner": owner_state(row),
         "cancel_requested": row["cancel_requested_at"] if "cancel_requested_at" in row.keys()
         else None,
+        # nesting and redispatch: the dispatch (and node) a child dispatch runs for, the
+        # dispatch a redispatch came from
+        "parent": _col(row, "parent_dispatch_id"), "parent_node": _col(row, "parent_node_id"),
+        "redispatch_of": _col(row, "redispatch_of"),
     }
+
+
+def _col(row: Any, name: str) -> Any:
+    return row[name] if name in row.keys() else None
 
 
 class _Tracker:
@@ -114,8 +133,11 @@ class Data:
     def dispatches(self, q: str = "", status: str = "", limit: int = 200) -> list[dict[str, Any]]:
         if not self.store.exists():
             return []
-        rows = self.store.list_dispatches(status=status or None, limit=limit if not q else 10**6)
         q = q.strip().lower()
+        # top-level dispatches only (a sublattice's dispatch is reached from its node), but a
+        # search finds child dispatches too
+        rows = self.store.list_dispatches(status=status or None, limit=limit if not q else 10**6,
+                                          children=bool(q))
         out = []
         for r in rows:
             if q and q not in r["lattice_name"].lower() and not r["dispatch_id"].startswith(q):
@@ -123,6 +145,9 @@ class Data:
             out.append(dispatch_summary(r, r["done"], r["node_count"]))
             if len(out) >= limit:
                 break
+        subs = self.store.child_counts([d["id"] for d in out])
+        for d in out:
+            d["subs"] = subs.get(d["id"], 0)
         return out
 
     def resolve(self, did: str) -> str:
@@ -217,6 +242,11 @@ class Data:
             out["output"], out["output_truncated"] = self._preview_row(n)
             out["output_file"] = n["output_file"]
         out["settings"] = self._settings(n["executor"])
+        # a sublattice node: the dispatch(es) it ran its inner workflow as
+        out["children"] = [
+            dispatch_summary(c, c["done"], c["node_count"])
+            for c in self.store.child_dispatches(did) if c["parent_node_id"] == nid
+        ]
         return out
 
     def output_text(self, did: str, nid: int) -> str:

@@ -71,7 +71,9 @@ function listPage() {
       const rows = await get(url);
       const tb = document.querySelector("#dispatches tbody");
       const html = rows.map((d) => `<tr class="row" data-id="${esc(d.id)}">
-        <td class="mono">${esc(d.id.slice(0, 8))}</td><td>${esc(d.lattice)}</td>
+        <td class="mono">${esc(d.id.slice(0, 8))}</td><td>${d.parent ? "&#8627; " : ""}${esc(d.lattice)}${
+          d.subs ? ` <span class="legend subs">+${d.subs} sublattice dispatch${d.subs > 1 ? "es" : ""}</span>` : ""}${
+          d.parent ? ` <span class="legend">in ${esc(d.parent.slice(0, 8))}</span>` : ""}</td>
         <td>${st(d.status)}</td><td>${when(d.start || d.created)}</td>
         <td>${secs(d.duration)}</td><td>${progress(d.done, d.total)}</td>
         <td class="${d.owner}">${d.owner === "-" ? "-" : `pid ${d.owner_pid} ${d.owner}`}</td>
@@ -245,6 +247,9 @@ function summary() {
     <span>${progress(d.done, d.total)}</span><span>started ${when(d.start || d.created)}</span>
     <span>duration ${secs(d.duration)}</span>
     <span class="${d.owner}">owner pid ${esc(d.owner_pid)} ${d.owner === "-" ? "" : d.owner}</span>
+    ${d.parent ? `<span id="parent">sublattice of <a href="/d/${esc(d.parent)}">${esc(d.parent.slice(0, 8))}</a>
+      node ${esc(d.parent_node)}</span>` : ""}
+    ${d.redispatch_of ? `<span>redispatch of <a href="/d/${esc(d.redispatch_of)}">${esc(d.redispatch_of.slice(0, 8))}</a></span>` : ""}
     ${d.error ? `<div class="error">${esc(d.error)}</div>` : ""}`;
   const el0 = document.getElementById("facts");
   if (el0.dataset.html !== facts) { el0.innerHTML = facts; el0.dataset.html = facts; }
@@ -299,6 +304,9 @@ async function refreshPanel() {
     ${n.cancel_confirmed_at ? `<dt>cancel confirmed</dt><dd>${when(n.cancel_confirmed_at)}</dd>` : ""}
     ${n.cancel_outcome ? `<dt>cancel outcome</dt><dd id="outcome">${esc(n.cancel_outcome)}</dd>` : ""}
     ${n.reason ? `<dt>reason</dt><dd>${esc(n.reason)}</dd>` : ""}</dl>
+    ${(n.children || []).length ? `<h3>inner dispatch</h3><table class="members">${n.children.map((c) =>
+      `<tr><td><a class="child" href="/d/${esc(c.id)}">${esc(c.lattice)} ${esc(c.id.slice(0, 8))}</a></td>
+       <td>${st(c.status)}</td><td>${progress(c.done, c.total)}</td></tr>`).join("")}</table>` : ""}
     <h3>inputs</h3>${n.parents.length ? `<table class="members">${n.parents.map((p) =>
       `<tr><td>${esc(p.name)}(${p.node_id})</td><td>${st(p.status)}</td>
        <td class="mono">${esc(p.value ?? "")}</td></tr>`).join("")}</table>` : "<p>none</p>"}
