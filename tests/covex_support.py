@@ -104,6 +104,7 @@ class Submitting(BaseExecutor):
         while proc.poll() is None:
             time.sleep(0.02)
         if proc.returncode != 0:
+            shutil.rmtree(os.path.dirname(out), ignore_errors=True)  # no job folder left
             if self.get_cancel_requested():
                 raise TaskCancelledError(f"job {proc.pid} was cancelled")
             raise RuntimeError(f"backend job {proc.pid} exited with {proc.returncode}")
@@ -126,6 +127,7 @@ class FireAndWait(BaseExecutor):
         proc, out = _submit(function, args, kwargs)
         proc.wait()
         if proc.returncode != 0:
+            shutil.rmtree(os.path.dirname(out), ignore_errors=True)
             raise RuntimeError(f"backend job {proc.pid} exited with {proc.returncode}")
         return _collect(proc, out)
 
@@ -152,6 +154,7 @@ class AsyncSubmitting(AsyncBaseExecutor):
         while proc.poll() is None:
             await asyncio.sleep(0.02)
         if proc.returncode != 0:
+            shutil.rmtree(os.path.dirname(out), ignore_errors=True)
             if await self.get_cancel_requested():
                 raise TaskCancelledError(f"job {proc.pid} was cancelled")
             raise RuntimeError(f"backend job {proc.pid} exited with {proc.returncode}")
