@@ -166,8 +166,8 @@ def test_bad_trigger_settings_are_clear_errors(tmp_path):
         DirTrigger(str(tmp_path), "renamed")
     with pytest.raises(ct.ValentError, match="time_gap"):
         TimeTrigger(time_gap=0)
-    with pytest.raises(ct.ValentError, match="plain table name"):
-        SQLiteTrigger(str(tmp_path / "x.db"), "jobs; DROP TABLE x")
+    with pytest.raises(ct.ValentError, match="table's name"):
+        SQLiteTrigger(str(tmp_path / "x.db"), "")
     t = SQLiteTrigger(str(tmp_path / "missing.db"), "jobs")
 
     @ct.lattice
@@ -180,8 +180,54 @@ def test_bad_trigger_settings_are_clear_errors(tmp_path):
         t.register()
     with pytest.raises(ct.ValentError, match="takes triggers"):
         ct.lattice(triggers=["not a trigger"])(lambda: 1)
-    with pytest.raises(ct.ValentError, match="plain table name"):
-        ct.triggers.DatabaseTrigger("sqlite:///x.db", "jobs; DROP TABLE x")
+    with pytest.raises(ct.ValentError, match="table's name"):
+        ct.triggers.DatabaseTrigger("sqlite:///x.db", None)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "sqlalchemy"])
+def test_a_table_name_is_always_quoted_never_pasted_into_sql(tmp_path, kind):
+    """Covalent's how-to names its table 'table name': a space (or a quote) works; a name
+    that looks like SQL is only a name (the other table survives)."""
+    db = tmp_path / "jobs.sqlite"
+    conn = sqlite3.connect(db)
+    conn.execute('CREATE TABLE "table name" (id INTEGER PRIMARY KEY, status TEXT)')
+    conn.execute('CREATE TABLE keep (x)')
+    conn.commit()
+
+    @ct.lattice
+    @ct.electron
+    def my_workflow():
+        return 42
+
+    did = ct.dispatch(my_workflow)()
+    if kind == "sqlite":
+        make = lambda name: SQLiteTrigger(str(db), name, poll_interval=0.05)  # noqa: E731
+    else:
+        make = lambda name: ct.triggers.DatabaseTrigger(  # noqa: E731
+            f"sqlite:///{db}", name, poll_interval=0.05)
+    trigger = make("table name")
+    trigger.lattice_dispatch_id = did
+    trigger.register()
+    try:
+        conn.execute("""INSERT INTO "table name" (status) VALUES ('pending')""")
+        conn.commit()
+        assert wait_until(lambda: len(trigger.new_dispatch_ids) >= 1, 20)
+    finally:
+        ct.stop_triggers(did)
+    sly = make('keep"; DROP TABLE keep; --')
+    sly.lattice_dispatch_id = ct.dispatch(my_workflow)()
+    try:
+        if kind == "sqlite":
+            with pytest.raises(ct.ValentError, match="has no table"):
+                sly.register()
+        else:
+            sly.prepare()
+            with pytest.raises(Exception, match="no such table"):
+                sly.poll()
+    finally:
+        ct.stop_triggers(sly.lattice_dispatch_id)
+    assert conn.execute("SELECT COUNT(*) FROM keep").fetchone() == (0,)
+    conn.close()
 
 
 def test_database_trigger_without_sqlalchemy_says_how_to_install_it(monkeypatch):

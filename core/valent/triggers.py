@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import sqlite3
 import sys
 import threading
@@ -337,7 +336,17 @@ class DirTrigger(BaseTrigger):
         return fire
 
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+def _table_name(cls: str, name: Any) -> str:
+    """``name`` checked to be a usable table name (any text SQL can quote: spaces and quotes
+    are fine, it is always quoted, never pasted into SQL as is)."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise TriggerError(f"{cls}(table_name={name!r}): give the table's name as a string")
+    return name
+
+
+def _quoted(name: str) -> str:
+    """An SQL identifier in double quotes (SQLite's and standard SQL's quoting)."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 class SQLiteTrigger(BaseTrigger):
@@ -346,7 +355,7 @@ class SQLiteTrigger(BaseTrigger):
     ``id`` column (or rowid): each fires once.
 
     :param db_path: the SQLite file.
-    :param table_name: the table (a plain name).
+    :param table_name: the table's name (quoted in SQL: any name the database has).
     :param poll_interval: seconds between looks.
     :param status: the status a row must have to fire.
     """
@@ -356,13 +365,8 @@ class SQLiteTrigger(BaseTrigger):
         status: str = "pending", **kw: Any,
     ):
         super().__init__(**kw)
-        if not isinstance(table_name, str) or not _IDENT.match(table_name):
-            raise TriggerError(
-                f"SQLiteTrigger(table_name={table_name!r}): give a plain table name "
-                "(letters, digits, underscores)"
-            )
         self.db_path = str(db_path)
-        self.table_name = table_name
+        self.table_name = _table_name("SQLiteTrigger", table_name)
         self.poll_interval = _positive("SQLiteTrigger", poll_interval, "poll_interval")
         self.status = status
         self.last_id = 0
@@ -379,13 +383,13 @@ class SQLiteTrigger(BaseTrigger):
     def prepare(self) -> None:
         conn = self._connect()
         try:
-            cols = {r[1] for r in conn.execute(f'PRAGMA table_info("{self.table_name}")')}
+            cols = {r[1] for r in conn.execute(f"PRAGMA table_info({_quoted(self.table_name)})")}
         finally:
             conn.close()
         if not cols:
             raise TriggerError(f"SQLiteTrigger: {self.db_path} has no table {self.table_name!r}")
         key = "id" if "id" in cols else "rowid"
-        self._sql = f'SELECT {key} FROM "{self.table_name}" WHERE {key} > ?'
+        self._sql = f"SELECT {key} FROM {_quoted(self.table_name)} WHERE {key} > ?"
         if "status" in cols:
             self._sql += " AND status = ?"
         self._sql += f" ORDER BY {key}"
@@ -421,10 +425,8 @@ class DatabaseTrigger(BaseTrigger):
                 "DatabaseTrigger needs SQLAlchemy (pip install sqlalchemy); for a SQLite file, "
                 "ct.triggers.SQLiteTrigger needs nothing more"
             ) from exc
-        if not isinstance(table_name, str) or not _IDENT.match(table_name):
-            raise TriggerError(f"DatabaseTrigger(table_name={table_name!r}): a plain table name")
         self.db_path = db_path
-        self.table_name = table_name
+        self.table_name = _table_name("DatabaseTrigger", table_name)
         self.poll_interval = _positive("DatabaseTrigger", poll_interval, "poll_interval")
         self.where_clauses = list(where_clauses or [])
         self.trigger_after_n = int(trigger_after_n)
@@ -441,13 +443,14 @@ class DatabaseTrigger(BaseTrigger):
         self._engine = create_engine(self.db_path)
 
     def poll(self) -> int:
-        from sqlalchemy import text
+        from sqlalchemy import literal_column, select, table, text
 
-        sql = f'SELECT 1 FROM "{self.table_name}"'
-        if self.where_clauses:
-            sql += " WHERE " + " AND ".join(f"({c})" for c in self.where_clauses)
+        # the table name is quoted by SQLAlchemy as the database's dialect wants
+        query = select(literal_column("1")).select_from(table(self.table_name))
+        for clause in self.where_clauses:
+            query = query.where(text(f"({clause})"))
         with self._engine.connect() as conn:
-            found = conn.execute(text(sql + " LIMIT 1")).first() is not None
+            found = conn.execute(query.limit(1)).first() is not None
         if not found:
             return 0
         self._count += 1
