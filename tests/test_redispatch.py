@@ -235,6 +235,42 @@ def test_resume_after_cancel_runs_only_what_did_not_complete(tmp_path):
 
 
 @ct.electron
+def pair(d, x):
+    _ran(d, "pair")
+    return x, x + 1
+
+
+@ct.lattice
+def gathered(d, x):
+    a, b = pair(d, x)  # getitem nodes
+    return total(d, [combine(d, a, b), step(d, "g", a)])  # a collection node, made after total
+
+
+def test_every_reusable_node_is_taken_before_the_start_when_ids_are_not_in_order(tmp_path):
+    """A list argument's collection node comes after the node that takes it (node ids are not
+    a topological order): the plan made before the redispatch starts still takes every node
+    (none is left to the dispatcher's check when its parents complete)."""
+    from valent._engine.prepare import dumps_param
+    from valent._engine.reuse import Reuse, blob_digest
+    from valent._store import get_store
+    from valent.graph import PARAMETER
+
+    d = str(tmp_path)
+    did = ct.dispatch(gathered)(d, 3)
+    assert ct.get_result(did, wait=True, timeout=60).result == 12 + 4
+    graph = gathered.build_graph(d, 3)
+    nodes = graph.nodes
+    assert any(p > n.id and nodes[p].kind != PARAMETER for n in nodes for p in n.parents)
+    digests = {n.id: blob_digest(dumps_param(n.value)) for n in nodes if n.kind == PARAMETER}
+    plan = Reuse(did, get_store().reuse_rows(did)).plan(graph, digests)
+    assert sorted(plan) == [n.id for n in nodes if n.kind != PARAMETER]
+    rid = ct.redispatch(did, reuse_previous_results=True)()
+    result = ct.get_result(rid, wait=True, timeout=60)
+    assert (result.status, result.result) == (ct.Status.COMPLETED, 16)
+    assert [runs(d, n) for n in ("pair", "combine", "g", "total")] == [1, 1, 1, 1]
+
+
+@ct.electron
 def flaky(d, flag):
     _ran(d, "flaky")
     if not os.path.exists(flag):

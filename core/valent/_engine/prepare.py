@@ -17,7 +17,7 @@ from ..errors import PicklingError
 from ..graph import PARAMETER, Graph, Ref
 from ..status import Status
 from .resolve import Executors, executor_spec
-from .reuse import Reuse, blob_digest
+from .reuse import ROW_EXECUTOR, ROW_OUT, ROW_PARENTS, Reuse, blob_digest
 from .runstate import DispatchRun
 
 NODE_COLUMNS = (
@@ -145,25 +145,27 @@ def _create_run(
         ) from exc
     node_executors = resolve_executors(executors, graph, default_executor)
     digests = {nid: blob_digest(b) for nid, b in params.items()}
-    new = Status.NEW_OBJECT.value
-    nodes = [
-        (
-            dispatch_id,
-            node.id,
-            node.name,
-            node.kind,
-            None if node_executors[node.id] is None else node_executors[node.id].name,
-            "[" + ",".join(map(str, node.parents)) + "]",
-            new,
-            params.get(node.id),
-            digests.get(node.id),
-        )
-        for node in graph.nodes
-    ]
     plan = reuse.plan(graph, digests) if reuse is not None else {}
     now = time.time()
+    new = Status.NEW_OBJECT.value
     reused: dict[str, Any] | None = None
-    if plan:
+    if not plan:
+        nodes = [
+            (
+                dispatch_id,
+                node.id,
+                node.name,
+                node.kind,
+                None if node_executors[node.id] is None else node_executors[node.id].name,
+                "[" + ",".join(map(str, node.parents)) + "]",
+                new,
+                params.get(node.id),
+                digests.get(node.id),
+            )
+            for node in graph.nodes
+        ]
+    else:
+        nodes = []
         reused = {
             "source": reuse.source_id,  # type: ignore[union-attr]
             "time": now,
@@ -171,13 +173,25 @@ def _create_run(
             "same": [],
             "rows": [],
         }
-        for nid, (old, fn_d, in_d) in sorted(plan.items()):
-            mine = nodes[nid]
-            if (mine[4], mine[5]) == (old["executor"], old["parents"]):
-                reused["same"].append(nid)  # copied whole in one statement
-            else:
-                reused["rows"].append((nid, *mine[2:6], fn_d, in_d))
-        nodes = [row for row in nodes if row[1] not in plan]
+    for node in graph.nodes if plan else ():
+        nid = node.id
+        ex = node_executors[nid]
+        ex_name = None if ex is None else ex.name
+        parents = "[" + ",".join(map(str, node.parents)) + "]"
+        taken = plan.get(nid)
+        if taken is None:
+            nodes.append((
+                dispatch_id, nid, node.name, node.kind, ex_name, parents, new, params.get(nid),
+                digests.get(nid),
+            ))
+            continue
+        old, fn_d, in_d = taken
+        if ex_name == old[ROW_EXECUTOR] and parents == old[ROW_PARENTS]:
+            reused["same"].append(nid)  # type: ignore[index]  # copied whole in one statement
+        else:
+            reused["rows"].append(  # type: ignore[index]
+                (nid, node.name, node.kind, ex_name, parents, fn_d, in_d)
+            )
     pid, host, started = owner
     links = dict(links or {})
     links.setdefault("root_dispatch_id", dispatch_id)
@@ -205,6 +219,6 @@ def _create_run(
         nr = run.nodes[nid]
         nr.status = Status.COMPLETED
         nr.reused = nr.submitted = True  # its output: read from the store when needed
-        nr.out_digest, nr.fn_digest, nr.in_digest = old["out_digest"], fn_d, in_d
+        nr.out_digest, nr.fn_digest, nr.in_digest = old[ROW_OUT], fn_d, in_d
         nr.start_time = nr.end_time = now
     return run
