@@ -473,3 +473,99 @@ def test_a_lattice_is_loaded_from_the_store_only_after_its_trust_checks(tmp_path
         os.chmod(results_dir, 0o700)
     rid = ct.redispatch(did, reuse_previous_results=True)()  # from the store's copy
     assert ct.get_result(rid, wait=True, timeout=60).result == 9
+
+
+# ------------------------------------------------------------------ the graph kept in memory
+
+TRACED: list[int] = []  # one entry per run of fanned's body
+FAN = 3
+
+
+@ct.electron
+def inc(d, i):
+    _ran(d, f"inc{i}")
+    return i + 1
+
+
+@ct.electron
+def inc_again(d, i):
+    _ran(d, f"again{i}")
+    return i + 1
+
+
+@ct.lattice
+def fanned(d, xs):
+    TRACED.append(1)
+    return total(d, [inc(d, x) for x in xs[:FAN]])
+
+
+@pytest.fixture
+def keep_small_graphs(monkeypatch):
+    """Keep every graph (the threshold is for big ones: here the graphs are small)."""
+    from valent._engine import prepare
+
+    monkeypatch.setattr(prepare, "KEEP_GRAPH_NODES", 1)
+    TRACED.clear()
+
+
+def test_a_redispatch_with_nothing_changed_runs_the_graph_this_process_kept(
+    tmp_path, keep_small_graphs
+):
+    """No new inputs, no replacement, the lattice unchanged: the graph traced at dispatch is
+    run again (as Covalent resubmits its stored graph): the lattice's body does not run."""
+    d = str(tmp_path)
+    did = ct.dispatch(fanned)(d, [1, 2, 3, 4])
+    assert ct.get_result(did, wait=True, timeout=60).result == 9
+    assert len(TRACED) == 1
+    rid = ct.redispatch(did, reuse_previous_results=True)()
+    result = ct.get_result(rid, wait=True, timeout=60)
+    assert (result.status, result.result) == (ct.Status.COMPLETED, 9)
+    assert len(TRACED) == 1  # not traced again
+    assert [runs(d, f"inc{i}") for i in (1, 2, 3, 4)] == [1, 1, 1, 0]
+    assert {n["reason"] for n in result.get_all_node_results()
+            if n["node_name"] in ("inc", "total")} == {f"reused from {did}"}
+    rid = ct.redispatch(rid)()  # no reuse (a trigger's): traced again, every task runs
+    assert ct.get_result(rid, wait=True, timeout=60).result == 9
+    assert len(TRACED) == 2
+    assert [runs(d, f"inc{i}") for i in (1, 2, 3, 4)] == [2, 2, 2, 0]
+
+
+def test_new_inputs_a_replacement_or_a_changed_global_trace_the_lattice_again(
+    tmp_path, keep_small_graphs, monkeypatch
+):
+    d = str(tmp_path)
+    did = ct.dispatch(fanned)(d, [1, 2, 3, 4])
+    assert ct.get_result(did, wait=True, timeout=60).result == 9
+    monkeypatch.setattr(sys.modules[__name__], "FAN", 4)  # the body reads it: a new graph
+    rid = ct.redispatch(did, reuse_previous_results=True)()
+    result = ct.get_result(rid, wait=True, timeout=60)
+    assert (result.status, result.result) == (ct.Status.COMPLETED, 2 + 3 + 4 + 5)
+    assert len(TRACED) == 2
+    assert [runs(d, f"inc{i}") for i in (1, 2, 3, 4)] == [1, 1, 1, 1]  # inc4 is new
+    monkeypatch.setattr(sys.modules[__name__], "FAN", 3)
+    rid = ct.redispatch(did, reuse_previous_results=True)(d, [1, 2, 5])
+    assert ct.get_result(rid, wait=True, timeout=60).result == 2 + 3 + 6
+    assert len(TRACED) == 3
+    rid = ct.redispatch(did, {"inc": inc_again}, reuse_previous_results=True)()
+    assert ct.get_result(rid, wait=True, timeout=60).result == 9
+    assert len(TRACED) == 4
+    assert [runs(d, f"again{i}") for i in (1, 2, 3)] == [1, 1, 1]
+
+
+def test_an_input_changed_in_place_since_the_dispatch_is_not_what_the_redispatch_runs(
+    tmp_path, keep_small_graphs
+):
+    """The kept graph holds the objects given to the dispatch; one changed since (a list
+    appended to) makes the redispatch trace the stored inputs again, as from another
+    process."""
+    d = str(tmp_path)
+    xs = [1, 2, 3]
+    did = ct.dispatch(fanned)(d, xs)
+    assert ct.get_result(did, wait=True, timeout=60).result == 9
+    xs[0] = 100
+    rid = ct.redispatch(did, reuse_previous_results=True)()
+    result = ct.get_result(rid, wait=True, timeout=60)
+    assert (result.status, result.result) == (ct.Status.COMPLETED, 9)
+    assert len(TRACED) == 2
+    assert result.inputs == {"args": [d, [1, 2, 3]], "kwargs": {}}
+    assert [runs(d, f"inc{i}") for i in (1, 2, 3, 100)] == [1, 1, 1, 0]

@@ -648,11 +648,17 @@ class Store:
         t, why, old = r["time"], r["reason"], r["source"]
         copied = 0
         if r["same"]:
+            # by spans of consecutive ids, each one range of the old dispatch's primary key
+            # (most reused nodes are: cheaper than looking each id up in a list)
             cur = conn.execute(
-                cols + "o.name, o.kind, o.executor, o.parents"
-                + tail.format("o.fn_digest, o.in_digest")
-                + "IN (SELECT value FROM json_each(?))",
-                (did, t, t, why, old, json.dumps(list(r["same"]))),
+                "INSERT INTO nodes (dispatch_id, node_id, name, kind, executor, parents, "
+                "status, start_time, end_time, fn_digest, in_digest, reason, output, "
+                "output_file, out_digest) SELECT ?, o.node_id, o.name, o.kind, o.executor, "
+                "o.parents, 'COMPLETED', ?, ?, o.fn_digest, o.in_digest, ?, o.output, "
+                "o.output_file, o.out_digest FROM json_each(?) AS s CROSS JOIN nodes o "
+                "WHERE o.dispatch_id = ? AND o.node_id BETWEEN json_extract(s.value, '$[0]') "
+                "AND json_extract(s.value, '$[1]')",
+                (did, t, t, why, json.dumps(_spans(r["same"])), old),
             )
             copied += cur.rowcount
         if r["rows"]:
@@ -1171,6 +1177,17 @@ class Store:
             "d.created_at",
             (dispatch_id,),
         )
+
+
+def _spans(ids: Iterable[int]) -> list[list[int]]:
+    """Distinct ids as ``[[first, last], ...]`` spans of consecutive ones."""
+    out: list[list[int]] = []
+    for i in sorted(set(ids)):
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
 
 
 def _cut(text: Any) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import pickle
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -26,6 +27,37 @@ NODE_COLUMNS = (
 )
 
 _PLAIN = (int, float, str, bytes, bool, type(None))
+
+KEEP_GRAPH_NODES = 1000
+"""A top-level dispatch's graph of at least this many nodes is kept in memory (see
+``kept_graph``): re-tracing it is what a redispatch would otherwise spend most on."""
+KEEP_GRAPH_BYTES = 1 << 20
+"""... if its inputs and parameters pickle to at most this many bytes (a graph holds their
+values: a big array passed in is not kept alive for a redispatch that may never come)."""
+GRAPHS_KEPT = 2
+"""At most this many graphs are kept (a redispatch that runs a kept graph again keeps it
+under its own id too, without counting it twice), for at most ``IDS_KEPT`` dispatch ids."""
+IDS_KEPT = 64
+_kept: dict[str, Graph] = {}
+_kept_lock = threading.Lock()
+
+
+def kept_graph(dispatch_id: str) -> Graph | None:
+    """The graph dispatch ``dispatch_id`` was created from, if this process created it
+    recently (one of the last ``GRAPHS_KEPT`` big ones). Its nodes are never changed by a
+    run (a redispatch applies the same replacements again, which changes nothing), so a
+    redispatch may run it again; ``valent._redispatch`` does when the lattice and its inputs
+    are unchanged."""
+    return _kept.get(dispatch_id)
+
+
+def _keep_graph(dispatch_id: str, graph: Graph, size: int) -> None:
+    if len(graph.nodes) < KEEP_GRAPH_NODES or size > KEEP_GRAPH_BYTES:
+        return
+    with _kept_lock:
+        _kept[dispatch_id] = graph
+        while len(_kept) > IDS_KEPT or len({id(g) for g in _kept.values()}) > GRAPHS_KEPT:
+            del _kept[next(iter(_kept))]
 
 
 def dumps_param(value: Any) -> bytes:
@@ -210,6 +242,8 @@ def _create_run(
         **links,
     }
     store.create_dispatch(row, nodes, NODE_COLUMNS, reused)
+    if lattice_blob is not None and "parent_dispatch_id" not in links:
+        _keep_graph(dispatch_id, graph, len(inputs) + sum(map(len, params.values())))
     run = DispatchRun(dispatch_id, graph, store, node_executors)
     run.root_id = links["root_dispatch_id"]
     run.reuse = reuse

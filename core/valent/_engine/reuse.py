@@ -274,6 +274,8 @@ def _in_id_order(graph: Any) -> bool:
     return True
 
 
+_NOT_REF = object()
+
 ROW_ID, ROW_NAME, ROW_KIND, ROW_STATUS, ROW_FN, ROW_IN, ROW_OUT, ROW_SUB, ROW_EXECUTOR, \
     ROW_PARENTS = range(10)
 """Positions in a row of ``Store.reuse_rows``."""
@@ -311,6 +313,7 @@ class Reuse:
         from ..graph import PARAMETER, SUBLATTICE
 
         outs: dict[int, str | None] = dict(param_digests)
+        out_of = outs.get
         cache: dict[int, tuple[Any, str | None]] = {}
         found: dict[int, tuple] = {}
         rows = self.rows
@@ -326,10 +329,26 @@ class Reuse:
                 or old[ROW_KIND] != kind or not old[ROW_OUT]
             ):
                 continue
-            in_d = in_digest(node.args, node.kwargs, outs.get)
+            # ``in_digest`` inline for the usual node (arguments that are all outputs)
+            parts = None if node.kwargs else [
+                out_of(a.node_id) if type(a) is Ref else _NOT_REF for a in node.args
+            ]
+            if parts is None or _NOT_REF in parts:
+                in_d = in_digest(node.args, node.kwargs, out_of)
+            elif None in parts:
+                continue
+            else:
+                in_d = hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
             if in_d is None or in_d != old[ROW_IN]:
                 continue
-            fn_d = node_fn_digest(node, cache)
+            if kind == ELECTRON:  # ``node_fn_digest``, its cache looked up here
+                fn = node.fn
+                got = cache.get(id(fn))
+                if got is None or got[0] is not fn:
+                    got = cache[id(fn)] = (fn, fn_digest(fn))
+                fn_d = got[1]
+            else:
+                fn_d = node_fn_digest(node)
             if fn_d is None or fn_d != old[ROW_FN]:
                 continue
             outs[node.id] = old[ROW_OUT]
