@@ -569,3 +569,28 @@ def test_an_input_changed_in_place_since_the_dispatch_is_not_what_the_redispatch
     assert len(TRACED) == 2
     assert result.inputs == {"args": [d, [1, 2, 3]], "kwargs": {}}
     assert [runs(d, f"inc{i}") for i in (1, 2, 3, 100)] == [1, 1, 1, 0]
+
+
+def test_only_big_graphs_are_kept_and_only_the_last_two(tmp_path, monkeypatch):
+    """Memory: a small graph is traced again (cheap), and only the last GRAPHS_KEPT big
+    graphs (with small inputs) stay in memory, whatever the number of redispatches."""
+    from valent._engine import prepare
+
+    d = str(tmp_path)
+    small = ct.dispatch(fanned)(d, [1, 2, 3])
+    ct.get_result(small, wait=True, timeout=60)
+    assert prepare.kept_graph(small) is None
+    monkeypatch.setattr(prepare, "KEEP_GRAPH_NODES", 1)
+    ids = [ct.dispatch(fanned)(d, [i, i + 1, i + 2]) for i in range(3)]
+    for did in ids:
+        ct.get_result(did, wait=True, timeout=60)
+    assert [prepare.kept_graph(i) is not None for i in ids] == [False, True, True]
+    again = [ct.redispatch(ids[2], reuse_previous_results=True)() for _ in range(3)]
+    for did in again:
+        ct.get_result(did, wait=True, timeout=60)
+    assert {id(prepare.kept_graph(i)) for i in again} == {id(prepare.kept_graph(ids[2]))}
+    assert prepare.kept_graph(ids[1]) is not None  # the same graph kept 4 times counts once
+    monkeypatch.setattr(prepare, "KEEP_GRAPH_BYTES", 10)
+    big_input = ct.dispatch(fanned)(d, list(range(100)))
+    ct.get_result(big_input, wait=True, timeout=60)
+    assert prepare.kept_graph(big_input) is None

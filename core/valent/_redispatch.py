@@ -100,7 +100,10 @@ def redispatch(
                 f"redispatch: no electron named {', '.join(map(repr, missing))} in lattice "
                 f"{graph.lattice_name!r}; its electrons are {', '.join(map(repr, names))}"
             )
-        reuse = Reuse(did, store.reuse_rows(did)) if reuse_previous_results else None
+        reuse = None
+        if reuse_previous_results:
+            with gc_paused():  # 10,000s of rows, all kept until the dispatch is made
+                reuse = Reuse(did, store.reuse_rows(did))
         return api._start(graph, lattice, {"redispatch_of": did}, replace, reuse)
 
     return start
