@@ -590,6 +590,11 @@ def test_only_big_graphs_are_kept_and_only_the_last_two(tmp_path, monkeypatch):
         ct.get_result(did, wait=True, timeout=60)
     assert {id(prepare.kept_graph(i)) for i in again} == {id(prepare.kept_graph(ids[2]))}
     assert prepare.kept_graph(ids[1]) is not None  # the same graph kept 4 times counts once
+    n = len(prepare.kept_graph(ids[2]).nodes)
+    monkeypatch.setattr(prepare, "NODES_KEPT", 2 * n - 1)  # room for one graph of n nodes
+    more = ct.dispatch(fanned)(d, [7, 8, 9])
+    ct.get_result(more, wait=True, timeout=60)
+    assert prepare.kept_graph(more) is not None and prepare.kept_graph(ids[2]) is None
     monkeypatch.setattr(prepare, "KEEP_GRAPH_BYTES", 10)
     big_input = ct.dispatch(fanned)(d, list(range(100)))
     ct.get_result(big_input, wait=True, timeout=60)

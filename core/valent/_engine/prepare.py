@@ -36,8 +36,10 @@ KEEP_GRAPH_BYTES = 1 << 20
 values: a big array passed in is not kept alive for a redispatch that may never come)."""
 GRAPHS_KEPT = 2
 """At most this many graphs are kept (a redispatch that runs a kept graph again keeps it
-under its own id too, without counting it twice), for at most ``IDS_KEPT`` dispatch ids."""
+under its own id too, without counting it twice), for at most ``IDS_KEPT`` dispatch ids,
+with at most ``NODES_KEPT`` nodes in all (a graph takes about 350 bytes a node)."""
 IDS_KEPT = 64
+NODES_KEPT = 250_000
 _kept: dict[str, Graph] = {}
 _kept_lock = threading.Lock()
 
@@ -52,12 +54,17 @@ def kept_graph(dispatch_id: str) -> Graph | None:
 
 
 def _keep_graph(dispatch_id: str, graph: Graph, size: int) -> None:
-    if len(graph.nodes) < KEEP_GRAPH_NODES or size > KEEP_GRAPH_BYTES:
+    if not KEEP_GRAPH_NODES <= len(graph.nodes) <= NODES_KEPT or size > KEEP_GRAPH_BYTES:
         return
     with _kept_lock:
         _kept[dispatch_id] = graph
-        while len(_kept) > IDS_KEPT or len({id(g) for g in _kept.values()}) > GRAPHS_KEPT:
+        while len(_kept) > IDS_KEPT or _too_many(_kept.values()):
             del _kept[next(iter(_kept))]
+
+
+def _too_many(graphs: Any) -> bool:
+    distinct = {id(g): len(g.nodes) for g in graphs}
+    return len(distinct) > GRAPHS_KEPT or sum(distinct.values()) > NODES_KEPT
 
 
 def dumps_param(value: Any) -> bytes:
