@@ -270,6 +270,32 @@ def test_every_reusable_node_is_taken_before_the_start_when_ids_are_not_in_order
     assert [runs(d, n) for n in ("pair", "combine", "g", "total")] == [1, 1, 1, 1]
 
 
+@ct.lattice
+def maybe_waits(d, x, ordered):
+    a = step(d, "wa", x)
+    b = step(d, "wb", x)
+    if ordered:
+        ct.wait(b, [a])  # an ordering edge: b's inputs are the same, its parents are not
+    return combine(d, a, b)
+
+
+def test_a_reused_node_whose_parents_changed_is_stored_with_its_new_parents(tmp_path):
+    """A node reused whose row differs from the old one but for its output (here: a new
+    ordering edge) is written with the new parents, the output still copied in the store."""
+    d = str(tmp_path)
+    did = ct.dispatch(maybe_waits)(d, 2, False)
+    old = ct.get_result(did, wait=True, timeout=60)
+    a, b = [n for n in old.get_all_node_results() if n["node_name"] == "step"]  # by id
+    rid = ct.redispatch(did, reuse_previous_results=True)(d, 2, True)
+    new = ct.get_result(rid, wait=True, timeout=60)
+    assert (new.status, new.result) == (ct.Status.COMPLETED, 9)
+    assert [runs(d, n) for n in ("wa", "wb", "combine")] == [1, 1, 1]
+    nb = new.get_node_result(b["node_id"])
+    assert nb["reason"] == f"reused from {did}" and nb["output"] == 3
+    assert nb["parents"] == b["parents"] + [a["node_id"]]
+    assert new.get_node_result(a["node_id"])["parents"] == a["parents"]
+
+
 @ct.electron
 def flaky(d, flag):
     _ran(d, "flaky")
