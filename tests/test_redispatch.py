@@ -625,3 +625,32 @@ def test_only_big_graphs_are_kept_and_only_the_last_two(tmp_path, monkeypatch):
     big_input = ct.dispatch(fanned)(d, list(range(100)))
     ct.get_result(big_input, wait=True, timeout=60)
     assert prepare.kept_graph(big_input) is None
+
+
+def test_an_electron_reloaded_in_its_module_is_what_the_redispatch_runs(
+    tmp_path, keep_small_graphs
+):
+    """A notebook's fix: the module of the tasks is edited and reloaded, then the dispatch is
+    redispatched with reuse: the new task runs (the kept graph held the old one)."""
+    import importlib
+
+    src = tmp_path / "kept_tasks.py"
+    src.write_text("import valent as ct\n\n@ct.electron\ndef work(x):\n    return x + 1\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        tasks = importlib.import_module("kept_tasks")
+
+        @ct.lattice
+        def uses_module(xs):
+            return [tasks.work(x) for x in xs]
+
+        did = ct.dispatch(uses_module)([1, 2])
+        assert ct.get_result(did, wait=True, timeout=60).result == [2, 3]
+        src.write_text("import valent as ct\n\n@ct.electron\ndef work(x):\n    return x + 100\n")
+        importlib.reload(tasks)
+        rid = ct.redispatch(did, reuse_previous_results=True)()
+        result = ct.get_result(rid, wait=True, timeout=60)
+        assert (result.status, result.result) == (ct.Status.COMPLETED, [101, 102])
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("kept_tasks", None)

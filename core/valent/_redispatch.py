@@ -115,10 +115,11 @@ def _same_graph(row: Any, lattice: Lattice, replace: dict[str, Electron]) -> Any
     (``valent._engine.prepare.kept_graph``); taken by a redispatch that reuses results and
     gives no new inputs and no replacement, when the lattice and the electrons it uses pickle
     (by value: their code, defaults, closures and the globals they read) and the inputs
-    pickle to the very bytes stored at dispatch. As Covalent, which resubmits the stored
-    graph when nothing changed, the lattice's body then does not run again (what it reads
-    from files or clocks is not seen); it does in another process, and without reuse (a
-    trigger's redispatch traces the lattice again each time)."""
+    pickle to the very bytes stored at dispatch, and each electron is still the one its
+    module holds (a module reloaded since is traced again). As Covalent, which resubmits the
+    stored graph when nothing changed, the lattice's body then does not run again (what it
+    reads from files, clocks or another module's attributes is not seen); it does in another
+    process, and without reuse (a trigger's redispatch traces the lattice again each time)."""
     from ._engine.prepare import kept_graph
 
     graph = kept_graph(row["dispatch_id"])

@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import pickle
+import sys
 import threading
 import time
+import types
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -40,31 +42,76 @@ under its own id too, without counting it twice), for at most ``IDS_KEPT`` dispa
 with at most ``NODES_KEPT`` nodes in all (a graph takes about 350 bytes a node)."""
 IDS_KEPT = 64
 NODES_KEPT = 250_000
-_kept: dict[str, Graph] = {}
+_kept: dict[str, tuple[Graph, tuple]] = {}
 _kept_lock = threading.Lock()
 
 
 def kept_graph(dispatch_id: str) -> Graph | None:
     """The graph dispatch ``dispatch_id`` was created from, if this process created it
-    recently (one of the last ``GRAPHS_KEPT`` big ones). Its nodes are never changed by a
-    run (a redispatch applies the same replacements again, which changes nothing), so a
+    recently (one of the last ``GRAPHS_KEPT`` big ones) and each of its electrons is still
+    what its module holds under its name (a module reloaded since, or an electron assigned
+    anew, makes it None: tracing again would take the new one). Its nodes are never changed
+    by a run (a redispatch applies the same replacements again, which changes nothing), so a
     redispatch may run it again; ``valent._redispatch`` does when the lattice and its inputs
     are unchanged."""
-    return _kept.get(dispatch_id)
+    kept = _kept.get(dispatch_id)
+    if kept is None:
+        return None
+    graph, anchors = kept
+    for obj, where in anchors:
+        if _found(*where) is not obj:
+            return None
+    return graph
 
 
 def _keep_graph(dispatch_id: str, graph: Graph, size: int) -> None:
     if not KEEP_GRAPH_NODES <= len(graph.nodes) <= NODES_KEPT or size > KEEP_GRAPH_BYTES:
         return
+    anchors = _anchors(graph)
+    if anchors is None:
+        return
     with _kept_lock:
-        _kept[dispatch_id] = graph
-        while len(_kept) > IDS_KEPT or _too_many(_kept.values()):
+        _kept[dispatch_id] = (graph, anchors)
+        while len(_kept) > IDS_KEPT or _too_many(g for g, _ in _kept.values()):
             del _kept[next(iter(_kept))]
 
 
 def _too_many(graphs: Any) -> bool:
     distinct = {id(g): len(g.nodes) for g in graphs}
     return len(distinct) > GRAPHS_KEPT or sum(distinct.values()) > NODES_KEPT
+
+
+def _anchors(graph: Graph) -> tuple | None:
+    """For each distinct electron of ``graph``: itself (or its function) and where its module
+    holds it, ``(module, qualname)``; None when one is found nowhere (made on the fly: whether
+    tracing again would make the same cannot be told)."""
+    out = []
+    seen: set[int] = set()
+    for node in graph.nodes:
+        el = node.electron
+        if el is None or id(el) in seen:
+            continue
+        seen.add(id(el))
+        for obj in (el, el.fn):
+            where = (getattr(obj, "__module__", None), getattr(obj, "__qualname__", None))
+            if _found(*where) is obj:
+                out.append((obj, where))
+                break
+        else:
+            return None
+    return tuple(out)
+
+
+def _found(module: str | None, qualname: str | None) -> Any:
+    """What module ``module`` holds at ``qualname`` (dotted: a class's attribute), or None."""
+    if not isinstance(module, str) or not isinstance(qualname, str) or "<" in qualname:
+        return None
+    obj = sys.modules.get(module)
+    for part in qualname.split("."):
+        if obj is None or not isinstance(obj, type | types.ModuleType):
+            return None
+        obj = vars(obj).get(part)
+    return obj
 
 
 def dumps_param(value: Any) -> bytes:
