@@ -654,3 +654,29 @@ def test_an_electron_reloaded_in_its_module_is_what_the_redispatch_runs(
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("kept_tasks", None)
+
+
+def test_a_lattice_reading_another_module_is_traced_again(tmp_path, keep_small_graphs):
+    """What the lattice reads in another module of yours (pickled by name, so a change does
+    not show in the lattice's pickle) may have changed: the redispatch traces it again."""
+    import importlib
+
+    (tmp_path / "kept_settings.py").write_text("N = 2\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        settings = importlib.import_module("kept_settings")
+
+        @ct.lattice
+        def sized(d):
+            return total(d, [inc(d, i) for i in range(settings.N)])
+
+        d = str(tmp_path)
+        did = ct.dispatch(sized)(d)
+        assert ct.get_result(did, wait=True, timeout=60).result == 1 + 2
+        settings.N = 3
+        rid = ct.redispatch(did, reuse_previous_results=True)()
+        assert ct.get_result(rid, wait=True, timeout=60).result == 1 + 2 + 3
+        assert [runs(d, f"inc{i}") for i in range(3)] == [1, 1, 1]
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("kept_settings", None)

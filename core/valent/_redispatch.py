@@ -125,6 +125,8 @@ def _same_graph(row: Any, lattice: Lattice, replace: dict[str, Electron]) -> Any
     graph = kept_graph(row["dispatch_id"])
     if graph is None or row["lattice"] is None or row["inputs"] is None:
         return None
+    if _reads_modules(lattice.fn, set(), 0):
+        return None  # what it reads there may have changed: only tracing says
     import cloudpickle
 
     from .api import _lattice_blob
@@ -137,6 +139,44 @@ def _same_graph(row: Any, lattice: Lattice, replace: dict[str, Electron]) -> Any
     except Exception:  # noqa: BLE001 - traced again, which says what is wrong
         return None
     return graph if same else None
+
+
+def _reads_modules(fn: Any, seen: set[int], depth: int) -> bool:
+    """True when tracing ``fn`` may read a module of yours (``tasks.work``, ``settings.N``:
+    a module is pickled by name, so a change there does not show in the lattice's pickle):
+    the globals its code names, and those of the functions of yours it calls, recursively."""
+    import types
+
+    from ._engine.reuse import _by_name, _yours
+
+    if not isinstance(fn, types.FunctionType) or id(fn) in seen or _by_name(fn):
+        return False
+    if depth > 20:
+        return True
+    seen.add(id(fn))
+    names: list[str] = []
+    codes = [fn.__code__]
+    while codes:
+        code = codes.pop()
+        names.extend(code.co_names)
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    g = fn.__globals__
+    cells = [c.cell_contents for c in fn.__closure__ or () if _filled(c)]
+    for v in [g[n] for n in dict.fromkeys(names) if n in g] + cells:
+        if isinstance(v, types.ModuleType):
+            if v.__name__ != fn.__module__ and _yours(v.__name__) is not None:
+                return True
+        elif _reads_modules(v, seen, depth + 1):
+            return True
+    return False
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
 
 
 def _lattice_of(store: Any, row: Any) -> tuple[Lattice, dict[str, Electron]]:
