@@ -661,22 +661,29 @@ def test_a_lattice_reading_another_module_is_traced_again(tmp_path, keep_small_g
     not show in the lattice's pickle) may have changed: the redispatch traces it again."""
     import importlib
 
-    (tmp_path / "kept_settings.py").write_text("N = 2\n")
+    (tmp_path / "kept_settings.py").write_text("N = 2\n\ndef n():\n    return N\n")
     sys.path.insert(0, str(tmp_path))
     try:
         settings = importlib.import_module("kept_settings")
+        n = settings.n
 
         @ct.lattice
         def sized(d):
             return total(d, [inc(d, i) for i in range(settings.N)])
 
+        @ct.lattice
+        def sized_by_a_function(d):
+            return total(d, [inc(d, i) for i in range(n())])
+
         d = str(tmp_path)
-        did = ct.dispatch(sized)(d)
-        assert ct.get_result(did, wait=True, timeout=60).result == 1 + 2
-        settings.N = 3
-        rid = ct.redispatch(did, reuse_previous_results=True)()
-        assert ct.get_result(rid, wait=True, timeout=60).result == 1 + 2 + 3
-        assert [runs(d, f"inc{i}") for i in range(3)] == [1, 1, 1]
+        for lattice, size in ((sized, 3), (sized_by_a_function, 4)):
+            settings.N = size - 1
+            did = ct.dispatch(lattice)(d)
+            assert ct.get_result(did, wait=True, timeout=60).result == sum(range(1, size))
+            settings.N = size
+            rid = ct.redispatch(did, reuse_previous_results=True)()
+            assert ct.get_result(rid, wait=True, timeout=60).result == sum(range(1, size + 1))
+        assert [runs(d, f"inc{i}") for i in range(4)] == [2, 2, 2, 1]  # 2 dispatches, reuse
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("kept_settings", None)

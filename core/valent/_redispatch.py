@@ -24,6 +24,7 @@ given an executor instance on their lattice's or the default executor).
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -125,7 +126,7 @@ def _same_graph(row: Any, lattice: Lattice, replace: dict[str, Electron]) -> Any
     graph = kept_graph(row["dispatch_id"])
     if graph is None or row["lattice"] is None or row["inputs"] is None:
         return None
-    if _reads_modules(lattice.fn, set(), 0):
+    if not isinstance(lattice.fn, types.FunctionType) or _reads_modules(lattice.fn, set(), 0):
         return None  # what it reads there may have changed: only tracing says
     import cloudpickle
 
@@ -141,16 +142,11 @@ def _same_graph(row: Any, lattice: Lattice, replace: dict[str, Electron]) -> Any
     return graph if same else None
 
 
-def _reads_modules(fn: Any, seen: set[int], depth: int) -> bool:
-    """True when tracing ``fn`` may read a module of yours (``tasks.work``, ``settings.N``:
-    a module is pickled by name, so a change there does not show in the lattice's pickle):
-    the globals its code names, and those of the functions of yours it calls, recursively."""
-    import types
-
-    from ._engine.reuse import _by_name, _yours
-
-    if not isinstance(fn, types.FunctionType) or id(fn) in seen or _by_name(fn):
-        return False
+def _reads_modules(fn: types.FunctionType, seen: set[int], depth: int) -> bool:
+    """True when tracing ``fn`` may read what the lattice's pickle does not hold: a module of
+    yours (``tasks.work``, ``settings.N``), or a function or class of yours from another
+    module (pickled by name: a change there does not show) among the globals its code names
+    and those of the functions of its own module it calls, recursively."""
     if depth > 20:
         return True
     seen.add(id(fn))
@@ -164,11 +160,24 @@ def _reads_modules(fn: Any, seen: set[int], depth: int) -> bool:
     cells = [c.cell_contents for c in fn.__closure__ or () if _filled(c)]
     for v in [g[n] for n in dict.fromkeys(names) if n in g] + cells:
         if isinstance(v, types.ModuleType):
-            if v.__name__ != fn.__module__ and _yours(v.__name__) is not None:
+            if _mine(v.__name__):
                 return True
-        elif _reads_modules(v, seen, depth + 1):
-            return True
+        elif isinstance(v, types.FunctionType | type) and id(v) not in seen:
+            if not _mine(getattr(v, "__module__", None)):
+                continue  # the standard library's, valent's, an installed package's
+            if v.__module__ != fn.__module__ or isinstance(v, type):
+                return True
+            if _reads_modules(v, seen, depth + 1):  # type: ignore[arg-type]
+                return True
     return False
+
+
+def _mine(module: str | None) -> bool:
+    """A module of yours: ``__main__``, or a ``.py`` file neither valent's nor the standard
+    library's (``valent._engine.reuse._yours``)."""
+    from ._engine.reuse import _yours
+
+    return module == "__main__" or _yours(module) is not None
 
 
 def _filled(cell: Any) -> bool:
