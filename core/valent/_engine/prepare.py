@@ -67,9 +67,11 @@ def kept_graph(dispatch_id: str) -> Graph | None:
 def _keep_graph(dispatch_id: str, graph: Graph, size: int) -> None:
     if not KEEP_GRAPH_NODES <= len(graph.nodes) <= NODES_KEPT or size > KEEP_GRAPH_BYTES:
         return
-    anchors = _anchors(graph)
+    anchors = next((a for g, a in list(_kept.values()) if g is graph), None)  # run again
     if anchors is None:
-        return
+        anchors = _anchors(graph)
+        if anchors is None:
+            return
     with _kept_lock:
         _kept[dispatch_id] = (graph, anchors)
         while len(_kept) > IDS_KEPT or _too_many(g for g, _ in _kept.values()):
