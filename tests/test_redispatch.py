@@ -235,6 +235,68 @@ def test_resume_after_cancel_runs_only_what_did_not_complete(tmp_path):
 
 
 @ct.electron
+def pair(d, x):
+    _ran(d, "pair")
+    return x, x + 1
+
+
+@ct.lattice
+def gathered(d, x):
+    a, b = pair(d, x)  # getitem nodes
+    return total(d, [combine(d, a, b), step(d, "g", a)])  # a collection node, made after total
+
+
+def test_every_reusable_node_is_taken_before_the_start_when_ids_are_not_in_order(tmp_path):
+    """A list argument's collection node comes after the node that takes it (node ids are not
+    a topological order): the plan made before the redispatch starts still takes every node
+    (none is left to the dispatcher's check when its parents complete)."""
+    from valent._engine.prepare import dumps_param
+    from valent._engine.reuse import Reuse, blob_digest
+    from valent._store import get_store
+    from valent.graph import PARAMETER
+
+    d = str(tmp_path)
+    did = ct.dispatch(gathered)(d, 3)
+    assert ct.get_result(did, wait=True, timeout=60).result == 12 + 4
+    graph = gathered.build_graph(d, 3)
+    nodes = graph.nodes
+    assert any(p > n.id and nodes[p].kind != PARAMETER for n in nodes for p in n.parents)
+    digests = {n.id: blob_digest(dumps_param(n.value)) for n in nodes if n.kind == PARAMETER}
+    plan = Reuse(did, get_store().reuse_rows(did)).plan(graph, digests)
+    assert sorted(plan) == [n.id for n in nodes if n.kind != PARAMETER]
+    rid = ct.redispatch(did, reuse_previous_results=True)()
+    result = ct.get_result(rid, wait=True, timeout=60)
+    assert (result.status, result.result) == (ct.Status.COMPLETED, 16)
+    assert [runs(d, n) for n in ("pair", "combine", "g", "total")] == [1, 1, 1, 1]
+
+
+@ct.lattice
+def maybe_waits(d, x, ordered):
+    a = step(d, "wa", x)
+    b = step(d, "wb", x)
+    if ordered:
+        ct.wait(b, [a])  # an ordering edge: b's inputs are the same, its parents are not
+    return combine(d, a, b)
+
+
+def test_a_reused_node_whose_parents_changed_is_stored_with_its_new_parents(tmp_path):
+    """A node reused whose row differs from the old one but for its output (here: a new
+    ordering edge) is written with the new parents, the output still copied in the store."""
+    d = str(tmp_path)
+    did = ct.dispatch(maybe_waits)(d, 2, False)
+    old = ct.get_result(did, wait=True, timeout=60)
+    a, b = [n for n in old.get_all_node_results() if n["node_name"] == "step"]  # by id
+    rid = ct.redispatch(did, reuse_previous_results=True)(d, 2, True)
+    new = ct.get_result(rid, wait=True, timeout=60)
+    assert (new.status, new.result) == (ct.Status.COMPLETED, 9)
+    assert [runs(d, n) for n in ("wa", "wb", "combine")] == [1, 1, 1]
+    nb = new.get_node_result(b["node_id"])
+    assert nb["reason"] == f"reused from {did}" and nb["output"] == 3
+    assert nb["parents"] == b["parents"] + [a["node_id"]]
+    assert new.get_node_result(a["node_id"])["parents"] == a["parents"]
+
+
+@ct.electron
 def flaky(d, flag):
     _ran(d, "flaky")
     if not os.path.exists(flag):
@@ -437,3 +499,191 @@ def test_a_lattice_is_loaded_from_the_store_only_after_its_trust_checks(tmp_path
         os.chmod(results_dir, 0o700)
     rid = ct.redispatch(did, reuse_previous_results=True)()  # from the store's copy
     assert ct.get_result(rid, wait=True, timeout=60).result == 9
+
+
+# ------------------------------------------------------------------ the graph kept in memory
+
+TRACED: list[int] = []  # one entry per run of fanned's body
+FAN = 3
+
+
+@ct.electron
+def inc(d, i):
+    _ran(d, f"inc{i}")
+    return i + 1
+
+
+@ct.electron
+def inc_again(d, i):
+    _ran(d, f"again{i}")
+    return i + 1
+
+
+@ct.lattice
+def fanned(d, xs):
+    TRACED.append(1)
+    return total(d, [inc(d, x) for x in xs[:FAN]])
+
+
+@pytest.fixture
+def keep_small_graphs(monkeypatch):
+    """Keep every graph (the threshold is for big ones: here the graphs are small)."""
+    from valent._engine import prepare
+
+    monkeypatch.setattr(prepare, "KEEP_GRAPH_NODES", 1)
+    TRACED.clear()
+
+
+def test_a_redispatch_with_nothing_changed_runs_the_graph_this_process_kept(
+    tmp_path, keep_small_graphs
+):
+    """No new inputs, no replacement, the lattice unchanged: the graph traced at dispatch is
+    run again (as Covalent resubmits its stored graph): the lattice's body does not run."""
+    d = str(tmp_path)
+    did = ct.dispatch(fanned)(d, [1, 2, 3, 4])
+    assert ct.get_result(did, wait=True, timeout=60).result == 9
+    assert len(TRACED) == 1
+    rid = ct.redispatch(did, reuse_previous_results=True)()
+    result = ct.get_result(rid, wait=True, timeout=60)
+    assert (result.status, result.result) == (ct.Status.COMPLETED, 9)
+    assert len(TRACED) == 1  # not traced again
+    assert [runs(d, f"inc{i}") for i in (1, 2, 3, 4)] == [1, 1, 1, 0]
+    assert {n["reason"] for n in result.get_all_node_results()
+            if n["node_name"] in ("inc", "total")} == {f"reused from {did}"}
+    rid = ct.redispatch(rid)()  # no reuse (a trigger's): traced again, every task runs
+    assert ct.get_result(rid, wait=True, timeout=60).result == 9
+    assert len(TRACED) == 2
+    assert [runs(d, f"inc{i}") for i in (1, 2, 3, 4)] == [2, 2, 2, 0]
+
+
+def test_new_inputs_a_replacement_or_a_changed_global_trace_the_lattice_again(
+    tmp_path, keep_small_graphs, monkeypatch
+):
+    d = str(tmp_path)
+    did = ct.dispatch(fanned)(d, [1, 2, 3, 4])
+    assert ct.get_result(did, wait=True, timeout=60).result == 9
+    monkeypatch.setattr(sys.modules[__name__], "FAN", 4)  # the body reads it: a new graph
+    rid = ct.redispatch(did, reuse_previous_results=True)()
+    result = ct.get_result(rid, wait=True, timeout=60)
+    assert (result.status, result.result) == (ct.Status.COMPLETED, 2 + 3 + 4 + 5)
+    assert len(TRACED) == 2
+    assert [runs(d, f"inc{i}") for i in (1, 2, 3, 4)] == [1, 1, 1, 1]  # inc4 is new
+    monkeypatch.setattr(sys.modules[__name__], "FAN", 3)
+    rid = ct.redispatch(did, reuse_previous_results=True)(d, [1, 2, 5])
+    assert ct.get_result(rid, wait=True, timeout=60).result == 2 + 3 + 6
+    assert len(TRACED) == 3
+    rid = ct.redispatch(did, {"inc": inc_again}, reuse_previous_results=True)()
+    assert ct.get_result(rid, wait=True, timeout=60).result == 9
+    assert len(TRACED) == 4
+    assert [runs(d, f"again{i}") for i in (1, 2, 3)] == [1, 1, 1]
+
+
+def test_an_input_changed_in_place_since_the_dispatch_is_not_what_the_redispatch_runs(
+    tmp_path, keep_small_graphs
+):
+    """The kept graph holds the objects given to the dispatch; one changed since (a list
+    appended to) makes the redispatch trace the stored inputs again, as from another
+    process."""
+    d = str(tmp_path)
+    xs = [1, 2, 3]
+    did = ct.dispatch(fanned)(d, xs)
+    assert ct.get_result(did, wait=True, timeout=60).result == 9
+    xs[0] = 100
+    rid = ct.redispatch(did, reuse_previous_results=True)()
+    result = ct.get_result(rid, wait=True, timeout=60)
+    assert (result.status, result.result) == (ct.Status.COMPLETED, 9)
+    assert len(TRACED) == 2
+    assert result.inputs == {"args": [d, [1, 2, 3]], "kwargs": {}}
+    assert [runs(d, f"inc{i}") for i in (1, 2, 3, 100)] == [1, 1, 1, 0]
+
+
+def test_only_big_graphs_are_kept_and_only_the_last_two(tmp_path, monkeypatch):
+    """Memory: a small graph is traced again (cheap), and only the last GRAPHS_KEPT big
+    graphs (with small inputs) stay in memory, whatever the number of redispatches."""
+    from valent._engine import prepare
+
+    d = str(tmp_path)
+    small = ct.dispatch(fanned)(d, [1, 2, 3])
+    ct.get_result(small, wait=True, timeout=60)
+    assert prepare.kept_graph(small) is None
+    monkeypatch.setattr(prepare, "KEEP_GRAPH_NODES", 1)
+    ids = [ct.dispatch(fanned)(d, [i, i + 1, i + 2]) for i in range(3)]
+    for did in ids:
+        ct.get_result(did, wait=True, timeout=60)
+    assert [prepare.kept_graph(i) is not None for i in ids] == [False, True, True]
+    again = [ct.redispatch(ids[2], reuse_previous_results=True)() for _ in range(3)]
+    for did in again:
+        ct.get_result(did, wait=True, timeout=60)
+    assert {id(prepare.kept_graph(i)) for i in again} == {id(prepare.kept_graph(ids[2]))}
+    assert prepare.kept_graph(ids[1]) is not None  # the same graph kept 4 times counts once
+    n = len(prepare.kept_graph(ids[2]).nodes)
+    monkeypatch.setattr(prepare, "NODES_KEPT", 2 * n - 1)  # room for one graph of n nodes
+    more = ct.dispatch(fanned)(d, [7, 8, 9])
+    ct.get_result(more, wait=True, timeout=60)
+    assert prepare.kept_graph(more) is not None and prepare.kept_graph(ids[2]) is None
+    monkeypatch.setattr(prepare, "KEEP_GRAPH_BYTES", 10)
+    big_input = ct.dispatch(fanned)(d, list(range(100)))
+    ct.get_result(big_input, wait=True, timeout=60)
+    assert prepare.kept_graph(big_input) is None
+
+
+def test_an_electron_reloaded_in_its_module_is_what_the_redispatch_runs(
+    tmp_path, keep_small_graphs
+):
+    """A notebook's fix: the module of the tasks is edited and reloaded, then the dispatch is
+    redispatched with reuse: the new task runs (the kept graph held the old one)."""
+    import importlib
+
+    src = tmp_path / "kept_tasks.py"
+    src.write_text("import valent as ct\n\n@ct.electron\ndef work(x):\n    return x + 1\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        tasks = importlib.import_module("kept_tasks")
+
+        @ct.lattice
+        def uses_module(xs):
+            return [tasks.work(x) for x in xs]
+
+        did = ct.dispatch(uses_module)([1, 2])
+        assert ct.get_result(did, wait=True, timeout=60).result == [2, 3]
+        src.write_text("import valent as ct\n\n@ct.electron\ndef work(x):\n    return x + 100\n")
+        importlib.reload(tasks)
+        rid = ct.redispatch(did, reuse_previous_results=True)()
+        result = ct.get_result(rid, wait=True, timeout=60)
+        assert (result.status, result.result) == (ct.Status.COMPLETED, [101, 102])
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("kept_tasks", None)
+
+
+def test_a_lattice_reading_another_module_is_traced_again(tmp_path, keep_small_graphs):
+    """What the lattice reads in another module of yours (pickled by name, so a change does
+    not show in the lattice's pickle) may have changed: the redispatch traces it again."""
+    import importlib
+
+    (tmp_path / "kept_settings.py").write_text("N = 2\n\ndef n():\n    return N\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        settings = importlib.import_module("kept_settings")
+        n = settings.n
+
+        @ct.lattice
+        def sized(d):
+            return total(d, [inc(d, i) for i in range(settings.N)])
+
+        @ct.lattice
+        def sized_by_a_function(d):
+            return total(d, [inc(d, i) for i in range(n())])
+
+        d = str(tmp_path)
+        for lattice, size in ((sized, 3), (sized_by_a_function, 4)):
+            settings.N = size - 1
+            did = ct.dispatch(lattice)(d)
+            assert ct.get_result(did, wait=True, timeout=60).result == sum(range(1, size))
+            settings.N = size
+            rid = ct.redispatch(did, reuse_previous_results=True)()
+            assert ct.get_result(rid, wait=True, timeout=60).result == sum(range(1, size + 1))
+        assert [runs(d, f"inc{i}") for i in range(4)] == [2, 2, 2, 1]  # 2 dispatches, reuse
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("kept_settings", None)

@@ -164,6 +164,39 @@ def test_a_store_made_by_an_older_valent_gains_the_new_columns(tmp_path):
     store.close()
 
 
+def test_a_store_made_before_nesting_gains_the_columns_and_indexes_for_them(tmp_path):
+    """The columns nesting and redispatch added come with indexes for the queries that look
+    dispatches up by them (a dispatch's children; the dispatches of one tree)."""
+    from valent._store import SCHEMA
+
+    d = tmp_path / "old"
+    d.mkdir()
+    old = SCHEMA
+    for col in ("parent_dispatch_id TEXT", "parent_node_id INTEGER", "root_dispatch_id TEXT"):
+        old = old.replace(f"    {col},\n", "")
+    assert "root_dispatch_id" not in old
+    conn = sqlite3.connect(d / "valent.db")
+    conn.executescript(old)
+    conn.close()
+    store = Store(d)
+    base = {"lattice_name": "x", "status": "RUNNING", "created_at": 0.0}
+    store.create_dispatch({"dispatch_id": "d1", **base, "root_dispatch_id": "d1"}, [])
+    store.create_dispatch(
+        {"dispatch_id": "c1", **base, "parent_dispatch_id": "d1", "parent_node_id": 0,
+         "root_dispatch_id": "d1"}, [],
+    )
+    assert [r["dispatch_id"] for r in store.child_dispatches("d1")] == ["c1"]
+
+    def plan(sql: str) -> str:
+        return " ".join(r[3] for r in store._conn().execute("EXPLAIN QUERY PLAN " + sql, ("d1",)))
+
+    assert "dispatches_parent" in plan("SELECT * FROM dispatches WHERE parent_dispatch_id = ?")
+    assert "dispatches_root" in plan("SELECT * FROM dispatches WHERE root_dispatch_id = ?")
+    assert store.mark_orphaned("c1", "owner gone") is True
+    assert {store.dispatch_status(i) for i in ("d1", "c1")} == {"FAILED"}
+    store.close()
+
+
 def test_an_unwritable_results_dir_is_a_store_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -112,6 +112,15 @@ ADDED_COLUMNS = {
 }
 """Columns added since schema version 1: a store made by an older valent gains them."""
 
+ADDED_INDEXES = """
+CREATE INDEX IF NOT EXISTS dispatches_parent ON dispatches (parent_dispatch_id)
+    WHERE parent_dispatch_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS dispatches_root ON dispatches (root_dispatch_id);
+"""
+"""Indexes on added columns (made once the columns exist): a dispatch's child dispatches
+(``child_dispatches``: only sublattices' children are in it) and the dispatches of one tree
+(``mark_orphaned``)."""
+
 
 class StoreLostError(StoreError):
     """The store file was deleted, replaced or truncated while this process used it."""
@@ -430,6 +439,7 @@ class Store:
                     for col, decl in cols.items():
                         if col not in have:
                             conn.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+                conn.executescript(ADDED_INDEXES)
             except sqlite3.Error as exc:
                 what = f"cannot initialize the results store {self.path}"
                 raise self._error(what, exc) from exc
@@ -638,11 +648,17 @@ class Store:
         t, why, old = r["time"], r["reason"], r["source"]
         copied = 0
         if r["same"]:
+            # by spans of consecutive ids, each one range of the old dispatch's primary key
+            # (most reused nodes are: cheaper than looking each id up in a list)
             cur = conn.execute(
-                cols + "o.name, o.kind, o.executor, o.parents"
-                + tail.format("o.fn_digest, o.in_digest")
-                + "IN (SELECT value FROM json_each(?))",
-                (did, t, t, why, old, json.dumps(list(r["same"]))),
+                "INSERT INTO nodes (dispatch_id, node_id, name, kind, executor, parents, "
+                "status, start_time, end_time, fn_digest, in_digest, reason, output, "
+                "output_file, out_digest) SELECT ?, o.node_id, o.name, o.kind, o.executor, "
+                "o.parents, 'COMPLETED', ?, ?, o.fn_digest, o.in_digest, ?, o.output, "
+                "o.output_file, o.out_digest FROM json_each(?) AS s CROSS JOIN nodes o "
+                "WHERE o.dispatch_id = ? AND o.node_id BETWEEN json_extract(s.value, '$[0]') "
+                "AND json_extract(s.value, '$[1]')",
+                (did, t, t, why, json.dumps(_spans(r["same"])), old),
             )
             copied += cur.rowcount
         if r["rows"]:
@@ -1071,14 +1087,29 @@ class Store:
             f"SELECT {cols} FROM nodes WHERE dispatch_id = ? ORDER BY node_id", (dispatch_id,)
         )
 
-    def reuse_rows(self, dispatch_id: str) -> list[sqlite3.Row]:
-        """What a redispatch needs of a dispatch's nodes to reuse their outputs."""
-        return self._read(
-            "SELECT node_id, name, kind, status, fn_digest, in_digest, out_digest, "
-            "(output IS NOT NULL OR output_file IS NOT NULL) AS has_output, sub_dispatch_id, "
-            "executor, parents "
-            "FROM nodes WHERE dispatch_id = ?", (dispatch_id,)
-        )
+    def reuse_rows(self, dispatch_id: str) -> list[tuple]:
+        """What a redispatch needs of a dispatch's nodes to reuse their outputs (plain
+        tuples: ``valent._engine.reuse.Reuse`` reads them by position): (node_id, name,
+        kind, status, fn_digest, in_digest, out_digest, sub_dispatch_id, executor, parents)
+        of each node that COMPLETED with an output (it may be reused) or ran a child dispatch
+        (a sublattice: its child's nodes may be). The outputs stay in the store."""
+        self.check_file()
+        try:
+            cur = self._conn().cursor()
+            cur.row_factory = None  # tuples: 10,000s of rows, read once by position
+            return cur.execute(
+                "SELECT node_id, name, kind, status, fn_digest, in_digest, out_digest, "
+                "sub_dispatch_id, executor, parents FROM nodes WHERE dispatch_id = ? AND ("
+                "(status = 'COMPLETED' AND out_digest IS NOT NULL "
+                "AND (output IS NOT NULL OR output_file IS NOT NULL)) "
+                "OR sub_dispatch_id IS NOT NULL)",
+                (dispatch_id,),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(
+                f"cannot read the results store {self.path}: {exc}; if the file was damaged, "
+                "move it away (valent starts a new one) or set VALENT_RESULTS_DIR"
+            ) from exc
 
     def node_output(self, dispatch_id: str, node_id: int) -> tuple[bytes | None, str | None]:
         """A node's stored output: (inline pickle, or None and the file holding it)."""
@@ -1146,6 +1177,17 @@ class Store:
             "d.created_at",
             (dispatch_id,),
         )
+
+
+def _spans(ids: Iterable[int]) -> list[list[int]]:
+    """Distinct ids as ``[[first, last], ...]`` spans of consecutive ones."""
+    out: list[list[int]] = []
+    for i in sorted(set(ids)):
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
 
 
 def _cut(text: Any) -> Any:

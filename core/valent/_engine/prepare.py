@@ -6,7 +6,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import pickle
+import sys
+import threading
 import time
+import types
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +20,7 @@ from ..errors import PicklingError
 from ..graph import PARAMETER, Graph, Ref
 from ..status import Status
 from .resolve import Executors, executor_spec
-from .reuse import Reuse, blob_digest
+from .reuse import ROW_EXECUTOR, ROW_OUT, ROW_PARENTS, Reuse, blob_digest
 from .runstate import DispatchRun
 
 NODE_COLUMNS = (
@@ -26,6 +29,91 @@ NODE_COLUMNS = (
 )
 
 _PLAIN = (int, float, str, bytes, bool, type(None))
+
+KEEP_GRAPH_NODES = 1000
+"""A top-level dispatch's graph of at least this many nodes is kept in memory (see
+``kept_graph``): re-tracing it is what a redispatch would otherwise spend most on."""
+KEEP_GRAPH_BYTES = 1 << 20
+"""... if its inputs and parameters pickle to at most this many bytes (a graph holds their
+values: a big array passed in is not kept alive for a redispatch that may never come)."""
+GRAPHS_KEPT = 2
+"""At most this many graphs are kept (a redispatch that runs a kept graph again keeps it
+under its own id too, without counting it twice), for at most ``IDS_KEPT`` dispatch ids,
+with at most ``NODES_KEPT`` nodes in all (a graph takes about 350 bytes a node)."""
+IDS_KEPT = 64
+NODES_KEPT = 250_000
+_kept: dict[str, tuple[Graph, tuple]] = {}
+_kept_lock = threading.Lock()
+
+
+def kept_graph(dispatch_id: str) -> Graph | None:
+    """The graph dispatch ``dispatch_id`` was created from, if this process created it
+    recently (one of the last ``GRAPHS_KEPT`` big ones) and each of its electrons is still
+    what its module holds under its name (a module reloaded since, or an electron assigned
+    anew, makes it None: tracing again would take the new one). Its nodes are never changed
+    by a run (a redispatch applies the same replacements again, which changes nothing), so a
+    redispatch may run it again; ``valent._redispatch`` does when the lattice and its inputs
+    are unchanged."""
+    kept = _kept.get(dispatch_id)
+    if kept is None:
+        return None
+    graph, anchors = kept
+    for obj, where in anchors:
+        if _found(*where) is not obj:
+            return None
+    return graph
+
+
+def _keep_graph(dispatch_id: str, graph: Graph, size: int) -> None:
+    if not KEEP_GRAPH_NODES <= len(graph.nodes) <= NODES_KEPT or size > KEEP_GRAPH_BYTES:
+        return
+    anchors = next((a for g, a in list(_kept.values()) if g is graph), None)  # run again
+    if anchors is None:
+        anchors = _anchors(graph)
+        if anchors is None:
+            return
+    with _kept_lock:
+        _kept[dispatch_id] = (graph, anchors)
+        while len(_kept) > IDS_KEPT or _too_many(g for g, _ in _kept.values()):
+            del _kept[next(iter(_kept))]
+
+
+def _too_many(graphs: Any) -> bool:
+    distinct = {id(g): len(g.nodes) for g in graphs}
+    return len(distinct) > GRAPHS_KEPT or sum(distinct.values()) > NODES_KEPT
+
+
+def _anchors(graph: Graph) -> tuple | None:
+    """For each distinct electron of ``graph``: itself (or its function) and where its module
+    holds it, ``(module, qualname)``; None when one is found nowhere (made on the fly: whether
+    tracing again would make the same cannot be told)."""
+    out = []
+    seen: set[int] = set()
+    for node in graph.nodes:
+        el = node.electron
+        if el is None or id(el) in seen:
+            continue
+        seen.add(id(el))
+        for obj in (el, el.fn):
+            where = (getattr(obj, "__module__", None), getattr(obj, "__qualname__", None))
+            if _found(*where) is obj:
+                out.append((obj, where))
+                break
+        else:
+            return None
+    return tuple(out)
+
+
+def _found(module: str | None, qualname: str | None) -> Any:
+    """What module ``module`` holds at ``qualname`` (dotted: a class's attribute), or None."""
+    if not isinstance(module, str) or not isinstance(qualname, str) or "<" in qualname:
+        return None
+    obj = sys.modules.get(module)
+    for part in qualname.split("."):
+        if obj is None or not isinstance(obj, type | types.ModuleType):
+            return None
+        obj = vars(obj).get(part)
+    return obj
 
 
 def dumps_param(value: Any) -> bytes:
@@ -145,25 +233,27 @@ def _create_run(
         ) from exc
     node_executors = resolve_executors(executors, graph, default_executor)
     digests = {nid: blob_digest(b) for nid, b in params.items()}
-    new = Status.NEW_OBJECT.value
-    nodes = [
-        (
-            dispatch_id,
-            node.id,
-            node.name,
-            node.kind,
-            None if node_executors[node.id] is None else node_executors[node.id].name,
-            "[" + ",".join(map(str, node.parents)) + "]",
-            new,
-            params.get(node.id),
-            digests.get(node.id),
-        )
-        for node in graph.nodes
-    ]
     plan = reuse.plan(graph, digests) if reuse is not None else {}
     now = time.time()
+    new = Status.NEW_OBJECT.value
     reused: dict[str, Any] | None = None
-    if plan:
+    if not plan:
+        nodes = [
+            (
+                dispatch_id,
+                node.id,
+                node.name,
+                node.kind,
+                None if node_executors[node.id] is None else node_executors[node.id].name,
+                "[" + ",".join(map(str, node.parents)) + "]",
+                new,
+                params.get(node.id),
+                digests.get(node.id),
+            )
+            for node in graph.nodes
+        ]
+    else:
+        nodes = []
         reused = {
             "source": reuse.source_id,  # type: ignore[union-attr]
             "time": now,
@@ -171,13 +261,25 @@ def _create_run(
             "same": [],
             "rows": [],
         }
-        for nid, (old, fn_d, in_d) in sorted(plan.items()):
-            mine = nodes[nid]
-            if (mine[4], mine[5]) == (old["executor"], old["parents"]):
-                reused["same"].append(nid)  # copied whole in one statement
-            else:
-                reused["rows"].append((nid, *mine[2:6], fn_d, in_d))
-        nodes = [row for row in nodes if row[1] not in plan]
+    for node in graph.nodes if plan else ():
+        nid = node.id
+        ex = node_executors[nid]
+        ex_name = None if ex is None else ex.name
+        parents = "[" + ",".join(map(str, node.parents)) + "]"
+        taken = plan.get(nid)
+        if taken is None:
+            nodes.append((
+                dispatch_id, nid, node.name, node.kind, ex_name, parents, new, params.get(nid),
+                digests.get(nid),
+            ))
+            continue
+        old, fn_d, in_d = taken
+        if ex_name == old[ROW_EXECUTOR] and parents == old[ROW_PARENTS]:
+            reused["same"].append(nid)  # type: ignore[index]  # copied whole in one statement
+        else:
+            reused["rows"].append(  # type: ignore[index]
+                (nid, node.name, node.kind, ex_name, parents, fn_d, in_d)
+            )
     pid, host, started = owner
     links = dict(links or {})
     links.setdefault("root_dispatch_id", dispatch_id)
@@ -196,6 +298,8 @@ def _create_run(
         **links,
     }
     store.create_dispatch(row, nodes, NODE_COLUMNS, reused)
+    if lattice_blob is not None and "parent_dispatch_id" not in links:
+        _keep_graph(dispatch_id, graph, len(inputs) + sum(map(len, params.values())))
     run = DispatchRun(dispatch_id, graph, store, node_executors)
     run.root_id = links["root_dispatch_id"]
     run.reuse = reuse
@@ -205,6 +309,6 @@ def _create_run(
         nr = run.nodes[nid]
         nr.status = Status.COMPLETED
         nr.reused = nr.submitted = True  # its output: read from the store when needed
-        nr.out_digest, nr.fn_digest, nr.in_digest = old["out_digest"], fn_d, in_d
+        nr.out_digest, nr.fn_digest, nr.in_digest = old[ROW_OUT], fn_d, in_d
         nr.start_time = nr.end_time = now
     return run

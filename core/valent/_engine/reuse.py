@@ -260,24 +260,47 @@ def _topological(graph: Any) -> list[Any]:
     return out
 
 
+def _in_id_order(graph: Any) -> bool:
+    """True when every node's parents, parameters aside, come before it by id (most graphs:
+    a collection node made for an argument comes after the node that takes it)."""
+    from ..graph import PARAMETER
+
+    nodes = graph.nodes
+    for node in nodes:
+        i = node.id
+        for p in node.parents:
+            if p > i and nodes[p].kind != PARAMETER:
+                return False
+    return True
+
+
+_NOT_REF = object()
+
+ROW_ID, ROW_NAME, ROW_KIND, ROW_STATUS, ROW_FN, ROW_IN, ROW_OUT, ROW_SUB, ROW_EXECUTOR, \
+    ROW_PARENTS = range(10)
+"""Positions in a row of ``Store.reuse_rows``."""
+
+
 class Reuse:
     """The earlier dispatch a redispatch may take outputs from (``reuse_previous_results``).
 
-    ``rows`` are its node rows (with outputs), by node id.
+    ``rows``: ``Store.reuse_rows`` of it: (node_id, name, kind, status, fn_digest, in_digest,
+    out_digest, sub_dispatch_id, executor, parents) for each node that COMPLETED with an
+    output, and each sublattice node that had a child dispatch.
     """
 
     def __init__(self, source_id: str, rows: list[Any]):
         self.source_id = source_id
-        self.rows = {r["node_id"]: r for r in rows}
+        self.rows = {r[ROW_ID]: r for r in rows}
 
     def match(self, node_id: int, name: str, kind: str, fn_d: str | None, in_d: str | None):
         """The old row node ``node_id`` may take its output from, or None."""
         old = self.rows.get(node_id)
         if old is None or fn_d is None or in_d is None:
             return None
-        if old["status"] != "COMPLETED" or old["name"] != name or old["kind"] != kind:
+        if old[ROW_STATUS] != "COMPLETED" or old[ROW_NAME] != name or old[ROW_KIND] != kind:
             return None
-        if old["fn_digest"] != fn_d or old["in_digest"] != in_d or not old["has_output"]:
+        if old[ROW_FN] != fn_d or old[ROW_IN] != in_d or not old[ROW_OUT]:
             return None
         return old
 
@@ -290,26 +313,54 @@ class Reuse:
         from ..graph import PARAMETER, SUBLATTICE
 
         outs: dict[int, str | None] = dict(param_digests)
+        out_of = outs.get
         cache: dict[int, tuple[Any, str | None]] = {}
         found: dict[int, tuple] = {}
-        for node in _topological(graph):
-            if node.kind in (PARAMETER, SUBLATTICE):
+        rows = self.rows
+        order = graph.nodes if _in_id_order(graph) else _topological(graph)
+        for node in order:
+            kind = node.kind
+            if kind == PARAMETER or kind == SUBLATTICE:
                 continue
-            fn_d = node_fn_digest(node, cache)
-            in_d = in_digest(node.args, node.kwargs, outs.get)
-            old = self.match(node.id, node.name, node.kind, fn_d, in_d)
-            if old is None or not old["out_digest"]:
+            # the checks of ``match``, cheapest first (most nodes of a resume qualify)
+            old = rows.get(node.id)
+            if (
+                old is None or old[ROW_STATUS] != "COMPLETED" or old[ROW_NAME] != node.name
+                or old[ROW_KIND] != kind or not old[ROW_OUT]
+            ):
                 continue
-            outs[node.id] = old["out_digest"]
+            # ``in_digest`` inline for the usual node (arguments that are all outputs)
+            parts = None if node.kwargs else [
+                out_of(a.node_id) if type(a) is Ref else _NOT_REF for a in node.args
+            ]
+            if parts is None or _NOT_REF in parts:
+                in_d = in_digest(node.args, node.kwargs, out_of)
+            elif None in parts:
+                continue
+            else:
+                in_d = hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
+            if in_d is None or in_d != old[ROW_IN]:
+                continue
+            if kind == ELECTRON:  # ``node_fn_digest``, its cache looked up here
+                fn = node.fn
+                got = cache.get(id(fn))
+                if got is None or got[0] is not fn:
+                    got = cache[id(fn)] = (fn, fn_digest(fn))
+                fn_d = got[1]
+            else:
+                fn_d = node_fn_digest(node)
+            if fn_d is None or fn_d != old[ROW_FN]:
+                continue
+            outs[node.id] = old[ROW_OUT]
             found[node.id] = (old, fn_d, in_d)
         return found
 
     def child_source(self, node_id: int, name: str) -> str | None:
         """The child dispatch of the old sublattice node ``node_id`` (same name), if any."""
         old = self.rows.get(node_id)
-        if old is not None and old["name"] == name and old["sub_dispatch_id"]:
-            return old["sub_dispatch_id"]
+        if old is not None and old[ROW_NAME] == name and old[ROW_SUB]:
+            return old[ROW_SUB]
         for r in self.rows.values():
-            if r["name"] == name and r["sub_dispatch_id"]:
-                return r["sub_dispatch_id"]
+            if r[ROW_NAME] == name and r[ROW_SUB]:
+                return r[ROW_SUB]
         return None
