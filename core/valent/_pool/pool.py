@@ -57,16 +57,22 @@ from ..errors import PicklingError, WorkerDiedError
 from ..status import CancelOutcome
 from ..task import Cancelled, Completed, Failed, Pending, Running, TaskState
 from . import proctree
-from .worker import HEADER, send_msg
+from .worker import HEADER, pack_msg, send_msg
 
 FN_CACHE_SIZE = 256
 KILL_TICK = 0.005  # seconds between rounds of killing a tree
 LOOK_FAST, LOOK_SLOW = 0.001, 0.02  # between looks at a stopping worker: first 0.1 s, then
 RUNNING_NOTE_DELAY = 0.001  # observers hear of a start this late: a quick job is told once
 BOOT_FAILURES = 3  # workers in a row that die before they are up: stop trying, fail the queue
-AHEAD = 2  # jobs sent to a busy worker ahead of its current one, when the queue is deep:
-DEEP = 4  # this many queued jobs per worker (a few queued ones are dequeued at once on cancel)
-QUICK = 0.005  # and only jobs of functions that take less (s), behind one that does too
+AHEAD = 2  # chained jobs sent to a worker ahead of its current one
+# When the queue is deep (DEEP queued jobs per worker; a few queued ones are dequeued at once
+# on cancel), busy workers are sent batches of the next jobs ahead, in one message each: only
+# jobs of functions known to take less than QUICK (s), behind one that does too, at most
+# MAX_AHEAD and about AHEAD_TIME (s) of them, and each worker its share of the queue.
+DEEP = 4
+QUICK = 0.005
+MAX_AHEAD = 64
+AHEAD_TIME = 0.004
 
 
 _pid = [os.getpid()]  # this process's pid, kept at fork (getpid is a system call per task)
@@ -162,7 +168,7 @@ class _Worker:
     __slots__ = (
         "proc", "sock", "known", "job", "idle_since", "out_path", "err_path", "doomed",
         "kill_deadline", "reaping", "tree", "dead_at", "key", "ready", "cpu_mark", "rbuf",
-        "settled", "died_at", "term_at", "next_scan", "more",
+        "settled", "died_at", "term_at", "next_scan", "more", "wbuf", "writing",
     )
 
     def __init__(self, proc, sock, out_path, err_path):
@@ -187,6 +193,8 @@ class _Worker:
         self.term_at = 0.0  # monotonic time of the SIGTERM
         self.next_scan = 0.0  # no /proc scan for it before this (monotonic)
         self.more: collections.deque[Job] = collections.deque()  # sent after ``job``, in order
+        self.wbuf = bytearray()  # bytes for the worker not sent yet (sends never block)
+        self.writing = False  # registered with the selector for writing too
 
     @property
     def pid(self) -> int:
@@ -525,6 +533,7 @@ class _Loop:
         self.notes: list[Job] = []  # jobs whose observers are told at the end of this turn
         # (when, job) of started jobs whose observers are told then, unless they ended
         self.started: collections.deque[tuple[float, Job]] = collections.deque()
+        self.out: dict[_Worker, None] = {}  # workers with bytes to send at the end of the turn
 
     # ------------------------------------------------------------ the loop
 
@@ -547,7 +556,7 @@ class _Loop:
             self.booted.set()
             while True:
                 events = self.sel.select(self._timeout())
-                for key, _ in events:
+                for key, mask in events:
                     if key.data is None:
                         try:
                             while self.wake_r.recv(4096):
@@ -558,7 +567,10 @@ class _Loop:
                         # them, a wake() in between would be read here and then suppressed)
                         self.woken = False
                     else:
-                        self._on_readable(key.data)
+                        if mask & selectors.EVENT_WRITE:
+                            self._flush(key.data)
+                        if mask & selectors.EVENT_READ:
+                            self._on_readable(key.data)
                 self._turn()
                 if self.closing and not self.workers:
                     break
@@ -619,6 +631,9 @@ class _Loop:
                     self._spawn()
             self._maybe_grow()
             self._hand_out()
+        for w in self.out:
+            self._flush(w)
+        self.out.clear()
         self._publish()
         if self.started:
             now = time.monotonic()
@@ -745,10 +760,7 @@ class _Loop:
         """Ask ``w`` for a job sent ahead that it has not started (it answers ``skipped``,
         or ``started`` if it began first)."""
         job.skip = why
-        try:
-            send_msg(w.sock, ("skip", job.id))
-        except OSError:
-            pass  # it died: its jobs are settled when it is retired
+        self._queue_bytes(w, pack_msg(("skip", job.id)))
 
     def _requeue(self, job: Job) -> None:
         """A job that never started goes back to the front of the queue (or is placed
@@ -841,25 +853,36 @@ class _Loop:
             self._send(w, job)
             self._send_chain(w, job)
         busy = [w for w in self.workers.values() if w.job is not None and w.ready
-                and not w.doomed and len(w.more) < AHEAD and self._quick(w.job)]
+                and not w.doomed and len(w.more) < MAX_AHEAD and self._quick(w.job)]
         if not busy:
             return
         with self.lock:
-            deep = len(self.pool._queue) - self.pool._dead_queued >= DEEP * len(self.workers)
-        if not deep:
+            live = len(self.pool._queue) - self.pool._dead_queued
+        if live < DEEP * len(self.workers):
             return
-        for _ in range(AHEAD):
-            for w in busy:
-                if len(w.more) >= AHEAD:
-                    continue
-                with self.lock:
-                    q = self.pool._queue
-                    if q and not q[0].state.final and not self._quick(q[0]):
-                        return  # a job that may run long waits for a free worker
-                    job = self._pop_queued()
-                    if job is None:
-                        return
-                    job.worker = w
+        share = -(-live // len(busy))  # each worker its share: none takes all of a burst
+        for w in busy:
+            batch: list[Job] = []
+            with self.lock:
+                q = self.pool._queue
+                while q and len(batch) < share:
+                    head = q[0]
+                    if head.state.final:  # cancelled while queued: dropped here
+                        q.popleft()
+                        head.queued = False
+                        self.pool._dead_queued -= 1
+                        continue
+                    t = self.fn_time.get(head.fn_entry[1])
+                    if t is None or t >= QUICK:
+                        break  # a job that may run long waits for a free worker
+                    if len(w.more) + len(batch) >= min(
+                            MAX_AHEAD, max(AHEAD, int(AHEAD_TIME / max(t, 1e-6)))):
+                        break
+                    q.popleft()
+                    head.queued = False
+                    head.worker = w  # claimed: from now on a cancel asks it back or kills
+                    batch.append(head)
+            for job in batch:
                 w.more.append(job)
                 self._send(w, job)
                 self._send_chain(w, job)
@@ -889,10 +912,40 @@ class _Loop:
             while len(w.known) > FN_CACHE_SIZE:
                 forget.append(w.known.popitem(last=False)[0])
         ups = [("j", u.id) if isinstance(u, Job) else u for u in job.ups]
-        try:
-            send_msg(w.sock, (job.id, key, send_blob, forget, ups), job.args_blob)
-        except OSError:
-            pass  # the worker died: its EOF is seen and its job settled
+        self._queue_bytes(w, pack_msg((job.id, key, send_blob, forget, ups), job.args_blob),
+                          job.args_blob)
+
+    def _queue_bytes(self, w: _Worker, data: bytes, blob: bytes | None = None) -> None:
+        """Queue a message for ``w``: sent at the end of the turn, every job handed to it in
+        the turn in one system call, and never blocking (what the socket does not take now
+        goes when the selector says it can: two sides sending big batches cannot deadlock)."""
+        if w.dead_at is not None:
+            return  # it died: its jobs are settled when it is retired
+        w.wbuf += data
+        if blob is not None:
+            w.wbuf += blob
+        self.out[w] = None
+
+    def _flush(self, w: _Worker) -> None:
+        """Send what the socket takes now of ``w``'s queued bytes; wait for the rest."""
+        if w.wbuf and w.dead_at is None:
+            try:
+                n = w.sock.send(w.wbuf, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:  # it died: its EOF is seen and its jobs settled
+                n = len(w.wbuf)
+            del w.wbuf[:n]
+        elif w.dead_at is not None:
+            w.wbuf.clear()
+        want = bool(w.wbuf)
+        if want != w.writing and w.dead_at is None:
+            try:
+                self.sel.modify(w.sock, selectors.EVENT_READ | (
+                    selectors.EVENT_WRITE if want else 0), w)
+                w.writing = want
+            except (KeyError, ValueError, OSError):
+                pass
 
     def _busy_cpu_rate(self) -> float:
         """Mean CPU use (0..1) of busy, booted workers since their task started.
@@ -1067,6 +1120,7 @@ class _Loop:
         if w.dead_at is not None:
             return
         w.dead_at = time.monotonic()
+        w.wbuf.clear()
         try:
             self.sel.unregister(w.sock)
         except (KeyError, ValueError):
@@ -1175,6 +1229,8 @@ class _Loop:
     def _retire(self, w: _Worker) -> None:
         """Forget a dead worker whose tree is gone; settle its job."""
         self._drain(w)  # a "started" or a result may still be in its socket
+        w.wbuf.clear()
+        self.out.pop(w, None)
         self.dying.remove(w)
         self.workers.pop(w.key, None)
         self._publish()
