@@ -37,6 +37,7 @@ import collections
 import itertools
 import os
 import pickle
+import select
 import selectors
 import shutil
 import signal
@@ -61,7 +62,8 @@ from .worker import HEADER, pack_msg, send_msg
 
 FN_CACHE_SIZE = 256
 KILL_TICK = 0.005  # seconds between rounds of killing a tree
-LOOK_FAST, LOOK_SLOW = 0.001, 0.02  # between looks at a stopping worker: first 0.1 s, then
+LOOK_FIRST, LOOK_FAST, LOOK_SLOW = 0.0002, 0.001, 0.02  # between looks at a stopping worker:
+LOOK_FIRST_FOR, LOOK_FAST_FOR = 0.02, 0.1  # (s) the first, the next, then
 RUNNING_NOTE_DELAY = 0.001  # observers hear of a start this late: a quick job is told once
 BOOT_FAILURES = 3  # workers in a row that die before they are up: stop trying, fail the queue
 AHEAD = 2  # chained jobs sent to a worker ahead of its current one
@@ -130,7 +132,7 @@ class Job:
     __slots__ = (
         "id", "fn_entry", "args_blob", "on_change", "state", "worker", "done",
         "kill_requested", "cancel_at", "started_at", "held", "label", "ups", "deps", "skip",
-        "queued",
+        "queued", "promised",
     )
 
     def __init__(self, jid: int, fn_entry, args_blob: bytes, on_change, label: str):
@@ -152,6 +154,7 @@ class Job:
         self.deps: list[Job] = []
         self.skip: str | None = None  # asked back from its worker: "cancel" or "reclaim"
         self.queued = False  # in the pool's queue (a cancelled one stays there, skipped)
+        self.promised = CancelOutcome.KILLED  # what cancel() answered, once it was asked
 
     def wait(self, timeout: float | None = None) -> TaskState:
         """Block until the job is final (or ``timeout``); return its state."""
@@ -199,6 +202,13 @@ class _Worker:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+
+def _look(since: float) -> float:
+    """Seconds to the next look at a worker stopping for ``since`` seconds."""
+    if since < LOOK_FIRST_FOR:
+        return LOOK_FIRST
+    return LOOK_FAST if since < LOOK_FAST_FOR else LOOK_SLOW
 
 
 def cpu_mark(pid: int) -> tuple[float, float] | None:
@@ -373,37 +383,53 @@ class ProcessPool:
         """Cancel ``job`` without blocking; its state turns ``Cancelled`` when confirmed.
 
         A queued job is dequeued at once. A job handed to a worker is stopped by the loop; the
-        answer then is KILLED (what will be done), and the final state says what happened:
-        ``Cancelled(DEQUEUED)`` if its body had not started, ``Cancelled(KILLED)`` once its
-        tree is gone, or ``Completed``/``Failed`` if it ended before the cancel was asked for.
+        answer then is what will be done as far as the pool knows: KILLED for the job its
+        worker runs (or is about to), DEQUEUED for one sent ahead behind it (in a batch). The final
+        state says what happened: ``Cancelled(DEQUEUED)`` if its body had not started,
+        ``Cancelled(KILLED)`` once its tree is gone, or ``Completed``/``Failed`` if it ended
+        before the cancel was asked for (the answer differs only when the body started, or
+        ended, while the worker's word of it was on its way).
         """
+        return self.cancel_many([job])[0]
+
+    def cancel_many(self, jobs: list[Job]) -> list[CancelOutcome]:
+        """:meth:`cancel` each job, in one pass of the pool's thread: their workers are all
+        stopped at once. One outcome per job, in order."""
+        outcomes: list[CancelOutcome] = []
+        dequeued: list[Job] = []
+        now = time.time()
         with self._lock:
-            if isinstance(job.state, Cancelled):
-                return job.state.outcome  # cancelled before: the same answer again
-            if job.state.final:
-                return CancelOutcome.TOO_LATE
-            if job.kill_requested:
-                return CancelOutcome.KILLED
-            if job.worker is None:
-                # queued, or chained and waiting: it never starts (a queued one is left in
-                # the queue and skipped there: removing it would cost the queue's length)
-                if job.queued:
-                    self._dead_queued += 1
-                job.state = Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time())
-                job.done.set()
-                self._ended.append(job)
-                dequeued = True
-            else:
-                dequeued = False
-                job.kill_requested = True
-                job.cancel_at = time.time()
-                self._kills.append(job)
-        if dequeued:
+            for job in jobs:
+                if isinstance(job.state, Cancelled):
+                    outcomes.append(job.state.outcome)  # cancelled before: the same answer
+                elif job.state.final:
+                    outcomes.append(CancelOutcome.TOO_LATE)
+                elif job.kill_requested:
+                    outcomes.append(job.promised)  # asked before: the same answer again
+                elif job.worker is None:
+                    # queued, or chained and waiting: it never starts (a queued one is left in
+                    # the queue and skipped there: removing it would cost the queue's length)
+                    if job.queued:
+                        self._dead_queued += 1
+                    job.state = Cancelled(CancelOutcome.DEQUEUED, ended_at=now)
+                    job.done.set()
+                    self._ended.append(job)
+                    dequeued.append(job)
+                    outcomes.append(CancelOutcome.DEQUEUED)
+                else:
+                    # handed to a worker: its current job is killed (its body runs, or is
+                    # about to); one sent ahead behind it is asked back, never started
+                    w = job.worker
+                    ahead = job.started_at is None and w is not None and w.job is not job
+                    job.promised = CancelOutcome.DEQUEUED if ahead else CancelOutcome.KILLED
+                    job.kill_requested = True
+                    job.cancel_at = now
+                    self._kills.append(job)
+                    outcomes.append(job.promised)
+        for job in dequeued:
             _notify(job)
-            self._wake()
-            return CancelOutcome.DEQUEUED
-        self._wake()
-        return CancelOutcome.KILLED
+        self._wake()  # the loop kills, asks back, or releases what was chained on them
+        return outcomes
 
     def stats(self) -> dict[str, int]:
         """Counts of workers (all, idle, being killed) and queued jobs."""
@@ -590,16 +616,19 @@ class _Loop:
             closing = self.pool._closed
         for job in ended:
             self._release(job)
+        stop: dict[_Worker, None] = {}
         for job in kills:
             w = job.worker
             if w is None or job.state.final or w.doomed:
                 continue
             if w.job is job:
-                self._begin_kill(w)
+                stop[w] = None
             elif job.skip is None:  # sent ahead, not started: ask for it back
                 self._ask_back(w, job, "cancel")
             else:
                 job.skip = "cancel"
+        if stop:
+            self._begin_kills(list(stop))
         for job in chained:
             self._place(job)
         if closing and not self.closing:
@@ -654,8 +683,8 @@ class _Loop:
             if w.reaping:
                 return KILL_TICK
             # it stops itself at SIGTERM (or returns, cooperatively): look soon, then less often
-            look = LOOK_FAST if now - w.term_at < 0.1 else LOOK_SLOW
-            t = min(t, look, max(0.0, (w.kill_deadline or now) - now) + 0.001)
+            t = min(t, max(0.0, w.next_scan - now),
+                    max(0.0, (w.kill_deadline or now) - now) + 0.001)
         with self.lock:
             waiting = len(self.pool._queue) > self.pool._dead_queued
         if waiting and len(self.workers) < self.pool.max_workers:
@@ -840,7 +869,7 @@ class _Loop:
     def _hand_out(self) -> None:
         """Give queued jobs to idle workers (booted ones first); when more wait than there
         are workers, send busy workers the next ones ahead (no round trip between tasks)."""
-        while self.idle:
+        while any(w.ready for w in self.idle):  # a booting one gets work once it is up
             with self.lock:
                 job = self._pop_queued()
                 if job is None:
@@ -1142,23 +1171,33 @@ class _Loop:
     def _begin_kill(self, w: _Worker, grace: float | None = None) -> None:
         """SIGTERM the worker's group and every descendant; after the grace (or sooner, once
         it stopped and its tree is gone), :meth:`_advance_kills` kills the rest."""
-        w.doomed = True
-        if w in self.idle:
-            self.idle.remove(w)
-        self.dying.append(w)
+        self._begin_kills([w], grace)
+
+    def _begin_kills(self, ws: list[_Worker], grace: float | None = None) -> None:
+        """:meth:`_begin_kill` for several workers at once: every group is signalled first,
+        then one scan of the processes finds what left each group (``setsid``)."""
         g = self.pool.grace if grace is None else grace
-        w.term_at = time.monotonic()
-        w.kill_deadline = w.term_at + g
-        if g <= 0:
-            w.reaping = True
-        else:
-            proctree.signal_group(w.pid, signal.SIGTERM)
-            scan = proctree.Scan()  # then what left the group (setsid)
-            w.tree = scan.tree(w.pid)
-            group = set(scan.groups.get(w.pid, ()))
-            proctree.signal_pids([p for p in w.tree if p not in group], signal.SIGTERM)
-        if not self.closing:
-            self.respawn += 1
+        now = time.monotonic()
+        for w in ws:
+            w.doomed = True
+            if w in self.idle:
+                self.idle.remove(w)
+            self.dying.append(w)
+            w.term_at = now
+            w.next_scan = now + LOOK_FIRST
+            w.kill_deadline = now + g
+            if g <= 0:
+                w.reaping = True
+            else:
+                proctree.signal_group(w.pid, signal.SIGTERM)
+            if not self.closing:
+                self.respawn += 1
+        if g > 0:
+            scan = proctree.Scan()
+            for w in ws:
+                w.tree = scan.tree(w.pid)
+                group = set(scan.groups.get(w.pid, ()))
+                proctree.signal_pids([p for p in w.tree if p not in group], signal.SIGTERM)
 
     def _rest(self, w: _Worker, scan: proctree.Scan) -> dict[int, int]:
         """What is left alive of the worker's tree. While the worker lives (unreaped, so its
@@ -1183,15 +1222,14 @@ class _Loop:
             exited = w.proc.poll() is not None
             if now >= (w.kill_deadline or 0):
                 w.reaping = True
-            elif now >= w.next_scan and (
-                exited or w.settled or proctree.state(w.pid) in ("T", "t")
-            ):
-                # it stopped (frozen, idle, or dead): once nothing of its tree is left, it
-                # can go now, without waiting out the grace
-                scan = scan or proctree.Scan()
-                if not self._rest(w, scan):
-                    self._end(w)
-                w.next_scan = now + (LOOK_FAST if now - w.term_at < 0.1 else LOOK_SLOW)
+            elif now >= w.next_scan:
+                w.next_scan = now + _look(now - w.term_at)
+                if exited or w.settled or proctree.state(w.pid) in ("T", "t"):
+                    # it stopped (frozen, idle, or dead): once nothing of its tree is left, it
+                    # can go now, without waiting out the grace
+                    scan = scan or proctree.Scan()
+                    if not self._rest(w, scan):
+                        self._end(w)
         todo = [w for w in self.dying if w.reaping]
         for w in todo:
             if w.proc.poll() is None:
@@ -1220,7 +1258,8 @@ class _Loop:
         if w.proc.poll() is None:
             try:
                 w.proc.kill()
-                w.proc.wait(timeout=1)
+                _wait_exit(w.proc, 1.0)
+                w.proc.wait(timeout=0)
             except (OSError, subprocess.TimeoutExpired):
                 w.reaping = True  # the next turn tries again
                 return
@@ -1389,6 +1428,22 @@ class _Loop:
         for s in (self.wake_r, self.wake_w):
             s.close()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def _wait_exit(proc: subprocess.Popen, timeout: float) -> None:
+    """Wait until the (killed) child exits, woken at once by a pidfd where there is one
+    (``Popen.wait(timeout)`` polls with sleeps that double from 0.5 ms)."""
+    if proc.returncode is not None:
+        return
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # no pidfd (old kernel, not Linux): poll
+        proc.wait(timeout=timeout)
+        return
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
 
 
 def _start_ticks(pid: int) -> int:
