@@ -26,6 +26,13 @@ def mark(path, seconds=0.0):
     return path
 
 
+def hold(marker, release):
+    """Write ``marker``, then wait for ``release`` to exist (at once if it does)."""
+    mark(marker)
+    while not os.path.exists(release):
+        time.sleep(0.01)
+
+
 def nap_with_child(pid_file, seconds):
     """With ``seconds``: start a child, write both pids, sleep. Without: return at once (so
     the pool learns the function is quick)."""
@@ -64,15 +71,21 @@ def _ahead(p: ProcessPool, jobs, n: int) -> bool:
 def test_cancelled_jobs_inside_a_batch_are_dequeued_and_their_bodies_never_run(tmp_path):
     with ProcessPool(workers=1, grace=0.5, name="test") as p:
         _warm(p, mark, "")
-        first = p.submit(mark, (str(tmp_path / "first"), 1.0))
+        release = tmp_path / "release"
+        release.touch()
+        _warm(p, hold, "", str(release))
+        release.unlink()
+        first = p.submit(hold, (str(tmp_path / "first"), str(release)))
         batch = [p.submit(mark, (str(tmp_path / f"b{i}"),)) for i in range(40)]
         assert wait_until(lambda: (tmp_path / "first").exists(), 10)
-        assert _ahead(p, batch, 6), "no batch was sent ahead to the busy worker"
+        assert _ahead(p, batch, 3), "no batch was sent ahead to the busy worker"
         sent = [j for j in batch if j.worker is not None]
-        cancel = sent[1:6] + batch[-3:]  # inside the batch, and at the end of the queue
+        cancel = sent[1:3] + batch[-3:]  # inside the batch, and at the end of the queue
         outcomes = p.cancel_many(cancel)
         assert outcomes == [ct.CancelOutcome.DEQUEUED] * len(cancel)
         assert p.cancel_many(cancel) == outcomes  # asked again: the same answers
+        # the worker answers a job asked back when it gets to it: after the running one
+        release.touch()
         for j in cancel:
             state = j.wait(10)
             assert state == ct.Cancelled(ct.CancelOutcome.DEQUEUED, ended_at=state.ended_at)
@@ -154,3 +167,35 @@ def test_cancel_many_stops_every_running_job_at_once(tmp_path):
             state = j.wait(10)
             assert state.outcome == ct.CancelOutcome.KILLED, state
         assert not [pid for pid in pids if alive(pid)], "a task process outlived its kill"
+
+
+def break_fds(how):
+    if how == "close":
+        os.close(1)
+        os.close(2)
+    elif how == "devnull":
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    return how
+
+
+def test_a_job_that_closes_or_redirects_fds_1_and_2_does_not_hide_the_next_ones_output():
+    """Between back-to-back jobs of a batch fds 1 and 2 stay on the capture files: a job that
+    closed or redirected them must not take the output of the jobs after it."""
+    with ProcessPool(workers=1, name="test") as p:
+        _warm(p, say, "")
+        _warm(p, break_fds, "")
+        block = p.submit(mark, ("", 0.3))  # the rest queue up behind it (in batches)
+        jobs = []
+        for i in range(30):
+            jobs.append((None, p.submit(break_fds, ("close" if i % 2 else "devnull",))))
+            jobs.append((f"after {i}", p.submit(say, (f"after {i}",))))
+        assert isinstance(block.wait(10), ct.Completed)
+        for text, j in jobs:
+            state = j.wait(30)
+            assert isinstance(state, ct.Completed), state
+            if text:
+                assert state.stdout == f"{text}\n", (text, state.stdout)
+                assert state.stderr == f"{text.upper()}\n", (text, state.stderr)

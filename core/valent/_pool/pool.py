@@ -171,7 +171,7 @@ class _Worker:
     __slots__ = (
         "proc", "sock", "known", "job", "idle_since", "out_path", "err_path", "doomed",
         "kill_deadline", "reaping", "tree", "dead_at", "key", "ready", "cpu_mark", "rbuf",
-        "settled", "died_at", "term_at", "next_scan", "more", "wbuf", "writing",
+        "settled", "died_at", "term_at", "next_scan", "more", "wbuf", "writing", "zombies",
     )
 
     def __init__(self, proc, sock, out_path, err_path):
@@ -195,6 +195,7 @@ class _Worker:
         self.died_at: float | None = None  # time.time() it was seen dead on its own
         self.term_at = 0.0  # monotonic time of the SIGTERM
         self.next_scan = 0.0  # no /proc scan for it before this (monotonic)
+        self.zombies: frozenset[int] | None = None  # zombies under it at the last walk
         self.more: collections.deque[Job] = collections.deque()  # sent after ``job``, in order
         self.wbuf = bytearray()  # bytes for the worker not sent yet (sends never block)
         self.writing = False  # registered with the selector for writing too
@@ -1193,19 +1194,43 @@ class _Loop:
             if not self.closing:
                 self.respawn += 1
         if g > 0:
-            scan = proctree.Scan()
+            scan: proctree.Scan | None = None
             for w in ws:
-                w.tree = scan.tree(w.pid)
-                group = set(scan.groups.get(w.pid, ()))
-                proctree.signal_pids([p for p in w.tree if p not in group], signal.SIGTERM)
+                got = proctree.walk(w.pid)
+                if got is not None:  # its tree only (it lives: every descendant is under it)
+                    w.tree = {p: t for p, (t, _) in got[0].items()}
+                    outside = [p for p, (_, grp) in got[0].items() if grp != w.pid]
+                else:
+                    scan = scan or proctree.Scan()
+                    w.tree = scan.tree(w.pid)
+                    group = set(scan.groups.get(w.pid, ()))
+                    outside = [p for p in w.tree if p not in group]
+                proctree.signal_pids(outside, signal.SIGTERM)
 
-    def _rest(self, w: _Worker, scan: proctree.Scan) -> dict[int, int]:
+    def _rest(self, w: _Worker, scans: list[proctree.Scan]) -> dict[int, int]:
         """What is left alive of the worker's tree. While the worker lives (unreaped, so its
         pid is its own) that is its descendants and group now, every orphan included (it is
-        their subreaper); once it is dead, what was seen last, and its group."""
+        their subreaper): walked down from it; once it is dead, what was seen last, and its
+        group, from a scan of every process (``scans``: one shared, made when first needed)."""
         if w.proc.returncode is None:
-            w.tree = scan.tree(w.pid)
+            for _ in range(3):
+                got = proctree.walk(w.pid)
+                if got is None:
+                    break
+                live, zombies = got
+                settled = zombies == w.zombies
+                w.zombies = zombies
+                if live or settled:
+                    w.tree = {p: t for p, (t, _) in live.items()}
+                    return w.tree
+                # empty, but a process just exited: its children may be on their way up
+            if not scans:
+                scans.append(proctree.Scan())
+            w.tree = scans[0].tree(w.pid)
             return w.tree
+        if not scans:
+            scans.append(proctree.Scan())
+        scan = scans[0]
         rest = scan.alive(w.tree)
         rest.update((p, scan.start[p]) for p in scan.groups.get(w.pid, ()))
         return rest
@@ -1215,7 +1240,7 @@ class _Loop:
         and its tree is gone); then freeze each, kill its tree until a scan finds nothing,
         kill it, reap it, settle its job."""
         now = time.monotonic()
-        scan: proctree.Scan | None = None
+        ready: list[_Worker] = []
         for w in list(self.dying):
             if w.reaping:
                 continue
@@ -1227,9 +1252,9 @@ class _Loop:
                 if exited or w.settled or proctree.state(w.pid) in ("T", "t"):
                     # it stopped (frozen, idle, or dead): once nothing of its tree is left, it
                     # can go now, without waiting out the grace
-                    scan = scan or proctree.Scan()
-                    if not self._rest(w, scan):
-                        self._end(w)
+                    if not self._rest(w, []):
+                        ready.append(w)
+        self._end_all(ready)
         todo = [w for w in self.dying if w.reaping]
         for w in todo:
             if w.proc.poll() is None:
@@ -1240,18 +1265,32 @@ class _Loop:
         for _ in range(10):  # what is still not gone (uninterruptible sleep): next turn
             if not todo:
                 return
-            scan = proctree.Scan()
+            scans: list[proctree.Scan] = []
             left = []
+            ready = []
             for w in todo:
-                rest = self._rest(w, scan)
+                rest = self._rest(w, scans)
                 if rest:
                     proctree.signal_pids(rest, signal.SIGKILL)
                     left.append(w)
                     continue
-                self._end(w)
+                ready.append(w)
+            self._end_all(ready)
             todo = left
             if todo:
                 time.sleep(0.001)
+
+    def _end_all(self, ws: list[_Worker]) -> None:
+        """:meth:`_end` several workers: all are killed first, then each is awaited."""
+        if len(ws) > 1:
+            for w in ws:
+                if w.proc.poll() is None:
+                    try:
+                        w.proc.kill()
+                    except OSError:
+                        pass
+        for w in ws:
+            self._end(w)
 
     def _end(self, w: _Worker) -> None:
         """Nothing of its tree is left: kill the worker, reap it, retire it."""

@@ -331,7 +331,7 @@ def _substitute(args: tuple, kwargs: dict, values: list) -> tuple[tuple, dict]:
 
 class _Capture:
     """Send fds 1 and 2 to files for the length of one task. Between tasks that follow one
-    another (the next already received) they stay there (``release`` puts them back before
+    another (the next already received) they are not put back (``release`` does that before
     the worker waits); a file is emptied before a task only if something was written to it."""
 
     def __init__(self, out_path: str, err_path: str):
@@ -347,10 +347,10 @@ class _Capture:
                 os.ftruncate(fd, 0)
                 os.lseek(fd, 0, os.SEEK_SET)  # else the next task writes after a hole of NULs
                 self.dirty[i] = False
-        if not self.active:
-            for fd, target in zip(self.files, (1, 2), strict=True):
-                os.dup2(fd, target)
-            self.active = True
+        # always (two cheap calls): the task before may have closed or replaced fd 1 or 2
+        for fd, target in zip(self.files, (1, 2), strict=True):
+            os.dup2(fd, target)
+        self.active = True
 
     def stop(self) -> tuple[str, str]:
         for stream in (sys.stdout, sys.stderr):
