@@ -789,8 +789,8 @@ class _Loop:
     def _ask_back(self, w: _Worker, job: Job, why: str) -> None:
         """Ask ``w`` for a job sent ahead that it has not started (it answers ``skipped``,
         or ``started`` if it began first)."""
-        job.skip = why
         self._queue_bytes(w, pack_msg(("skip", job.id)))
+        job.skip = why  # after: once it is set, the request is on its way
 
     def _requeue(self, job: Job) -> None:
         """A job that never started goes back to the front of the queue (or is placed
