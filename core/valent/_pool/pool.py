@@ -85,6 +85,9 @@ _PLAIN = frozenset((int, float, str, bytes, bool, type(None)))
 """Argument types the C pickler writes exactly as cloudpickle would."""
 
 
+_PENDING = Pending()  # frozen: one for every job
+
+
 class RemoteError(Exception):
     """Stands in for a task's exception that could not be pickled back."""
 
@@ -140,7 +143,7 @@ class Job:
         self.fn_entry = fn_entry
         self.args_blob = args_blob
         self.on_change = on_change
-        self.state: TaskState = Pending()
+        self.state: TaskState = _PENDING
         self.worker: _Worker | None = None
         self.done = _Done()
         self.kill_requested = False
@@ -150,7 +153,7 @@ class Job:
         self.label = label
         # a chained job: where its Up(i) markers' values come from, an upstream Job of this
         # pool or ("v", pickled value); and the jobs chained on this one (loop only)
-        self.ups: list[Any] = []
+        self.ups: list[Any] | tuple = ()  # a list for a chained job
         self.deps: list[Job] = []
         self.skip: str | None = None  # asked back from its worker: "cancel" or "reclaim"
         self.queued = False  # in the pool's queue (a cancelled one stays there, skipped)
@@ -905,9 +908,10 @@ class _Loop:
                     t = self.fn_time.get(head.fn_entry[1])
                     if t is None or t >= QUICK:
                         break  # a job that may run long waits for a free worker
-                    if len(w.more) + len(batch) >= min(
-                            MAX_AHEAD, max(AHEAD, int(AHEAD_TIME / max(t, 1e-6)))):
-                        break
+                    limit = min(MAX_AHEAD, max(AHEAD, int(AHEAD_TIME / max(t, 1e-6))))
+                    if len(w.more) + len(batch) >= limit or (
+                            not batch and limit > 2 * AHEAD and 2 * len(w.more) > limit):
+                        break  # full; or more than half full: topped up later, in one go
                     q.popleft()
                     head.queued = False
                     head.worker = w  # claimed: from now on a cancel asks it back or kills
