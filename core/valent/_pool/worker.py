@@ -25,8 +25,9 @@ chained job right after its upstream): they run in order; before each, whatever 
 sent is read, so a skip that arrives before a job's body starts is honoured. A job's result
 waits for the next job's ``started`` and goes with it, in one send (it never waits past the
 worker's next wait for work, nor past a body's start, nor past a stop by a cancel). A chained
-job's arguments hold :class:`Up` markers; ``ups[i]`` says where value ``i`` comes from: ``("j", job_id)``, the
-result of an earlier job of this worker, or ``("v", payload)``, a value the pool sends.
+job's arguments hold :class:`Up` markers; ``ups[i]`` says where value ``i`` comes from:
+``("j", job_id)``, the result of an earlier job of this worker, or ``("v", payload)``, a value
+the pool sends.
 Imports only the standard library and cloudpickle before the first task.
 """
 
