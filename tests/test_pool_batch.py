@@ -203,3 +203,47 @@ def test_a_job_that_closes_or_redirects_fds_1_and_2_does_not_hide_the_next_ones_
             if text:
                 assert state.stdout == f"{text}\n", (text, state.stdout)
                 assert state.stderr == f"{text.upper()}\n", (text, state.stderr)
+
+
+class SlowToLoad:
+    """An argument whose unpickling (in the worker) writes ``path`` then takes ``seconds``."""
+
+    def __init__(self, path, seconds):
+        self.path, self.seconds = path, seconds
+
+    def __reduce__(self):
+        return (_slow_load, (self.path, self.seconds))
+
+
+def _slow_load(path, seconds):
+    if path:
+        mark(path)
+        time.sleep(seconds)
+    return SlowToLoad("", 0)
+
+
+def take(*args):
+    return len(args)
+
+
+def test_a_result_is_not_held_back_while_the_next_job_of_the_batch_loads(tmp_path):
+    """A result travels with the next job's start, unless loading that job may take long
+    (large arguments, a function not loaded yet): then it goes first."""
+    with ProcessPool(workers=1, name="test") as p:
+        release = tmp_path / "release"
+        release.touch()
+        _warm(p, hold, "", str(release))
+        _warm(p, take, SlowToLoad("", 0))
+        release.unlink()
+        block = p.submit(hold, (str(tmp_path / "block"), str(release)))
+        assert wait_until(lambda: (tmp_path / "block").exists(), 10)
+        quick = p.submit(take, (1,))
+        loading = tmp_path / "loading"
+        slow = p.submit(take, (os.urandom(200 * 1024), SlowToLoad(str(loading), 5)))
+        fill = [p.submit(take, (i,)) for i in range(6)]
+        assert wait_until(lambda: slow.worker is not None, 10), "not sent in a batch"
+        release.touch()
+        assert wait_until(loading.exists, 10)
+        assert isinstance(quick.wait(2.5), ct.Completed), "the result waited for the next job"
+        assert isinstance(slow.wait(30), ct.Completed)
+        assert all(isinstance(j.wait(30), ct.Completed) for j in [block, *fill])

@@ -469,6 +469,12 @@ def main(argv: list[str]) -> None:
             continue
         _cooperative = False
         started = time.time()
+        if outbox.buf and (isinstance(fns.get(fn_key), bytes) or len(args_blob or b"")
+                           + sum(len(p) for p in payloads) > SMALL):
+            try:  # what comes next may take a while (imports, big values): results first
+                outbox.flush()
+            except OSError:
+                return _orphaned()
         capture.start()
         try:
             fn = fns[fn_key]
