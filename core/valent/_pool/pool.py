@@ -1049,20 +1049,32 @@ class _Loop:
             return False
         buf = w.rbuf
         buf += self.rview[:n]
-        while len(buf) >= HEADER.size:
-            meta_len, blob_len = HEADER.unpack_from(buf)
-            start = HEADER.size + meta_len
+        msgs: list[tuple[Any, bytes | None]] = []
+        pos, size, broken = 0, len(buf), False
+        while size - pos >= HEADER.size:
+            meta_len, blob_len = HEADER.unpack_from(buf, pos)
+            start = pos + HEADER.size + meta_len
             end = start + max(blob_len - 1, 0)
-            if len(buf) < end:
+            if size < end:
                 break
             try:
-                msg = pickle.loads(buf[HEADER.size:start])
+                msg = pickle.loads(buf[pos + HEADER.size:start])
             except (pickle.UnpicklingError, EOFError, ValueError):
-                self._on_eof(w)
-                return False
-            blob = bytes(buf[start:end]) if blob_len else None
-            del buf[:end]
+                broken = True
+                break
+            msgs.append((msg, bytes(buf[start:end]) if blob_len else None))
+            pos = end
+        del buf[:pos]  # once, not per message
+        for i, (msg, blob) in enumerate(msgs):
+            if len(msg) == 3 and i + 1 < len(msgs):  # a start, and what came right after it
+                nxt = msgs[i + 1][0]
+                if len(nxt) == 8 and nxt[0] == msg[1]:
+                    self._on_message(w, msg, blob, ends_next=True)
+                    continue
             self._on_message(w, msg, blob)
+        if broken:
+            self._on_eof(w)
+            return False
         return True
 
     def _drain(self, w: _Worker) -> None:
@@ -1080,7 +1092,10 @@ class _Loop:
                 except OSError:
                     pass
 
-    def _on_message(self, w: _Worker, msg: Any, blob: bytes | None) -> None:
+    def _on_message(self, w: _Worker, msg: Any, blob: bytes | None,
+                    ends_next: bool = False) -> None:
+        """Handle one message; ``ends_next``: a start whose job's result came with it (the
+        job ran and ended: only its start time is kept, no ``Running`` in between)."""
         if len(msg) == 1:  # ("ready",): the interpreter is up
             w.ready = True
             self.boot_failures = 0
@@ -1104,6 +1119,12 @@ class _Loop:
             return
         if len(msg) == 3:  # ("started", job_id, time): its body is being called now
             if job is not None and job.id == msg[1] and not job.state.final:
+                if ends_next:
+                    with self.lock:
+                        job.started_at = msg[2]
+                    job.args_blob = b""
+                    job.skip = None
+                    return
                 with self.lock:
                     job.started_at = msg[2]
                     job.state = Running(msg[2], w.out_path, w.err_path)
