@@ -321,6 +321,7 @@ def test_many_queued_jobs_cancelled_are_skipped_not_searched():
     quadratic): the queue count drops at once and the job is skipped when its turn comes."""
     with ProcessPool(workers=1, name="test") as p:
         block = p.submit(nap, (0.5,))
+        assert wait_until(lambda: block.state != ct.Pending(), 20)  # on a worker once it is up
         jobs = [p.submit(ident) for _ in range(2000)]
         t = time.monotonic()
         for j in jobs[::2]:

@@ -133,6 +133,10 @@ class LocalExecutor(Executor):
     def cancel(self, handle: Job) -> CancelOutcome:
         return self.pool.cancel(handle)
 
+    def cancel_many(self, handles: list[Job]) -> list[CancelOutcome]:
+        """One pass of the pool: the workers of all the running ones are stopped at once."""
+        return self.pool.cancel_many(handles)
+
     def shutdown(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None

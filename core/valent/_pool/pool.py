@@ -37,6 +37,7 @@ import collections
 import itertools
 import os
 import pickle
+import select
 import selectors
 import shutil
 import signal
@@ -57,16 +58,23 @@ from ..errors import PicklingError, WorkerDiedError
 from ..status import CancelOutcome
 from ..task import Cancelled, Completed, Failed, Pending, Running, TaskState
 from . import proctree
-from .worker import HEADER, send_msg
+from .worker import HEADER, pack_msg, send_msg
 
 FN_CACHE_SIZE = 256
 KILL_TICK = 0.005  # seconds between rounds of killing a tree
-LOOK_FAST, LOOK_SLOW = 0.001, 0.02  # between looks at a stopping worker: first 0.1 s, then
+LOOK_FIRST, LOOK_FAST, LOOK_SLOW = 0.0002, 0.001, 0.02  # between looks at a stopping worker:
+LOOK_FIRST_FOR, LOOK_FAST_FOR = 0.02, 0.1  # (s) the first, the next, then
 RUNNING_NOTE_DELAY = 0.001  # observers hear of a start this late: a quick job is told once
 BOOT_FAILURES = 3  # workers in a row that die before they are up: stop trying, fail the queue
-AHEAD = 2  # jobs sent to a busy worker ahead of its current one, when the queue is deep:
-DEEP = 4  # this many queued jobs per worker (a few queued ones are dequeued at once on cancel)
-QUICK = 0.005  # and only jobs of functions that take less (s), behind one that does too
+AHEAD = 2  # chained jobs sent to a worker ahead of its current one
+# When the queue is deep (DEEP queued jobs per worker; a few queued ones are dequeued at once
+# on cancel), busy workers are sent batches of the next jobs ahead, in one message each: only
+# jobs of functions known to take less than QUICK (s), behind one that does too, at most
+# MAX_AHEAD and about AHEAD_TIME (s) of them, and each worker its share of the queue.
+DEEP = 4
+QUICK = 0.005
+MAX_AHEAD = 64
+AHEAD_TIME = 0.004
 
 
 _pid = [os.getpid()]  # this process's pid, kept at fork (getpid is a system call per task)
@@ -75,6 +83,9 @@ os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
 
 _PLAIN = frozenset((int, float, str, bytes, bool, type(None)))
 """Argument types the C pickler writes exactly as cloudpickle would."""
+
+
+_PENDING = Pending()  # frozen: one for every job
 
 
 class RemoteError(Exception):
@@ -124,7 +135,7 @@ class Job:
     __slots__ = (
         "id", "fn_entry", "args_blob", "on_change", "state", "worker", "done",
         "kill_requested", "cancel_at", "started_at", "held", "label", "ups", "deps", "skip",
-        "queued",
+        "queued", "promised",
     )
 
     def __init__(self, jid: int, fn_entry, args_blob: bytes, on_change, label: str):
@@ -132,7 +143,7 @@ class Job:
         self.fn_entry = fn_entry
         self.args_blob = args_blob
         self.on_change = on_change
-        self.state: TaskState = Pending()
+        self.state: TaskState = _PENDING
         self.worker: _Worker | None = None
         self.done = _Done()
         self.kill_requested = False
@@ -142,10 +153,11 @@ class Job:
         self.label = label
         # a chained job: where its Up(i) markers' values come from, an upstream Job of this
         # pool or ("v", pickled value); and the jobs chained on this one (loop only)
-        self.ups: list[Any] = []
+        self.ups: list[Any] | tuple = ()  # a list for a chained job
         self.deps: list[Job] = []
         self.skip: str | None = None  # asked back from its worker: "cancel" or "reclaim"
         self.queued = False  # in the pool's queue (a cancelled one stays there, skipped)
+        self.promised = CancelOutcome.KILLED  # what cancel() answered, once it was asked
 
     def wait(self, timeout: float | None = None) -> TaskState:
         """Block until the job is final (or ``timeout``); return its state."""
@@ -162,7 +174,7 @@ class _Worker:
     __slots__ = (
         "proc", "sock", "known", "job", "idle_since", "out_path", "err_path", "doomed",
         "kill_deadline", "reaping", "tree", "dead_at", "key", "ready", "cpu_mark", "rbuf",
-        "settled", "died_at", "term_at", "next_scan", "more",
+        "settled", "died_at", "term_at", "next_scan", "more", "wbuf", "writing", "zombies",
     )
 
     def __init__(self, proc, sock, out_path, err_path):
@@ -186,11 +198,21 @@ class _Worker:
         self.died_at: float | None = None  # time.time() it was seen dead on its own
         self.term_at = 0.0  # monotonic time of the SIGTERM
         self.next_scan = 0.0  # no /proc scan for it before this (monotonic)
+        self.zombies: frozenset[int] | None = None  # zombies under it at the last walk
         self.more: collections.deque[Job] = collections.deque()  # sent after ``job``, in order
+        self.wbuf = bytearray()  # bytes for the worker not sent yet (sends never block)
+        self.writing = False  # registered with the selector for writing too
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+
+def _look(since: float) -> float:
+    """Seconds to the next look at a worker stopping for ``since`` seconds."""
+    if since < LOOK_FIRST_FOR:
+        return LOOK_FIRST
+    return LOOK_FAST if since < LOOK_FAST_FOR else LOOK_SLOW
 
 
 def cpu_mark(pid: int) -> tuple[float, float] | None:
@@ -365,37 +387,53 @@ class ProcessPool:
         """Cancel ``job`` without blocking; its state turns ``Cancelled`` when confirmed.
 
         A queued job is dequeued at once. A job handed to a worker is stopped by the loop; the
-        answer then is KILLED (what will be done), and the final state says what happened:
-        ``Cancelled(DEQUEUED)`` if its body had not started, ``Cancelled(KILLED)`` once its
-        tree is gone, or ``Completed``/``Failed`` if it ended before the cancel was asked for.
+        answer then is what will be done as far as the pool knows: KILLED for the job its
+        worker runs (or is about to), DEQUEUED for one sent ahead behind it (in a batch). The final
+        state says what happened: ``Cancelled(DEQUEUED)`` if its body had not started,
+        ``Cancelled(KILLED)`` once its tree is gone, or ``Completed``/``Failed`` if it ended
+        before the cancel was asked for (the answer differs only when the body started, or
+        ended, while the worker's word of it was on its way).
         """
+        return self.cancel_many([job])[0]
+
+    def cancel_many(self, jobs: list[Job]) -> list[CancelOutcome]:
+        """:meth:`cancel` each job, in one pass of the pool's thread: their workers are all
+        stopped at once. One outcome per job, in order."""
+        outcomes: list[CancelOutcome] = []
+        dequeued: list[Job] = []
+        now = time.time()
         with self._lock:
-            if isinstance(job.state, Cancelled):
-                return job.state.outcome  # cancelled before: the same answer again
-            if job.state.final:
-                return CancelOutcome.TOO_LATE
-            if job.kill_requested:
-                return CancelOutcome.KILLED
-            if job.worker is None:
-                # queued, or chained and waiting: it never starts (a queued one is left in
-                # the queue and skipped there: removing it would cost the queue's length)
-                if job.queued:
-                    self._dead_queued += 1
-                job.state = Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time())
-                job.done.set()
-                self._ended.append(job)
-                dequeued = True
-            else:
-                dequeued = False
-                job.kill_requested = True
-                job.cancel_at = time.time()
-                self._kills.append(job)
-        if dequeued:
+            for job in jobs:
+                if isinstance(job.state, Cancelled):
+                    outcomes.append(job.state.outcome)  # cancelled before: the same answer
+                elif job.state.final:
+                    outcomes.append(CancelOutcome.TOO_LATE)
+                elif job.kill_requested:
+                    outcomes.append(job.promised)  # asked before: the same answer again
+                elif job.worker is None:
+                    # queued, or chained and waiting: it never starts (a queued one is left in
+                    # the queue and skipped there: removing it would cost the queue's length)
+                    if job.queued:
+                        self._dead_queued += 1
+                    job.state = Cancelled(CancelOutcome.DEQUEUED, ended_at=now)
+                    job.done.set()
+                    self._ended.append(job)
+                    dequeued.append(job)
+                    outcomes.append(CancelOutcome.DEQUEUED)
+                else:
+                    # handed to a worker: its current job is killed (its body runs, or is
+                    # about to); one sent ahead behind it is asked back, never started
+                    w = job.worker
+                    ahead = job.started_at is None and w is not None and w.job is not job
+                    job.promised = CancelOutcome.DEQUEUED if ahead else CancelOutcome.KILLED
+                    job.kill_requested = True
+                    job.cancel_at = now
+                    self._kills.append(job)
+                    outcomes.append(job.promised)
+        for job in dequeued:
             _notify(job)
-            self._wake()
-            return CancelOutcome.DEQUEUED
-        self._wake()
-        return CancelOutcome.KILLED
+        self._wake()  # the loop kills, asks back, or releases what was chained on them
+        return outcomes
 
     def stats(self) -> dict[str, int]:
         """Counts of workers (all, idle, being killed) and queued jobs."""
@@ -525,6 +563,7 @@ class _Loop:
         self.notes: list[Job] = []  # jobs whose observers are told at the end of this turn
         # (when, job) of started jobs whose observers are told then, unless they ended
         self.started: collections.deque[tuple[float, Job]] = collections.deque()
+        self.out: dict[_Worker, None] = {}  # workers with bytes to send at the end of the turn
 
     # ------------------------------------------------------------ the loop
 
@@ -547,7 +586,7 @@ class _Loop:
             self.booted.set()
             while True:
                 events = self.sel.select(self._timeout())
-                for key, _ in events:
+                for key, mask in events:
                     if key.data is None:
                         try:
                             while self.wake_r.recv(4096):
@@ -558,7 +597,10 @@ class _Loop:
                         # them, a wake() in between would be read here and then suppressed)
                         self.woken = False
                     else:
-                        self._on_readable(key.data)
+                        if mask & selectors.EVENT_WRITE:
+                            self._flush(key.data)
+                        if mask & selectors.EVENT_READ:
+                            self._on_readable(key.data)
                 self._turn()
                 if self.closing and not self.workers:
                     break
@@ -578,16 +620,19 @@ class _Loop:
             closing = self.pool._closed
         for job in ended:
             self._release(job)
+        stop: dict[_Worker, None] = {}
         for job in kills:
             w = job.worker
             if w is None or job.state.final or w.doomed:
                 continue
             if w.job is job:
-                self._begin_kill(w)
+                stop[w] = None
             elif job.skip is None:  # sent ahead, not started: ask for it back
                 self._ask_back(w, job, "cancel")
             else:
                 job.skip = "cancel"
+        if stop:
+            self._begin_kills(list(stop))
         for job in chained:
             self._place(job)
         if closing and not self.closing:
@@ -619,6 +664,9 @@ class _Loop:
                     self._spawn()
             self._maybe_grow()
             self._hand_out()
+        for w in self.out:
+            self._flush(w)
+        self.out.clear()
         self._publish()
         if self.started:
             now = time.monotonic()
@@ -639,8 +687,8 @@ class _Loop:
             if w.reaping:
                 return KILL_TICK
             # it stops itself at SIGTERM (or returns, cooperatively): look soon, then less often
-            look = LOOK_FAST if now - w.term_at < 0.1 else LOOK_SLOW
-            t = min(t, look, max(0.0, (w.kill_deadline or now) - now) + 0.001)
+            t = min(t, max(0.0, w.next_scan - now),
+                    max(0.0, (w.kill_deadline or now) - now) + 0.001)
         with self.lock:
             waiting = len(self.pool._queue) > self.pool._dead_queued
         if waiting and len(self.workers) < self.pool.max_workers:
@@ -744,11 +792,8 @@ class _Loop:
     def _ask_back(self, w: _Worker, job: Job, why: str) -> None:
         """Ask ``w`` for a job sent ahead that it has not started (it answers ``skipped``,
         or ``started`` if it began first)."""
-        job.skip = why
-        try:
-            send_msg(w.sock, ("skip", job.id))
-        except OSError:
-            pass  # it died: its jobs are settled when it is retired
+        self._queue_bytes(w, pack_msg(("skip", job.id)))
+        job.skip = why  # after: once it is set, the request is on its way
 
     def _requeue(self, job: Job) -> None:
         """A job that never started goes back to the front of the queue (or is placed
@@ -828,7 +873,7 @@ class _Loop:
     def _hand_out(self) -> None:
         """Give queued jobs to idle workers (booted ones first); when more wait than there
         are workers, send busy workers the next ones ahead (no round trip between tasks)."""
-        while self.idle:
+        while any(w.ready for w in self.idle):  # a booting one gets work once it is up
             with self.lock:
                 job = self._pop_queued()
                 if job is None:
@@ -841,25 +886,37 @@ class _Loop:
             self._send(w, job)
             self._send_chain(w, job)
         busy = [w for w in self.workers.values() if w.job is not None and w.ready
-                and not w.doomed and len(w.more) < AHEAD and self._quick(w.job)]
+                and not w.doomed and len(w.more) < MAX_AHEAD and self._quick(w.job)]
         if not busy:
             return
         with self.lock:
-            deep = len(self.pool._queue) - self.pool._dead_queued >= DEEP * len(self.workers)
-        if not deep:
+            live = len(self.pool._queue) - self.pool._dead_queued
+        if live < DEEP * len(self.workers):
             return
-        for _ in range(AHEAD):
-            for w in busy:
-                if len(w.more) >= AHEAD:
-                    continue
-                with self.lock:
-                    q = self.pool._queue
-                    if q and not q[0].state.final and not self._quick(q[0]):
-                        return  # a job that may run long waits for a free worker
-                    job = self._pop_queued()
-                    if job is None:
-                        return
-                    job.worker = w
+        share = -(-live // len(busy))  # each worker its share: none takes all of a burst
+        for w in busy:
+            batch: list[Job] = []
+            with self.lock:
+                q = self.pool._queue
+                while q and len(batch) < share:
+                    head = q[0]
+                    if head.state.final:  # cancelled while queued: dropped here
+                        q.popleft()
+                        head.queued = False
+                        self.pool._dead_queued -= 1
+                        continue
+                    t = self.fn_time.get(head.fn_entry[1])
+                    if t is None or t >= QUICK:
+                        break  # a job that may run long waits for a free worker
+                    limit = min(MAX_AHEAD, max(AHEAD, int(AHEAD_TIME / max(t, 1e-6))))
+                    if len(w.more) + len(batch) >= limit or (
+                            not batch and limit > 2 * AHEAD and 2 * len(w.more) > limit):
+                        break  # full; or more than half full: topped up later, in one go
+                    q.popleft()
+                    head.queued = False
+                    head.worker = w  # claimed: from now on a cancel asks it back or kills
+                    batch.append(head)
+            for job in batch:
                 w.more.append(job)
                 self._send(w, job)
                 self._send_chain(w, job)
@@ -889,10 +946,40 @@ class _Loop:
             while len(w.known) > FN_CACHE_SIZE:
                 forget.append(w.known.popitem(last=False)[0])
         ups = [("j", u.id) if isinstance(u, Job) else u for u in job.ups]
-        try:
-            send_msg(w.sock, (job.id, key, send_blob, forget, ups), job.args_blob)
-        except OSError:
-            pass  # the worker died: its EOF is seen and its job settled
+        self._queue_bytes(w, pack_msg((job.id, key, send_blob, forget, ups), job.args_blob),
+                          job.args_blob)
+
+    def _queue_bytes(self, w: _Worker, data: bytes, blob: bytes | None = None) -> None:
+        """Queue a message for ``w``: sent at the end of the turn, every job handed to it in
+        the turn in one system call, and never blocking (what the socket does not take now
+        goes when the selector says it can: two sides sending big batches cannot deadlock)."""
+        if w.dead_at is not None:
+            return  # it died: its jobs are settled when it is retired
+        w.wbuf += data
+        if blob is not None:
+            w.wbuf += blob
+        self.out[w] = None
+
+    def _flush(self, w: _Worker) -> None:
+        """Send what the socket takes now of ``w``'s queued bytes; wait for the rest."""
+        if w.wbuf and w.dead_at is None:
+            try:
+                n = w.sock.send(w.wbuf, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:  # it died: its EOF is seen and its jobs settled
+                n = len(w.wbuf)
+            del w.wbuf[:n]
+        elif w.dead_at is not None:
+            w.wbuf.clear()
+        want = bool(w.wbuf)
+        if want != w.writing and w.dead_at is None:
+            try:
+                self.sel.modify(w.sock, selectors.EVENT_READ | (
+                    selectors.EVENT_WRITE if want else 0), w)
+                w.writing = want
+            except (KeyError, ValueError, OSError):
+                pass
 
     def _busy_cpu_rate(self) -> float:
         """Mean CPU use (0..1) of busy, booted workers since their task started.
@@ -962,20 +1049,32 @@ class _Loop:
             return False
         buf = w.rbuf
         buf += self.rview[:n]
-        while len(buf) >= HEADER.size:
-            meta_len, blob_len = HEADER.unpack_from(buf)
-            start = HEADER.size + meta_len
+        msgs: list[tuple[Any, bytes | None]] = []
+        pos, size, broken = 0, len(buf), False
+        while size - pos >= HEADER.size:
+            meta_len, blob_len = HEADER.unpack_from(buf, pos)
+            start = pos + HEADER.size + meta_len
             end = start + max(blob_len - 1, 0)
-            if len(buf) < end:
+            if size < end:
                 break
             try:
-                msg = pickle.loads(buf[HEADER.size:start])
+                msg = pickle.loads(buf[pos + HEADER.size:start])
             except (pickle.UnpicklingError, EOFError, ValueError):
-                self._on_eof(w)
-                return False
-            blob = bytes(buf[start:end]) if blob_len else None
-            del buf[:end]
+                broken = True
+                break
+            msgs.append((msg, bytes(buf[start:end]) if blob_len else None))
+            pos = end
+        del buf[:pos]  # once, not per message
+        for i, (msg, blob) in enumerate(msgs):
+            if len(msg) == 3 and i + 1 < len(msgs):  # a start, and what came right after it
+                nxt = msgs[i + 1][0]
+                if len(nxt) == 8 and nxt[0] == msg[1]:
+                    self._on_message(w, msg, blob, ends_next=True)
+                    continue
             self._on_message(w, msg, blob)
+        if broken:
+            self._on_eof(w)
+            return False
         return True
 
     def _drain(self, w: _Worker) -> None:
@@ -993,7 +1092,10 @@ class _Loop:
                 except OSError:
                     pass
 
-    def _on_message(self, w: _Worker, msg: Any, blob: bytes | None) -> None:
+    def _on_message(self, w: _Worker, msg: Any, blob: bytes | None,
+                    ends_next: bool = False) -> None:
+        """Handle one message; ``ends_next``: a start whose job's result came with it (the
+        job ran and ended: only its start time is kept, no ``Running`` in between)."""
         if len(msg) == 1:  # ("ready",): the interpreter is up
             w.ready = True
             self.boot_failures = 0
@@ -1017,6 +1119,12 @@ class _Loop:
             return
         if len(msg) == 3:  # ("started", job_id, time): its body is being called now
             if job is not None and job.id == msg[1] and not job.state.final:
+                if ends_next:
+                    with self.lock:
+                        job.started_at = msg[2]
+                    job.args_blob = b""
+                    job.skip = None
+                    return
                 with self.lock:
                     job.started_at = msg[2]
                     job.state = Running(msg[2], w.out_path, w.err_path)
@@ -1067,6 +1175,7 @@ class _Loop:
         if w.dead_at is not None:
             return
         w.dead_at = time.monotonic()
+        w.wbuf.clear()
         try:
             self.sel.unregister(w.sock)
         except (KeyError, ValueError):
@@ -1088,31 +1197,65 @@ class _Loop:
     def _begin_kill(self, w: _Worker, grace: float | None = None) -> None:
         """SIGTERM the worker's group and every descendant; after the grace (or sooner, once
         it stopped and its tree is gone), :meth:`_advance_kills` kills the rest."""
-        w.doomed = True
-        if w in self.idle:
-            self.idle.remove(w)
-        self.dying.append(w)
-        g = self.pool.grace if grace is None else grace
-        w.term_at = time.monotonic()
-        w.kill_deadline = w.term_at + g
-        if g <= 0:
-            w.reaping = True
-        else:
-            proctree.signal_group(w.pid, signal.SIGTERM)
-            scan = proctree.Scan()  # then what left the group (setsid)
-            w.tree = scan.tree(w.pid)
-            group = set(scan.groups.get(w.pid, ()))
-            proctree.signal_pids([p for p in w.tree if p not in group], signal.SIGTERM)
-        if not self.closing:
-            self.respawn += 1
+        self._begin_kills([w], grace)
 
-    def _rest(self, w: _Worker, scan: proctree.Scan) -> dict[int, int]:
+    def _begin_kills(self, ws: list[_Worker], grace: float | None = None) -> None:
+        """:meth:`_begin_kill` for several workers at once: every group is signalled first,
+        then one scan of the processes finds what left each group (``setsid``)."""
+        g = self.pool.grace if grace is None else grace
+        now = time.monotonic()
+        for w in ws:
+            w.doomed = True
+            if w in self.idle:
+                self.idle.remove(w)
+            self.dying.append(w)
+            w.term_at = now
+            w.next_scan = now + LOOK_FIRST
+            w.kill_deadline = now + g
+            if g <= 0:
+                w.reaping = True
+            else:
+                proctree.signal_group(w.pid, signal.SIGTERM)
+            if not self.closing:
+                self.respawn += 1
+        if g > 0:
+            scan: proctree.Scan | None = None
+            for w in ws:
+                got = proctree.walk(w.pid)
+                if got is not None:  # its tree only (it lives: every descendant is under it)
+                    w.tree = {p: t for p, (t, _) in got[0].items()}
+                    outside = [p for p, (_, grp) in got[0].items() if grp != w.pid]
+                else:
+                    scan = scan or proctree.Scan()
+                    w.tree = scan.tree(w.pid)
+                    group = set(scan.groups.get(w.pid, ()))
+                    outside = [p for p in w.tree if p not in group]
+                proctree.signal_pids(outside, signal.SIGTERM)
+
+    def _rest(self, w: _Worker, scans: list[proctree.Scan]) -> dict[int, int]:
         """What is left alive of the worker's tree. While the worker lives (unreaped, so its
         pid is its own) that is its descendants and group now, every orphan included (it is
-        their subreaper); once it is dead, what was seen last, and its group."""
+        their subreaper): walked down from it; once it is dead, what was seen last, and its
+        group, from a scan of every process (``scans``: one shared, made when first needed)."""
         if w.proc.returncode is None:
-            w.tree = scan.tree(w.pid)
+            for _ in range(3):
+                got = proctree.walk(w.pid)
+                if got is None:
+                    break
+                live, zombies = got
+                settled = zombies == w.zombies
+                w.zombies = zombies
+                if live or settled:
+                    w.tree = {p: t for p, (t, _) in live.items()}
+                    return w.tree
+                # empty, but a process just exited: its children may be on their way up
+            if not scans:
+                scans.append(proctree.Scan())
+            w.tree = scans[0].tree(w.pid)
             return w.tree
+        if not scans:
+            scans.append(proctree.Scan())
+        scan = scans[0]
         rest = scan.alive(w.tree)
         rest.update((p, scan.start[p]) for p in scan.groups.get(w.pid, ()))
         return rest
@@ -1122,22 +1265,21 @@ class _Loop:
         and its tree is gone); then freeze each, kill its tree until a scan finds nothing,
         kill it, reap it, settle its job."""
         now = time.monotonic()
-        scan: proctree.Scan | None = None
+        ready: list[_Worker] = []
         for w in list(self.dying):
             if w.reaping:
                 continue
             exited = w.proc.poll() is not None
             if now >= (w.kill_deadline or 0):
                 w.reaping = True
-            elif now >= w.next_scan and (
-                exited or w.settled or proctree.state(w.pid) in ("T", "t")
-            ):
-                # it stopped (frozen, idle, or dead): once nothing of its tree is left, it
-                # can go now, without waiting out the grace
-                scan = scan or proctree.Scan()
-                if not self._rest(w, scan):
-                    self._end(w)
-                w.next_scan = now + (LOOK_FAST if now - w.term_at < 0.1 else LOOK_SLOW)
+            elif now >= w.next_scan:
+                w.next_scan = now + _look(now - w.term_at)
+                if exited or w.settled or proctree.state(w.pid) in ("T", "t"):
+                    # it stopped (frozen, idle, or dead): once nothing of its tree is left, it
+                    # can go now, without waiting out the grace
+                    if not self._rest(w, []):
+                        ready.append(w)
+        self._end_all(ready)
         todo = [w for w in self.dying if w.reaping]
         for w in todo:
             if w.proc.poll() is None:
@@ -1148,25 +1290,40 @@ class _Loop:
         for _ in range(10):  # what is still not gone (uninterruptible sleep): next turn
             if not todo:
                 return
-            scan = proctree.Scan()
+            scans: list[proctree.Scan] = []
             left = []
+            ready = []
             for w in todo:
-                rest = self._rest(w, scan)
+                rest = self._rest(w, scans)
                 if rest:
                     proctree.signal_pids(rest, signal.SIGKILL)
                     left.append(w)
                     continue
-                self._end(w)
+                ready.append(w)
+            self._end_all(ready)
             todo = left
             if todo:
                 time.sleep(0.001)
+
+    def _end_all(self, ws: list[_Worker]) -> None:
+        """:meth:`_end` several workers: all are killed first, then each is awaited."""
+        if len(ws) > 1:
+            for w in ws:
+                if w.proc.poll() is None:
+                    try:
+                        w.proc.kill()
+                    except OSError:
+                        pass
+        for w in ws:
+            self._end(w)
 
     def _end(self, w: _Worker) -> None:
         """Nothing of its tree is left: kill the worker, reap it, retire it."""
         if w.proc.poll() is None:
             try:
                 w.proc.kill()
-                w.proc.wait(timeout=1)
+                _wait_exit(w.proc, 1.0)
+                w.proc.wait(timeout=0)
             except (OSError, subprocess.TimeoutExpired):
                 w.reaping = True  # the next turn tries again
                 return
@@ -1175,6 +1332,8 @@ class _Loop:
     def _retire(self, w: _Worker) -> None:
         """Forget a dead worker whose tree is gone; settle its job."""
         self._drain(w)  # a "started" or a result may still be in its socket
+        w.wbuf.clear()
+        self.out.pop(w, None)
         self.dying.remove(w)
         self.workers.pop(w.key, None)
         self._publish()
@@ -1333,6 +1492,22 @@ class _Loop:
         for s in (self.wake_r, self.wake_w):
             s.close()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def _wait_exit(proc: subprocess.Popen, timeout: float) -> None:
+    """Wait until the (killed) child exits, woken at once by a pidfd where there is one
+    (``Popen.wait(timeout)`` polls with sleeps that double from 0.5 ms)."""
+    if proc.returncode is not None:
+        return
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # no pidfd (old kernel, not Linux): poll
+        proc.wait(timeout=timeout)
+        return
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
 
 
 def _start_ticks(pid: int) -> int:

@@ -108,6 +108,47 @@ class Scan:
 
 
 
+def walk(pid: int) -> tuple[dict[int, tuple[int, int]], frozenset[int]] | None:
+    """The live descendants of ``pid``, found from its children down (Linux
+    ``/proc/PID/task/TID/children``): ``({pid: (start ticks, pgrp)}, zombie pids)``; None
+    where the kernel does not list children (then use a :class:`Scan`).
+
+    It reads only the tree, not every process of the machine. Each level is read at its own
+    moment: a child that forks and exits between two reads hands its child to the subreaper
+    above (read already), so an empty answer counts only if the zombies seen are the same as
+    at the walk before (a new zombie means a process just exited: walk again)."""
+    live: dict[int, tuple[int, int]] = {}
+    zombies: set[int] = set()
+    stack = [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue  # gone
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children", "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                if os.path.isdir(f"/proc/{p}/task/{tid}"):
+                    return None  # the thread is there, its list is not: not listed here
+                continue  # that thread (or process) ended
+            except OSError:
+                continue
+            for word in data.split():
+                c = int(word)
+                fields = _stat_fields(c)
+                if fields is None:
+                    continue
+                if fields[0] in ("Z", "X"):
+                    zombies.add(c)
+                    continue
+                live[c] = (fields[3], fields[1])
+                stack.append(c)
+    return live, frozenset(zombies)
+
+
 def state(pid: int) -> str | None:
     """The one-letter state of ``pid`` (``R``, ``S``, ``T`` stopped, ``Z`` zombie, ...), or
     None if it is gone (or there is no /proc)."""

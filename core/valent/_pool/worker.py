@@ -20,16 +20,21 @@ before its body started, or a chained job whose upstream did not complete here; 
 runs. ``("need", job_id)``: a chained job whose upstream value this worker no longer holds
 (the pool sends it again with the value).
 
-The pool may send several jobs ahead (when its queue is deep, and a chained job right after
-its upstream): they run in order; before each, whatever else the pool sent is read, so a skip
-that arrives before a job's body starts is honoured. A chained job's arguments hold
-:class:`Up` markers; ``ups[i]`` says where value ``i`` comes from: ``("j", job_id)``, the
-result of an earlier job of this worker, or ``("v", payload)``, a value the pool sends.
+The pool may send several jobs ahead (batches of quick jobs when its queue is deep, and a
+chained job right after its upstream): they run in order; before each, whatever else the pool
+sent is read, so a skip that arrives before a job's body starts is honoured. A job's result
+waits for the next job's ``started`` and goes with it, in one send (it never waits past the
+worker's next wait for work, nor past a body's start, nor past a stop by a cancel). A chained
+job's arguments hold :class:`Up` markers; ``ups[i]`` says where value ``i`` comes from:
+``("j", job_id)``, the result of an earlier job of this worker, or ``("v", payload)``, a value
+the pool sends.
 Imports only the standard library and cloudpickle before the first task.
 """
 
 from __future__ import annotations
 
+import _signal
+import collections
 import os
 import pickle
 import signal
@@ -146,7 +151,8 @@ class _OwnState:
         self.cwd = os.getcwd()
         self.umask = os.umask(0o077)
         os.umask(self.umask)
-        self.handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        # _signal's own getsignal: signal.getsignal wraps its answer in an enum (slow)
+        self.handlers = {s: _signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def restore(self) -> None:
         for stream in (sys.stdout, sys.stderr):
@@ -162,7 +168,7 @@ class _OwnState:
             if getattr(sys, name) is not own:
                 setattr(sys, name, own)
         for sig, handler in self.handlers.items():
-            if signal.getsignal(sig) is not handler:
+            if _signal.getsignal(sig) is not handler:
                 signal.signal(sig, handler)
         os.umask(self.umask)
         try:
@@ -209,18 +215,42 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | bytearray | None:
     return bytes(buf) if n <= SMALL else buf  # large: returned without a copy
 
 
+def pack_msg(msg: object, blob: bytes | None = None) -> bytes:
+    """The header and pickled message (without the blob, which follows it on the wire)."""
+    meta = pickle.dumps(msg, protocol=5)
+    return HEADER.pack(len(meta), 0 if blob is None else len(blob) + 1) + meta
+
+
 def send_msg(sock: socket.socket, msg: object, blob: bytes | None = None) -> None:
     """Send a small picklable message and, optionally, a blob of raw bytes beside it."""
-    meta = pickle.dumps(msg, protocol=5)
-    blob_len = 0 if blob is None else len(blob) + 1
-    head = HEADER.pack(len(meta), blob_len)
+    head = pack_msg(msg, blob)
     if blob is None:
-        sock.sendall(head + meta)
+        sock.sendall(head)
     elif len(blob) <= SMALL:
-        sock.sendall(head + meta + blob)
+        sock.sendall(head + blob)
     else:  # large: no concatenated copy
-        sock.sendall(head + meta)
+        sock.sendall(head)
         sock.sendall(blob)
+
+
+class _Outbox:
+    """Messages to the pool, sent together: a result waits for the next job's ``started``
+    (one send, one wake-up of the pool, per task), but never past the worker's next wait
+    and never past a body's start (``started`` is sent before the body is called)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = bytearray()
+
+    def add(self, msg: object, blob: bytes | None = None) -> None:
+        self.buf += pack_msg(msg, blob)
+        if blob is not None:
+            self.buf += blob
+
+    def flush(self) -> None:
+        if self.buf:
+            data, self.buf = self.buf, bytearray()
+            self.sock.sendall(data)
 
 
 class _Inbox:
@@ -229,7 +259,7 @@ class _Inbox:
     def __init__(self, sock: socket.socket):
         self.sock = sock
         self.buf = bytearray()
-        self.jobs: list = []  # (message, args blob), oldest first
+        self.jobs: collections.deque = collections.deque()  # (message, args blob), oldest first
         self.skips: set[int] = set()
         self.eof = False
 
@@ -264,9 +294,12 @@ class _Inbox:
             self.buf += data
         self._parse()
 
-    def next(self):
-        """The next job (waiting for one); None at EOF."""
-        self.poll()
+    def next(self, before_wait=None):
+        """The next job (waiting for one, after calling ``before_wait``); None at EOF."""
+        if not self.jobs:
+            self.poll()
+        if not self.jobs and before_wait is not None:
+            before_wait()
         while not self.jobs and not self.eof:
             try:
                 data = self.sock.recv(1 << 18)
@@ -282,7 +315,7 @@ class _Inbox:
         if not self.jobs:
             return None
         self.poll()  # and what came with it (a skip of this very job)
-        return self.jobs.pop(0)
+        return self.jobs.popleft()
 
     def wanted(self) -> set[int]:
         """Ids of earlier jobs whose results queued chained jobs take."""
@@ -300,18 +333,27 @@ def _substitute(args: tuple, kwargs: dict, values: list) -> tuple[tuple, dict]:
 
 
 class _Capture:
-    """Send fds 1 and 2 to files for the length of one task."""
+    """Send fds 1 and 2 to files for the length of one task. Between tasks that follow one
+    another (the next already received) they are not put back (``release`` does that before
+    the worker waits); a file is emptied before a task only if something was written to it."""
 
     def __init__(self, out_path: str, err_path: str):
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
         self.files = [os.open(p, flags, 0o600) for p in (out_path, err_path)]
         self.saved = [os.dup(1), os.dup(2)]
+        self.active = False  # fds 1 and 2 are on the files
+        self.dirty = [True, True]  # may hold bytes
 
     def start(self) -> None:
+        for i, fd in enumerate(self.files):
+            if self.dirty[i]:
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)  # else the next task writes after a hole of NULs
+                self.dirty[i] = False
+        # always (two cheap calls): the task before may have closed or replaced fd 1 or 2
         for fd, target in zip(self.files, (1, 2), strict=True):
-            os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)  # else the next task writes after a hole of NULs
             os.dup2(fd, target)
+        self.active = True
 
     def stop(self) -> tuple[str, str]:
         for stream in (sys.stdout, sys.stderr):
@@ -319,13 +361,23 @@ class _Capture:
                 stream.flush()
             except Exception:
                 pass
-        for saved, target in zip(self.saved, (1, 2), strict=True):
-            os.dup2(saved, target)
-        return tuple(_read_capture(fd) for fd in self.files)  # type: ignore[return-value]
+        out = []
+        for i, fd in enumerate(self.files):
+            size = os.fstat(fd).st_size
+            self.dirty[i] = size > 0
+            out.append(_read_capture(fd, size))
+        return out[0], out[1]
+
+    def release(self) -> None:
+        """Put fds 1 and 2 back (before the worker waits for work)."""
+        if self.active:
+            for saved, target in zip(self.saved, (1, 2), strict=True):
+                os.dup2(saved, target)
+            self.active = False
+            self.dirty = [True, True]  # what the worker writes meanwhile is not a task's
 
 
-def _read_capture(fd: int) -> str:
-    size = os.fstat(fd).st_size
+def _read_capture(fd: int, size: int) -> str:
     if size == 0:
         return ""
     data = os.pread(fd, min(size, MAX_CAPTURE), max(0, size - MAX_CAPTURE))
@@ -377,10 +429,20 @@ def main(argv: list[str]) -> None:
     own = _OwnState()
     fns: dict[int, object] = {}
     inbox = _Inbox(sock)
+    outbox = _Outbox(sock)
     results: dict[int, bytes | None] = {}  # job id -> its pickled value (None: not ok)
+    plain = (int, float, str, bytes, bool, type(None))
+
+    def before_wait() -> None:  # nothing more to run now: send what waits, fds back
+        capture.release()
+        outbox.flush()
+
     send_msg(sock, ("ready",))
     while True:
-        got = inbox.next()
+        try:
+            got = inbox.next(before_wait)
+        except OSError:
+            return _orphaned()
         if got is None:
             return _orphaned()
         (job_id, fn_key, fn_blob, forget, ups), args_blob = got
@@ -403,13 +465,16 @@ def main(argv: list[str]) -> None:
             else:
                 payloads.append(results[ref])
         if reply is not None:
-            try:
-                send_msg(sock, reply)
-            except OSError:
-                return _orphaned()
+            outbox.add(reply)
             continue
         _cooperative = False
         started = time.time()
+        if outbox.buf and (isinstance(fns.get(fn_key), bytes) or len(args_blob or b"")
+                           + sum(len(p) for p in payloads) > SMALL):
+            try:  # what comes next may take a while (imports, big values): results first
+                outbox.flush()
+            except OSError:
+                return _orphaned()
         capture.start()
         try:
             fn = fns[fn_key]
@@ -419,10 +484,20 @@ def main(argv: list[str]) -> None:
             if ups:
                 args, kwargs = _substitute(args, kwargs, [cloudpickle.loads(p) for p in payloads])
             _in_task = True
-            if _cancelled:
-                _stop_self()  # the cancel arrived before the body began: it never runs
+            if _cancelled:  # the cancel arrived before the body began: it never runs
+                try:
+                    outbox.flush()  # the results before it are the truth: sent first
+                except OSError:
+                    pass
+                _stop_self()
             started = time.time()
-            send_msg(sock, ("started", job_id, started))
+            # sent (with the previous result) before the body runs: a task whose body
+            # started is never reported as dequeued
+            outbox.add(("started", job_id, started))
+            try:
+                outbox.flush()
+            except OSError:
+                return _orphaned()
             try:
                 value = fn(*args, **kwargs)
             finally:
@@ -440,7 +515,10 @@ def main(argv: list[str]) -> None:
             _reap_orphans()
         if ok:
             try:
-                payload = cloudpickle.dumps(value, protocol=5)
+                if type(value) in plain:
+                    payload = pickle.dumps(value, protocol=5)  # what cloudpickle writes, faster
+                else:
+                    payload = cloudpickle.dumps(value, protocol=5)
             except BaseException as exc:  # noqa: BLE001
                 ok = False
                 msg_text = (
@@ -459,10 +537,12 @@ def main(argv: list[str]) -> None:
                 del results[k]
         try:
             if ok:
-                send_msg(sock, (job_id, ok, None, started, ended, out, err, stopped_by_cancel),
-                         payload)
+                outbox.add((job_id, ok, None, started, ended, out, err, stopped_by_cancel),
+                           payload)
             else:
-                send_msg(sock, (job_id, ok, payload, started, ended, out, err, stopped_by_cancel))
+                outbox.add((job_id, ok, payload, started, ended, out, err, stopped_by_cancel))
+            if len(outbox.buf) > SMALL or _cancelled:
+                outbox.flush()  # a big value, or a cancel pending: no reason to hold it
         except OSError:
             return _orphaned()
 
