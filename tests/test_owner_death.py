@@ -101,6 +101,7 @@ POOL_OWNER = textwrap.dedent(
     pool.start()
     while len(pool.own_pids()) < 3:  # two workers and the watcher
         time.sleep(0.01)
+    print(pool._loop.tmpdir, flush=True)
     print(" ".join(map(str, pool.own_pids())), pool.worker_pids(), flush=True)
     time.sleep(300)
     """
@@ -116,6 +117,8 @@ def test_workers_die_with_their_owner_even_after_its_children_got_sigterm(tmp_pa
     owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     pids: list[int] = []
     try:
+        pool_dir = owner.stdout.readline().strip()
+        assert os.path.isdir(pool_dir), pool_dir
         line = owner.stdout.readline()
         own, workers = line.rsplit(" [", 1)
         pids = [int(x) for x in own.split()]
@@ -129,6 +132,7 @@ def test_workers_die_with_their_owner_even_after_its_children_got_sigterm(tmp_pa
         owner.kill()
         owner.wait(30)
         assert wait_gone(pids, 20) == [], "workers or watcher outlived their owner"
+        assert not os.path.exists(pool_dir), "the dead owner's pool folder was left behind"
     finally:
         if owner.poll() is None:
             owner.kill()
@@ -149,3 +153,45 @@ def _ignores(pid: int, sig: int) -> bool:
     except OSError:
         pass
     return False
+
+
+QUICK_OWNER = textwrap.dedent(
+    """
+    import os, subprocess, sys
+    watcher = subprocess.Popen([sys.executable, "-P", sys.argv[1], str(os.getpid())],
+                               stdin=subprocess.PIPE, start_new_session=True)
+    watcher.stdin.write(f"+ {sys.argv[2]}\\n".encode())
+    watcher.stdin.flush()
+    print(watcher.pid, flush=True)
+    os._exit(0)  # dead before the watcher's interpreter is up
+    """
+)
+
+
+def test_a_watcher_that_starts_after_its_owner_died_still_kills_the_workers(tmp_path):
+    """Under load the watcher may start after its owner was already killed: it must still
+    read the workers the pool told it of and kill them (it once saw the owner gone at start,
+    read nothing and killed nothing, leaving the frozen workers for ever). The owner here is
+    a stand-in that dies at once, the only way to make that race happen every time; the
+    watcher is valent's real one, the victim a real process."""
+    import valent._pool.watch as watch
+
+    script = tmp_path / "quick_owner.py"
+    script.write_text(QUICK_OWNER)
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                              start_new_session=True)
+    watcher_pid = None
+    try:
+        out = subprocess.run([sys.executable, str(script), watch.__file__, str(victim.pid)],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        watcher_pid = int(out.split()[0])
+        assert wait_until(lambda: victim.poll() is not None, 20), (
+            "the watcher did not kill the worker of an owner that died before it started")
+        assert victim.returncode == -signal.SIGKILL
+        assert wait_gone([watcher_pid], 20) == []
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+        victim.wait()
+        if watcher_pid and alive(watcher_pid):
+            os.kill(watcher_pid, signal.SIGKILL)

@@ -332,3 +332,26 @@ def test_many_queued_jobs_cancelled_are_skipped_not_searched():
         states = [j.wait(30) for j in jobs]
         assert all(isinstance(s, ct.Completed) for s in states[1::2])
         assert all(isinstance(s, ct.Cancelled) for s in states[::2])
+
+
+def _paths_seen_by_a_task_and_its_programs() -> tuple[list[str], str]:
+    import subprocess
+
+    env_path = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    out = subprocess.run([sys.executable, "-c", "import sys; print(repr(sys.path))"],
+                         capture_output=True, text=True, check=True).stdout
+    return env_path, out
+
+
+def test_valents_own_modules_never_shadow_the_users(pool):
+    """The workers find this valent through the folder that holds the package, never through
+    the package's folder itself: there, valent's config.py, graph.py, task.py ... would
+    shadow a user's modules of those names in every task and every program it starts."""
+    import valent
+
+    package = os.path.dirname(os.path.abspath(valent.__file__))
+    state = pool.submit(_paths_seen_by_a_task_and_its_programs).wait(60)
+    assert isinstance(state, ct.Completed), state
+    env_path, child_path = state.get_value()
+    assert os.path.dirname(package) in env_path
+    assert package not in env_path and repr(package) not in child_path

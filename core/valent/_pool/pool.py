@@ -823,8 +823,8 @@ class _Loop:
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = _VALENT_ROOT + (
+            os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         return env
 
     def _spawn(self) -> None:
@@ -1413,7 +1413,7 @@ class _Loop:
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "watch.py")
         try:
             self.watcher = subprocess.Popen(
-                [self.pool.python, "-P", path, str(os.getpid())],
+                [self.pool.python, "-P", path, str(os.getpid()), self.tmpdir],
                 stdin=subprocess.PIPE, start_new_session=True,
             )
         except OSError:
@@ -1508,6 +1508,12 @@ def _wait_exit(proc: subprocess.Popen, timeout: float) -> None:
         select.select([fd], [], [], timeout)
     finally:
         os.close(fd)
+
+
+_VALENT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+"""The folder that holds the ``valent`` package (put first on the workers' PYTHONPATH so they
+import this valent; never the package's own folder, whose modules would shadow the user's
+``config``, ``graph``, ``task`` ... in every task and every program a task starts)."""
 
 
 def _start_ticks(pid: int) -> int:

@@ -1,7 +1,8 @@
 """The pool's watcher: when the pool's owning process dies, kill every worker and its tree.
 
 One per :class:`valent._pool.pool.ProcessPool`, started by the pool's thread as
-``python -P /path/to/poolwatch.py OWNER_PID`` in its own session. Standard library only (run by
+``python -P /path/to/watch.py OWNER_PID [POOL_DIR]`` in its own session (POOL_DIR: the pool's
+folder of capture files, removed once the workers are dead). Standard library only (run by
 path: nothing from valent or the current directory is imported). The pool writes one line per
 change on its stdin: ``+ PID`` (a worker started), ``- PID`` (a worker is gone), ``exit`` (the
 pool shut down).
@@ -90,8 +91,41 @@ def kill_trees(workers: dict[int, int]) -> None:
         _kill(pid, signal.SIGKILL)
 
 
+class _News:
+    """What the pool wrote on stdin: its live workers (pid -> start time), or that it ended."""
+
+    def __init__(self) -> None:
+        self.workers: dict[int, int] = {}
+        self.pool_exited = False
+        self.buf = b""
+
+    def read(self) -> bool:
+        """Read what is there and apply it; False at end of file or when nothing is left
+        to read (non-blocking)."""
+        try:
+            data = os.read(0, 65536)
+        except BlockingIOError:
+            return False
+        if not data:
+            return False
+        self.buf += data
+        *lines, self.buf = self.buf.split(b"\n")
+        for line in lines:
+            op, _, arg = line.decode().partition(" ")
+            if op == "+":
+                st = _stat(int(arg))
+                if st is not None:
+                    self.workers[int(arg)] = st[3]
+            elif op == "-":
+                self.workers.pop(int(arg), None)
+            elif op == "exit":
+                self.pool_exited = True
+        return True
+
+
 def main(argv: list[str]) -> None:
     owner = int(argv[0])
+    pool_dir = argv[1] if len(argv) > 1 else None
     # it must outlive its owner to do its work: a signal sent to the owner's group or children
     # (Ctrl-C, `pkill -P OWNER`, a service manager stopping everything) must not end it first
     # and leave the workers frozen; the pool ends it with "exit", or SIGKILL
@@ -102,12 +136,11 @@ def main(argv: list[str]) -> None:
         pidfd = os.pidfd_open(owner)
     except (AttributeError, OSError):
         pass
-    workers: dict[int, int] = {}
+    news = _News()
     poller = select.poll()
     poller.register(0, select.POLLIN)
     if pidfd is not None:
         poller.register(pidfd, select.POLLIN)
-    buf = b""
     owner_dead = os.getppid() != owner
     while not owner_dead:
         events = poller.poll(None if pidfd is not None else 100)
@@ -116,24 +149,24 @@ def main(argv: list[str]) -> None:
         for fd, _ in events:
             if fd == pidfd:
                 owner_dead = True
-                continue
-            data = os.read(0, 65536)
-            if not data:  # the pool's end closed without "exit": it died, or is dying
+            elif not news.read():  # the pool's end closed without "exit": it died
                 owner_dead = True
-                break
-            buf += data
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                op, _, arg = line.decode().partition(" ")
-                if op == "+":
-                    st = _stat(int(arg))
-                    if st is not None:
-                        workers[int(arg)] = st[3]
-                elif op == "-":
-                    workers.pop(int(arg), None)
-                elif op == "exit":
-                    return
+        if news.pool_exited:
+            return
+    # The owner is dead, but what it wrote may still wait in the pipe: under load this
+    # process can start after its owner already died, and would otherwise kill nothing.
+    # Read the rest without blocking (a fork of the owner may hold the pipe open).
+    os.set_blocking(0, False)
+    while news.read():
+        pass
+    if news.pool_exited:
+        return
+    workers = news.workers
     kill_trees(workers)
+    if pool_dir:  # the owner cannot clean up after itself any more
+        import shutil
+
+        shutil.rmtree(pool_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
