@@ -662,13 +662,19 @@ class Store:
         self,
         node_updates: Iterable[tuple[str, int, dict[str, Any]]],
         dispatch_updates: Iterable[tuple[str, dict[str, Any]]] = (),
+        bulk: Sequence[tuple[str, dict[str, Any], Sequence[int]]] = (),
     ) -> None:
         """Apply many node and dispatch updates in one transaction (the dispatcher's batch).
+
+        ``bulk``: ``(dispatch_id, fields, node_ids)``, the same fields for many nodes of a
+        dispatch (a million nodes cancelled at once), each one statement; applied first, in
+        order, so that ``node_updates`` (newer) win where both set a field.
 
         All or nothing: on failure the store is as it was and ``StoreError`` says why
         (``StoreFullError`` for a full disk, ``StoreLostError`` when the store file was
         deleted, replaced or truncated, or when a dispatch or node updated here is not in it).
         """
+        bulk = [b for b in bulk if b[2]]
         groups: dict[tuple[str, ...], list[tuple]] = defaultdict(list)
         for did, nid, fields in node_updates:
             keys = tuple(fields)
@@ -676,10 +682,19 @@ class Store:
         dgroups: dict[tuple[str, ...], list[tuple]] = defaultdict(list)
         for did, fields in dispatch_updates:
             dgroups[tuple(fields)].append((*fields.values(), did))
-        if not groups and not dgroups:
+        if not groups and not dgroups and not bulk:
             return
 
         def op(conn: sqlite3.Connection) -> None:
+            for did, fields, ids in bulk:
+                sets = ", ".join(f"{k} = ?" for k in fields)
+                cur = conn.execute(
+                    f"UPDATE nodes SET {sets} WHERE dispatch_id = ? AND node_id IN "
+                    "(SELECT value FROM json_each(?))",
+                    (*fields.values(), did, json.dumps(list(ids))),
+                )
+                if cur.rowcount != len(ids):  # ids are distinct
+                    self._missing_rows("nodes", [(did, n) for n in ids], conn)
             for keys, rows in groups.items():
                 sets = ", ".join(f"{k} = ?" for k in keys)
                 cur = conn.executemany(
@@ -728,6 +743,7 @@ class Store:
         self,
         node_updates: Sequence[tuple[str, int, dict[str, Any]]],
         dispatch_updates: Sequence[tuple[str, dict[str, Any]]] = (),
+        bulk: Sequence[tuple[str, dict[str, Any], Sequence[int]]] = (),
     ) -> list[tuple[str, int | None]]:
         """Write the final state of dispatches after a failed write (a disk-full error).
 
@@ -748,7 +764,7 @@ class Store:
         node_updates = list(node_updates)
         dispatch_updates = list(dispatch_updates)
         try:
-            self.apply(node_updates, dispatch_updates)
+            self.apply(node_updates, dispatch_updates, bulk)
             return []
         except StoreLostError:
             raise
@@ -756,7 +772,7 @@ class Store:
             pass
         if self.release_reserve():
             try:
-                self.apply(node_updates, dispatch_updates)
+                self.apply(node_updates, dispatch_updates, bulk)
                 return []
             except StoreLostError:
                 raise
@@ -764,7 +780,7 @@ class Store:
                 pass
         nodes, dispatches, lost = _without_blobs(node_updates, dispatch_updates)
         try:
-            self.apply(nodes, dispatches)
+            self.apply(nodes, dispatches, bulk)  # bulk fields hold no outputs
         except StoreLostError:
             raise
         except StoreError as exc:
