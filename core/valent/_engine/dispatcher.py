@@ -432,22 +432,22 @@ class _Loop:
         now = time.time()
         run.status = Status.RUNNING
         self.batch.dispatch(run, {"status": Status.RUNNING.value, "start_time": now})
+        nodes, children = run.nodes, run.children
         ready = []
-        done = []
+        reused = []
         params: list[int] = []
         completed = Status.COMPLETED
-        for nr in run.nodes:
+        for nr in nodes:
             node = nr.node
             if node.kind == PARAMETER:  # COMPLETED at once, written in one statement
                 nr.value = node.value
                 nr.start_time = nr.end_time = now
                 nr.status = completed
                 params.append(node.id)
-                done.append(nr)
             elif nr.reused:  # COMPLETED in the store already (a redispatch's reuse)
                 run.remaining -= 1
                 release_inputs(nr)
-                done.append(nr)
+                reused.append(nr)
             elif nr.waiting == 0:
                 ready.append(nr)
         if params:
@@ -457,8 +457,14 @@ class _Loop:
             )
             if self.observers:
                 for nid in params:
-                    self.observed(run.nodes[nid], completed)
-        for nr in done:
+                    self.observed(nodes[nid], completed)
+            for nid in params:  # release_children, for a dispatch where nothing started yet
+                for cid in children[nid]:
+                    child = nodes[cid]
+                    child.waiting -= 1
+                    if child.waiting == 0 and child.status not in FINAL:
+                        ready.append(child)
+        for nr in reused:
             self.release_children(nr)
         if not run.cancel_requested:
             self.ready.extend(ready)  # started by the turn's drain, a slice at a time
@@ -898,7 +904,7 @@ class _Loop:
             return problem
         reason = reason or "cancel requested"
         if task_ids is None:
-            targets = [nr for nr in run.nodes if not nr.final]
+            targets = [nr for nr in run.nodes if nr.status not in FINAL]
             run.cancel_requested = True
         else:
             wanted: dict[int, None] = {}
@@ -910,13 +916,15 @@ class _Loop:
                     stack.extend(run.children[t])
             targets = [run.nodes[t] for t in sorted(wanted) if not run.nodes[t].final]
         now = time.time()
-        targets = self.dequeue_unstarted(run, targets, reason, now)
+        targets = self.dequeue_unstarted(run, targets, reason, now, task_ids is None)
         for nr in reversed(targets):  # dependents first: each is dequeued in its own right
             if nr.final or nr.cancel_at is not None:
                 continue
             nr.cancel_at = now
             self.batch.node(nr, {"cancel_requested_at": now})
             self.cancel_node(nr, reason)
+        if task_ids is None and self.ready:  # none of its nodes is to start now
+            self.ready = deque(nr for nr in self.ready if nr.run is not run)
         if task_ids is None and run.status == Status.RUNNING and run.remaining:
             run.status = Status.CANCELLING
             self.batch.dispatch(
@@ -928,11 +936,12 @@ class _Loop:
         return f"Dispatch {dispatch_id}: cancelled task(s) {sorted(set(task_ids))} and dependents."
 
     def dequeue_unstarted(
-        self, run: DispatchRun, targets: list[NodeRun], reason: str, now: float
+        self, run: DispatchRun, targets: list[NodeRun], reason: str, now: float, whole: bool
     ) -> list[NodeRun]:
         """Cancel every target that was never handed to an executor (``dequeued``, each in
-        its own right, as ``cancel_node`` would), written in one statement; the others, to
-        cancel one by one."""
+        its own right, as ``cancel_node`` would), written in one statement; return the
+        others, to cancel one by one. ``whole``: the whole dispatch is cancelled (its values
+        go with it: no input is released node by node)."""
         rest: list[NodeRun] = []
         ids: list[int] = []
         dequeued, cancelled = CancelOutcome.DEQUEUED, Status.CANCELLED
@@ -946,7 +955,7 @@ class _Loop:
             nr.cancel_outcome = dequeued
             nr.status = cancelled
             ids.append(nr.node.id)
-            if nr.node.parents:
+            if not whole and nr.node.parents:
                 release_inputs(nr)
         if ids:
             run.remaining -= len(ids)
