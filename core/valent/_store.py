@@ -1209,15 +1209,23 @@ def _without_blobs(
 
 
 _stores: dict[Path, Store] = {}
+_by_env: dict[tuple[str, str], Store] = {}  # ($VALENT_RESULTS_DIR, cwd if relative) -> store
 _stores_lock = threading.Lock()
 
 
 def get_store(results_dir: str | os.PathLike[str] | None = None) -> Store:
     """The store for ``results_dir`` (default: the configured results dir), shared per path."""
     if results_dir is None:
+        env = os.environ.get("VALENT_RESULTS_DIR")
+        if env:  # the common case, once per dispatch and per get_result: no path parsing
+            known = _by_env.get((env, os.getcwd() if not env.startswith("/") else ""))
+            if known is not None and known.lost is None and _stores.get(known.dir) is known:
+                return known
         from .config import results_dir as configured
 
         results_dir = configured()
+    else:
+        env = None
     key = Path(results_dir).expanduser().absolute()
     with _stores_lock:
         store = _stores.get(key)
@@ -1228,6 +1236,8 @@ def get_store(results_dir: str | os.PathLike[str] | None = None) -> Store:
             if store is not None:
                 fresh.replaced = store.lost
             store = fresh
+        if env:
+            _by_env[(env, os.getcwd() if not env.startswith("/") else "")] = store
         return store
 
 
@@ -1235,6 +1245,7 @@ def _forget_stores_after_fork() -> None:
     """A forked child must not use its parent's SQLite connections: it opens its own."""
     global _stores_lock
     _stores.clear()
+    _by_env.clear()
     _stores_lock = threading.Lock()
 
 
