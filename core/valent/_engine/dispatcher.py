@@ -79,6 +79,10 @@ node still running at the write is written RUNNING with its start time. A dispat
 ends, a cancel (its reply waits for the write) and a store error write at once."""
 FLUSH_MAX = 50_000
 """Node changes held at most before they are written whatever the time (bounds memory)."""
+CHAIN_AHEAD = 2_000
+"""Most chained tasks started ahead of their parents' completion at once: a 100,000-node
+graph is chained a window at a time (each completion chains more), not all in the first
+turn (memory for every task at once, in the dispatcher and the executor)."""
 SUBMIT_SLICE = 0.02
 """Longest time (s) a turn spends starting ready tasks before it reads its queue again: a
 cancel sent while a million tasks become ready is seen after one slice, not after all of
@@ -299,6 +303,7 @@ class _Loop:
         self.fn_digests: dict[int, tuple[Any, str | None]] = {}
         self.reused: deque[tuple[NodeRun, Any]] = deque()  # nodes taking an earlier output
         self.ready: deque[NodeRun] = deque()  # nodes whose inputs are all there, to start
+        self.ahead = 0  # chained nodes started whose parents have not all completed here
 
     def deliver(self, nr: NodeRun, child: DispatchRun | None, exc: Any, tb: str) -> None:
         """(builder thread) A sublattice's child dispatch is built, or could not be."""
@@ -480,6 +485,7 @@ class _Loop:
             if child.waiting != 0 or child.final:
                 continue
             if child.chained:  # started already: now its state counts
+                self.ahead -= 1
                 if child.status == Status.NEW_OBJECT and child.cancel_at is None:
                     self.set(child, Status.PENDING)
                 self.repoll.append(child)
@@ -659,8 +665,11 @@ class _Loop:
                 if parent.final or parent.handle is None:
                     continue
                 for cid in parent.run.children[parent.node.id]:
+                    if self.ahead >= CHAIN_AHEAD:
+                        return  # the rest is chained as these complete
                     child = parent.run.nodes[cid]
                     if self.can_chain(child):
+                        self.ahead += 1
                         self.submit(child, chained=True)
                         stack.append(child)
         finally:
@@ -816,6 +825,9 @@ class _Loop:
         if self.observers:
             self.observed(nr, status)
         if final:
+            if nr.chained and nr.waiting:
+                self.ahead -= 1  # ended before its parents completed here
+            nr.handle = None  # the executor's record of it (and what it holds) can go
             nr.run.remaining -= 1
             release_inputs(nr)
             self.check_done(nr.run)
