@@ -189,3 +189,34 @@ def test_bulk_changes_are_written_before_newer_per_node_changes(tmp_path):
     ]
     assert rows[1]["reason"] == "bulk"
     store.close()
+
+
+def inc(x):
+    return x + 1
+
+
+def test_a_chain_longer_than_the_chaining_window_keeps_every_value():
+    from valent._engine.dispatcher import CHAIN_AHEAD
+
+    n = CHAIN_AHEAD + 500  # chained a window at a time: each completion chains more
+    ex = LocalExecutor(workers=2)
+    e = ct.electron(inc, executor=ex)
+
+    @ct.lattice
+    def chain(n):
+        x = e(0)
+        for _ in range(n - 1):
+            x = e(x)
+        return x
+
+    try:
+        r = ct.dispatch_sync(chain)(n)
+        assert r.status == ct.Status.COMPLETED and r.result == n
+        rows = [row for row in get_store().node_rows(r.dispatch_id) if row["kind"] == "electron"]
+        assert len(rows) == n
+        assert all(row["status"] == "COMPLETED" and row["start_time"] for row in rows)
+        assert sorted(r.get_node_result(row["node_id"])["output"] for row in rows) == list(
+            range(1, n + 1)
+        )
+    finally:
+        _shutdown(ex)
