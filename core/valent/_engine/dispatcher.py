@@ -7,13 +7,22 @@ Split by role, as CPython's ``concurrent/futures/process.py`` is:
   dispatches this process owns;
 - :class:`_Loop`, run by the dispatcher's thread alone, holds and changes every dispatch's
   state: starting nodes, polling them, timeouts, cancelling, finishing dispatches;
-- :class:`_StoreBatch` collects a turn's store changes and writes them in one transaction
-  per store.
+- :class:`_StoreBatch` collects store changes and writes them in one transaction per store,
+  at most ``FLUSH_EVERY`` after the oldest (a node's changes merge into one row write; the
+  latest state is what is written), at once when a dispatch ends or a cancel replies; the
+  same fields for many nodes (parameters completing, unstarted nodes dequeued) are one
+  statement.
+
+Ready tasks are started ``SUBMIT_SLICE`` at a time between reads of the queue, so a cancel
+of a million-node dispatch is read before every task reached its executor. Executors are
+called directly (not through pluggy) while valent's default hooks are the only ones.
 
 Event-driven: executors call a task's ``wake`` and the loop polls just that task; timers
 cover electron timeouts, cancel retries and executors that ask for safety-net polls.
 
-Chaining: on an executor that declares ``Capabilities(chain=True)``, a node whose parents
+Chaining: on an executor that declares ``Capabilities(chain=True)``, while fewer than
+``CHAIN_BELOW`` unchained tasks are in flight (a wide graph keeps its executors busy without
+it) and at most ``CHAIN_AHEAD`` chained tasks wait for their parents, a node whose parents
 are all completed or started on that same executor is started at once, its missing inputs
 given as :class:`valent.task.Upstream` markers; the executor passes the values where the
 tasks run (Dask: worker to worker). Such a node stays NEW_OBJECT in the store until its
