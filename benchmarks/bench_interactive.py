@@ -8,7 +8,8 @@
   wall time of ``--runs`` invocations (goal <= 200 ms). The baseline is the start-up of a bare
   ``python -c pass`` (what no Python CLI can go below).
 
-    python benchmarks/bench_interactive.py [--runs 50] [--dispatches 10000] [--json out.json]
+    python benchmarks/bench_interactive.py [--runs 50] [--dispatches 10000] [--sync-only]
+                                           [--json out.json]
 """
 
 from __future__ import annotations
@@ -142,10 +143,15 @@ def main() -> None:
                                  formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--dispatches", type=int, default=10_000)
+    ap.add_argument("--sync-only", action="store_true",
+                    help="only dispatch_sync (skips filling a store for `valent list`)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     os.environ.setdefault("VALENT_RESULTS_DIR", tempfile.mkdtemp(prefix="valent-bench-"))
-    report(run(runs=args.runs, dispatches=args.dispatches), args.json)
+    if args.sync_only:
+        report(dispatch_sync_latency(max(100, args.runs)), args.json)
+    else:
+        report(run(runs=args.runs, dispatches=args.dispatches), args.json)
 
 
 if __name__ == "__main__":

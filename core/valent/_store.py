@@ -678,13 +678,19 @@ class Store:
         self,
         node_updates: Iterable[tuple[str, int, dict[str, Any]]],
         dispatch_updates: Iterable[tuple[str, dict[str, Any]]] = (),
+        bulk: Sequence[tuple[str, dict[str, Any], Sequence[int]]] = (),
     ) -> None:
         """Apply many node and dispatch updates in one transaction (the dispatcher's batch).
+
+        ``bulk``: ``(dispatch_id, fields, node_ids)``, the same fields for many nodes of a
+        dispatch (a million nodes cancelled at once), each one statement; applied first, in
+        order, so that ``node_updates`` (newer) win where both set a field.
 
         All or nothing: on failure the store is as it was and ``StoreError`` says why
         (``StoreFullError`` for a full disk, ``StoreLostError`` when the store file was
         deleted, replaced or truncated, or when a dispatch or node updated here is not in it).
         """
+        bulk = [b for b in bulk if b[2]]
         groups: dict[tuple[str, ...], list[tuple]] = defaultdict(list)
         for did, nid, fields in node_updates:
             keys = tuple(fields)
@@ -692,10 +698,19 @@ class Store:
         dgroups: dict[tuple[str, ...], list[tuple]] = defaultdict(list)
         for did, fields in dispatch_updates:
             dgroups[tuple(fields)].append((*fields.values(), did))
-        if not groups and not dgroups:
+        if not groups and not dgroups and not bulk:
             return
 
         def op(conn: sqlite3.Connection) -> None:
+            for did, fields, ids in bulk:
+                sets = ", ".join(f"{k} = ?" for k in fields)
+                cur = conn.execute(
+                    f"UPDATE nodes SET {sets} WHERE dispatch_id = ? AND node_id IN "
+                    "(SELECT value FROM json_each(?))",
+                    (*fields.values(), did, json.dumps(list(ids))),
+                )
+                if cur.rowcount != len(ids):  # ids are distinct
+                    self._missing_rows("nodes", [(did, n) for n in ids], conn)
             for keys, rows in groups.items():
                 sets = ", ".join(f"{k} = ?" for k in keys)
                 cur = conn.executemany(
@@ -744,6 +759,7 @@ class Store:
         self,
         node_updates: Sequence[tuple[str, int, dict[str, Any]]],
         dispatch_updates: Sequence[tuple[str, dict[str, Any]]] = (),
+        bulk: Sequence[tuple[str, dict[str, Any], Sequence[int]]] = (),
     ) -> list[tuple[str, int | None]]:
         """Write the final state of dispatches after a failed write (a disk-full error).
 
@@ -764,7 +780,7 @@ class Store:
         node_updates = list(node_updates)
         dispatch_updates = list(dispatch_updates)
         try:
-            self.apply(node_updates, dispatch_updates)
+            self.apply(node_updates, dispatch_updates, bulk)
             return []
         except StoreLostError:
             raise
@@ -772,7 +788,7 @@ class Store:
             pass
         if self.release_reserve():
             try:
-                self.apply(node_updates, dispatch_updates)
+                self.apply(node_updates, dispatch_updates, bulk)
                 return []
             except StoreLostError:
                 raise
@@ -780,7 +796,7 @@ class Store:
                 pass
         nodes, dispatches, lost = _without_blobs(node_updates, dispatch_updates)
         try:
-            self.apply(nodes, dispatches)
+            self.apply(nodes, dispatches, bulk)  # bulk fields hold no outputs
         except StoreLostError:
             raise
         except StoreError as exc:
@@ -1235,15 +1251,23 @@ def _without_blobs(
 
 
 _stores: dict[Path, Store] = {}
+_by_env: dict[tuple[str, str], Store] = {}  # ($VALENT_RESULTS_DIR, cwd if relative) -> store
 _stores_lock = threading.Lock()
 
 
 def get_store(results_dir: str | os.PathLike[str] | None = None) -> Store:
     """The store for ``results_dir`` (default: the configured results dir), shared per path."""
     if results_dir is None:
+        env = os.environ.get("VALENT_RESULTS_DIR")
+        if env:  # the common case, once per dispatch and per get_result: no path parsing
+            known = _by_env.get((env, os.getcwd() if not env.startswith("/") else ""))
+            if known is not None and known.lost is None and _stores.get(known.dir) is known:
+                return known
         from .config import results_dir as configured
 
         results_dir = configured()
+    else:
+        env = None
     key = Path(results_dir).expanduser().absolute()
     with _stores_lock:
         store = _stores.get(key)
@@ -1254,6 +1278,8 @@ def get_store(results_dir: str | os.PathLike[str] | None = None) -> Store:
             if store is not None:
                 fresh.replaced = store.lost
             store = fresh
+        if env:
+            _by_env[(env, os.getcwd() if not env.startswith("/") else "")] = store
         return store
 
 
@@ -1261,6 +1287,7 @@ def _forget_stores_after_fork() -> None:
     """A forked child must not use its parent's SQLite connections: it opens its own."""
     global _stores_lock
     _stores.clear()
+    _by_env.clear()
     _stores_lock = threading.Lock()
 
 

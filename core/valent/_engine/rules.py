@@ -17,11 +17,12 @@ def lattice_status(
     2. else any node FAILED by its own error -> FAILED;
     3. else -> CANCELLED (a cancel stopped, dequeued, or let run to completion some node).
     """
-    if all(s == Status.COMPLETED for s in statuses):
-        if not any(o == CancelOutcome.RUNS_TO_COMPLETION for o in outcomes):
+    present = set(statuses)  # one pass in C: a dispatch may have a million nodes
+    if present <= {Status.COMPLETED}:
+        if CancelOutcome.RUNS_TO_COMPLETION not in set(outcomes):
             return Status.COMPLETED
         return Status.CANCELLED
-    if any(s == Status.FAILED for s in statuses):
+    if Status.FAILED in present:
         return Status.FAILED
     return Status.CANCELLED
 

@@ -11,7 +11,7 @@ from .._plugins.contract import Executor
 from .._store import Store
 from ..errors import StoreError, ValentError
 from ..graph import COLLECTION, GETATTR, GETITEM, Graph, Node, Ref
-from ..status import CancelOutcome, Status
+from ..status import FINAL, CancelOutcome, Status
 
 _MISSING = object()
 _RELEASED = object()
@@ -62,7 +62,7 @@ class NodeRun:
 
     @property
     def final(self) -> bool:
-        return self.status.is_final
+        return self.status in FINAL
 
     @property
     def retries(self) -> int:

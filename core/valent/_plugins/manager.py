@@ -29,6 +29,11 @@ DISABLE_ENV = "VALENT_DISABLE_PLUGINS"
 
 hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)
 
+try:  # pluggy's plain hook runner: another one in place means hook calls are traced
+    from pluggy._callers import _multicall
+except ImportError:  # another pluggy layout: always go through the hooks
+    _multicall = None
+
 
 class _Defaults:
     """valent's own last-resort implementations: call the executor's methods."""
@@ -91,6 +96,22 @@ class Plugins:
                 "shows why."
             )
         raise exc
+
+    def direct(self) -> bool:
+        """True when valent's defaults are the only ``valent_run``/``valent_poll``/
+        ``valent_cancel``/``valent_cancel_many`` implementations and nothing traces hook
+        calls: calling the executor's own methods then does exactly what the hooks would,
+        without pluggy's per-call cost (the dispatcher asks once per loop turn)."""
+        if _multicall is None or getattr(self.pm, "_inner_hookexec", None) is not _multicall:
+            return False  # hook calls are traced or monitored
+        hook = self.pm.hook
+        for caller in (
+            hook.valent_run, hook.valent_poll, hook.valent_cancel, hook.valent_cancel_many
+        ):
+            impls = caller.get_hookimpls()
+            if len(impls) != 1 or not isinstance(impls[0].plugin, _Defaults):
+                return False
+        return True
 
     def run(self, executor: Executor, task: Task, wake: Wake) -> Any:
         return self.pm.hook.valent_run(executor=executor, task=task, wake=wake)
