@@ -127,6 +127,21 @@ def test_cancel_after_completion_is_too_late(kill_runner):
     assert kill_runner.executor.cancel(h) == CancelOutcome.TOO_LATE
 
 
+def test_values_of_a_burst_come_back_while_another_task_still_runs(kill_runner, tmp_path):
+    """The fetcher waits for the rest of a burst before its next gather, but never for a task
+    that is still running: a burst's values arrive while a long task runs on."""
+    long_h, long_w = kill_runner.start(
+        T.sleep_then_mark, 120, str(tmp_path / "pids"), str(tmp_path / "m")
+    )
+    _read_pids(str(tmp_path / "pids"))
+    burst = [kill_runner.start(T.add, i, 1) for i in range(40)]
+    for i, (h, w) in enumerate(burst):
+        assert kill_runner.wait(h, w, timeout=60).get_value() == i + 1
+    assert not kill_runner.executor.poll(long_h).final
+    assert kill_runner.executor.cancel(long_h) == CancelOutcome.KILLED
+    assert isinstance(kill_runner.wait(long_h, long_w), valent.Cancelled)
+
+
 # ------------------------------------------------------------------ cancelling
 
 
