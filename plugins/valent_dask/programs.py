@@ -32,10 +32,10 @@ STOP_GRACE = 3.0
 """Seconds the scheduler and worker programs get to close on SIGTERM before SIGKILL."""
 
 _WATCHER = r"""
-import os, select, signal, sys, time
+import os, select, shutil, signal, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 signal.signal(signal.SIGINT, signal.SIG_IGN)
-owner, grace = int(sys.argv[1]), float(sys.argv[2])
+owner, grace, folder = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
 try:
     fd = os.pidfd_open(owner)
 except OSError:
@@ -49,6 +49,8 @@ group = os.getpgrp()
 try:
     os.killpg(group, signal.SIGTERM)
     time.sleep(grace)
+    os.chdir("/")
+    shutil.rmtree(folder, ignore_errors=True)  # the dead owner cannot remove it
 finally:
     os.killpg(group, signal.SIGKILL)
 """
@@ -103,7 +105,7 @@ class ClusterPrograms:
         self._closed = False
         py = sys.executable
         self.watcher = subprocess.Popen(
-            [py, "-I", "-S", "-c", _WATCHER, str(self.owner), str(STOP_GRACE)],
+            [py, "-I", "-S", "-c", _WATCHER, str(self.owner), str(STOP_GRACE), self.dir],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             process_group=0, cwd=self.dir,
         )

@@ -171,7 +171,10 @@ def test_own_cluster_dies_with_its_owner(tmp_path, how, mode):
     script.write_text(OWNER_DIES)
     tag = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if k != "VALENT_CONFIG"}
-    env.update(VALENT_RESULTS_DIR=str(tmp_path / "results"), VALENT_TEST_TAG=tag)
+    owner_tmp = tmp_path / "owner-tmp"  # where the cluster's folder goes (TMPDIR)
+    owner_tmp.mkdir()
+    env.update(VALENT_RESULTS_DIR=str(tmp_path / "results"), VALENT_TEST_TAG=tag,
+               TMPDIR=str(owner_tmp))
     pidfile = str(tmp_path / "task.pid")
     owner = subprocess.Popen(
         [sys.executable, str(script), mode, pidfile], env=env, cwd=str(tmp_path),
@@ -180,9 +183,12 @@ def test_own_cluster_dies_with_its_owner(tmp_path, how, mode):
     try:
         assert wait_until(lambda: os.path.exists(pidfile), 90, 0.05), "the task never started"
         task = int(open(pidfile).read())
+        assert list(owner_tmp.glob("valent-dask-*"))
         os.kill(owner.pid, getattr(signal, how))
         owner.wait(60)
         assert wait_until(lambda: not alive(task), 30, 0.1), "the task outlived its owner"
+        assert wait_until(lambda: not list(owner_tmp.glob("valent-dask-*")), 30, 0.1), (
+            "the dead owner's cluster folder was left behind")
     finally:
         if owner.poll() is None:
             owner.kill()
