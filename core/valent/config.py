@@ -15,6 +15,7 @@ import inspect
 import json
 import math
 import os
+import sys
 import tomllib
 import types
 import typing
@@ -31,8 +32,11 @@ RESULTS_ENV = "VALENT_RESULTS_DIR"
 TOP_LEVEL_KEYS = {"results_dir", "default_executor", "executors"}
 
 
-# what ``config_path`` depends on: valent's variable and those platformdirs reads (per OS)
-_PATH_ENV = (CONFIG_ENV, "XDG_CONFIG_HOME", "HOME", "APPDATA", "LOCALAPPDATA", "USERPROFILE")
+# what ``config_path`` depends on: valent's variable, HOME (``~``) and those platformdirs reads
+_PATH_ENV = (CONFIG_ENV, "HOME") + (
+    ("APPDATA", "LOCALAPPDATA", "USERPROFILE") if sys.platform == "win32"
+    else () if sys.platform == "darwin" else ("XDG_CONFIG_HOME",)
+)
 _paths: dict[tuple, tuple[Path, str]] = {}
 
 
