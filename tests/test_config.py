@@ -96,6 +96,42 @@ def test_config_file_is_reread_when_it_changes(monkeypatch, tmp_path):
         config.default_executor_name()
 
 
+def test_a_change_of_the_variables_that_choose_the_file_is_seen_at_once(monkeypatch, tmp_path):
+    """The config file's path is remembered per value of the variables that choose it
+    (``VALENT_CONFIG``, ``XDG_CONFIG_HOME``, ``HOME``): changing any is seen by the next
+    dispatch, and so is a file appearing, changing or going away."""
+    xdg = tmp_path / "xdg"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+    assert config.config_path() == xdg / "valent" / "config.toml"
+    assert config.default_executor_name() == "local"  # no file there yet
+    (xdg / "valent").mkdir(parents=True)
+    (xdg / "valent" / "config.toml").write_text('default_executor = "nope"\n')
+    with pytest.raises(ct.ConfigError, match="nope"):
+        ct.dispatch(wf)()
+    other = tmp_path / "other-xdg"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(other))  # another folder: its (absent) file
+    assert config.config_path() == other / "valent" / "config.toml"
+    assert config.default_executor_name() == "local"
+    named = tmp_path / "named.toml"
+    named.write_text('default_executor = "nope2"\n')
+    monkeypatch.setenv("VALENT_CONFIG", str(named))  # the variable wins over the folder
+    with pytest.raises(ct.ConfigError, match="nope2"):
+        config.default_executor_name()
+    monkeypatch.setenv("VALENT_CONFIG", "~/cfg.toml")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert config.config_path() == tmp_path / "home" / "cfg.toml"
+    monkeypatch.setenv("HOME", str(tmp_path / "home2"))
+    assert config.config_path() == tmp_path / "home2" / "cfg.toml"
+    monkeypatch.delenv("VALENT_CONFIG")
+    monkeypatch.delenv("XDG_CONFIG_HOME")
+    if sys.platform.startswith("linux"):  # platformdirs' folder under HOME on Linux
+        assert config.config_path() == tmp_path / "home2" / ".config" / "valent" / "config.toml"
+    named.unlink()
+    monkeypatch.setenv("VALENT_CONFIG", str(named))  # the file it names went away
+    with pytest.raises(ct.ConfigError, match="does not exist"):
+        config.load_config()
+
+
 def test_executor_table_reaches_the_executor(tmp_path):
     """In a fresh process (this one's dispatcher already made its "local" executor)."""
     cfg = tmp_path / "config.toml"

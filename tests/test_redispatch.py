@@ -687,3 +687,28 @@ def test_a_lattice_reading_another_module_is_traced_again(tmp_path, keep_small_g
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("kept_settings", None)
+
+
+_PINNED_SRC = '''
+import json
+LIMIT = 3
+NAMES = ("a", None, 2.5, b"x", True, 4j, [1, {"k": None}], frozenset({"s"}))
+def task(a, b=2, *, c=1.5, d="s", e=b"x", f=None, g=3j, h=(1, "t", None)):
+    out = {"n": None}
+    for i in range(min(a, LIMIT)):
+        out[str(i)] = json.dumps([i, NAMES[0]])
+    return [x for x in out if x] + [lambda y: y + 1]
+'''
+
+
+def test_a_function_digests_as_it_did_when_earlier_versions_stored_it():
+    """The digest stored with each completed node is compared with the one a redispatch
+    computes now: a change in how it is computed (even a faster walk) must not change it,
+    or nothing an earlier version stored would be reused. Pinned from valent 0539306."""
+    from valent._engine.reuse import fn_digest
+
+    ns = {"__name__": "__main__"}  # a function of yours: code, defaults, globals all count
+    exec(compile(_PINNED_SRC, "<pinned>", "exec", dont_inherit=True), ns)  # no __future__
+    assert fn_digest(ns["task"]) == "0307d88e455ae7c6b235b81ceae42000"
+    ns["LIMIT"] = 4  # a global it reads changed: another digest
+    assert fn_digest(ns["task"]) != "0307d88e455ae7c6b235b81ceae42000"

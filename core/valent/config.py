@@ -15,6 +15,7 @@ import inspect
 import json
 import math
 import os
+import sys
 import tomllib
 import types
 import typing
@@ -31,14 +32,37 @@ RESULTS_ENV = "VALENT_RESULTS_DIR"
 TOP_LEVEL_KEYS = {"results_dir", "default_executor", "executors"}
 
 
+# what ``config_path`` depends on: valent's variable, HOME (``~``) and those platformdirs reads
+_PATH_ENV = (CONFIG_ENV, "HOME") + (
+    ("APPDATA", "LOCALAPPDATA", "USERPROFILE") if sys.platform == "win32"
+    else () if sys.platform == "darwin" else ("XDG_CONFIG_HOME",)
+)
+_paths: dict[tuple, tuple[Path, str]] = {}
+
+
 def config_path() -> Path:
     """``$VALENT_CONFIG``, else ``config.toml`` in the user's config dir."""
-    env = os.environ.get(CONFIG_ENV)
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
+    return _config_path()[0]
 
-    return Path(platformdirs.user_config_dir("valent")) / "config.toml"
+
+def _config_path() -> tuple[Path, str]:
+    """``config_path()`` and its string, computed once per value of the variables that
+    choose it (a changed variable is seen at once: it is part of the key)."""
+    env = os.environ
+    key = tuple(env.get(k) for k in _PATH_ENV)
+    known = _paths.get(key)
+    if known is not None:
+        return known
+    if key[0]:
+        path = Path(key[0]).expanduser()
+    else:
+        import platformdirs
+
+        path = Path(platformdirs.user_config_dir("valent")) / "config.toml"
+    if len(_paths) > 64:
+        _paths.clear()
+    known = _paths[key] = (path, str(path))
+    return known
 
 
 @cache
@@ -115,9 +139,9 @@ def check_config(data: dict[str, Any] | None = None, plugins: Any = None) -> lis
 
 def load_config() -> dict[str, Any]:
     """The parsed config file, or {} when there is none. Re-read when the file changes."""
-    path = config_path()
+    path, name = _config_path()
     try:
-        st = path.stat()
+        st = os.stat(name)
     except FileNotFoundError:
         if os.environ.get(CONFIG_ENV):
             raise ConfigError(
@@ -125,7 +149,7 @@ def load_config() -> dict[str, Any]:
             ) from None
         return {}
     # a rewrite (set_config's os.replace) changes the inode even within one clock tick
-    return _load(str(path), (st.st_mtime_ns, st.st_size, st.st_ino))
+    return _load(name, (st.st_mtime_ns, st.st_size, st.st_ino))
 
 
 def results_dir() -> Path:

@@ -14,9 +14,10 @@ from ._store import StoreTrustError, check_store_trusted, read_trusted_file
 from .status import Status
 
 
-def _col(row: Any, key: str) -> Any:
-    """``row[key]``, or None in a store made before that column existed."""
-    return row[key] if key in row.keys() else None
+def _col(row: Any, key: str, keys: list[str] | None = None) -> Any:
+    """``row[key]``, or None in a store made before that column existed (``keys``: the
+    row's ``keys()`` when the caller has them already)."""
+    return row[key] if key in (row.keys() if keys is None else keys) else None
 
 
 def _ts(value: float | None) -> datetime | None:
@@ -58,12 +59,13 @@ class Result:
         self.created_at = _ts(row["created_at"])
         self.results_dir = results_dir
         self.cancel_requested_at = _ts(row["cancel_requested_at"])
-        self.parent_dispatch_id: str | None = _col(row, "parent_dispatch_id")
+        keys = row.keys()  # once: a list of the columns (a store made before some lacks them)
+        self.parent_dispatch_id: str | None = _col(row, "parent_dispatch_id", keys)
         """The dispatch whose sublattice node this dispatch ran (None at the top level)."""
-        self.parent_node_id: int | None = _col(row, "parent_node_id")
-        self.root_dispatch_id: str = _col(row, "root_dispatch_id") or self.dispatch_id
+        self.parent_node_id: int | None = _col(row, "parent_node_id", keys)
+        self.root_dispatch_id: str = _col(row, "root_dispatch_id", keys) or self.dispatch_id
         """The top-level dispatch of this one's tree (itself at the top level)."""
-        self.redispatch_of: str | None = _col(row, "redispatch_of")
+        self.redispatch_of: str | None = _col(row, "redispatch_of", keys)
         """The dispatch this one redispatched (``ct.redispatch``), if any."""
         self._row = row
         self._nodes = nodes

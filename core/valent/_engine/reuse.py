@@ -28,7 +28,7 @@ from typing import Any
 
 import cloudpickle
 
-from ..graph import ELECTRON, Ref
+from ..graph import ELECTRON, Electron, Lattice, Ref
 
 _lock = threading.Lock()
 _STDLIB = tuple(
@@ -101,11 +101,16 @@ def _by_name(obj: Any) -> bool:
     return mod != "__main__" and _yours(mod) is None
 
 
-def _value(v: Any, h: Any, seen: set[int], depth: int) -> None:
-    from ..graph import Electron, Lattice
+# values no branch of ``_value`` but the last takes: their pickle, without the walk down
+_ATOMS = frozenset({type(None), bool, int, float, complex, str, bytes})
 
+
+def _value(v: Any, h: Any, seen: set[int], depth: int) -> None:
     if depth > _MAX_DEPTH:
         raise ValueError("too deep")
+    if type(v) in _ATOMS:
+        h.update(b"V" + pickle.dumps(v, protocol=5))
+        return
     depth += 1
     if isinstance(v, types.ModuleType):
         h.update(b"M" + v.__name__.encode())
