@@ -96,12 +96,15 @@ class LocalExecutor(Executor):
         return self._pool
 
     def run(self, task: Task, wake: Wake) -> Job:
+        pool = self._pool
+        if pool is None or not pool.owned_here():
+            pool = self.pool
         args, kwargs, ups = task.args, task.kwargs, None
-        if task.upstream:
+        # (no Task.upstream: it makes two lists per task, and a fan-out starts thousands)
+        if any(isinstance(a, Upstream) for a in args) or (
+                kwargs and any(isinstance(v, Upstream) for v in kwargs.values())):
             args, kwargs, ups = self._mark_upstream(task)
-        return self.pool.submit(
-            task.fn, args, kwargs, on_change=lambda _job: wake(), label=task.label, ups=ups
-        )
+        return pool.submit(task.fn, args, kwargs, notify=wake, label=task.label, ups=ups)
 
     def _mark_upstream(self, task: Task) -> tuple[tuple, dict, list[Job]]:
         """Chaining: ``Upstream`` markers become ``PoolUp(i)``; ``ups[i]`` is the upstream
