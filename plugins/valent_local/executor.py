@@ -100,9 +100,7 @@ class LocalExecutor(Executor):
         if pool is None or not pool.owned_here():
             pool = self.pool
         args, kwargs, ups = task.args, task.kwargs, None
-        # (no Task.upstream: it makes two lists per task, and a fan-out starts thousands)
-        if any(isinstance(a, Upstream) for a in args) or (
-                kwargs and any(isinstance(v, Upstream) for v in kwargs.values())):
+        if _has_upstream(args, kwargs):
             args, kwargs, ups = self._mark_upstream(task)
         return pool.submit(task.fn, args, kwargs, notify=wake, label=task.label, ups=ups)
 
@@ -156,3 +154,17 @@ class LocalExecutor(Executor):
 
     def __reduce__(self) -> Any:
         return (LocalExecutor, (self.workers, self.max_workers, self.grace, self.capture_output))
+
+
+def _has_upstream(args: tuple, kwargs: dict) -> bool:
+    """Any ``Upstream`` marker among the arguments? (``Task.upstream`` makes two lists, a
+    generator makes an object: a fan-out starts thousands of tasks, each one more object for
+    the garbage collector to count.)"""
+    for a in args:
+        if isinstance(a, Upstream):
+            return True
+    if kwargs:
+        for v in kwargs.values():
+            if isinstance(v, Upstream):
+                return True
+    return False
