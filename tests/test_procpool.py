@@ -355,3 +355,40 @@ def test_valents_own_modules_never_shadow_the_users(pool):
     env_path, child_path = state.get_value()
     assert os.path.dirname(package) in env_path
     assert package not in env_path and repr(package) not in child_path
+
+
+def test_notify_is_called_without_argument_and_not_with_on_change(pool):
+    calls = []
+    job = pool.submit(power, (3,), notify=lambda *a: calls.append(a))
+    assert isinstance(job.wait(30), ct.Completed) and job.state.get_value() == 9
+    assert wait_until(lambda: calls, 5) and all(a == () for a in calls), calls
+    with pytest.raises(ValueError, match="on_change or notify"):
+        pool.submit(power, (3,), on_change=lambda j: None, notify=lambda: None)
+
+
+def test_every_waiter_of_a_job_wakes_when_it_ends(pool):
+    """The done flag is set without a lock: waiters that came before, during and after the
+    end all return, and ``done`` says the same as ``wait``."""
+    for _ in range(20):
+        job = pool.submit(nap, (0.002,))
+        woke = []
+        threads = [threading.Thread(target=lambda j=job, w=woke: w.append(j.done.wait(30)))
+                   for _ in range(4)]
+        for t in threads:
+            t.start()
+        assert isinstance(job.wait(30), ct.Completed)
+        for t in threads:
+            t.join(30)
+        assert woke == [True] * 4 and job.done.is_set()
+
+
+def test_many_distinct_functions_each_run_their_own_code(pool):
+    """The pickled-function cache (and the workers' own) is keyed per function object:
+    more functions than it holds, made and dropped in turn (ids get reused), never mix up."""
+    from valent._pool import pool as pool_mod
+
+    results = []
+    for i in range(pool_mod.FN_CACHE_SIZE + 40):
+        fn = eval(f"lambda: {i}")  # a new function each time; the last one may be freed
+        results.append((i, pool.submit(fn).wait(30)))
+    assert [s.get_value() for _, s in results] == [i for i, _ in results]

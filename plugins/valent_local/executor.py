@@ -96,12 +96,13 @@ class LocalExecutor(Executor):
         return self._pool
 
     def run(self, task: Task, wake: Wake) -> Job:
+        pool = self._pool
+        if pool is None or not pool.owned_here():
+            pool = self.pool
         args, kwargs, ups = task.args, task.kwargs, None
-        if task.upstream:
+        if _has_upstream(args, kwargs):
             args, kwargs, ups = self._mark_upstream(task)
-        return self.pool.submit(
-            task.fn, args, kwargs, on_change=lambda _job: wake(), label=task.label, ups=ups
-        )
+        return pool.submit(task.fn, args, kwargs, notify=wake, label=task.label, ups=ups)
 
     def _mark_upstream(self, task: Task) -> tuple[tuple, dict, list[Job]]:
         """Chaining: ``Upstream`` markers become ``PoolUp(i)``; ``ups[i]`` is the upstream
@@ -153,3 +154,17 @@ class LocalExecutor(Executor):
 
     def __reduce__(self) -> Any:
         return (LocalExecutor, (self.workers, self.max_workers, self.grace, self.capture_output))
+
+
+def _has_upstream(args: tuple, kwargs: dict) -> bool:
+    """Any ``Upstream`` marker among the arguments? (``Task.upstream`` makes two lists, a
+    generator makes an object: a fan-out starts thousands of tasks, each one more object for
+    the garbage collector to count.)"""
+    for a in args:
+        if isinstance(a, Upstream):
+            return True
+    if kwargs:
+        for v in kwargs.values():
+            if isinstance(v, Upstream):
+                return True
+    return False

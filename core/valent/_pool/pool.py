@@ -92,37 +92,28 @@ class RemoteError(Exception):
     """Stands in for a task's exception that could not be pickled back."""
 
 
-_done_lock = threading.Lock()
+_done_lock = threading.Lock()  # between callers that wait (one Event per job at most)
 
 
 class _Done:
-    """A job's "it is final" flag: an ``Event`` made only for a caller that waits (an
-    ``Event`` costs ~1.3 KB; a million queued jobs would hold 1.3 GB of them)."""
+    """A job's "it is final" flag, kept in the job itself (two slots, no object of its own:
+    a fan-out of thousands of queued jobs makes thousands fewer objects for the garbage
+    collector to trace). The ``Event`` is made only for a caller that waits (it costs ~1.3 KB;
+    a million queued jobs would hold 1.3 GB of them)."""
 
-    __slots__ = ("_flag", "_event")
+    __slots__ = ("_job",)
 
-    def __init__(self) -> None:
-        self._flag = False
-        self._event: threading.Event | None = None
+    def __init__(self, job: Job) -> None:
+        self._job = job
 
     def set(self) -> None:
-        with _done_lock:
-            self._flag = True
-            event = self._event
-        if event is not None:
-            event.set()
+        self._job._set_final()
 
     def is_set(self) -> bool:
-        return self._flag
+        return self._job._final
 
     def wait(self, timeout: float | None = None) -> bool:
-        with _done_lock:
-            if self._flag:
-                return True
-            if self._event is None:
-                self._event = threading.Event()
-            event = self._event
-        return event.wait(timeout)
+        return self._job._wait_final(timeout)
 
 
 class Job:
@@ -133,19 +124,22 @@ class Job:
     """
 
     __slots__ = (
-        "id", "fn_entry", "args_blob", "on_change", "state", "worker", "done",
+        "id", "fn_entry", "args_blob", "on_change", "state", "worker", "_final", "_event",
         "kill_requested", "cancel_at", "started_at", "held", "label", "ups", "deps", "skip",
-        "queued", "promised",
+        "queued", "promised", "bare",
     )
 
-    def __init__(self, jid: int, fn_entry, args_blob: bytes, on_change, label: str):
+    def __init__(self, jid: int, fn_entry, args_blob: bytes, on_change, label: str,
+                 bare: bool = False):
         self.id = jid
         self.fn_entry = fn_entry
         self.args_blob = args_blob
         self.on_change = on_change
+        self.bare = bare  # on_change takes no argument
         self.state: TaskState = _PENDING
         self.worker: _Worker | None = None
-        self.done = _Done()
+        self._final = False
+        self._event: threading.Event | None = None
         self.kill_requested = False
         self.cancel_at: float | None = None  # time.time() of the cancel request
         self.started_at: float | None = None  # when the body started, as the worker said
@@ -154,15 +148,40 @@ class Job:
         # a chained job: where its Up(i) markers' values come from, an upstream Job of this
         # pool or ("v", pickled value); and the jobs chained on this one (loop only)
         self.ups: list[Any] | tuple = ()  # a list for a chained job
-        self.deps: list[Job] = []
+        self.deps: list[Job] | tuple = ()  # a list once a job is chained on this one
         self.skip: str | None = None  # asked back from its worker: "cancel" or "reclaim"
         self.queued = False  # in the pool's queue (a cancelled one stays there, skipped)
         self.promised = CancelOutcome.KILLED  # what cancel() answered, once it was asked
 
+    @property
+    def done(self) -> _Done:
+        """Set once the job is final: ``is_set()``, ``wait(timeout)``."""
+        return _Done(self)
+
     def wait(self, timeout: float | None = None) -> TaskState:
         """Block until the job is final (or ``timeout``); return its state."""
-        self.done.wait(timeout)
+        self._wait_final(timeout)
         return self.state
+
+    def _set_final(self) -> None:
+        # no lock: the flag is written before the event is read, and a waiter makes its
+        # event before it reads the flag, so one of the two sees the other (the GIL orders
+        # them); waiters share ``_done_lock`` so that they make one event between them
+        self._final = True
+        event = self._event
+        if event is not None:
+            event.set()
+
+    def _wait_final(self, timeout: float | None) -> bool:
+        if self._final:
+            return True
+        with _done_lock:
+            event = self._event
+            if event is None:
+                event = self._event = threading.Event()
+        if self._final:
+            return True
+        return event.wait(timeout)
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.label} {type(self.state).__name__}>"
@@ -252,7 +271,10 @@ def _notify(job: Job) -> None:
     cb = job.on_change
     if cb is not None:
         try:
-            cb(job)
+            if job.bare:
+                cb()
+            else:
+                cb(job)
         except Exception:  # an observer's bug must not kill the pool
             traceback.print_exc()
 
@@ -346,6 +368,7 @@ class ProcessPool:
         on_change: Callable[[Job], None] | None = None,
         label: str = "",
         ups: list[Job] | None = None,
+        notify: Callable[[], None] | None = None,
     ) -> Job:
         """Queue ``fn(*args, **kwargs)``; ``on_change(job)`` is called, on the pool's thread,
         when it starts and when it ends (once, with the final state, when the pool sees both
@@ -357,11 +380,17 @@ class ProcessPool:
         one upstream job, the value passed there; if one does not complete it never runs
         (``Cancelled(DEQUEUED)``).
 
+        ``notify``: instead of ``on_change``, a callable that takes no argument (a wake-up).
+
         Raises ``valent.PicklingError`` when the function or its arguments cannot be pickled.
         """
+        if notify is not None and on_change is not None:
+            raise ValueError("pass on_change or notify, not both")
         entry = self._fn_entry(fn, label)
         try:
-            if not kwargs and all(type(a) in _PLAIN for a in args):
+            if not kwargs and (
+                    (len(args) == 1 and type(args[0]) in _PLAIN)
+                    or all(type(a) in _PLAIN for a in args)):
                 args_blob = pickle.dumps((args, {}), protocol=5)  # the C pickler: 10x faster
             else:
                 args_blob = cloudpickle.dumps((args, kwargs or {}), protocol=5)
@@ -369,7 +398,10 @@ class ProcessPool:
             raise PicklingError(
                 f"the arguments of {label or fn!r} cannot be pickled: {exc}"
             ) from exc
-        job = Job(next(self._ids), entry, args_blob, on_change, label)
+        if notify is not None:
+            job = Job(next(self._ids), entry, args_blob, notify, label, True)
+        else:
+            job = Job(next(self._ids), entry, args_blob, on_change, label)
         if self._loop is None:
             self.start()
         with self._lock:
@@ -416,7 +448,7 @@ class ProcessPool:
                     if job.queued:
                         self._dead_queued += 1
                     job.state = Cancelled(CancelOutcome.DEQUEUED, ended_at=now)
-                    job.done.set()
+                    job._set_final()
                     self._ended.append(job)
                     dequeued.append(job)
                     outcomes.append(CancelOutcome.DEQUEUED)
@@ -469,7 +501,7 @@ class ProcessPool:
             for job in queued:
                 job.queued = False
                 job.state = Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time())
-                job.done.set()
+                job._set_final()
             self._ended.extend(queued)
         for job in queued:
             _notify(job)
@@ -507,7 +539,17 @@ class ProcessPool:
             loop.wake()
 
     def _fn_entry(self, fn, label) -> tuple[Any, int, bytes]:
+        """``(fn, key, pickled fn)``: pickled once per function (the cache holds ``fn``, so
+        its id is not reused by another function while its entry is there)."""
         key = id(fn)
+        cache = self._fn_cache
+        entry = cache.get(key)  # C calls of an OrderedDict are atomic under the GIL
+        if entry is not None and entry[0] is fn:
+            try:
+                cache.move_to_end(key)
+            except KeyError:  # evicted meanwhile by another thread: the entry is still good
+                pass
+            return entry
         with self._lock:
             entry = self._fn_cache.get(key)
             if entry is not None and entry[0] is fn:
@@ -715,7 +757,7 @@ class _Loop:
         """Make ``job`` final (observers are told at the end of the turn)."""
         with self.lock:
             job.state = state
-        job.done.set()
+        job._set_final()
         self.notes.append(job)
         self._release(job)
 
@@ -723,7 +765,10 @@ class _Loop:
 
     def _release(self, job: Job) -> None:
         """``job`` is final: place the jobs chained on it that it still holds."""
-        deps, job.deps = job.deps, []
+        deps = job.deps
+        if not deps:
+            return
+        job.deps = ()
         for d in deps:
             if not d.state.final and d.worker is None:
                 self._place(d)
@@ -759,8 +804,10 @@ class _Loop:
             # bounded: the io thread must never block on a full socket while the worker
             # blocks sending results back (a 1,000-long chain sent at once deadlocked)
             self._send_after(w, job)
-        else:
+        elif u.deps:
             u.deps.append(job)
+        else:
+            u.deps = [job]
 
     def _send_after(self, w: _Worker, job: Job) -> None:
         """Send ``job`` to ``w`` after what it has; then the jobs chained on it."""
@@ -780,6 +827,8 @@ class _Loop:
 
     def _send_chain(self, w: _Worker, job: Job) -> None:
         """``job`` went to ``w``: its chained jobs with one upstream go right after it."""
+        if not job.deps:
+            return
         keep = []
         for d in job.deps:
             if len(w.more) < AHEAD and not d.state.final and d.worker is None and len({
@@ -787,7 +836,7 @@ class _Loop:
                 self._send_after(w, d)
             else:
                 keep.append(d)
-        job.deps = keep
+        job.deps = keep or ()
 
     def _ask_back(self, w: _Worker, job: Job, why: str) -> None:
         """Ask ``w`` for a job sent ahead that it has not started (it answers ``skipped``,
@@ -896,6 +945,7 @@ class _Loop:
         share = -(-live // len(busy))  # each worker its share: none takes all of a burst
         for w in busy:
             batch: list[Job] = []
+            fn_key, limit, more = None, 0, len(w.more)
             with self.lock:
                 q = self.pool._queue
                 while q and len(batch) < share:
@@ -905,12 +955,15 @@ class _Loop:
                         head.queued = False
                         self.pool._dead_queued -= 1
                         continue
-                    t = self.fn_time.get(head.fn_entry[1])
-                    if t is None or t >= QUICK:
-                        break  # a job that may run long waits for a free worker
-                    limit = min(MAX_AHEAD, max(AHEAD, int(AHEAD_TIME / max(t, 1e-6))))
-                    if len(w.more) + len(batch) >= limit or (
-                            not batch and limit > 2 * AHEAD and 2 * len(w.more) > limit):
+                    key = head.fn_entry[1]
+                    if key != fn_key:  # (a fan-out's jobs share one function: once)
+                        t = self.fn_time.get(key)
+                        if t is None or t >= QUICK:
+                            break  # a job that may run long waits for a free worker
+                        limit = min(MAX_AHEAD, max(AHEAD, int(AHEAD_TIME / max(t, 1e-6))))
+                        fn_key = key
+                    if more + len(batch) >= limit or (
+                            not batch and limit > 2 * AHEAD and 2 * more > limit):
                         break  # full; or more than half full: topped up later, in one go
                     q.popleft()
                     head.queued = False
@@ -945,7 +998,7 @@ class _Loop:
             w.known[key] = None
             while len(w.known) > FN_CACHE_SIZE:
                 forget.append(w.known.popitem(last=False)[0])
-        ups = [("j", u.id) if isinstance(u, Job) else u for u in job.ups]
+        ups = [("j", u.id) if isinstance(u, Job) else u for u in job.ups] if job.ups else ()
         self._queue_bytes(w, pack_msg((job.id, key, send_blob, forget, ups), job.args_blob),
                           job.args_blob)
 
@@ -1051,19 +1104,20 @@ class _Loop:
         buf += self.rview[:n]
         msgs: list[tuple[Any, bytes | None]] = []
         pos, size, broken = 0, len(buf), False
-        while size - pos >= HEADER.size:
-            meta_len, blob_len = HEADER.unpack_from(buf, pos)
-            start = pos + HEADER.size + meta_len
-            end = start + max(blob_len - 1, 0)
-            if size < end:
-                break
-            try:
-                msg = pickle.loads(buf[pos + HEADER.size:start])
-            except (pickle.UnpicklingError, EOFError, ValueError):
-                broken = True
-                break
-            msgs.append((msg, bytes(buf[start:end]) if blob_len else None))
-            pos = end
+        with memoryview(buf) as view:  # read in place (released before the cut below)
+            while size - pos >= HEADER.size:
+                meta_len, blob_len = HEADER.unpack_from(view, pos)
+                start = pos + HEADER.size + meta_len
+                end = start + max(blob_len - 1, 0)
+                if size < end:
+                    break
+                try:
+                    msg = pickle.loads(view[pos + HEADER.size:start])
+                except (pickle.UnpicklingError, EOFError, ValueError):
+                    broken = True
+                    break
+                msgs.append((msg, bytes(view[start:end]) if blob_len else None))
+                pos = end
         del buf[:pos]  # once, not per message
         for i, (msg, blob) in enumerate(msgs):
             if len(msg) == 3 and i + 1 < len(msgs):  # a start, and what came right after it
