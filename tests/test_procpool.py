@@ -392,3 +392,33 @@ def test_many_distinct_functions_each_run_their_own_code(pool):
         fn = eval(f"lambda: {i}")  # a new function each time; the last one may be freed
         results.append((i, pool.submit(fn).wait(30)))
     assert [s.get_value() for _, s in results] == [i for i, _ in results]
+
+
+def test_a_process_holding_over_1024_descriptors_can_still_kill(tmp_path):
+    """A long-lived program may hold 1,024+ open files: the pool's wait for a killed worker
+    once used select(), which refuses such descriptor numbers, and the pool's thread died
+    ("stopped on an internal error"), failing every task after it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1300:
+        pytest.skip(f"the hard limit of open files ({hard}) is below 1,300")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1300), hard))
+    held = []
+    try:
+        while not held or held[-1] < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        with ProcessPool(workers=1, grace=0.5, name="test") as p:
+            running = p.submit(nap, (60, str(tmp_path / "pid")))
+            pid_file = tmp_path / "pid"
+            assert wait_until(pid_file.exists, 30)
+            worker_pid = int(pid_file.read_text().split()[0])
+            assert p.cancel(running) == ct.CancelOutcome.KILLED
+            state = running.wait(30)
+            assert isinstance(state, ct.Cancelled), state
+            assert wait_gone([worker_pid], 10) == []
+            assert p.submit(power, (3,)).wait(30).get_value() == 9  # the pool lives on
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -229,7 +229,10 @@ class HostWorker:
             fds.append(self._conn.fileno())
         if timeout is None and self._lost_since is not None:
             timeout = max(0.0, self._next_attempt - time.monotonic())
-        select.select(fds, [], [], timeout)
+        poller = select.poll()  # not select(): the user's process may hold 1024+ descriptors
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        poller.poll(None if timeout is None else timeout * 1000)
         try:
             while os.read(self._wake_r, 4096):
                 pass

@@ -1559,7 +1559,9 @@ def _wait_exit(proc: subprocess.Popen, timeout: float) -> None:
         proc.wait(timeout=timeout)
         return
     try:
-        select.select([fd], [], [], timeout)
+        poller = select.poll()  # not select(): it refuses a descriptor numbered 1024 or more
+        poller.register(fd, select.POLLIN)
+        poller.poll(timeout * 1000)
     finally:
         os.close(fd)
 
