@@ -243,3 +243,36 @@ def test_a_long_chain_completes_without_filling_a_workers_socket():
 
     result = ct.get_result(ct.dispatch(long_chain)(2000), wait=True, timeout=300)
     assert (result.status, result.result) == (ct.Status.COMPLETED, 2000)
+
+
+def test_after_the_pool_stops_on_an_internal_error_the_next_task_gets_a_new_pool(
+    local_executor, monkeypatch, capfd
+):
+    """An internal error in the pool's thread fails the jobs it had (never a silent hang)
+    and the executor starts a new pool for the next task instead of failing for ever."""
+    from valent._pool import pool as pool_module
+
+    woke = threading.Event()
+    first = local_executor.run(_task(nap, 0), woke.set)
+    assert isinstance(_poll_until_final(local_executor, first, woke), ct.Completed)
+    old_pool = local_executor.pool
+    # a fake fault, the only way to cause a bug in the pool's own thread: its first turn
+    # with a job to hand out raises
+    real_turn = pool_module._Loop._turn
+    broke = []
+
+    def turn_that_breaks_once(self):
+        if not broke and self.pool._queue:
+            broke.append(True)
+            raise RuntimeError("a bug in the pool's thread")
+        return real_turn(self)
+
+    monkeypatch.setattr(pool_module._Loop, "_turn", turn_that_breaks_once)
+    victim = local_executor.run(_task(nap, 30), woke.set)
+    state = _poll_until_final(local_executor, victim, woke)
+    assert isinstance(state, ct.Failed) and "internal error" in str(state.error)
+    assert "a bug in the pool's thread" in capfd.readouterr().err  # its traceback is shown
+    assert not old_pool.usable()
+    after = local_executor.run(_task(nap, 0), woke.set)
+    assert isinstance(_poll_until_final(local_executor, after, woke), ct.Completed)
+    assert local_executor.pool is not old_pool

@@ -76,11 +76,12 @@ class LocalExecutor(Executor):
     @property
     def pool(self) -> ProcessPool:
         """The worker pool, started on first use (and again in a forked child: a pool's
-        workers and thread belong to the process that started it)."""
+        workers and thread belong to the process that started it; and after the pool stopped
+        on an internal error: its jobs failed, later ones get a new pool)."""
         pool = self._pool
-        if pool is None or not pool.owned_here():
+        if pool is None or not pool.usable():
             with self._lock:
-                if self._pool is None or not self._pool.owned_here():
+                if self._pool is None or not self._pool.usable():
                     cap = self.max_workers
                     pool = ProcessPool(
                         self.workers,
@@ -97,7 +98,7 @@ class LocalExecutor(Executor):
 
     def run(self, task: Task, wake: Wake) -> Job:
         pool = self._pool
-        if pool is None or not pool.owned_here():
+        if pool is None or not pool.usable():
             pool = self.pool
         args, kwargs, ups = task.args, task.kwargs, None
         if _has_upstream(args, kwargs):

@@ -533,6 +533,12 @@ class ProcessPool:
         """True in the process that made the pool (not in a forked child of it)."""
         return self._pid == _pid[0]
 
+    def usable(self) -> bool:
+        """True while the pool takes work: made here, not shut down, and its thread did not
+        stop on an internal error (then every job it had failed, and an owner of the pool
+        should start a new one)."""
+        return not self._closed and self._pid == _pid[0]
+
     def _wake(self) -> None:
         loop = self._loop
         if loop is not None:
