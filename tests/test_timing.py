@@ -66,7 +66,9 @@ def test_meters_every_hook_and_task_per_executor(meter):
     assert ct.get_result(did, wait=True, timeout=30).status == ct.Status.CANCELLED
     assert meter.calls[("local", "run")].count == 5  # inc x3, boom, nap
     assert meter.calls[("local", "poll")].count >= 5
-    assert meter.calls[("local", "cancel")].count == 1
+    # one task's cancel: through cancel, or cancel_many (LocalExecutor stops a batch at once)
+    assert sum(meter.calls[("local", h)].count for h in ("cancel", "cancel_many")
+               if ("local", h) in meter.calls) == 1
     assert meter.tasks[("local", "Completed")].count == 3
     assert meter.tasks[("local", "Failed")].count == 1
     assert meter.tasks[("local", "Cancelled")].count == 1

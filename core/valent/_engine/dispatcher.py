@@ -1184,8 +1184,32 @@ class _Loop:
             try:
                 st.apply([(d, n, f) for (d, n), f in bn.items()], list(bd.items()), bb)
             except StoreError as exc:
+                if len(bn) > 1:  # keep what fits: written one by one, the rest put back
+                    bn, bd, bb = self.write_one_by_one(st, bn, bd, bb)
                 self.batch.put_back(bn, bd, bb)
                 self.store_failed(st, exc)
+
+    def write_one_by_one(
+        self, st: Store, nodes: dict, dispatches: dict, bulk: list
+    ) -> tuple[dict, dict, list]:
+        """After a batch did not fit (a full disk): write its changes one transaction each,
+        so every output that still fits is stored (nothing computed is lost for want of room
+        for the whole batch). Returns what could not be written."""
+        left_bulk = []
+        for b in bulk:
+            try:
+                st.apply([], [], [b])
+            except StoreError:
+                left_bulk.append(b)
+        if left_bulk:  # per-node changes go after the bulk ones: keep them together
+            return nodes, dispatches, left_bulk
+        left_nodes = {}
+        for key, f in nodes.items():
+            try:
+                st.apply([(key[0], key[1], f)], [], [])
+            except StoreError:
+                left_nodes[key] = f
+        return left_nodes, dispatches, []
 
     def store_failed(self, store: Store, exc: StoreError) -> None:
         """A write to ``store`` failed: stop each of its dispatches, which end FAILED."""
