@@ -309,7 +309,7 @@ class _Loop:
         self.next_external = 0.0
         self.flush_due: float | None = None  # when the batch's oldest change must be written
         self.observers = self.plugins.has_observers
-        self.direct = False  # call executors' methods, not the hooks (``Plugins.direct``)
+        self.calls = self.plugins.calls()  # the hooks, or the executors' own methods
         self.own = own or (lambda run: None)
         self.builder = Builder(
             executors or Executors(plugins_now), owner or (os.getpid(), "", 0.0), self.deliver
@@ -341,7 +341,7 @@ class _Loop:
             events = []
         self.plugins = self.plugins_now()
         self.observers = self.plugins.has_observers
-        self.direct = self.plugins.direct()
+        self.calls = self.plugins.calls()
         while True:
             try:
                 events.append(self.q.get_nowait())
@@ -561,11 +561,7 @@ class _Loop:
             electron.timeout if electron else None, nr.attempts,
         )
         try:
-            wake = _waker(self.q, nr)
-            if self.direct:
-                nr.handle = executor.run(task, wake)
-            else:
-                nr.handle = self.plugins.run(executor, task, wake)
+            nr.handle = self.calls.run(executor, task, _waker(self.q, nr))
         except Exception as exc:
             self.fail(nr, exc, traceback.format_exc())
             return
@@ -727,10 +723,7 @@ class _Loop:
         if nr.waiting and nr.cancel_at is None:
             return  # chained, and a parent is not complete here yet: read it then
         try:
-            if self.direct:
-                state = nr.executor.poll(nr.handle)
-            else:
-                state = self.plugins.poll(nr.executor, nr.handle)
+            state = self.calls.poll(nr.executor, nr.handle)
         except Exception as exc:
             if nr.cancel_at is not None:
                 # an error while stopping it: the cancel came first
@@ -1044,11 +1037,7 @@ class _Loop:
             for nr in nrs:
                 nr.cancel_tries += 1
             try:
-                handles = [nr.handle for nr in nrs]
-                if self.direct:
-                    outcomes = list(ex.cancel_many(handles))
-                else:
-                    outcomes = list(self.plugins.cancel_many(ex, handles))
+                outcomes = list(self.calls.cancel_many(ex, [nr.handle for nr in nrs]))
                 if len(outcomes) != len(nrs):
                     raise ValueError(
                         f"{type(ex).__name__}.cancel_many returned {len(outcomes)} outcomes "

@@ -66,6 +66,25 @@ class ExecutorInfo:
     version: str | None = None
 
 
+class _DirectCalls:
+    """The executor's own methods, called as valent's default hooks would call them."""
+
+    @staticmethod
+    def run(executor: Executor, task: Task, wake: Wake) -> Any:
+        return executor.run(task, wake)
+
+    @staticmethod
+    def poll(executor: Executor, handle: Any) -> TaskState:
+        return executor.poll(handle)
+
+    @staticmethod
+    def cancel_many(executor: Executor, handles: list[Any]) -> list[CancelOutcome]:
+        return executor.cancel_many(handles)
+
+
+_DIRECT = _DirectCalls()
+
+
 @dataclass
 class Plugins:
     """The loaded plugins and the executors they provide."""
@@ -112,6 +131,11 @@ class Plugins:
             if len(impls) != 1 or not isinstance(impls[0].plugin, _Defaults):
                 return False
         return True
+
+    def calls(self) -> Plugins | _DirectCalls:
+        """What to call ``run``/``poll``/``cancel_many`` on: the executor's own methods when
+        :meth:`direct` says the hooks would add nothing, else these hooks."""
+        return _DIRECT if self.direct() else self
 
     def run(self, executor: Executor, task: Task, wake: Wake) -> Any:
         return self.pm.hook.valent_run(executor=executor, task=task, wake=wake)
