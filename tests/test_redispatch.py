@@ -712,3 +712,145 @@ def test_a_function_digests_as_it_did_when_earlier_versions_stored_it():
     assert fn_digest(ns["task"]) == "0307d88e455ae7c6b235b81ceae42000"
     ns["LIMIT"] = 4  # a global it reads changed: another digest
     assert fn_digest(ns["task"]) != "0307d88e455ae7c6b235b81ceae42000"
+
+
+# ------------------------------------------------------------------ everything reused at once
+
+
+def _no_run_created(monkeypatch):
+    """Fail the test if a DispatchRun is made (the dispatch must be written whole)."""
+    from valent._engine import prepare
+
+    def made(*a, **k):
+        raise AssertionError("create_run was called: the redispatch was not taken whole")
+
+    monkeypatch.setattr(prepare, "create_run", made)
+
+
+def test_a_redispatch_that_reuses_every_output_is_written_completed_at_once(
+    tmp_path, keep_small_graphs, monkeypatch
+):
+    """The kept graph, every node of the source COMPLETED with an output: the new dispatch
+    is written COMPLETED in one transaction (no run, no executor), each node reused (start ==
+    end, ``reused from``), its parameters COMPLETED without a reason, the same result; and
+    it is kept in turn, so a redispatch of it is taken whole too."""
+    d = str(tmp_path)
+    did = ct.dispatch(fanned)(d, [1, 2, 3, 4])
+    before = ct.get_result(did, wait=True, timeout=60)
+    assert before.result == 9
+    _no_run_created(monkeypatch)
+    rid = ct.redispatch(did, reuse_previous_results=True)()
+    result = ct.get_result(rid, wait=True, timeout=60)
+    assert (result.status, result.result, result.redispatch_of) == (
+        ct.Status.COMPLETED, 9, did)
+    assert result.root_dispatch_id == rid and result.error is None
+    assert result.start_time == result.end_time and result.inputs == before.inputs
+    assert [runs(d, f"inc{i}") for i in (1, 2, 3)] == [1, 1, 1]
+    nodes = result.get_all_node_results()
+    assert len(nodes) == before.node_count
+    for old, new in zip(before.get_all_node_results(), nodes, strict=True):
+        assert (new["node_name"], new["status"], new["output"], new["parents"]) == (
+            old["node_name"], ct.Status.COMPLETED, old["output"], old["parents"])
+        assert new["start_time"] == new["end_time"] == result.end_time
+        assert new["executor"] == old["executor"] and new["attempts"] == 0
+        param = new["node_name"].startswith(":parameter:")
+        assert new["reason"] == (None if param else f"reused from {did}")
+    again = ct.redispatch(rid, reuse_previous_results=True)()
+    assert ct.get_result(again, wait=True, timeout=60).result == 9
+    assert ct.get_result(again).redispatch_of == rid
+    assert [runs(d, f"inc{i}") for i in (1, 2, 3)] == [1, 1, 1]
+
+
+def test_a_source_that_lost_one_output_is_not_taken_whole(
+    tmp_path, keep_small_graphs, results_dir
+):
+    """One output gone from the store (a damaged row, written here with SQL on the real
+    file): the checks inside the write fail, nothing is written whole, and the redispatch
+    decides node by node: that node runs again, the others are reused."""
+    import sqlite3
+
+    d = str(tmp_path)
+    did = ct.dispatch(fanned)(d, [1, 2, 3])
+    res = ct.get_result(did, wait=True, timeout=60)
+    lost = next(n["node_id"] for n in res.get_all_node_results() if n["output"] == 3)
+    with sqlite3.connect(results_dir / "valent.db") as db:
+        db.execute("UPDATE nodes SET output = NULL WHERE dispatch_id = ? AND node_id = ?",
+                   (did, lost))
+    rid = ct.redispatch(did, reuse_previous_results=True)()
+    result = ct.get_result(rid, wait=True, timeout=60)
+    assert (result.status, result.result) == (ct.Status.COMPLETED, 9)
+    assert [runs(d, f"inc{i}") for i in (1, 2, 3)] == [1, 2, 1]
+    assert result.get_node_result(lost)["reason"] is None  # it ran
+    assert ct.get_result(did).status == ct.Status.COMPLETED  # the source is as it was
+
+
+def test_a_whole_copy_is_refused_and_writes_nothing_when_a_check_fails(
+    tmp_path, keep_small_graphs
+):
+    """The store's checks themselves: a function digest, an executor or a parameter digest
+    that differs from the source's makes ``copy_completed_dispatch`` write nothing."""
+    from valent._store import get_store
+
+    d = str(tmp_path)
+    did = ct.dispatch(fanned)(d, [1, 2, 3])
+    src = ct.get_result(did, wait=True, timeout=60)
+    store = get_store()
+    rows = {r["node_id"]: r for r in store.node_rows(did)}
+    groups: dict[tuple, list[int]] = {}
+    params = []
+    for nid, r in rows.items():
+        if r["kind"] == "parameter":
+            params.append((nid, r["out_digest"]))
+        else:
+            key = (r["name"], r["kind"], r["executor"],
+                   r["fn_digest"] if r["kind"] == "electron" else None)
+            groups.setdefault(key, []).append(nid)
+    # electron groups first: ``changed`` alters the first group's digest and executor
+    good = sorted(([[[i, i] for i in ids], *key] for key, ids in groups.items()),
+                  key=lambda g: g[2] != "electron")
+
+    def row(new_id):
+        t = 1.0
+        return {"dispatch_id": new_id, "lattice_name": "fanned", "status": "COMPLETED",
+                "created_at": t, "start_time": t, "end_time": t, "node_count": len(rows),
+                "result": store.dispatch_row(did)["result"]}
+
+    def changed(at, value):
+        first = list(good[0])
+        first[at] = value
+        return [first, *good[1:]]
+
+    assert not store.copy_completed_dispatch(row("x1"), did, changed(4, "0" * 32), params)
+    assert not store.copy_completed_dispatch(row("x2"), did, changed(3, "dask"), params)
+    assert not store.copy_completed_dispatch(
+        row("x3"), did, good, [(params[0][0], "0" * 32), *params[1:]])
+    assert not store.copy_completed_dispatch(row("x4"), did, good[1:], params)  # one missing
+    for x in ("x1", "x2", "x3", "x4"):
+        assert store.dispatch_status(x) is None and not store.node_rows(x)
+    assert store.copy_completed_dispatch(row("x5"), did, good, params)
+    assert len(store.node_rows("x5")) == src.node_count
+
+
+def test_a_big_final_result_reads_its_nodes_when_first_asked(tmp_path, monkeypatch):
+    """``get_result`` of a final dispatch of LAZY_NODES nodes or more reads only its row;
+    the nodes come from the same store file on first use, or a clear error if that file was
+    replaced since."""
+    import shutil
+
+    from valent import api
+    from valent._store import StoreLostError, get_store
+
+    monkeypatch.setattr(api, "LAZY_NODES", 1)
+    d = str(tmp_path)
+    did = ct.dispatch(chain)(d, 1, 2)
+    result = ct.get_result(did, wait=True, timeout=60)
+    assert result._node_rows is None and result.node_count == 13  # 4 tasks, 9 parameters
+    assert (result.status, result.result) == (ct.Status.COMPLETED, 9)
+    assert [n["node_name"] for n in result.get_all_node_results()].count("step") == 3
+    assert result._node_rows is not None and len(result._node_rows) == 13
+    later = ct.get_result(did)
+    db = get_store().path
+    shutil.copy(db, db.with_name("copy.db"))
+    os.replace(db.with_name("copy.db"), db)  # another file now, with the same content
+    with pytest.raises(StoreLostError):
+        later.get_node_result(0)

@@ -80,6 +80,10 @@ def redispatch(
         graph = None
         if reuse_previous_results and not args and not kwargs and not replace_electrons:
             graph = _same_graph(row, lattice, replace)
+            if graph is not None:  # the very graph again: maybe every output is reusable
+                new_id = _reuse_all(store, row, graph, lattice, replace)
+                if new_id is not None:
+                    return new_id
         if graph is None:
             if not args and not kwargs:
                 try:
@@ -108,6 +112,25 @@ def redispatch(
         return api._start(graph, lattice, {"redispatch_of": did}, replace, reuse)
 
     return start
+
+
+def _reuse_all(
+    store: Any, row: Any, graph: Any, lattice: Lattice, replace: dict[str, Electron]
+) -> str | None:
+    """The id of a new dispatch of ``graph`` that took every output of dispatch ``row``
+    (``_same_graph`` said ``graph`` is what it ran, with its lattice and inputs), written
+    COMPLETED at once; None when not all of them qualify."""
+    from . import api
+    from ._engine.prepare import create_reused_dispatch
+
+    dispatcher = api.get_dispatcher()
+    new_id = create_reused_dispatch(
+        graph, store, dispatcher.executors, dispatcher.owner, row, row["inputs"],
+        row["lattice"],
+    )
+    if new_id is not None:
+        api._remember_lattice(new_id, lattice, replace)
+    return new_id
 
 
 def _same_graph(row: Any, lattice: Lattice, replace: dict[str, Electron]) -> Any:

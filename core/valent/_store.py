@@ -635,6 +635,72 @@ class Store:
         if not self.read_only:
             self._make_reserve()  # if another process used it up, now that there is room
 
+    def copy_completed_dispatch(
+        self,
+        row: dict[str, Any],
+        source_id: str,
+        groups: Sequence[tuple[list[list[int]], str, str, str | None, str | None]],
+        params: Sequence[tuple[int, str]],
+    ) -> bool:
+        """Write dispatch ``row`` (COMPLETED, with its result) whose nodes are all those of
+        the COMPLETED dispatch ``source_id``, taken whole (start == end == ``row``'s
+        ``end_time``, reason ``reused from <source>``; parameters without a reason), in one
+        transaction; or write nothing and return False unless, inside that transaction, each
+        of ``groups`` (``(id spans, name, kind, executor, fn_digest or None)``) matches that
+        many nodes of the source that COMPLETED with an output under that name, kind,
+        executor and (when given) function digest, and each of ``params`` (``(node id,
+        output digest)``) a parameter node of the source with that digest."""
+        did, t = row["dispatch_id"], row["end_time"]
+
+        def op(conn: sqlite3.Connection) -> bool:
+            expected = sum(last - first + 1 for spans, *_ in groups for first, last in spans)
+            for spans, name, kind, executor, fn_d in groups:
+                got = conn.execute(
+                    "SELECT COUNT(*) FROM json_each(?) AS s CROSS JOIN nodes o "
+                    "WHERE o.dispatch_id = ? AND o.node_id BETWEEN "
+                    "json_extract(s.value, '$[0]') AND json_extract(s.value, '$[1]') "
+                    "AND o.status = 'COMPLETED' AND o.out_digest IS NOT NULL "
+                    "AND (o.output IS NOT NULL OR o.output_file IS NOT NULL) "
+                    "AND o.name = ? AND o.kind = ? AND o.executor IS ? "
+                    "AND (? IS NULL OR o.fn_digest = ?)",
+                    (json.dumps(spans), source_id, name, kind, executor, fn_d, fn_d),
+                ).fetchone()[0]
+                if got != sum(last - first + 1 for first, last in spans):
+                    return False
+            if params:
+                got = conn.execute(
+                    "SELECT COUNT(*) FROM json_each(?) AS s CROSS JOIN nodes o "
+                    "WHERE o.dispatch_id = ? AND o.node_id = json_extract(s.value, '$[0]') "
+                    "AND o.kind = 'parameter' AND o.out_digest = json_extract(s.value, '$[1]')",
+                    (json.dumps(params), source_id),
+                ).fetchone()[0]
+                if got != len(params):
+                    return False
+            cols = ", ".join(row)
+            conn.execute(
+                f"INSERT INTO dispatches ({cols}) VALUES ({', '.join('?' * len(row))})",
+                tuple(row.values()),
+            )
+            cur = conn.execute(
+                "INSERT INTO nodes (dispatch_id, node_id, name, kind, executor, parents, "
+                "status, start_time, end_time, fn_digest, in_digest, reason, output, "
+                "output_file, out_digest) SELECT ?, node_id, name, kind, executor, parents, "
+                "'COMPLETED', ?, ?, fn_digest, in_digest, CASE kind WHEN 'parameter' THEN NULL "
+                "ELSE ? END, output, output_file, out_digest FROM nodes WHERE dispatch_id = ?",
+                (did, t, t, f"reused from {source_id}", source_id),
+            )
+            if cur.rowcount != expected + len(params) or cur.rowcount != row["node_count"]:
+                raise _Mismatch  # the source has other nodes: roll back, write nothing
+            return True
+
+        try:
+            done = self._write(op)
+        except _Mismatch:
+            return False
+        if done and not self.read_only:
+            self._make_reserve()
+        return done
+
     def _copy_reused(self, conn: sqlite3.Connection, did: str, r: dict[str, Any]) -> None:
         cols = (
             "INSERT INTO nodes (dispatch_id, node_id, name, kind, executor, parents, status, "
@@ -658,7 +724,7 @@ class Store:
                 "o.output_file, o.out_digest FROM json_each(?) AS s CROSS JOIN nodes o "
                 "WHERE o.dispatch_id = ? AND o.node_id BETWEEN json_extract(s.value, '$[0]') "
                 "AND json_extract(s.value, '$[1]')",
-                (did, t, t, why, json.dumps(_spans(r["same"])), old),
+                (did, t, t, why, json.dumps(spans(r["same"])), old),
             )
             copied += cur.rowcount
         if r["rows"]:
@@ -1195,7 +1261,11 @@ class Store:
         )
 
 
-def _spans(ids: Iterable[int]) -> list[list[int]]:
+class _Mismatch(Exception):
+    """Raised inside a write to roll it back: what it checked did not hold."""
+
+
+def spans(ids: Iterable[int]) -> list[list[int]]:
     """Distinct ids as ``[[first, last], ...]`` spans of consecutive ones."""
     out: list[list[int]] = []
     for i in sorted(set(ids)):

@@ -177,6 +177,12 @@ def _owned_run(dispatch_id: str):
     return None if d is None else d.owned(dispatch_id)
 
 
+LAZY_NODES = 1000
+"""A final dispatch of at least this many nodes gets a ``Result`` that reads its nodes when
+first asked for them: its status, result and timings come at once (a million nodes take
+seconds to read)."""
+
+
 def get_result(
     dispatch_id: str, wait: bool = False, timeout: float | None = None, progress: bool = False
 ) -> Result:
@@ -200,6 +206,8 @@ def get_result(
     elif wait:
         _wait(store, dispatch_id, timeout)
     row = check_owner(store, store.dispatch_row(dispatch_id))
+    if row["status"] in FINAL_VALUES and (row["node_count"] or 0) >= LAZY_NODES:
+        return Result(row, None, str(store.dir), store)  # nodes read when first asked for
     return Result(row, store.node_rows(dispatch_id), str(store.dir))
 
 

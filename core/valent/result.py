@@ -49,7 +49,13 @@ class Result:
     ``start_time``, ``end_time``, ``dispatch_id``, ``results_dir``, plus ``lattice_name``.
     """
 
-    def __init__(self, row: sqlite3.Row, nodes: list[sqlite3.Row], results_dir: str):
+    def __init__(
+        self, row: sqlite3.Row, nodes: list[sqlite3.Row] | None, results_dir: str,
+        store: Any = None,
+    ):
+        """``nodes``: the dispatch's node rows, or None to read them from ``store`` (the
+        ``Store`` ``row`` came from) when first needed (``get_result`` of a big final
+        dispatch: its status, result and timings are there at once)."""
         self.dispatch_id: str = row["dispatch_id"]
         self.lattice_name: str = row["lattice_name"]
         self.status: Status = Status(row["status"])
@@ -68,7 +74,8 @@ class Result:
         self.redispatch_of: str | None = _col(row, "redispatch_of", keys)
         """The dispatch this one redispatched (``ct.redispatch``), if any."""
         self._row = row
-        self._nodes = nodes
+        self._node_rows = nodes
+        self._store = store
         self._outputs: dict[int, Any] = {}
         self._trusted = False
 
@@ -111,8 +118,29 @@ class Result:
     # ------------------------------------------------------------------ nodes
 
     @property
+    def _nodes(self) -> list[sqlite3.Row]:
+        """The node rows, read on first use when they were not given (a final dispatch's
+        rows; a late node of a cancel, one that ran to completion, may be newer than
+        ``status``). The same store file as ``status`` came from, or ``StoreLostError``."""
+        if self._node_rows is None:
+            rows = self._store.node_rows(self.dispatch_id)
+            if len(rows) != (self._row["node_count"] or 0):
+                from ._store import StoreLostError
+
+                raise StoreLostError(
+                    f"the results store {self.results_dir} no longer holds the nodes of "
+                    f"dispatch {self.dispatch_id} (it was removed after get_result); call "
+                    "get_result again"
+                )
+            self._node_rows = rows
+            self._store = None
+        return self._node_rows
+
+    @property
     def node_count(self) -> int:
-        return len(self._nodes)
+        if self._node_rows is None:
+            return self._row["node_count"] or 0
+        return len(self._node_rows)
 
     def _row_for(self, node_id: int) -> sqlite3.Row:
         if not 0 <= node_id < len(self._nodes):

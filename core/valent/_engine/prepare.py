@@ -205,6 +205,106 @@ def gc_paused():
             gc.enable()
 
 
+def _dispatch_row(
+    dispatch_id: str, graph: Graph, inputs: bytes, owner: tuple[int, str, float],
+    links: dict[str, Any], lattice_blob: bytes | None, now: float,
+) -> dict[str, Any]:
+    """A new dispatch's row (NEW_OBJECT); ``links`` gains its ``root_dispatch_id``."""
+    pid, host, started = owner
+    links.setdefault("root_dispatch_id", dispatch_id)
+    return {
+        "dispatch_id": dispatch_id,
+        "lattice_name": graph.lattice_name,
+        "status": Status.NEW_OBJECT.value,
+        "created_at": now,
+        "inputs": inputs,
+        "input_repr": repr((graph.args, graph.kwargs))[:500],
+        "owner_pid": pid,
+        "owner_host": host,
+        "owner_started": started,
+        "node_count": len(graph.nodes),
+        "lattice": lattice_blob,
+        **links,
+    }
+
+
+def create_reused_dispatch(
+    graph: Graph,
+    store: Any,
+    executors: Executors,
+    owner: tuple[int, str, float],
+    source: Any,
+    inputs: bytes,
+    lattice_blob: bytes | None,
+    new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+) -> str | None:
+    """A redispatch that reuses everything, written COMPLETED at once; its id, or None when
+    not everything qualifies (then ``create_run`` decides node by node).
+
+    ``graph`` is the very graph ``source`` (a COMPLETED dispatch's row, its result inline)
+    was created from, kept by this process (``kept_graph``), and ``inputs`` and
+    ``lattice_blob`` pickle as that dispatch's did. Then a node's inputs are the same as in
+    ``source`` exactly when its parents' outputs are, so each node takes its old output when
+    all nodes of ``source`` COMPLETED with an output under the same name, kind and executor,
+    each electron's function digests as it did then, and each parameter pickles to the same
+    digest: all checked in the store in the transaction that writes the new dispatch (the
+    lattice's result is the source's: the same structure of the same outputs). Nothing runs,
+    so no executor is started; a sublattice (whose child dispatch decides) is never taken
+    whole."""
+    from .._store import spans
+    from ..graph import ELECTRON, SUBLATTICE
+    from .reuse import fn_digest
+
+    if (
+        source["status"] != Status.COMPLETED.value or source["result"] is None
+        or source["node_count"] != len(graph.nodes)
+    ):
+        return None
+    default = None
+    found: dict[tuple, list] = {}
+    params: list[tuple[int, str]] = []
+    for node in graph.nodes:
+        kind = node.kind
+        if kind == PARAMETER:
+            try:
+                params.append((node.id, blob_digest(dumps_param(node.value))))
+            except Exception:  # noqa: BLE001 - create_run says what cannot be pickled
+                return None
+            continue
+        if kind == SUBLATTICE:
+            return None
+        key = (node.name, kind, id(node.electron))
+        group = found.get(key)
+        if group is None:
+            group = found[key] = [node, []]
+        group[1].append(node.id)
+    groups = []
+    for (name, kind, _), (first, ids) in found.items():
+        ex_name = fn_d = None
+        if kind == ELECTRON:
+            if default is None:
+                from ..config import default_executor_name
+
+                default = default_executor_name()
+            spec = executor_spec(first.electron, graph.executor, default)
+            ex_name = executors.resolve(spec).name
+            fn_d = fn_digest(first.fn)
+            if fn_d is None:
+                return None
+        groups.append((spans(ids), name, kind, ex_name, fn_d))
+    now = time.time()
+    dispatch_id = new_id()
+    links = {"redispatch_of": source["dispatch_id"]}
+    row = _dispatch_row(dispatch_id, graph, inputs, owner, links, lattice_blob, now)
+    row.update(
+        status=Status.COMPLETED.value, start_time=now, end_time=now, result=source["result"]
+    )
+    if not store.copy_completed_dispatch(row, source["dispatch_id"], groups, params):
+        return None
+    _keep_graph(dispatch_id, graph, len(inputs))
+    return dispatch_id
+
+
 def _create_run(
     graph: Graph,
     store: Any,
@@ -280,23 +380,8 @@ def _create_run(
             reused["rows"].append(  # type: ignore[index]
                 (nid, node.name, node.kind, ex_name, parents, fn_d, in_d)
             )
-    pid, host, started = owner
     links = dict(links or {})
-    links.setdefault("root_dispatch_id", dispatch_id)
-    row = {
-        "dispatch_id": dispatch_id,
-        "lattice_name": graph.lattice_name,
-        "status": Status.NEW_OBJECT.value,
-        "created_at": now,
-        "inputs": inputs,
-        "input_repr": repr((graph.args, graph.kwargs))[:500],
-        "owner_pid": pid,
-        "owner_host": host,
-        "owner_started": started,
-        "node_count": len(graph.nodes),
-        "lattice": lattice_blob,
-        **links,
-    }
+    row = _dispatch_row(dispatch_id, graph, inputs, owner, links, lattice_blob, now)
     store.create_dispatch(row, nodes, NODE_COLUMNS, reused)
     if lattice_blob is not None and "parent_dispatch_id" not in links:
         _keep_graph(dispatch_id, graph, len(inputs) + sum(map(len, params.values())))
