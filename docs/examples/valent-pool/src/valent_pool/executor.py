@@ -34,7 +34,7 @@ class PoolExecutor(Executor):
         if self._pool is None:  # start the workers on first use
             self._pool = ProcessPool(self.workers, grace=self.grace, name="valent-pool")
         return self._pool.submit(
-            task.fn, task.args, task.kwargs, on_change=lambda job: wake(), label=task.label
+            task.fn, task.args, task.kwargs, notify=wake, label=task.label
         )
 
     def poll(self, handle: Job) -> TaskState:
