@@ -231,9 +231,10 @@ def validate_executor(spec: Any) -> Any:
     from ._plugins.contract import Executor
 
     if isinstance(spec, str):
+        from ._engine.resolve import make_executor
         from ._plugins.manager import get_plugins
 
-        return executor_from_config(spec, get_plugins().executor_class(spec))
+        return make_executor(get_plugins(), spec)
     if isinstance(spec, Executor):
         cls = type(spec)
         problems = []
