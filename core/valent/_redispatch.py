@@ -72,8 +72,13 @@ def redispatch(
         replace[name] = as_electron(name, new)
 
     def start(*args: Any, **kwargs: Any) -> str:
+        from ._gc import gc_paused
+
+        with gc_paused():  # tracing, the old rows, the new ones: 10,000s of objects kept
+            return traced_and_started(*args, **kwargs)
+
+    def traced_and_started(*args: Any, **kwargs: Any) -> str:
         from ._engine.nest import apply_replacements
-        from ._engine.prepare import gc_paused
         from ._engine.reuse import Reuse
         from .result import load_blob
 
@@ -95,8 +100,7 @@ def redispatch(
                         f"the inputs of dispatch {did} cannot be loaded here ({exc!r}); pass "
                         "them: redispatch(id)(*args, **kwargs)"
                     ) from exc
-            with gc_paused():  # a big graph: 10,000s of objects, no collection meanwhile
-                graph = lattice.build_graph(*args, **kwargs)
+            graph = lattice.build_graph(*args, **kwargs)
         done = apply_replacements(graph, replace)
         missing = sorted(set(replace_electrons or {}) - done)
         if missing and not any(n.kind == SUBLATTICE for n in graph.nodes):
@@ -107,8 +111,7 @@ def redispatch(
             )
         reuse = None
         if reuse_previous_results:
-            with gc_paused():  # 10,000s of rows, all kept until the dispatch is made
-                reuse = Reuse(did, store.reuse_rows(did))
+            reuse = Reuse(did, store.reuse_rows(did))
         return api._start(graph, lattice, {"redispatch_of": did}, replace, reuse)
 
     return start

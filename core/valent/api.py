@@ -64,10 +64,13 @@ def dispatch(lattice: Lattice) -> Callable[..., str]:
     _check_lattice(lattice, "dispatch")
 
     def start(*args: Any, **kwargs: Any) -> str:
-        graph = lattice.build_graph(*args, **kwargs)
-        if lattice.triggers:
-            return _start_triggered(graph, lattice)
-        return _start(graph, lattice)
+        from ._gc import gc_paused
+
+        with gc_paused():  # the graph and its rows: 10,000s of objects, all kept
+            graph = lattice.build_graph(*args, **kwargs)
+            if lattice.triggers:
+                return _start_triggered(graph, lattice)
+            return _start(graph, lattice)
 
     return start
 

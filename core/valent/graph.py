@@ -463,9 +463,21 @@ class Electron:
         if self.hooks is not None and self.hooks.retval_keywords:
             # filled in by a call_before's return value where the task runs (as Covalent)
             kwargs = {k: v for k, v in kwargs.items() if k not in self.hooks.retval_keywords}
-        node.args = tuple(graph.ref(a) for a in args)
-        node.kwargs = {k: graph.ref(v) for k, v in kwargs.items()}
-        node.parents = _parents(node.args, node.kwargs)
+        # graph.ref and _parents, inline for the usual argument (another node's output):
+        # tracing a 100,000-node lattice makes this call 100,000 times
+        ref = graph.ref
+        parents: dict[int, None] = {}
+        refs = []
+        for a in args:
+            r = Ref(a._node_id) if type(a) is Placeholder and a._graph is graph else ref(a)
+            refs.append(r)
+            parents[r.node_id] = None
+        node.args = tuple(refs)
+        if kwargs:
+            node.kwargs = {k: ref(v) for k, v in kwargs.items()}
+            for r in node.kwargs.values():
+                parents[r.node_id] = None
+        node.parents = tuple(parents)
         return Placeholder(graph, node.id)
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
@@ -509,10 +521,13 @@ class Lattice:
 
     def build_graph(self, *args: Any, **kwargs: Any) -> Graph:
         """Trace the workflow with these arguments."""
+        from ._gc import gc_paused
+
         graph = Graph(self.name, args=args, kwargs=kwargs, executor=self.executor)
         token = _building.set(graph)
         try:
-            ret = self.fn(*args, **kwargs)
+            with gc_paused():  # a node per electron call, all kept: nothing to collect
+                ret = self.fn(*args, **kwargs)
         finally:
             _building.reset(token)
         graph.result = graph.structure(ret)

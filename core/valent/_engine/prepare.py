@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import pickle
 import sys
 import threading
@@ -16,6 +14,7 @@ from typing import Any
 
 import cloudpickle
 
+from .._gc import gc_paused
 from ..errors import PicklingError
 from ..graph import PARAMETER, Graph, Ref
 from ..status import Status
@@ -190,19 +189,6 @@ def create_run(
             graph, store, executors, owner, links, lattice_blob, default_executor, new_id(),
             reuse,
         )
-
-
-@contextlib.contextmanager
-def gc_paused():
-    """Pause the cyclic garbage collector (building tens of thousands of objects that all
-    stay alive: a collection would only walk them)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _dispatch_row(
