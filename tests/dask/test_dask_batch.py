@@ -1,0 +1,165 @@
+"""DaskExecutor batching: a deep queue of independent tasks goes out as fewer Dask tasks, each
+running several valent tasks, and every task keeps its own state, value and truthful cancel
+outcome (a task of a batch that had not started when the cancel came is ``dequeued`` and
+never runs). Real cluster (``dask scheduler`` and two ``dask worker`` programs)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import dask_tasks as T
+import pytest
+import valent
+from dask_support import alive, wait_until
+from valent import CancelOutcome
+
+
+@contextlib.contextmanager
+def one_burst(runner):
+    """Every task started inside goes to Dask in one submission: the executor's submitter
+    waits for the submit lock, held here (the way a dispatcher's burst of ready tasks
+    arrives faster than one graph update is sent)."""
+    runner.call(T.noop)  # connected: the burst goes to the submitter, not to the start thread
+    ex = runner.executor
+    before = set(ex._live)
+    with ex._submit_lock:
+        yield
+    ex._conn.kick()
+    with ex._lock:
+        mine = [h for k, h in ex._live.items() if k not in before]
+    assert wait_until(lambda: all(h.future is not None or h.state.final for h in mine), 30)
+
+
+def batched(handles) -> list:
+    """The handles that went out in a batch of more than one task."""
+    return [h for h in handles if h.batch is not None and len(h.batch) > 1]
+
+
+def idle(client) -> bool:
+    """No task of anyone is processing or waiting on the cluster."""
+    return not any(client.processing().values()) and not client.run_on_scheduler(
+        lambda dask_scheduler: len(dask_scheduler.queued)
+    )
+
+
+def ran(folder) -> set[int]:
+    return {int(name) for name in os.listdir(folder) if name.isdigit()}
+
+
+@pytest.mark.parametrize("mode", ["finish", "kill"])
+def test_cancel_inside_a_running_batch(mode, finish_runner, kill_runner, dask_client, tmp_path):
+    """Cancel every task while batches run: a task whose turn had not come is ``dequeued`` and
+    never runs (the files its body writes are counted after the cluster is idle); one that
+    ran says so (finish mode: ``runs_to_completion``, output kept; kill mode: ``killed``, its
+    process gone)."""
+    runner = finish_runner if mode == "finish" else kill_runner
+    ex = runner.executor
+    folder = tmp_path / "ran"
+    folder.mkdir()
+    n = 48
+    with one_burst(runner):
+        started = [runner.start(T.mark_and_wait, str(folder), i, 60) for i in range(n)]
+    handles = [h for h, _ in started]
+    assert len(batched(handles)) > n // 2, "a deep queue went out in batches"
+    assert wait_until(lambda: ran(folder), 30), "no task started"
+    outcomes = ex.cancel_many(handles)
+    states = [runner.wait(h, w, timeout=60) for h, w in started]
+    assert wait_until(lambda: idle(dask_client), 60), "the cluster is still busy"
+    time.sleep(0.3)
+    did_run = ran(folder)
+    running = CancelOutcome.RUNS_TO_COMPLETION if mode == "finish" else CancelOutcome.KILLED
+    for i, (outcome, state) in enumerate(zip(outcomes, states, strict=True)):
+        if outcome is CancelOutcome.DEQUEUED:
+            assert i not in did_run, f"task {i} ran after its cancel answered dequeued"
+            assert state == valent.Cancelled(CancelOutcome.DEQUEUED, ended_at=state.ended_at)
+            continue
+        assert i in did_run, (i, outcome, state)
+        assert outcome is running, (i, outcome, state)
+        assert state.started_at is not None
+        if mode == "finish":  # it saw cancel_requested() and returned: its output is kept
+            assert isinstance(state, valent.Completed) and state.get_value() == i
+        else:
+            assert state == valent.Cancelled(
+                CancelOutcome.KILLED, state.started_at, state.ended_at, state.stdout,
+                state.stderr,
+            )
+            pid = int((folder / str(i)).read_text())
+            assert not alive(pid), f"task {i}'s process outlived Cancelled(killed)"
+    # a batch that was running had both: a task that ran and one dequeued behind it
+    mixed = [
+        h for h in batched(handles)
+        if any(outcomes[handles.index(m)] is running for m in h.batch)
+        and any(outcomes[handles.index(m)] is CancelOutcome.DEQUEUED for m in h.batch)
+    ]
+    assert mixed, "no cancel landed inside a running batch"
+    assert len(did_run) < n
+
+
+@pytest.mark.parametrize("mode", ["finish", "kill"])
+def test_one_failure_in_a_batch_is_its_own(mode, finish_runner, kill_runner):
+    runner = finish_runner if mode == "finish" else kill_runner
+    n = 40
+    with one_burst(runner):
+        started = [runner.start(T.fail_some, i) for i in range(n)]
+    assert batched([h for h, _ in started])
+    for i, (h, w) in enumerate(started):
+        state = runner.wait(h, w, timeout=60)
+        if i % 5 == 3:
+            assert isinstance(state, valent.Failed), (i, state)
+            assert isinstance(state.error, ValueError) and str(state.error) == f"task {i} fails"
+            assert "fail_some" in state.traceback
+        else:
+            assert isinstance(state, valent.Completed) and state.get_value() == i, (i, state)
+        assert state.started_at is not None and state.ended_at >= state.started_at
+
+
+@pytest.mark.parametrize("mode", ["finish", "kill"])
+def test_shallow_queue_is_not_batched(mode, finish_runner, kill_runner):
+    """At most BATCH_DEPTH tasks per worker thread waiting: each keeps its own Dask task
+    (long tasks must not queue behind each other on one thread)."""
+    from valent_dask.executor import BATCH_DEPTH
+
+    runner = finish_runner if mode == "finish" else kill_runner
+    n = BATCH_DEPTH * 2  # the session cluster has two worker threads
+    with one_burst(runner):
+        started = [runner.start(T.add, i, 1) for i in range(n)]
+    for i, (h, w) in enumerate(started):
+        assert runner.wait(h, w).get_value() == i + 1
+        assert h.batch is None
+
+
+def test_batching_off(dask_cluster, dask_client):
+    from dask_support import Runner
+
+    ex = valent.executors.DaskExecutor(
+        scheduler_address=dask_cluster.scheduler_address, cancel_mode="finish", batching=False
+    )
+    try:
+        runner = Runner(ex)
+        with one_burst(runner):
+            started = [runner.start(T.add, i, 1) for i in range(40)]
+        for i, (h, w) in enumerate(started):
+            assert runner.wait(h, w).get_value() == i + 1
+            assert h.batch is None
+    finally:
+        ex.shutdown()
+    with pytest.raises(valent.ExecutorError, match="batching"):
+        valent.executors.DaskExecutor(batching="yes")
+
+
+@pytest.mark.parametrize("mode", ["finish", "kill"])
+def test_chained_task_gets_its_upstream_value_out_of_a_batch(mode, finish_runner, kill_runner):
+    runner = finish_runner if mode == "finish" else kill_runner
+    n = 40
+    with one_burst(runner):
+        started = [runner.start(T.add, i, 1000) for i in range(n)]
+        chained = [
+            runner.start(T.add, valent.Upstream(started[k][0], k), 1) for k in (0, 17, 39)
+        ]
+    assert batched([h for h, _ in started])
+    for k, (h, w) in zip((0, 17, 39), chained, strict=True):
+        assert runner.wait(h, w, timeout=60).get_value() == k + 1001
+    for i, (h, w) in enumerate(started):
+        assert runner.wait(h, w).get_value() == i + 1000
