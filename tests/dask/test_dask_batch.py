@@ -163,3 +163,74 @@ def test_chained_task_gets_its_upstream_value_out_of_a_batch(mode, finish_runner
         assert runner.wait(h, w, timeout=60).get_value() == k + 1001
     for i, (h, w) in enumerate(started):
         assert runner.wait(h, w).get_value() == i + 1000
+
+
+@pytest.fixture
+def chaos_executors(dask_cluster, dask_client):  # noqa: ARG001 - dask_client arms the stray check
+    from valent_dask import DaskExecutor
+
+    made = {
+        "dask-kill": DaskExecutor(scheduler_address=dask_cluster.scheduler_address,
+                                  cancel_mode="kill", grace=0.5),
+        "dask-finish": DaskExecutor(scheduler_address=dask_cluster.scheduler_address,
+                                    cancel_mode="finish"),
+    }
+    yield made
+    for ex in made.values():
+        ex.shutdown()
+
+
+def test_cancel_at_any_moment_in_batches(chaos_executors, dask_client, tmp_path, monkeypatch):
+    """Dispatched fan-outs deep enough to batch, cancelled (whole or in part) at random
+    moments: every invariant of tests/chaos.py holds, and once the cluster is idle no task
+    reported ``dequeued`` (or never started) has a start file."""
+    import random
+
+    import chaos
+    import cloudpickle
+    import valent as ct
+    from chaos import Plan, run_and_check
+
+    cloudpickle.register_pickle_by_value(chaos)
+    sent = []
+    for ex in chaos_executors.values():
+        real = ex._send_batches
+
+        def spy(conn, batch, sizes, real=real):  # counts batches; the real method runs
+            sent.append(len(sizes))
+            return real(conn, batch, sizes)
+
+        monkeypatch.setattr(ex, "_send_batches", spy)
+    for seed in range(8):
+        rnd = random.Random(30_000 + seed)
+        n = rnd.randint(24, 48)
+        name = ("dask-kill", "dask-finish")[seed % 2]
+        cancel_ids = None
+        if seed % 4 >= 2:
+            cancel_ids = sorted(rnd.sample(range(n), k=n // 3))
+        plan = Plan(
+            seed, "fan", [rnd.choice([0.0, 0.02, 0.1]) for _ in range(n)], [[]] * n,
+            [name] * n, rnd.choice([0.0, 0.05, 0.15, 0.3]), cancel_ids,
+        )
+        folder = tmp_path / f"run{seed}"
+        folder.mkdir()
+        result = run_and_check(plan, str(folder), chaos_executors)
+        assert wait_until(lambda: idle(dask_client), 60)
+        time.sleep(0.2)
+        starts = [f for f in os.listdir(folder) if f.endswith(".start")]
+        started = _started_nodes(starts, result)
+        for node in result.get_all_node_results():
+            if node["node_name"] != "chaos_task" or node["status"] != ct.Status.CANCELLED:
+                continue
+            if node["cancel_outcome"] == "dequeued" or node["reason"] == "upstream":
+                assert node["node_id"] not in started, (
+                    f"seed {seed}: node {node['node_id']} started after its cancel said dequeued"
+                )
+    assert sent, "no burst went out in batches"
+
+
+def _started_nodes(start_files: list[str], result) -> set[int]:
+    """Node ids of the chaos tasks whose start file exists (tag ``t<i>`` is the i-th task,
+    node ids follow creation order: task i is the i-th ``chaos_task`` node)."""
+    ids = [n["node_id"] for n in result.get_all_node_results() if n["node_name"] == "chaos_task"]
+    return {ids[int(f[1:-len(".start")])] for f in start_files}
