@@ -120,8 +120,14 @@ def to_state(h: Handle, future: Any, value: Any) -> TaskState:
 
         name = type(value).__name__
         if isinstance(value, KilledWorker):
+            where = label
+            if h.batch is not None:  # its body may not have started: the batch's did
+                where = (
+                    f"the batch of {len(h.batch)} tasks that held {label} (run as one Dask "
+                    "task)"
+                )
             err: BaseException = WorkerDiedError(
-                f"the Dask worker running {label} died ({name}: {value}); Dask gave up "
+                f"the Dask worker running {where} died ({name}: {value}); Dask gave up "
                 "after its allowed failures (distributed.scheduler.allowed-failures)"
             )
         else:

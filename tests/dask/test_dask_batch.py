@@ -234,3 +234,43 @@ def _started_nodes(start_files: list[str], result) -> set[int]:
     node ids follow creation order: task i is the i-th ``chaos_task`` node)."""
     ids = [n["node_id"] for n in result.get_all_node_results() if n["node_name"] == "chaos_task"]
     return {ids[int(f[1:-len(".start")])] for f in start_files}
+
+
+@pytest.mark.parametrize("mode", ["finish", "kill"])
+@pytest.mark.parametrize("retries", [0, 1])
+def test_worker_lost_mid_batch(mode, retries, finish_runner, kill_runner, allowed_failures,
+                               tmp_path):
+    """The first task of a batch SIGKILLs its Dask worker (once). With a retry allowed, Dask
+    runs the batch again elsewhere and every task reports its own value; with none, the
+    batch's tasks (and those of a batch queued on that worker, whose bodies never started)
+    end Failed(WorkerDiedError) naming their batch; the other tasks of the burst complete."""
+    runner = finish_runner if mode == "finish" else kill_runner
+    allowed_failures(retries)
+    path = str(tmp_path / "attempts")
+    n = 40
+    with one_burst(runner):
+        first = runner.start(T.kill_my_worker_once, path, mode == "kill")
+        rest = [runner.start(T.add, i, 1) for i in range(1, n)]
+    assert first[0].batch is not None and len(first[0].batch) > 1
+    lost = {id(h) for h in first[0].batch}
+    state = runner.wait(*first, timeout=90)
+    if retries:
+        assert isinstance(state, valent.Completed) and state.get_value() == 2
+    else:
+        assert isinstance(state, valent.Failed), state
+        assert isinstance(state.error, valent.WorkerDiedError)
+        assert "batch of" in str(state.error)
+    completed = 0
+    for i, (h, w) in enumerate(rest, start=1):
+        state = runner.wait(h, w, timeout=90)
+        if isinstance(state, valent.Completed):
+            assert state.get_value() == i + 1, (i, state)
+            completed += 1
+            continue
+        # without retries, Dask also gives up on what was queued on that worker (the next
+        # batch it was given): those never started, and their error names their batch
+        assert not retries, (i, state)
+        assert isinstance(state, valent.Failed), (i, state)
+        assert isinstance(state.error, valent.WorkerDiedError) and "batch of" in str(state.error)
+        assert id(h) in lost or state.started_at is None, (i, state)
+    assert completed == n - 1 if retries else completed >= n // 2, completed
