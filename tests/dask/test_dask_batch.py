@@ -38,7 +38,16 @@ def batched(handles) -> list:
 
 
 def idle(client) -> bool:
-    """No task of anyone is processing or waiting on the cluster."""
+    """No task of anyone is processing or waiting on the cluster, and no worker thread still
+    runs one (a task the scheduler let go of may still run there)."""
+
+    def busy(dask_worker) -> int:
+        from valent_dask import worker_side
+
+        return len(dask_worker.state.executing) + len(worker_side._running)
+
+    if any(client.run(busy).values()):
+        return False
     return not any(client.processing().values()) and not client.run_on_scheduler(
         lambda dask_scheduler: len(dask_scheduler.queued)
     )
@@ -274,3 +283,65 @@ def test_worker_lost_mid_batch(mode, retries, finish_runner, kill_runner, allowe
         assert isinstance(state.error, valent.WorkerDiedError) and "batch of" in str(state.error)
         assert id(h) in lost or state.started_at is None, (i, state)
     assert completed == n - 1 if retries else completed >= n // 2, completed
+
+
+OWNER_OF_A_BATCH = """
+import os, sys, time
+import valent as ct
+
+ex = ct.executors.DaskExecutor(scheduler_address=sys.argv[1], cancel_mode=sys.argv[2])
+
+@ct.electron(executor=ex)
+def wait_here(folder, i):
+    with open(os.path.join(folder, f"{i}.tmp"), "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(os.path.join(folder, f"{i}.tmp"), os.path.join(folder, str(i)))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not ct.cancel_requested():
+        time.sleep(0.01)
+    return i
+
+@ct.lattice
+def flow(folder):
+    return [wait_here(folder, i) for i in range(40)]
+
+ct.dispatch(flow)(sys.argv[3])
+time.sleep(300)
+"""
+
+
+@pytest.mark.parametrize("mode", ["finish", "kill"])
+def test_batch_stops_with_its_owner(mode, dask_cluster, dask_client, tmp_path):
+    """The dispatching process is killed (-9) while batches of its tasks run on a cluster it
+    does not own: the running task stops (kill mode: its process is gone; finish mode: it
+    sees cancel_requested()) and no task of the batches starts after that."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER_OF_A_BATCH)
+    folder = tmp_path / "ran"
+    folder.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "VALENT_CONFIG"}
+    env["VALENT_RESULTS_DIR"] = str(tmp_path / "results")
+    owner = subprocess.Popen(
+        [sys.executable, str(script), dask_cluster.scheduler_address, mode, str(folder)],
+        env=env, cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_until(lambda: len(ran(folder)) >= 2, 60), "the tasks never started"
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(30)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+    assert wait_until(lambda: idle(dask_client), 60), "the owner's tasks still run"
+    at_idle = ran(folder)
+    time.sleep(1.0)
+    assert ran(folder) == at_idle and len(at_idle) < 40, sorted(ran(folder))
+    for i in at_idle:
+        pid = int((folder / str(i)).read_text())
+        if mode == "kill":
+            assert wait_until(lambda pid=pid: not alive(pid), 10), f"task {i} outlived its owner"
