@@ -137,6 +137,9 @@ class Connection:
                 self.cluster.close()
                 raise
         self.address: str = self.client.scheduler.address
+        self.threads = 1
+        """Worker threads of the cluster (all workers), as last asked (``refresh_threads``)."""
+        self.refresh_threads()
         try:
             from .reaper import Reaper
 
@@ -161,6 +164,18 @@ class Connection:
         self._submitter.start()
         _register_atexit()
         _open.add(self)
+
+    def refresh_threads(self) -> None:
+        """Ask the scheduler how many worker threads the cluster has (one round trip)."""
+        try:
+            info = self.client.scheduler_info(n_workers=0)
+            total = info.get("total_threads") or sum(
+                w.get("nthreads", 0) for w in info.get("workers", {}).values()
+            )
+        except Exception as exc:  # noqa: BLE001 - keep the last answer
+            log.debug("valent-dask: asking the cluster's size failed: %r", exc)
+            return
+        self.threads = max(1, int(total or 1))
 
     @property
     def closed(self) -> bool:

@@ -40,6 +40,15 @@ INLINE_GAP = 0.005
 RUNNING_CHECK = 0.5
 """Seconds between asks to the workers which of our pending tasks have started."""
 FN_CACHE = 256
+BATCH_DEPTH = 4
+"""Tasks go out in batches only when more than this many per worker thread of the cluster
+are waiting or running (a deep queue); then each Dask task runs several of them."""
+BATCH_SHARE = 4
+"""A batch takes at most 1/(this x worker threads) of the tasks still to send in the burst:
+at least this many batches per thread, so Dask can still spread and steal them, and the
+batches shrink towards the end of the burst (down to one task), so the tail stays balanced."""
+BATCH_MAX = 32
+"""Tasks per batch at most."""
 Blobs = tuple[str, bytes, bytes]
 """A task as sent: its function's cache token, the function pickled, its arguments pickled."""
 
@@ -62,6 +71,11 @@ class DaskExecutor(valent.Executor):
         between SIGTERM and SIGKILL.
     :param connect_timeout: seconds to wait for the scheduler when connecting.
     :param cancel_timeout: seconds a cancel waits for the workers to answer.
+    :param batching: when many independent tasks wait at once (more than ``BATCH_DEPTH``
+        per worker thread), send several as one Dask task that runs them in order (finish
+        mode) or hands them all to the worker's pool (kill mode): less Dask work per task.
+        Each task still has its own state, times, value and cancel outcome; a task of a
+        batch that has not started when a cancel comes is ``dequeued`` and never runs.
 
     It chains (``Capabilities.chain``): a task whose arguments are earlier tasks' results
     gets their Dask futures, so values go worker to worker while they are fetched for the
@@ -83,6 +97,7 @@ class DaskExecutor(valent.Executor):
         grace: Seconds = 1.0,
         connect_timeout: PositiveSeconds = 30.0,
         cancel_timeout: PositiveSeconds = 10.0,
+        batching: bool = True,
     ):
         if cancel_mode not in CANCEL_MODES:
             raise ExecutorError(
@@ -102,6 +117,9 @@ class DaskExecutor(valent.Executor):
         self.grace = float(grace)
         self.connect_timeout = connect_timeout
         self.cancel_timeout = cancel_timeout
+        if not isinstance(batching, bool):
+            raise ExecutorError(f"DaskExecutor: batching must be True or False, got {batching!r}")
+        self.batching = batching
         if cancel_mode == "kill":
             self.capabilities = Capabilities(True, True, True, self.grace, chain=True)
         else:
@@ -253,8 +271,15 @@ class DaskExecutor(valent.Executor):
                 out[i] = self._commit(h, outcome)
                 if out[i] is CancelOutcome.DEQUEUED and outcome is CancelOutcome.DEQUEUED:
                     dequeued.append((h, f))
-            if dequeued:
-                conn.client.cancel([f for _, f in dequeued], force=True)
+            # a batch's Dask task is cancelled only once none of its tasks is still to come
+            # back (its other tasks still run; a dequeued one is tombstoned on every worker)
+            drop = {id(f): f for h, f in dequeued if h.batch is None}
+            with self._lock:
+                for h, f in dequeued:
+                    if h.batch is not None and all(m.state.final for m in h.batch):
+                        drop[id(f)] = f
+            if drop:
+                conn.client.cancel(list(drop.values()), force=True)
             for h, _ in dequeued:
                 h.wake()
         return [out[i] for i in range(len(handles))]
@@ -351,6 +376,7 @@ class DaskExecutor(valent.Executor):
         dropped: list[Handle] = []
         for h, (token, fn_blob, args_blob) in batch:
             ups: list[Any] = []
+            picks: list[int | None] = []
             with self._lock:
                 if h.state.final:
                     continue
@@ -361,18 +387,23 @@ class DaskExecutor(valent.Executor):
                         if pickled is None:
                             pickled = cloudpickle.dumps(st.value, protocol=5)
                         ups.append((ws.OK, pickled))
+                        picks.append(None)
                     elif u.will_not_complete() or u.future is None:
                         ups = []  # an upstream task did not or will not complete
                         break
                     else:
-                        ups.append(u.future)
+                        ups.append(u.future)  # a batch's future: its result list
+                        picks.append(u.index)  # ... and where this upstream's tuple is in it
                 if not ups:
                     self._finish(h, Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time()))
                     dropped.append(h)
                     continue
             head = (h.task.key, token, fn_blob, args_blob, *tail)
             try:
-                future = conn.client.submit(fn, *head, *ups, key=h.task.key, pure=False)
+                extra = {"picks": tuple(picks)} if any(p is not None for p in picks) else {}
+                future = conn.client.submit(
+                    fn, *head, *ups, key=h.task.key, pure=False, **extra
+                )
             except Exception as exc:  # noqa: BLE001 - the client is closed or broken
                 with self._lock:
                     self._end_unsent(h, ExecutorError(f"Dask refused {h.task.label}: {exc}"))
@@ -387,8 +418,31 @@ class DaskExecutor(valent.Executor):
         for h in dropped:
             h.wake()
 
+    def _sizes(self, conn: Any, n: int) -> list[int] | None:
+        """How to split a burst of ``n`` independent tasks into batches; None: one Dask task
+        each (the queue is shallow, so every task keeps its own worker thread)."""
+        if self.batching is False or n < 2:
+            return None
+        threads = conn.threads
+        with self._lock:
+            depth = len(self._live)  # waiting or on the cluster, these ``n`` included
+        if depth <= BATCH_DEPTH * threads:
+            return None
+        sizes = []
+        left = n
+        while left:
+            k = max(1, min(BATCH_MAX, -(-left // (BATCH_SHARE * threads))))
+            sizes.append(k)
+            left -= k
+        return None if len(sizes) == n else sizes
+
     def _send_plain(self, conn: Any, batch: list[tuple[Handle, Blobs]]) -> None:
-        """Submit independent tasks as one graph update and follow their futures."""
+        """Submit independent tasks as one graph update and follow their futures; a deep
+        queue goes out in batches (see :meth:`_sizes`), each batch one Dask task."""
+        sizes = self._sizes(conn, len(batch))
+        if sizes is not None:
+            self._send_batches(conn, batch, sizes)
+            return
         keys = [h.task.key for h, _ in batch]
         cols = [list(c) for c in zip(*(b for _, b in batch), strict=True)]
         fn, tail = self._body()
@@ -407,6 +461,46 @@ class DaskExecutor(valent.Executor):
             for (h, _), f in zip(batch, futures, strict=True):
                 h.future = f
         conn.watch([(f, h) for (h, _), f in zip(batch, futures, strict=True)])
+
+    def _send_batches(
+        self, conn: Any, batch: list[tuple[Handle, Blobs]], sizes: list[int]
+    ) -> None:
+        """Submit ``batch`` as one graph update of len(sizes) Dask tasks, each running the
+        next ``sizes[i]`` tasks in order and returning their result tuples as a list."""
+        groups: list[list[tuple[Handle, Blobs]]] = []
+        at = 0
+        for k in sizes:
+            groups.append(batch[at:at + k])
+            at += k
+        bkeys = [f"valent-batch-{uuid.uuid4().hex}" for _ in groups]
+        cols: list[list] = [bkeys, [], [], [], []]
+        for g in groups:
+            cols[1].append([h.task.key for h, _ in g])
+            for c, j in ((2, 0), (3, 1), (4, 2)):
+                cols[c].append([b[j] for _, b in g])
+        if self.cancel_mode == "kill":
+            fn, tail = ws.run_killable_batch, (self.grace,)
+        else:
+            fn, tail = ws.run_native_batch, ()
+        cols += [[t] * len(groups) for t in tail]
+        try:
+            futures = conn.submit_many(fn, cols, bkeys)
+        except Exception as exc:  # noqa: BLE001 - the client is closed or broken
+            with self._lock:
+                for h, _ in batch:
+                    msg = f"Dask refused {h.task.label}: {exc}"
+                    self._finish(h, Failed(ExecutorError(msg), "", ended_at=time.time()))
+            for h, _ in batch:
+                h.wake()
+            return
+        watch: list[tuple[Any, Any]] = []
+        with self._lock:
+            for g, f in zip(groups, futures, strict=True):
+                members = [h for h, _ in g]
+                for i, h in enumerate(members):
+                    h.future, h.batch, h.index = f, members, i
+                watch.append((f, members))
+        conn.watch(watch)
 
     def _body(self) -> tuple[Any, tuple]:
         """The worker-side task function of this mode, and its arguments after the blobs."""
@@ -469,8 +563,12 @@ class DaskExecutor(valent.Executor):
         Dask does not tell a client when a task starts; every ``RUNNING_CHECK`` seconds,
         while some task of ours is pending, the workers are asked (one small broadcast).
         """
+        turns = 0
         while not conn.closed:
             time.sleep(RUNNING_CHECK)
+            turns += 1
+            if turns % 10 == 0:  # workers come and go: batch sizes follow the cluster's size
+                conn.refresh_threads()
             with self._lock:
                 if not any(isinstance(h.state, Pending) for h in self._live.values()):
                     continue
@@ -514,7 +612,16 @@ class DaskExecutor(valent.Executor):
         """Collector thread: turn finished futures into states, then wake the dispatcher."""
         woken = []
         with self._lock:
-            for (future, h), value in items:
+            for (future, tag), value in items:
+                if isinstance(tag, list):  # a batch: a list of result tuples, one per task
+                    many = isinstance(value, list) and len(value) == len(tag)
+                    for i, h in enumerate(tag):
+                        if h.state.final or h.future is not future:
+                            continue
+                        self._finish(h, to_state(h, future, value[i] if many else value))
+                        woken.append(h)
+                    continue
+                h = tag
                 if h.state.final or h.future is not future:
                     continue
                 self._finish(h, to_state(h, future, value))

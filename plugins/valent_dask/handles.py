@@ -19,7 +19,10 @@ STOPPED = (CancelOutcome.DEQUEUED, CancelOutcome.KILLED)
 class Handle:
     """One task on the cluster, as ``run`` returns it to the dispatcher."""
 
-    __slots__ = ("task", "wake", "future", "state", "outcome", "submitted_at", "ups", "up_futures")
+    __slots__ = (
+        "task", "wake", "future", "state", "outcome", "submitted_at", "ups", "up_futures",
+        "batch", "index",
+    )
 
     def __init__(self, task: Task, wake: valent.Wake):
         self.task = task
@@ -32,6 +35,10 @@ class Handle:
         """A chained task's upstream handles, in the order of its ``Up`` markers."""
         self.up_futures: list[Any] = []
         """The Dask futures it was given for those still running when it was sent."""
+        self.batch: list[Handle] | None = None
+        """The tasks that share its Dask task (``future``), in order, when it went in a batch."""
+        self.index: int | None = None
+        """Its place in that batch, and so in the list of result tuples the batch returns."""
 
     def will_not_complete(self) -> bool:
         """True when this task ended other than completed, or a cancel is stopping it."""
@@ -113,8 +120,14 @@ def to_state(h: Handle, future: Any, value: Any) -> TaskState:
 
         name = type(value).__name__
         if isinstance(value, KilledWorker):
+            where = label
+            if h.batch is not None:  # its body may not have started: the batch's did
+                where = (
+                    f"the batch of {len(h.batch)} tasks that held {label} (run as one Dask "
+                    "task)"
+                )
             err: BaseException = WorkerDiedError(
-                f"the Dask worker running {label} died ({name}: {value}); Dask gave up "
+                f"the Dask worker running {where} died ({name}: {value}); Dask gave up "
                 "after its allowed failures (distributed.scheduler.allowed-failures)"
             )
         else:

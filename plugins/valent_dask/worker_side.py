@@ -44,7 +44,8 @@ CONFIRM_WAIT = 10.0
 
 _lock = threading.Lock()
 _running: dict[str, Any] = {}
-"""key -> (pool, job) (kill mode), None (kill mode, job starting) or a _Flag (finish mode)."""
+"""key -> (pool, job) (kill mode), None (kill mode, job starting), a _Flag (finish mode), or
+_WAITING / _STOPPED (finish mode: in a batch here, before its turn)."""
 _kill_pending: set[str] = set()
 _kill_asked: dict[str, float] = {}
 """key -> time.time() when a cancel asked the pool to kill it (kill mode)."""
@@ -55,6 +56,14 @@ _finished: collections.OrderedDict[str, None] = collections.OrderedDict()
 _pools: dict[float, Any] = {}
 _fns: collections.OrderedDict[str, Any] = collections.OrderedDict()
 _calls: collections.OrderedDict[str, _Call] = collections.OrderedDict()
+_batches: dict[str, list[str]] = {}
+"""batch task key -> the keys of its tasks, while the batch runs in this worker process."""
+
+
+_WAITING = "waiting"
+"""``_running`` entry of a task of a finish-mode batch running here, before its turn."""
+_STOPPED = "stopped"
+"""... and of one a cancel stopped before its turn: it never starts."""
 
 
 class _Flag:
@@ -81,8 +90,13 @@ class Up:
         return (Up, (self.i,))
 
 
-def _payloads(ups: tuple) -> list[bytes] | None:
-    """The pickled values of upstream result tuples; None if one did not end ``ok``."""
+def _payloads(ups: tuple, picks: tuple | None = None) -> list[bytes] | None:
+    """The pickled values of upstream result tuples; None if one did not end ``ok``.
+
+    ``picks[i]`` (not None): upstream ``i`` ran in a batch, which returned a list of result
+    tuples; its own is at that index."""
+    if picks:
+        ups = tuple(u if p is None else u[p] for u, p in zip(ups, picks, strict=True))
     out = []
     for up in ups:
         if not (isinstance(up, tuple) and up and up[0] == OK):
@@ -214,13 +228,15 @@ def _pack_error(exc: BaseException, tb: str) -> tuple:
 
 
 def run_killable(
-    key: str, token: str, fn_blob: bytes, args_blob: bytes, grace: float, *ups: tuple
+    key: str, token: str, fn_blob: bytes, args_blob: bytes, grace: float, *ups: tuple,
+    picks: tuple | None = None,
 ) -> tuple:
     """Dask task body in kill mode: run the function in this worker's warm process pool.
 
-    ``ups``: a chained task's upstream result tuples, in the order of its :class:`Up` markers.
+    ``ups``: a chained task's upstream result tuples, in the order of its :class:`Up` markers
+    (``picks``: see :func:`_payloads`).
     """
-    payloads = _payloads(ups) if ups else None
+    payloads = _payloads(ups, picks) if ups else None
     if ups and payloads is None:
         return _skip_upstream(key)
     with _lock:
@@ -295,20 +311,32 @@ def _pack_state(state: Any) -> tuple:
     return (ERR, None, f"the task ended in an unexpected state {state!r}", "", None, None, "", "")
 
 
-def run_native(key: str, token: str, fn_blob: bytes, args_blob: bytes, *ups: tuple) -> tuple:
+def run_native(
+    key: str, token: str, fn_blob: bytes, args_blob: bytes, *ups: tuple,
+    picks: tuple | None = None,
+) -> tuple:
     """Dask task body in finish mode: run the function in this worker thread.
 
-    ``ups``: a chained task's upstream result tuples, in the order of its :class:`Up` markers.
+    ``ups``: a chained task's upstream result tuples, in the order of its :class:`Up` markers
+    (``picks``: see :func:`_payloads`).
     """
-    from valent.plugin import thread_token
-
-    payloads = _payloads(ups) if ups else None
+    payloads = _payloads(ups, picks) if ups else None
     if ups and payloads is None:
         return _skip_upstream(key)
     flag = _Flag()
     with _lock:
         if not _claim(key, flag):
             return (SKIPPED,)
+    return _native_body(key, token, fn_blob, args_blob, payloads, flag)
+
+
+def _native_body(
+    key: str, token: str, fn_blob: bytes, args_blob: bytes, payloads: list[bytes] | None,
+    flag: _Flag,
+) -> tuple:
+    """Run a claimed finish-mode task here; its result tuple."""
+    from valent.plugin import thread_token
+
     started = time.time()
     try:
         fn = _cached(_fns, token, lambda: cloudpickle.loads(fn_blob))
@@ -334,6 +362,99 @@ def run_native(key: str, token: str, fn_blob: bytes, args_blob: bytes, *ups: tup
         _release(key)
 
 
+def run_native_batch(
+    bkey: str, keys: list[str], tokens: list[str], fn_blobs: list[bytes], args_blobs: list[bytes]
+) -> list[tuple]:
+    """Dask task body of a batch in finish mode: run its tasks one after the other in this
+    worker thread; one result tuple per task, in order.
+
+    All its tasks are registered here as waiting when the batch starts; each is claimed under
+    the registry's lock right before its body starts. A cancel (:func:`cancel_keys`) of a
+    waiting one marks it stopped (answer ``dequeued``) and it never starts (``SKIPPED``), so a
+    task's cancel answer is as true inside a batch as alone. One task's error is its own
+    result; the next ones still run.
+    """
+    n = len(keys)
+    out: list[tuple | None] = [None] * n
+    with _lock:
+        _batches[bkey] = keys
+        for i, key in enumerate(keys):
+            if _tombstones.pop(key, None) is not None:
+                out[i] = (SKIPPED,)
+            else:
+                _running[key] = _WAITING
+    try:
+        for i, key in enumerate(keys):
+            if out[i] is not None:
+                continue
+            flag = _Flag()
+            with _lock:
+                if _running.get(key) is not _WAITING or not _claim(key, flag):
+                    _running.pop(key, None)  # a cancel stopped it before its turn: never runs
+                    out[i] = (SKIPPED,)
+                    continue
+            out[i] = _native_body(key, tokens[i], fn_blobs[i], args_blobs[i], None, flag)
+    finally:
+        with _lock:
+            _batches.pop(bkey, None)
+            for i, key in enumerate(keys):
+                if out[i] is None:  # only if the loop itself broke (it does not raise)
+                    _running.pop(key, None)
+    return out  # type: ignore[return-value]
+
+
+def run_killable_batch(
+    bkey: str, keys: list[str], tokens: list[str], fn_blobs: list[bytes],
+    args_blobs: list[bytes], grace: float,
+) -> list[tuple]:
+    """Dask task body of a batch in kill mode: hand all its tasks to this worker's warm pool
+    at once (the pool sends them ahead to its busy children), wait for each; one result
+    tuple per task, in order. A cancel kills or dequeues each task in the pool as it would a
+    lone one; a task tombstoned before the batch got here never reaches the pool."""
+    n = len(keys)
+    out: list[tuple | None] = [None] * n
+    with _lock:
+        _batches[bkey] = keys
+        for i, key in enumerate(keys):
+            if not _claim(key, None):
+                out[i] = (SKIPPED,)
+    jobs: list[tuple[int, str, Any]] = []
+    pool = None
+    try:
+        pool = _pool(grace)
+        calls = {
+            i: _cached(_calls, tokens[i], lambda i=i: _Call(fn_blobs[i]))
+            for i in range(n) if out[i] is None
+        }
+        with _lock:  # a cancel that came while we prepared finds no job: its body never ran
+            for i, call in calls.items():
+                if keys[i] not in _kill_pending:
+                    job = pool.submit(call, (args_blobs[i],), label=keys[i])
+                    _running[keys[i]] = (pool, job)
+                    jobs.append((i, keys[i], job))
+    except BaseException as exc:  # no pool here: every task not in it yet fails with that
+        err = _pack_error(exc, traceback.format_exc()) + (None, time.time(), "", "")
+        sent = {j[0] for j in jobs}
+        for i in range(n):
+            if out[i] is None and i not in sent:
+                out[i] = err
+                _release(keys[i])
+    sent = {j[0] for j in jobs}
+    for i in range(n):  # claimed, then cancelled before it reached the pool: it never ran
+        if out[i] is None and i not in sent:
+            out[i] = (CANCELLED, "dequeued", None, time.time(), "", "")
+            _release(keys[i])
+    for i, key, job in jobs:
+        state = job.wait()
+        with _lock:
+            asked = _kill_asked.get(key)
+        out[i] = _pack_state(_after_kill(pool, state, asked, grace))
+        _release(key)
+    with _lock:
+        _batches.pop(bkey, None)
+    return out  # type: ignore[return-value]
+
+
 def cancel_keys(keys: list[str]) -> dict[str, str]:
     """Broadcast target of a cancel: stop or flag each key running here, tombstone the rest.
 
@@ -351,6 +472,9 @@ def cancel_keys(keys: list[str]) -> dict[str, str]:
                 if isinstance(entry, _Flag):
                     entry.value = True
                     out[key] = RUNNING
+                elif entry is _WAITING or entry is _STOPPED:  # in a batch, not started
+                    _running[key] = _STOPPED
+                    out[key] = DEQUEUED
                 elif entry is not None:
                     to_kill.append((key, *entry))
                 else:  # claimed, not handed to the pool yet: it will not be
@@ -374,9 +498,14 @@ def stop_released(key: str) -> None:
     outside valent): stop it as a cancel would. Called by :class:`valent_dask.reaper.Reaper`
     on the worker's event loop; never blocks."""
     with _lock:
-        if key not in _running:
+        keys = _batches.get(key)
+        if keys is not None:
+            keys = list(keys)  # a batch: stop its running task, tombstone the ones to come
+        elif key not in _running:
             return
-    cancel_keys([key])
+        else:
+            keys = [key]
+    cancel_keys(keys)
 
 
 def _prune_tombstones(now: float) -> None:

@@ -63,9 +63,13 @@ def no_stray_processes(request):
     if "dask_client" not in request.fixturenames:
         return
     client = request.getfixturevalue("dask_client")
+    # the session cluster's own programs (started during this test if it was the first); not
+    # their descendants: what a task leaves behind under a worker is a stray
+    cluster = request.getfixturevalue("dask_cluster")
+    programs = {p.pid for p in [cluster.scheduler, *cluster.workers]}
 
     def strays() -> list[str]:
-        known = cluster_pids(client) | before | local_pool_pids()
+        known = cluster_pids(client) | before | local_pool_pids() | programs
         return [
             f"{pid} {' '.join(p.cmdline()[:4])}"
             for pid, p in descendants().items()

@@ -92,4 +92,21 @@ def kill_my_worker_once(path: str, in_child: bool):
     return n
 
 
+def mark_and_wait(folder: str, i: int, seconds: float):
+    """Write our PID to ``folder/i`` (so a test counts which tasks ran), then wait ``seconds``
+    or until ``valent.cancel_requested()``; return ``i``."""
+    _write(os.path.join(folder, str(i)), str(os.getpid()))
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not valent.cancel_requested():
+        time.sleep(0.01)
+    return i
+
+
+def fail_some(i: int):
+    """``i``, or a ValueError for every fifth task."""
+    if i % 5 == 3:
+        raise ValueError(f"task {i} fails")
+    return i
+
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
