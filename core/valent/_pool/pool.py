@@ -67,6 +67,13 @@ LOOK_FIRST_FOR, LOOK_FAST_FOR = 0.02, 0.1  # (s) the first, the next, then
 RUNNING_NOTE_DELAY = 0.001  # observers hear of a start this late: a quick job is told once
 BOOT_FAILURES = 3  # workers in a row that die before they are up: stop trying, fail the queue
 AHEAD = 2  # chained jobs sent to a worker ahead of its current one
+# No worker is started (to replace a killed one, or to keep the minimum) while a kill begun
+# less than SPAWN_HOLD seconds ago is still under way, nor, unless queued work has no idle
+# worker to go to, within SPAWN_HOLD of a kill's start: starting one holds this thread, and
+# the GIL, until the child has exec'd (vfork; on a busy machine, milliseconds, once 20 ms),
+# and the new interpreter's boot (~0.1 s of CPU) takes the CPU that the processes being
+# killed need to die and that the owner's threads need to see them gone.
+SPAWN_HOLD = 0.05
 # When the queue is deep (DEEP queued jobs per worker; a few queued ones are dequeued at once
 # on cancel), busy workers are sent batches of the next jobs ahead, in one message each: only
 # jobs of functions known to take less than QUICK (s), behind one that does too, at most
@@ -604,6 +611,7 @@ class _Loop:
         self.rview = memoryview(self.rbuf)
         self.last_start = time.monotonic()
         self.respawn = 0
+        self.last_kill = -SPAWN_HOLD  # monotonic time the last kill began
         self.boot_failures = 0
         self.closing = False
         self.woken = False
@@ -705,12 +713,13 @@ class _Loop:
                 self.housekeeping = now + 0.25
                 self._check_watcher()
                 self._shrink()
-            while self.respawn:
-                self.respawn -= 1
-                live = len(self.workers) - len(self.dying)
-                if live < self.pool.max_workers and not self._broken():
-                    self._spawn()
-            self._maybe_grow()
+            if not self._spawn_held(now):
+                while self.respawn:
+                    self.respawn -= 1
+                    live = len(self.workers) - len(self.dying)
+                    if live < self.pool.max_workers and not self._broken():
+                        self._spawn()
+                self._maybe_grow()
             self._hand_out()
         for w in self.out:
             self._flush(w)
@@ -741,7 +750,24 @@ class _Loop:
             waiting = len(self.pool._queue) > self.pool._dead_queued
         if waiting and len(self.workers) < self.pool.max_workers:
             t = min(t, self.pool.grow_after)
+        held = self._spawn_held(now)
+        if held:
+            t = min(t, held)
         return t
+
+    def _spawn_held(self, now: float) -> float:
+        """Seconds until workers may be started again (0: now), see ``SPAWN_HOLD``."""
+        hold = 0.0
+        for w in self.dying:
+            if w.term_at:
+                hold = max(hold, w.term_at + SPAWN_HOLD - now)
+        if hold or now >= self.last_kill + SPAWN_HOLD:
+            return hold
+        if not any(w.ready for w in self.idle):
+            with self.lock:
+                if len(self.pool._queue) > self.pool._dead_queued:
+                    return 0.0  # work waits and no worker is free to take it: start now
+        return self.last_kill + SPAWN_HOLD - now
 
     def _publish(self) -> None:
         """Replace the read-only view the pool's public methods read (when it changed)."""
@@ -1240,7 +1266,9 @@ class _Loop:
             self.sel.unregister(w.sock)
         except (KeyError, ValueError):
             pass
-        if not w.doomed:
+        if w.doomed:
+            w.next_scan = 0.0  # being stopped, it exited: look at what is left now
+        else:
             # died on its own (os._exit, segfault, OOM): nothing of its tree may stay
             w.died_at = time.time()
             w.doomed = w.reaping = True
@@ -1263,7 +1291,7 @@ class _Loop:
         """:meth:`_begin_kill` for several workers at once: every group is signalled first,
         then one scan of the processes finds what left each group (``setsid``)."""
         g = self.pool.grace if grace is None else grace
-        now = time.monotonic()
+        now = self.last_kill = time.monotonic()
         for w in ws:
             w.doomed = True
             if w in self.idle:
