@@ -287,6 +287,36 @@ def test_a_daemon_started_at_the_sigterm_dies_before_the_cancel_is_confirmed(tmp
     assert wait_gone(workers) == []
 
 
+def _sigterm_lands_elsewhere(pid_file):
+    """Not cooperative. Its main thread blocks SIGTERM, so the signal is taken on another
+    thread and the main thread's sleep goes on: the interpreter runs the worker's handler
+    only when the main thread next looks, as when a SIGTERM comes between its last look at
+    signals and the start of a blocking call (a race that once cost a full grace)."""
+    import threading
+
+    threading.Thread(target=time.sleep, args=(120,), daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    _put(pid_file, str(os.getpid()))
+    time.sleep(120)
+
+
+def test_a_sigterm_the_main_thread_missed_still_stops_the_task_at_once(tmp_path):
+    """A task that never asked ``cancel_requested()`` stops at SIGTERM, not at the end of the
+    grace, even when the SIGTERM did not interrupt what its main thread was doing: the pool
+    nudges the worker (SIGURG) and its handler runs."""
+    with ProcessPool(workers=1, grace=120, name="test") as p:
+        pid_file = tmp_path / "pid"
+        job = p.submit(_sigterm_lands_elsewhere, (str(pid_file),))
+        worker = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), 20))
+        p.cancel(job)
+        state = job.wait(60)  # half the grace: without the nudge it ends only at the grace
+        assert isinstance(state, ct.Cancelled), state
+        assert state.outcome == ct.CancelOutcome.KILLED
+        assert not alive(worker)
+        workers = p.worker_pids()
+    assert wait_gone(workers) == []
+
+
 # --------------------------------------------------------- #10 one task cannot break the next
 
 

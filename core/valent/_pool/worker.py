@@ -166,6 +166,11 @@ def _orphaned() -> None:
     kill_below([os.getpid()])
 
 
+def _on_nudge(signum, frame):
+    """SIGURG from the pool: nothing to do. Its arrival interrupts a blocking call, so that a
+    SIGTERM that came just before the call began is handled now, not when the call returns."""
+
+
 def _on_sigterm(signum, frame):
     """A task that never asked ``cancel_requested()`` stops at once; one that did gets the
     grace. Between tasks it only marks the cancel (the next body then never starts)."""
@@ -187,7 +192,8 @@ class _OwnState:
         self.umask = os.umask(0o077)
         os.umask(self.umask)
         # _signal's own getsignal: signal.getsignal wraps its answer in an enum (slow)
-        self.handlers = {s: _signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.handlers = {s: _signal.getsignal(s)
+                         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGURG)}
 
     def restore(self) -> None:
         for stream in (sys.stdout, sys.stderr):
@@ -440,6 +446,7 @@ def main(argv: list[str]) -> None:
     out_path, err_path = argv[2], argv[3]
     _stop_with_owner(owner)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGURG, _on_nudge)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     subreaper = _subreaper = _prctl(PR_SET_CHILD_SUBREAPER, 1)
     import faulthandler
