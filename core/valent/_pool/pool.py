@@ -64,11 +64,13 @@ FN_CACHE_SIZE = 256
 KILL_TICK = 0.005  # seconds between rounds of killing a tree
 LOOK_FIRST, LOOK_FAST, LOOK_SLOW = 0.0002, 0.001, 0.02  # between looks at a stopping worker:
 LOOK_FIRST_FOR, LOOK_FAST_FOR = 0.02, 0.1  # (s) the first, the next, then
-# A worker neither stopped nor gone this long after its SIGTERM is sent SIGURG (its handler
-# does nothing): a SIGTERM that came between the interpreter's last look at signals and a
-# blocking call (``time.sleep``) does not interrupt that call, so the worker's handler would
-# run only when it returns; the SIGURG interrupts it, and the handler runs then.
-NUDGE_AFTER = 0.005
+# A worker neither stopped nor gone these many seconds after its SIGTERM is sent SIGURG (its
+# handler does nothing): a SIGTERM that came between the interpreter's last look at signals
+# and a blocking call (``time.sleep``) does not interrupt that call, so the worker's handler
+# would run only when the call returns; the SIGURG interrupts it, and the handler runs then.
+# (The benchmark's cancel, sent as soon as a task wrote its pids, hits that gap in ~1% of
+# workers.) The second is for a SIGURG that came before the call began too.
+NUDGES = (0.002, 0.05)
 RUNNING_NOTE_DELAY = 0.001  # observers hear of a start this late: a quick job is told once
 BOOT_FAILURES = 3  # workers in a row that die before they are up: stop trying, fail the queue
 AHEAD = 2  # chained jobs sent to a worker ahead of its current one
@@ -234,7 +236,7 @@ class _Worker:
         self.more: collections.deque[Job] = collections.deque()  # sent after ``job``, in order
         self.wbuf = bytearray()  # bytes for the worker not sent yet (sends never block)
         self.writing = False  # registered with the selector for writing too
-        self.nudged = False  # sent SIGURG while stopping (see NUDGE_AFTER)
+        self.nudged = 0  # SIGURGs sent while stopping (see NUDGES)
 
     @property
     def pid(self) -> int:
@@ -1374,8 +1376,9 @@ class _Loop:
                     # can go now, without waiting out the grace
                     if not self._rest(w, []):
                         ready.append(w)
-                elif not w.nudged and now - w.term_at >= NUDGE_AFTER and w.term_at:
-                    w.nudged = True  # once: see NUDGE_AFTER (not reaped: the pid is its own)
+                elif (w.term_at and w.nudged < len(NUDGES)
+                      and now - w.term_at >= NUDGES[w.nudged]):
+                    w.nudged += 1  # see NUDGES (not reaped: the pid is still its own)
                     proctree.signal_pids([w.pid], signal.SIGURG)
         self._end_all(ready)
         todo = [w for w in self.dying if w.reaping]
