@@ -3,8 +3,10 @@
 Each worker is a fresh interpreter (``subprocess``, so it also works inside a daemonic Dask
 worker) started in its own session: a task and everything it spawns share one process group,
 and the worker is a child subreaper, so even a ``setsid`` daemon stays in its tree. Workers are
-reused across tasks; a worker whose task is cancelled is killed (SIGTERM, grace, then the tree
-under the frozen worker until nothing is left, the worker last) and replaced. The Local
+reused across tasks; a worker whose task is cancelled is killed (SIGTERM; a single-threaded
+worker whose task is not cooperative then exits by itself once it has no child left; after
+the grace, the tree under the frozen worker is killed until nothing is left, the worker last)
+and replaced once the kill is over (see ``SPAWN_HOLD``). The Local
 executor uses it directly, the Dask executor's kill mode runs one inside each Dask worker, and
 a third-party executor may reuse it.
 
