@@ -317,6 +317,66 @@ def test_a_sigterm_the_main_thread_missed_still_stops_the_task_at_once(tmp_path)
     assert wait_gone(workers) == []
 
 
+def _exits_leaving_a_stubborn_child(directory):
+    """Its own SIGTERM handler starts a child in the worker's group that ignores SIGTERM (a
+    process the pool has not seen), then ends the worker (``os._exit``); init adopts it."""
+
+    def handler(*_):
+        time.sleep(0.05)  # the pool has looked at the tree by now
+        child = subprocess.Popen(["sh", "-c", "trap '' TERM; exec sleep 120"],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        _put(f"{directory}/child", str(child.pid))
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, handler)
+    _put(f"{directory}/pid", str(os.getpid()))
+    time.sleep(120)
+
+
+def test_a_worker_gone_with_a_group_member_left_is_not_confirmed_until_it_is_gone(tmp_path):
+    """The worker exits at the SIGTERM; a process of its group lives on, until SIGKILL at the
+    end of the grace: ``Cancelled(KILLED)`` only after that (once the worker is gone the pool
+    asks the kernel whether its group is empty, and scans when it may not be)."""
+    with ProcessPool(workers=1, grace=0.3, name="test") as p:
+        job = p.submit(_exits_leaving_a_stubborn_child, (str(tmp_path),))
+        worker = int(wait_until(lambda: (tmp_path / "pid").exists()
+                                and (tmp_path / "pid").read_text(), 20))
+        p.cancel(job)
+        state = job.wait(30)
+        assert isinstance(state, ct.Cancelled) and state.outcome == ct.CancelOutcome.KILLED
+        child = int(wait_until(lambda: (tmp_path / "child").exists()
+                               and (tmp_path / "child").read_text(), 10))
+        assert [x for x in (worker, child) if alive(x)] == []
+        workers = p.worker_pids()
+    assert wait_gone(workers) == []
+
+
+def test_group_empty_and_still_alive_tell_the_truth(tmp_path):
+    from valent._pool import proctree
+
+    lead = subprocess.Popen(["sleep", "60"], process_group=0)
+    procs = [lead]
+    try:
+        member = subprocess.Popen(["sleep", "60"], process_group=lead.pid)
+        procs.append(member)
+        start = proctree._stat_fields(member.pid)[3]
+        assert not proctree.group_empty(lead.pid)
+        assert proctree.still_alive({member.pid: start}) == {member.pid: start}
+        assert proctree.still_alive({member.pid: start + 1}) == {}  # another process
+        lead.kill()
+        lead.wait()
+        assert not proctree.group_empty(lead.pid)  # the member is still in it
+        member.kill()
+        assert wait_until(lambda: not proctree.still_alive({member.pid: start}), 10)
+        member.wait()  # reaped: nothing at all left in the group
+        assert proctree.group_empty(lead.pid)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 # --------------------------------------------------------- #10 one task cannot break the next
 
 
