@@ -186,6 +186,197 @@ def test_processes_a_task_starts_in_its_grace_period_die_with_it(tmp_path):
     assert wait_gone(pids) == []
 
 
+# ------------------- a stopped worker ends with its tree, whichever way it takes to end
+
+_TREE = {
+    # a plain child, a setsid daemon (double fork: the worker adopts it), and each of the
+    # two again ignoring SIGTERM (they live until the grace ends: then SIGKILL)
+    "child": "sleep 120",
+    "daemon": "setsid sleep 120",
+    "stubborn child": "sh -c \"trap '' TERM; exec sleep 120\"",
+    "stubborn daemon": "setsid sh -c \"trap '' TERM; exec sleep 120\"",
+}
+
+
+def _starts_tree(directory, kinds, threaded):
+    """Not cooperative: start the processes ``kinds`` name (and a thread), then sleep."""
+    import threading
+
+    if threaded:  # a second thread: the worker cannot wait for its tree alone, it stops
+        threading.Thread(target=time.sleep, args=(120,), daemon=True).start()
+    pids = [subprocess.run(["sh", "-c", _TREE[k] + " > /dev/null 2>&1 < /dev/null & echo $!"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+            for k in kinds]
+    _put(f"{directory}/pids", " ".join([str(os.getpid())] + pids))
+    time.sleep(120)
+
+
+@pytest.mark.parametrize("kinds, threaded", [
+    (("child", "daemon"), False),
+    (("child", "daemon"), True),
+    (("child", "stubborn child", "stubborn daemon"), False),
+    (("stubborn daemon",), True),
+])
+def test_a_stopped_worker_and_its_whole_tree_are_gone_when_the_cancel_is_confirmed(
+        tmp_path, kinds, threaded):
+    """A task that never asked ``cancel_requested()`` is stopped at SIGTERM. A single-threaded
+    worker then waits until every process under it ended and exits by itself; one with more
+    threads freezes for the pool to kill its tree. Either way ``Cancelled(KILLED)`` comes
+    only once the worker and every process it started (setsid daemons, processes that
+    ignore SIGTERM and die at the end of the grace) are gone; and the pool replaces it."""
+    with ProcessPool(workers=1, grace=0.3, name="test") as p:
+        job = p.submit(_starts_tree, (str(tmp_path), kinds, threaded))
+        pids = [int(x) for x in wait_until(
+            lambda: (tmp_path / "pids").exists() and (tmp_path / "pids").read_text(),
+            20).split()]
+        assert len(pids) == len(kinds) + 1 and all(alive(x) for x in pids)
+        p.cancel(job)
+        state = job.wait(30)
+        assert isinstance(state, ct.Cancelled), state
+        assert state.outcome == ct.CancelOutcome.KILLED and state.started_at is not None
+        # confirmed means gone: no waiting after the job is final
+        assert [x for x in pids if alive(x)] == []
+        # the pool is whole again: a new worker runs the next job
+        assert p.submit(_prints, ("after",)).wait(30).stdout == "hello after\n"
+        assert pids[0] not in p.worker_pids()
+        workers = p.worker_pids()
+    assert wait_gone(workers) == []
+
+
+_SPAWNS_ON_TERM = """
+import os, signal, subprocess, sys, time
+def on_term(*_):
+    late = subprocess.Popen(["sleep", "120"], start_new_session=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    with open(sys.argv[1] + ".tmp", "w") as f:
+        f.write(str(late.pid))
+    os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+    os._exit(0)
+signal.signal(signal.SIGTERM, on_term)
+with open(sys.argv[2], "w") as f:
+    f.write("up")
+time.sleep(120)
+"""
+
+
+def _child_spawns_on_term(directory):
+    """Not cooperative; its child starts a daemon in a session of its own when SIGTERM
+    comes, then exits: a process the pool has not seen, outside the worker's group."""
+    d = str(directory)
+    subprocess.Popen([sys.executable, "-c", _SPAWNS_ON_TERM, f"{d}/late", f"{d}/up"])
+    wait_until(lambda: os.path.exists(f"{d}/up"), 20)
+    _put(f"{d}/pid", str(os.getpid()))
+    time.sleep(120)
+
+
+def test_a_daemon_started_at_the_sigterm_dies_before_the_cancel_is_confirmed(tmp_path):
+    """The worker outlives every process under it: a daemon its task's child starts when
+    the SIGTERM comes (and then exits) is the worker's child, not init's, and it is gone
+    when the job says ``Cancelled(KILLED)``."""
+    with ProcessPool(workers=1, grace=0.3, name="test") as p:
+        job = p.submit(_child_spawns_on_term, (str(tmp_path),))
+        worker = int(wait_until(lambda: (tmp_path / "pid").exists()
+                                and (tmp_path / "pid").read_text(), 20))
+        p.cancel(job)
+        state = job.wait(30)
+        assert isinstance(state, ct.Cancelled) and state.outcome == ct.CancelOutcome.KILLED
+        late = int(wait_until(lambda: (tmp_path / "late").exists()
+                              and (tmp_path / "late").read_text(), 10))
+        assert [x for x in (worker, late) if alive(x)] == []
+        workers = p.worker_pids()
+    assert wait_gone(workers) == []
+
+
+def _sigterm_lands_elsewhere(pid_file):
+    """Not cooperative. Its main thread blocks SIGTERM, so the signal is taken on another
+    thread and the main thread's sleep goes on: the interpreter runs the worker's handler
+    only when the main thread next looks, as when a SIGTERM comes between its last look at
+    signals and the start of a blocking call (a race that once cost a full grace)."""
+    import threading
+
+    threading.Thread(target=time.sleep, args=(120,), daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    _put(pid_file, str(os.getpid()))
+    time.sleep(120)
+
+
+def test_a_sigterm_the_main_thread_missed_still_stops_the_task_at_once(tmp_path):
+    """A task that never asked ``cancel_requested()`` stops at SIGTERM, not at the end of the
+    grace, even when the SIGTERM did not interrupt what its main thread was doing: the pool
+    nudges the worker (SIGURG) and its handler runs."""
+    with ProcessPool(workers=1, grace=120, name="test") as p:
+        pid_file = tmp_path / "pid"
+        job = p.submit(_sigterm_lands_elsewhere, (str(pid_file),))
+        worker = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), 20))
+        p.cancel(job)
+        state = job.wait(60)  # half the grace: without the nudge it ends only at the grace
+        assert isinstance(state, ct.Cancelled), state
+        assert state.outcome == ct.CancelOutcome.KILLED
+        assert not alive(worker)
+        workers = p.worker_pids()
+    assert wait_gone(workers) == []
+
+
+def _exits_leaving_a_stubborn_child(directory):
+    """Its own SIGTERM handler starts a child in the worker's group that ignores SIGTERM (a
+    process the pool has not seen), then ends the worker (``os._exit``); init adopts it."""
+
+    def handler(*_):
+        time.sleep(0.05)  # the pool has looked at the tree by now
+        child = subprocess.Popen(["sh", "-c", "trap '' TERM; exec sleep 120"],
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        _put(f"{directory}/child", str(child.pid))
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, handler)
+    _put(f"{directory}/pid", str(os.getpid()))
+    time.sleep(120)
+
+
+def test_a_worker_gone_with_a_group_member_left_is_not_confirmed_until_it_is_gone(tmp_path):
+    """The worker exits at the SIGTERM; a process of its group lives on, until SIGKILL at the
+    end of the grace: ``Cancelled(KILLED)`` only after that (once the worker is gone the pool
+    asks the kernel whether its group is empty, and scans when it may not be)."""
+    with ProcessPool(workers=1, grace=0.3, name="test") as p:
+        job = p.submit(_exits_leaving_a_stubborn_child, (str(tmp_path),))
+        worker = int(wait_until(lambda: (tmp_path / "pid").exists()
+                                and (tmp_path / "pid").read_text(), 20))
+        p.cancel(job)
+        state = job.wait(30)
+        assert isinstance(state, ct.Cancelled) and state.outcome == ct.CancelOutcome.KILLED
+        child = int(wait_until(lambda: (tmp_path / "child").exists()
+                               and (tmp_path / "child").read_text(), 10))
+        assert [x for x in (worker, child) if alive(x)] == []
+        workers = p.worker_pids()
+    assert wait_gone(workers) == []
+
+
+def test_group_empty_and_still_alive_tell_the_truth(tmp_path):
+    from valent._pool import proctree
+
+    lead = subprocess.Popen(["sleep", "60"], process_group=0)
+    procs = [lead]
+    try:
+        member = subprocess.Popen(["sleep", "60"], process_group=lead.pid)
+        procs.append(member)
+        start = proctree._stat_fields(member.pid)[3]
+        assert not proctree.group_empty(lead.pid)
+        assert proctree.still_alive({member.pid: start}) == {member.pid: start}
+        assert proctree.still_alive({member.pid: start + 1}) == {}  # another process
+        lead.kill()
+        lead.wait()
+        assert not proctree.group_empty(lead.pid)  # the member is still in it
+        member.kill()
+        assert wait_until(lambda: not proctree.still_alive({member.pid: start}), 10)
+        member.wait()  # reaped: nothing at all left in the group
+        assert proctree.group_empty(lead.pid)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 # --------------------------------------------------------- #10 one task cannot break the next
 
 

@@ -168,6 +168,26 @@ def test_cancel_queued_is_dequeued_and_running_is_killed(tmp_path):
     assert wait_gone(pids) == []
 
 
+def test_killed_workers_are_replaced_and_work_queued_behind_them_runs(tmp_path):
+    """Replacements start once the kill is over (not while it runs): a fixed pool is whole
+    again afterwards, with booted workers; a job queued behind the killed ones, with no
+    worker free, runs on a replacement."""
+    with ProcessPool(workers=2, grace=0.5, name="test") as p:
+        jobs = [p.submit(nap, (60, str(tmp_path / f"pid{k}"))) for k in range(2)]
+        killed = [_pids(tmp_path / f"pid{k}")[0] for k in range(2)]
+        queued = p.submit(ident)
+        assert p.cancel_many(jobs) == [ct.CancelOutcome.KILLED] * 2
+        assert isinstance(queued.wait(30), ct.Completed)  # on a replacement
+        assert queued.state.get_value()[0] not in killed
+        for job in jobs:
+            assert job.wait(30).outcome == ct.CancelOutcome.KILLED
+        assert wait_until(lambda: p.stats() == {"workers": 2, "idle": 2, "dying": 0,
+                                                "queued": 0}, 20), p.stats()
+        assert not set(killed) & set(p.worker_pids())
+        pids = p.worker_pids()
+    assert wait_gone(killed + pids) == []
+
+
 def test_a_worker_that_dies_on_its_own_fails_its_job_and_is_replaced():
     with ProcessPool(workers=1, grace=0.5, name="test") as p:
         old = p.worker_pids()

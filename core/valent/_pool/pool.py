@@ -3,8 +3,10 @@
 Each worker is a fresh interpreter (``subprocess``, so it also works inside a daemonic Dask
 worker) started in its own session: a task and everything it spawns share one process group,
 and the worker is a child subreaper, so even a ``setsid`` daemon stays in its tree. Workers are
-reused across tasks; a worker whose task is cancelled is killed (SIGTERM, grace, then the tree
-under the frozen worker until nothing is left, the worker last) and replaced. The Local
+reused across tasks; a worker whose task is cancelled is killed (SIGTERM; a single-threaded
+worker whose task is not cooperative then exits by itself once it has no child left; after
+the grace, the tree under the frozen worker is killed until nothing is left, the worker last)
+and replaced once the kill is over (see ``SPAWN_HOLD``). The Local
 executor uses it directly, the Dask executor's kill mode runs one inside each Dask worker, and
 a third-party executor may reuse it.
 
@@ -64,9 +66,23 @@ FN_CACHE_SIZE = 256
 KILL_TICK = 0.005  # seconds between rounds of killing a tree
 LOOK_FIRST, LOOK_FAST, LOOK_SLOW = 0.0002, 0.001, 0.02  # between looks at a stopping worker:
 LOOK_FIRST_FOR, LOOK_FAST_FOR = 0.02, 0.1  # (s) the first, the next, then
+# A worker neither stopped nor gone these many seconds after its SIGTERM is sent SIGURG (its
+# handler does nothing): a SIGTERM that came between the interpreter's last look at signals
+# and a blocking call (``time.sleep``) does not interrupt that call, so the worker's handler
+# would run only when the call returns; the SIGURG interrupts it, and the handler runs then.
+# (The benchmark's cancel, sent as soon as a task wrote its pids, hits that gap in ~1% of
+# workers.) The second is for a SIGURG that came before the call began too.
+NUDGES = (0.002, 0.05)
 RUNNING_NOTE_DELAY = 0.001  # observers hear of a start this late: a quick job is told once
 BOOT_FAILURES = 3  # workers in a row that die before they are up: stop trying, fail the queue
 AHEAD = 2  # chained jobs sent to a worker ahead of its current one
+# No worker is started (to replace a killed one, or to keep the minimum) while a kill begun
+# less than SPAWN_HOLD seconds ago is still under way, nor, unless queued work has no idle
+# worker to go to, within SPAWN_HOLD of a kill's start: starting one holds this thread, and
+# the GIL, until the child has exec'd (vfork; on a busy machine, milliseconds, once 20 ms),
+# and the new interpreter's boot (~0.1 s of CPU) takes the CPU that the processes being
+# killed need to die and that the owner's threads need to see them gone.
+SPAWN_HOLD = 0.05
 # When the queue is deep (DEEP queued jobs per worker; a few queued ones are dequeued at once
 # on cancel), busy workers are sent batches of the next jobs ahead, in one message each: only
 # jobs of functions known to take less than QUICK (s), behind one that does too, at most
@@ -194,6 +210,7 @@ class _Worker:
         "proc", "sock", "known", "job", "idle_since", "out_path", "err_path", "doomed",
         "kill_deadline", "reaping", "tree", "dead_at", "key", "ready", "cpu_mark", "rbuf",
         "settled", "died_at", "term_at", "next_scan", "more", "wbuf", "writing", "zombies",
+        "nudged",
     )
 
     def __init__(self, proc, sock, out_path, err_path):
@@ -221,6 +238,7 @@ class _Worker:
         self.more: collections.deque[Job] = collections.deque()  # sent after ``job``, in order
         self.wbuf = bytearray()  # bytes for the worker not sent yet (sends never block)
         self.writing = False  # registered with the selector for writing too
+        self.nudged = 0  # SIGURGs sent while stopping (see NUDGES)
 
     @property
     def pid(self) -> int:
@@ -604,6 +622,7 @@ class _Loop:
         self.rview = memoryview(self.rbuf)
         self.last_start = time.monotonic()
         self.respawn = 0
+        self.last_kill = -SPAWN_HOLD  # monotonic time the last kill began
         self.boot_failures = 0
         self.closing = False
         self.woken = False
@@ -705,12 +724,13 @@ class _Loop:
                 self.housekeeping = now + 0.25
                 self._check_watcher()
                 self._shrink()
-            while self.respawn:
-                self.respawn -= 1
-                live = len(self.workers) - len(self.dying)
-                if live < self.pool.max_workers and not self._broken():
-                    self._spawn()
-            self._maybe_grow()
+            if not self._spawn_held(now):
+                while self.respawn:
+                    self.respawn -= 1
+                    live = len(self.workers) - len(self.dying)
+                    if live < self.pool.max_workers and not self._broken():
+                        self._spawn()
+                self._maybe_grow()
             self._hand_out()
         for w in self.out:
             self._flush(w)
@@ -741,7 +761,24 @@ class _Loop:
             waiting = len(self.pool._queue) > self.pool._dead_queued
         if waiting and len(self.workers) < self.pool.max_workers:
             t = min(t, self.pool.grow_after)
+        held = self._spawn_held(now)
+        if held:
+            t = min(t, held)
         return t
+
+    def _spawn_held(self, now: float) -> float:
+        """Seconds until workers may be started again (0: now), see ``SPAWN_HOLD``."""
+        hold = 0.0
+        for w in self.dying:
+            if w.term_at:
+                hold = max(hold, w.term_at + SPAWN_HOLD - now)
+        if hold or now >= self.last_kill + SPAWN_HOLD:
+            return hold
+        if not any(w.ready for w in self.idle):
+            with self.lock:
+                if len(self.pool._queue) > self.pool._dead_queued:
+                    return 0.0  # work waits and no worker is free to take it: start now
+        return self.last_kill + SPAWN_HOLD - now
 
     def _publish(self) -> None:
         """Replace the read-only view the pool's public methods read (when it changed)."""
@@ -1240,7 +1277,9 @@ class _Loop:
             self.sel.unregister(w.sock)
         except (KeyError, ValueError):
             pass
-        if not w.doomed:
+        if w.doomed:
+            w.next_scan = 0.0  # being stopped, it exited: look at what is left now
+        else:
             # died on its own (os._exit, segfault, OOM): nothing of its tree may stay
             w.died_at = time.time()
             w.doomed = w.reaping = True
@@ -1263,7 +1302,7 @@ class _Loop:
         """:meth:`_begin_kill` for several workers at once: every group is signalled first,
         then one scan of the processes finds what left each group (``setsid``)."""
         g = self.pool.grace if grace is None else grace
-        now = time.monotonic()
+        now = self.last_kill = time.monotonic()
         for w in ws:
             w.doomed = True
             if w in self.idle:
@@ -1296,7 +1335,9 @@ class _Loop:
         """What is left alive of the worker's tree. While the worker lives (unreaped, so its
         pid is its own) that is its descendants and group now, every orphan included (it is
         their subreaper): walked down from it; once it is dead, what was seen last, and its
-        group, from a scan of every process (``scans``: one shared, made when first needed)."""
+        group: each process seen last looked at, and the group from the kernel's word that it
+        is empty, or else from a scan of every process (``scans``: one shared, made when
+        first needed)."""
         if w.proc.returncode is None:
             for _ in range(3):
                 got = proctree.walk(w.pid)
@@ -1313,6 +1354,8 @@ class _Loop:
                 scans.append(proctree.Scan())
             w.tree = scans[0].tree(w.pid)
             return w.tree
+        if proctree.group_empty(w.pid):  # (a scan of every process takes ~0.5 ms of the GIL)
+            return proctree.still_alive(w.tree)
         if not scans:
             scans.append(proctree.Scan())
         scan = scans[0]
@@ -1339,6 +1382,10 @@ class _Loop:
                     # can go now, without waiting out the grace
                     if not self._rest(w, []):
                         ready.append(w)
+                elif (w.term_at and w.nudged < len(NUDGES)
+                      and now - w.term_at >= NUDGES[w.nudged]):
+                    w.nudged += 1  # see NUDGES (not reaped: the pid is still its own)
+                    proctree.signal_pids([w.pid], signal.SIGURG)
         self._end_all(ready)
         todo = [w for w in self.dying if w.reaping]
         for w in todo:

@@ -149,6 +149,28 @@ def walk(pid: int) -> tuple[dict[int, tuple[int, int]], frozenset[int]] | None:
     return live, frozenset(zombies)
 
 
+def group_empty(pgid: int) -> bool:
+    """True when no process at all (not even a zombie) is in process group ``pgid``: the
+    kernel answers (``killpg(pgid, 0)``), no scan of every process. False when one may be."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: a member of another user's
+        return False
+    return False
+
+
+def still_alive(tree: dict[int, int]) -> dict[int, int]:
+    """The members of ``tree`` ({pid: start ticks}) that are the same processes and alive."""
+    out = {}
+    for pid, start in tree.items():
+        fields = _stat_fields(pid)
+        if fields is not None and fields[0] not in ("Z", "X") and fields[3] == start:
+            out[pid] = start
+    return out
+
+
 def state(pid: int) -> str | None:
     """The one-letter state of ``pid`` (``R``, ``S``, ``T`` stopped, ``Z`` zombie, ...), or
     None if it is gone (or there is no /proc)."""

@@ -7,10 +7,12 @@ share the worker's process group. On Linux it is also a child subreaper: a daemo
 (double fork, ``setsid``) becomes the worker's child instead of init's, so while the worker
 lives, everything its tasks started is in its process tree.
 
-That is why the worker never dies before its tree when it is stopped: on a cancel it stops
-itself (SIGSTOP) instead of exiting, and on its owner's death the kernel stops it
-(``PR_SET_PDEATHSIG`` = SIGSTOP, see :func:`_stop_with_owner`); then the pool (or the pool's
-watcher, :mod:`valent._pool.watch`) kills the tree under the frozen worker until it is empty,
+That is why the worker never dies before its tree when it is stopped. On a cancel, a
+single-threaded worker waits until it has no child left (each one reaped: its tree is empty)
+and exits, in the one wake-up the SIGTERM gives it (see :func:`_end_with_tree`); any other
+stops itself (SIGSTOP) instead of exiting. On its owner's death the kernel stops it
+(``PR_SET_PDEATHSIG`` = SIGSTOP, see :func:`_stop_with_owner`). The pool (or the pool's
+watcher, :mod:`valent._pool.watch`) kills the tree under a frozen worker until it is empty,
 and the worker last.
 
 Messages to the pool: ``("ready",)`` once up; ``("started", job_id, time)`` right before a
@@ -67,6 +69,8 @@ class Up:
 _cooperative = False
 _cancelled = False
 _in_task = False
+_ending = False
+_subreaper = False
 
 
 PR_SET_PDEATHSIG = 1
@@ -107,6 +111,36 @@ def _stop_self() -> None:
     os._exit(128 + signal.SIGTERM)
 
 
+def _end_with_tree() -> None:
+    """Stopped by a cancel, the task not cooperative: end this worker in this one wake-up
+    when that cannot lose a process, else freeze it for the pool (:func:`_stop_self`).
+
+    The pool sent SIGTERM to the worker's group and to the members of its tree outside it.
+    A single-threaded subreaper is the parent of every process its task started that is
+    not under another one it started: once it has no child left (``waitpid`` says so;
+    this thread is the only one, so no fork can happen meanwhile), its tree is empty, and
+    it exits. A child that does not end at SIGTERM keeps it waiting, as a frozen worker
+    would: after the grace the pool freezes it, kills the tree, then kills it."""
+    if not _subreaper or _threads() != 1:
+        _stop_self()
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+    os._exit(128 + signal.SIGTERM)
+
+
+def _threads() -> int:
+    """This process's thread count (0 where there is no /proc to say)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
+
+
 def _reap_orphans() -> None:
     """Between tasks: collect adopted descendants that exited (they would stay zombies)."""
     while True:
@@ -132,13 +166,19 @@ def _orphaned() -> None:
     kill_below([os.getpid()])
 
 
+def _on_nudge(signum, frame):
+    """SIGURG from the pool: nothing to do. Its arrival interrupts a blocking call, so that a
+    SIGTERM that came just before the call began is handled now, not when the call returns."""
+
+
 def _on_sigterm(signum, frame):
     """A task that never asked ``cancel_requested()`` stops at once; one that did gets the
     grace. Between tasks it only marks the cancel (the next body then never starts)."""
-    global _cancelled
+    global _cancelled, _ending
     _cancelled = True
-    if _in_task and not _cooperative:
-        _stop_self()
+    if _in_task and not _cooperative and not _ending:
+        _ending = True  # once: a second SIGTERM while it waits must not start over
+        _end_with_tree()
 
 
 class _OwnState:
@@ -152,7 +192,8 @@ class _OwnState:
         self.umask = os.umask(0o077)
         os.umask(self.umask)
         # _signal's own getsignal: signal.getsignal wraps its answer in an enum (slow)
-        self.handlers = {s: _signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.handlers = {s: _signal.getsignal(s)
+                         for s in (signal.SIGTERM, signal.SIGINT, signal.SIGURG)}
 
     def restore(self) -> None:
         for stream in (sys.stdout, sys.stderr):
@@ -400,13 +441,14 @@ def _pack_error(exc: BaseException) -> tuple:
 
 
 def main(argv: list[str]) -> None:
-    global _cooperative, _in_task
+    global _cooperative, _in_task, _subreaper, _ending
     sock_fd, owner = int(argv[0]), int(argv[1])
     out_path, err_path = argv[2], argv[3]
     _stop_with_owner(owner)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGURG, _on_nudge)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    subreaper = _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    subreaper = _subreaper = _prctl(PR_SET_CHILD_SUBREAPER, 1)
     import faulthandler
 
     faulthandler.enable()
@@ -489,7 +531,8 @@ def main(argv: list[str]) -> None:
                     outbox.flush()  # the results before it are the truth: sent first
                 except OSError:
                     pass
-                _stop_self()
+                _ending = True
+                _end_with_tree()
             started = time.time()
             # sent (with the previous result) before the body runs: a task whose body
             # started is never reported as dequeued
