@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import socket
 import threading
@@ -33,6 +34,8 @@ from valent.plugin import (
 
 from . import worker_side as ws
 from .handles import Handle, cancel_outcome, final_outcome, to_state
+
+log = logging.getLogger("valent.dask")
 
 CANCEL_MODES = ("kill", "finish")
 INLINE_GAP = 0.005
@@ -140,6 +143,14 @@ class DaskExecutor(valent.Executor):
             collections.OrderedDict()
         )
         self._closed = False
+        self._revoked: dict[str, set[str]] = {}
+        """Batch task key -> keys of its tasks a cancel stopped before the batch started
+        anywhere (or may have: see :meth:`_record`), until this executor sees the batch end."""
+        self._record_lock = threading.Lock()
+        self._record_names: list[str] = []
+        """Names of the record plugins registered on the cluster, oldest first."""
+        self._record_id = uuid.uuid4().hex[:12]
+        self._record_gen = 0
 
     # ------------------------------------------------------------ pickling, repr
 
@@ -223,6 +234,10 @@ class DaskExecutor(valent.Executor):
         with self._lock:
             conn, self._conn = self._conn, None
         if conn is not None:
+            # the batches still on the cluster are released with our client right after
+            # (none starts then); a worker that joined in between would only have tombstones
+            with self._record_lock:
+                self._drop_records(conn, keep=0)
             conn.close()
         dropped = []
         with self._lock:
@@ -261,6 +276,15 @@ class DaskExecutor(valent.Executor):
             h.wake()
         if ask:
             keys = [h.task.key for _, h, _ in ask]
+            # A batched task whose batch has not started anywhere can wait long on the
+            # cluster after it is answered dequeued; the record, installed BEFORE the
+            # broadcast, stops it wherever and whenever the batch starts (see
+            # worker_side.run_killable_batch). Without it, only tombstones would.
+            revoke: dict[str, set[str]] = {}
+            for _, h, f in ask:
+                if h.batch is not None:
+                    revoke.setdefault(f.key, set()).add(h.task.key)
+            recorded = self._record(conn, revoke) if revoke else True
             try:
                 answers = conn.broadcast(ws.cancel_keys, keys, timeout=self.cancel_timeout)
             except Exception:  # noqa: BLE001 - the dispatcher asks again
@@ -268,6 +292,12 @@ class DaskExecutor(valent.Executor):
             dequeued = []
             for i, h, f in ask:
                 outcome = cancel_outcome(answers, h.task.key)
+                if h.batch is not None and outcome is CancelOutcome.DEQUEUED:
+                    if not recorded and not _held(answers, h.task.key):
+                        outcome = CancelOutcome.FAILED  # tombstones alone: not a promise
+                elif h.batch is not None:
+                    with self._lock:  # it ran or runs: the next record leaves it out
+                        self._revoked.get(f.key, set()).discard(h.task.key)
                 out[i] = self._commit(h, outcome)
                 if out[i] is CancelOutcome.DEQUEUED and outcome is CancelOutcome.DEQUEUED:
                     dequeued.append((h, f))
@@ -283,6 +313,40 @@ class DaskExecutor(valent.Executor):
             for h, _ in dequeued:
                 h.wake()
         return [out[i] for i in range(len(handles))]
+
+    def _record(self, conn: Any, add: dict[str, set[str]]) -> bool:
+        """Add ``add`` (batch key -> task keys) to the record of stopped batched tasks and
+        install the whole record on the cluster (a new worker plugin, then the older one
+        removed); True once the scheduler and every worker have it. Batches this executor
+        has seen end are left out."""
+        from .reaper import Revoked
+
+        with self._record_lock:  # one registration at a time: the newest is the last one
+            with self._lock:
+                for bkey, keys in add.items():
+                    self._revoked.setdefault(bkey, set()).update(keys)
+                record = {b: frozenset(k) for b, k in self._revoked.items() if k}
+            self._record_gen += 1
+            name = f"valent-revoked-{self._record_id}-{self._record_gen}"
+            self._record_names.append(name)
+            try:
+                conn.client.register_plugin(Revoked(name, record), name=name)
+            except Exception as exc:  # noqa: BLE001 - the cancel says FAILED for those
+                log.warning("valent-dask: could not record stopped batched tasks: %r", exc)
+                return False
+            self._drop_records(conn, keep=1)
+            return True
+
+    def _drop_records(self, conn: Any, keep: int) -> None:
+        """Remove the record plugins but the ``keep`` newest from the cluster (record lock
+        held)."""
+        drop = self._record_names[:len(self._record_names) - keep]
+        for name in drop:
+            try:
+                conn.client.unregister_worker_plugin(name)
+            except Exception as exc:  # noqa: BLE001 - a stale record stops nothing running
+                log.debug("valent-dask: removing record %s failed: %r", name, exc)
+            self._record_names.remove(name)
 
     def _commit(self, h: Handle, outcome: CancelOutcome) -> CancelOutcome:
         """Record what the cancel will do to ``h``; a task that ended meanwhile is too late."""
@@ -614,6 +678,7 @@ class DaskExecutor(valent.Executor):
         with self._lock:
             for (future, tag), value in items:
                 if isinstance(tag, list):  # a batch: a list of result tuples, one per task
+                    self._revoked.pop(future.key, None)  # over: the next record drops it
                     many = isinstance(value, list) and len(value) == len(tag)
                     for i, h in enumerate(tag):
                         if h.state.final or h.future is not future:
@@ -628,6 +693,13 @@ class DaskExecutor(valent.Executor):
                 woken.append(h)
         for h in woken:
             h.wake()
+
+
+def _held(answers: dict | None, key: str) -> bool:
+    """Did a worker answer that it holds ``key`` stopped (its batch runs there)?"""
+    return answers is not None and any(
+        isinstance(a, dict) and a.get(key) == ws.DEQUEUED for a in answers.values()
+    )
 
 
 def _running_state(info: Any, here: str) -> Running:

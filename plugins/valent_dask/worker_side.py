@@ -58,6 +58,11 @@ _fns: collections.OrderedDict[str, Any] = collections.OrderedDict()
 _calls: collections.OrderedDict[str, _Call] = collections.OrderedDict()
 _batches: dict[str, list[str]] = {}
 """batch task key -> the keys of its tasks, while the batch runs in this worker process."""
+_revoked: dict[str, dict[str, frozenset[str]]] = {}
+"""record name -> {batch task key: keys of its tasks a cancel stopped before the batch
+started}: the executor's record (:class:`valent_dask.reaper.Revoked`, a worker plugin, so
+Dask also installs it on workers that join later). Unlike tombstones it is neither bounded
+nor aged: the executor drops a batch from it once it has seen that batch end."""
 
 
 _WAITING = "waiting"
@@ -192,6 +197,31 @@ def _release(key: str) -> None:
         _kill_pending.discard(key)
         _kill_asked.pop(key, None)
         _remember(_finished, key, None)
+
+
+def set_revoked(name: str, record: dict[str, frozenset[str]]) -> None:
+    """Install (or replace) the executor's record ``name`` (see ``_revoked``)."""
+    with _lock:
+        if record:
+            _revoked[name] = record
+        else:
+            _revoked.pop(name, None)
+
+
+def drop_revoked(name: str) -> None:
+    """Forget the record ``name`` (its plugin was removed: a newer record replaced it)."""
+    with _lock:
+        _revoked.pop(name, None)
+
+
+def _revoked_in(bkey: str) -> frozenset[str] | set[str]:
+    """Keys of batch ``bkey`` an executor's record says never start (lock held)."""
+    if not _revoked:
+        return frozenset()
+    out: set[str] = set()
+    for record in _revoked.values():
+        out.update(record.get(bkey, ()))
+    return out
 
 
 def _nthreads() -> int:
@@ -378,8 +408,9 @@ def run_native_batch(
     out: list[tuple | None] = [None] * n
     with _lock:
         _batches[bkey] = keys
+        stopped = _revoked_in(bkey)  # see run_killable_batch: why both are read here
         for i, key in enumerate(keys):
-            if _tombstones.pop(key, None) is not None:
+            if _tombstones.pop(key, None) is not None or key in stopped:
                 out[i] = (SKIPPED,)
             else:
                 _running[key] = _WAITING
@@ -415,8 +446,21 @@ def run_killable_batch(
     out: list[tuple | None] = [None] * n
     with _lock:
         _batches[bkey] = keys
+        # A task the client answered ``dequeued`` while this batch was not running anywhere
+        # is stopped by one of two things, whichever worker runs the batch and however late:
+        # the client installs its record (``_revoked``) on the scheduler and on every worker
+        # (a worker plugin; one that joins later gets it before it is given any task) BEFORE
+        # it broadcasts the cancel. So a batch that registers its tasks here (this lock)
+        # before the record arrived is still registered when the broadcast comes, which
+        # stops them; one that registers after reads the record now. Tombstones alone were
+        # not enough: only workers present at the broadcast get them, and they are bounded
+        # (MAX_REMEMBERED) and aged (TOMBSTONE_TTL).
+        stopped = _revoked_in(bkey)
         for i, key in enumerate(keys):
-            if not _claim(key, None):
+            if key in stopped:
+                _tombstones.pop(key, None)
+                out[i] = (SKIPPED,)
+            elif not _claim(key, None):
                 out[i] = (SKIPPED,)
     jobs: list[tuple[int, str, Any]] = []
     pool = None

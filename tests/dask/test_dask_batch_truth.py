@@ -1,0 +1,175 @@
+"""A batched task answered ``dequeued`` while its batch had not started anywhere never runs,
+whichever worker runs the batch and however late: a worker that joined after the cancel,
+after newer tombstones pushed the cancel's out of the workers' memory (MAX_REMEMBERED), or
+after they aged out (TOMBSTONE_TTL). Real cluster of its own (``dask scheduler`` and
+``dask worker`` programs), one worker thread, so that a long task keeps the batches queued
+on the scheduler; a second worker is started (and ended by PID) where a test needs one."""
+
+from __future__ import annotations
+
+import os
+
+import dask_tasks as T
+import pytest
+import valent
+from dask_support import DaskPrograms, Runner, descendants, wait_until
+from valent import CancelOutcome
+
+N = 24
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One ``dask worker --nthreads 1``; the scheduler sends a queued task to a worker only
+    when it has a free thread (worker-saturation 1.0), so queued batches stay queued while
+    the thread is busy, and a worker that joins takes them."""
+    before = set(descendants())
+    env = {"DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0"}
+    programs = DaskPrograms(str(tmp_path_factory.mktemp("dask-truth")), n_workers=1, env=env)
+    try:
+        yield programs
+    finally:
+        programs.stop()
+    assert wait_until(lambda: not set(descendants()) - before, 20, 0.1), "processes left"
+
+
+@pytest.fixture(params=["finish", "kill"])
+def setup(request, cluster, tmp_path):
+    """A DaskExecutor of the mode, a runner, a client of the cluster, and a folder that the
+    tasks mark when their body runs. The workers' tombstone limits are restored after."""
+    ex = valent.executors.DaskExecutor(
+        scheduler_address=cluster.scheduler_address, cancel_mode=request.param, grace=0.5
+    )
+    client = cluster.client()
+    limits = client.run(_limits)
+    folder = tmp_path / "ran"
+    folder.mkdir()
+    try:
+        yield ex, Runner(ex), client, folder
+    finally:
+        ex.shutdown()
+        for addr, (most, ttl) in limits.items():
+            try:
+                client.run(_set_limits, most, ttl, workers=[addr])
+            except Exception:  # noqa: BLE001 - that worker is gone (a test ended it)
+                pass
+        client.close()
+
+
+def _limits():
+    from valent_dask import worker_side
+
+    return worker_side.MAX_REMEMBERED, worker_side.TOMBSTONE_TTL
+
+
+def _set_limits(most, ttl):
+    from valent_dask import worker_side
+
+    worker_side.MAX_REMEMBERED, worker_side.TOMBSTONE_TTL = most, ttl
+
+
+def ran(folder) -> set[int]:
+    return {int(name) for name in os.listdir(folder) if name.isdigit()}
+
+
+def queue_behind_a_long_task(ex, runner, folder):
+    """A long task holds the only worker thread; then a burst of N quick tasks goes out in
+    batches, which wait on the scheduler. Cancel every other task of each batch of more
+    than one: they answer ``dequeued`` (tombstoned on the one worker). Returns the long
+    task, the burst, and the indexes cancelled."""
+    long = runner.start(T.mark_and_wait, str(folder), 1000, 300)
+    assert wait_until(lambda: 1000 in ran(folder), 60), "the long task did not start"
+    with ex._submit_lock:  # one submission: the whole burst
+        burst = [runner.start(T.mark_and_wait, str(folder), i, 0) for i in range(N)]
+    ex._conn.kick()
+    handles = [h for h, _ in burst]
+    assert wait_until(lambda: all(h.future is not None for h in handles), 30)
+    assert any(h.batch is not None and len(h.batch) > 1 for h in handles), "not batched"
+    cut = [i for i, h in enumerate(handles) if h.batch is not None and len(h.batch) > 1
+           and h.index % 2 == 1]
+    outcomes = ex.cancel_many([handles[i] for i in cut])
+    assert outcomes == [CancelOutcome.DEQUEUED] * len(cut), outcomes
+    assert ran(folder) == {1000}, "a task of the burst started behind the long one"
+    return long, burst, cut
+
+
+def check(runner, folder, burst, cut):
+    """Every task not cancelled ran and returned its index; no cancelled one ever ran."""
+    for i, (h, w) in enumerate(burst):
+        state = runner.wait(h, w, timeout=90)
+        if i in cut:
+            assert state == valent.Cancelled(CancelOutcome.DEQUEUED, ended_at=state.ended_at)
+        else:
+            assert isinstance(state, valent.Completed) and state.get_value() == i, (i, state)
+    assert not ran(folder) & set(cut), (
+        f"tasks {sorted(ran(folder) & set(cut))} ran after their cancel said dequeued"
+    )
+    assert ran(folder) >= set(range(N)) - set(cut)
+
+
+def test_worker_that_joins_after_the_cancel(setup, cluster):
+    """(a) The batches wait; a cancel stops some of their tasks; a worker started after the
+    cancel (no tombstone there) takes the batches: the stopped tasks never run there."""
+    ex, runner, client, folder = setup
+    long, burst, cut = queue_behind_a_long_task(ex, runner, folder)
+    new = cluster.start_worker()
+    try:
+        client.wait_for_workers(2, timeout=60)
+        check(runner, folder, burst, cut)
+    finally:
+        ex.cancel(long[0])
+        runner.wait(*long, timeout=60)
+        from dask_support import end_pids
+
+        end_pids([new.pid, *_children(new.pid)])
+        new.wait(30)
+        wait_until(lambda: len(client.scheduler_info()["workers"]) == 1, 30)
+
+
+def test_tombstones_pushed_out(setup):
+    """(b) After the cancel, more than MAX_REMEMBERED newer tombstones (other cancels) push
+    the cancel's out of the worker's memory before the batches start there."""
+    ex, runner, client, folder = setup
+    long, burst, cut = queue_behind_a_long_task(ex, runner, folder)
+    client.run(_set_limits, 10, 3600.0)
+    from valent_dask import worker_side
+
+    client.run(worker_side.cancel_keys, [f"other-{i}" for i in range(30)])
+    ex.cancel(long[0])  # its broadcast prunes the tombstones; the thread frees
+    runner.wait(*long, timeout=60)
+    check(runner, folder, burst, cut)
+
+
+def test_tombstones_aged_out(setup):
+    """(c) The batches wait longer than TOMBSTONE_TTL: the cancel's tombstones are gone when
+    the batches start (pruned at the next cancel, here the long task's)."""
+    import time
+
+    ex, runner, client, folder = setup
+    long, burst, cut = queue_behind_a_long_task(ex, runner, folder)
+    client.run(_set_limits, 10_000, 0.2)
+    time.sleep(0.5)
+    ex.cancel(long[0])
+    runner.wait(*long, timeout=60)
+    check(runner, folder, burst, cut)
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _by_value() -> None:
+    """The helpers above run on the workers, which cannot import this module."""
+    import sys
+
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+_by_value()
