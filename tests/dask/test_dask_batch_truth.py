@@ -154,6 +154,36 @@ def test_tombstones_aged_out(setup):
     check(runner, folder, burst, cut)
 
 
+def test_no_record_no_dequeued(setup, monkeypatch):
+    """A cancel that cannot install its record does not promise ``dequeued`` for a task of a
+    batch that has not started (only the workers' tombstones would stop it): it answers
+    ``failed``; asked again once the record can be installed, ``dequeued``, and it never
+    runs. The scheduler refusing the record is faked (a fault a live cluster does not give
+    on demand while it still answers the broadcast); the cluster is real."""
+    ex, runner, client, folder = setup
+    long = runner.start(T.mark_and_wait, str(folder), 1000, 300)
+    assert wait_until(lambda: 1000 in ran(folder), 60), "the long task did not start"
+    with ex._submit_lock:
+        burst = [runner.start(T.mark_and_wait, str(folder), i, 0) for i in range(N)]
+    ex._conn.kick()
+    handles = [h for h, _ in burst]
+    assert wait_until(lambda: all(h.future is not None for h in handles), 30)
+    i = next(i for i, h in enumerate(handles) if h.batch is not None and h.index == 1)
+
+    def refuse(*args, **kwargs):
+        raise OSError("the scheduler is unreachable (fake)")
+
+    monkeypatch.setattr(ex._conn.client, "register_plugin", refuse)
+    assert ex.cancel(handles[i]) is CancelOutcome.FAILED
+    assert not handles[i].state.final
+    monkeypatch.undo()
+    assert ex.cancel(handles[i]) is CancelOutcome.DEQUEUED
+    client.run(_set_limits, 10_000, 0.0)  # the tombstones go at the next cancel
+    ex.cancel(long[0])
+    runner.wait(*long, timeout=60)
+    check(runner, folder, burst, [i])
+
+
 def _children(pid: int) -> list[int]:
     import psutil
 
