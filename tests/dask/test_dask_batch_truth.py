@@ -154,6 +154,41 @@ def test_tombstones_aged_out(setup):
     check(runner, folder, burst, cut)
 
 
+def test_batch_run_again_after_its_worker_died(setup, cluster):
+    """A batch runs; a cancel stops a task of it that has not had its turn (the worker holds
+    it stopped: ``dequeued``); then the worker process dies (SIGKILL; its nanny starts a new
+    one, which has no memory of the cancel) and Dask runs the batch again there: the stopped
+    task still never runs, the others do."""
+    import signal
+
+    ex, runner, client, folder = setup
+    runner.call(T.noop)  # connected: the burst goes out in one submission
+    with ex._submit_lock:
+        burst = [runner.start(T.mark_and_wait, str(folder), i, 300 if i == 0 else 0)
+                 for i in range(N)]
+    ex._conn.kick()
+    handles = [h for h, _ in burst]
+    assert wait_until(lambda: 0 in ran(folder), 60), "the first task did not start"
+    first = handles[0].batch
+    assert first is not None and len(first) > 2, "the first task is not in a batch"
+    cut = [handles.index(first[1])]
+    assert ex.cancel_many([handles[i] for i in cut]) == [CancelOutcome.DEQUEUED]
+    (pid,) = client.run(os.getpid).values()
+    os.remove(folder / "0")
+    os.kill(pid, signal.SIGKILL)
+    # Dask runs the batch again on the new worker process: its first task starts again
+    assert wait_until(lambda: 0 in ran(folder), 90), "the batch did not run again"
+    assert ex.cancel(handles[0]) in (CancelOutcome.RUNS_TO_COMPLETION, CancelOutcome.KILLED)
+    cut.append(0)
+    for i, (h, w) in enumerate(burst):
+        state = runner.wait(h, w, timeout=90)
+        if i not in cut:
+            assert isinstance(state, valent.Completed) and state.get_value() == i, (i, state)
+    assert cut[0] not in ran(folder), "the stopped task ran when Dask ran its batch again"
+    assert ran(folder) >= set(range(N)) - set(cut)
+    client.wait_for_workers(1, timeout=60)
+
+
 def test_no_record_no_dequeued(setup, monkeypatch):
     """A cancel that cannot install its record does not promise ``dequeued`` for a task of a
     batch that has not started (only the workers' tombstones would stop it): it answers
