@@ -43,6 +43,9 @@ INLINE_GAP = 0.005
 RUNNING_CHECK = 0.5
 """Seconds between asks to the workers which of our pending tasks have started."""
 FN_CACHE = 256
+ALONE_KEPT = 60.0
+"""Seconds a task sent alone stays in the record after its cancel: Dask's cancel message
+reaches the scheduler within milliseconds; after it the task can go to no worker."""
 BATCH_DEPTH = 4
 """Tasks go out in batches only when more than this many per worker thread of the cluster
 are waiting or running (a deep queue); then each Dask task runs several of them."""
@@ -146,6 +149,9 @@ class DaskExecutor(valent.Executor):
         self._revoked: dict[str, set[str]] = {}
         """Batch task key -> keys of its tasks a cancel stopped before the batch started
         anywhere (or may have: see :meth:`_record`), until this executor sees the batch end."""
+        self._revoked_alone: dict[str, float] = {}
+        """Key of a task sent alone that a cancel answered dequeued -> when (monotonic):
+        recorded as a batch of one, for ``ALONE_KEPT`` seconds."""
         self._record_lock = threading.Lock()
         self._record_names: list[str] = []
         """Names of the record plugins registered on the cluster, oldest first."""
@@ -279,12 +285,19 @@ class DaskExecutor(valent.Executor):
             # A batched task whose batch has not started anywhere can wait long on the
             # cluster after it is answered dequeued; the record, installed BEFORE the
             # broadcast, stops it wherever and whenever the batch starts (see
-            # worker_side.run_killable_batch). Without it, only tombstones would.
+            # worker_side.run_killable_batch). Without it, only tombstones would. A task
+            # sent alone and not seen running is recorded too: Dask's cancel is a message
+            # the scheduler handles a little later, and a worker that joins meanwhile has
+            # no tombstone (the record reaches it before any task does).
             revoke: dict[str, set[str]] = {}
+            alone: list[str] = []
             for _, h, f in ask:
                 if h.batch is not None:
                     revoke.setdefault(f.key, set()).add(h.task.key)
-            recorded = self._record(conn, revoke) if revoke else True
+                elif not isinstance(h.state, Running):
+                    alone.append(h.task.key)
+            recorded = self._record(conn, revoke, alone) if revoke or alone else True
+            recorded_alone = set(alone)
             try:
                 answers = conn.broadcast(ws.cancel_keys, keys, timeout=self.cancel_timeout)
             except Exception:  # noqa: BLE001 - the dispatcher asks again
@@ -292,12 +305,16 @@ class DaskExecutor(valent.Executor):
             dequeued = []
             for i, h, f in ask:
                 outcome = cancel_outcome(answers, h.task.key)
-                if h.batch is not None and outcome is CancelOutcome.DEQUEUED:
+                recorded_here = h.batch is not None or h.task.key in recorded_alone
+                if recorded_here and outcome is CancelOutcome.DEQUEUED:
                     if not recorded and not _held(answers, h.task.key):
                         outcome = CancelOutcome.FAILED  # tombstones alone: not a promise
                 elif h.batch is not None:
                     with self._lock:  # it ran or runs: the next record leaves it out
                         self._revoked.get(f.key, set()).discard(h.task.key)
+                elif recorded_here:
+                    with self._lock:
+                        self._revoked_alone.pop(h.task.key, None)
                 out[i] = self._commit(h, outcome)
                 if out[i] is CancelOutcome.DEQUEUED and outcome is CancelOutcome.DEQUEUED:
                     dequeued.append((h, f))
@@ -314,18 +331,28 @@ class DaskExecutor(valent.Executor):
                 h.wake()
         return [out[i] for i in range(len(handles))]
 
-    def _record(self, conn: Any, add: dict[str, set[str]]) -> bool:
-        """Add ``add`` (batch key -> task keys) to the record of stopped batched tasks and
-        install the whole record on the cluster (a new worker plugin, then the older one
-        removed); True once the scheduler and every worker have it. Batches this executor
-        has seen end are left out."""
+    def _record(
+        self, conn: Any, add: dict[str, set[str]], alone: list[str] | tuple = ()
+    ) -> bool:
+        """Add ``add`` (batch key -> task keys) and ``alone`` (keys of tasks sent alone) to
+        the record of stopped tasks and install the whole record on the cluster (a new
+        worker plugin, then the older one removed); True once the scheduler and every worker
+        have it. Batches this executor has seen end are left out, and tasks sent alone
+        after ``ALONE_KEPT`` seconds (their cancel reached the scheduler long before)."""
         from .reaper import Revoked
 
         with self._record_lock:  # one registration at a time: the newest is the last one
+            now = time.monotonic()
             with self._lock:
                 for bkey, keys in add.items():
                     self._revoked.setdefault(bkey, set()).update(keys)
+                for key in alone:
+                    self._revoked_alone[key] = now
+                for key, t in list(self._revoked_alone.items()):
+                    if now - t > ALONE_KEPT:
+                        del self._revoked_alone[key]
                 record = {b: frozenset(k) for b, k in self._revoked.items() if k}
+                record.update((k, frozenset((k,))) for k in self._revoked_alone)
             self._record_gen += 1
             name = f"valent-revoked-{self._record_id}-{self._record_gen}"
             self._record_names.append(name)

@@ -178,12 +178,13 @@ def _remember(od: collections.OrderedDict, key: str, value: Any) -> None:
 
 
 def _claim(key: str, entry: Any) -> bool:
-    """Register ``key`` as here; False if a cancel already tombstoned it (lock held).
+    """Register ``key`` as here; False if a cancel already tombstoned or recorded it (lock
+    held).
 
     A finish-mode body starts right after; a kill-mode one only when the pool says so.
     """
-    if _tombstones.pop(key, None) is not None:
-        return False
+    if _tombstones.pop(key, None) is not None or key in _revoked_in(key):
+        return False  # (a task sent alone is recorded as a batch of one, under its key)
     _running[key] = entry
     if entry is not None:
         _started[key] = time.time()

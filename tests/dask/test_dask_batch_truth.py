@@ -219,6 +219,41 @@ def test_no_record_no_dequeued(setup, monkeypatch):
     check(runner, folder, burst, [i])
 
 
+def test_a_task_sent_alone_never_runs_on_a_worker_that_joins_before_the_cancel_lands(
+    setup, cluster, monkeypatch
+):
+    """A task sent alone (no batch) and cancelled while it waits on the scheduler: Dask's
+    cancel is a message the scheduler handles a little later, and a worker that joins in
+    between has no tombstone. The record covers it: the new worker is given the task and
+    does not run it. The window is held open by faking the client's cancel message as not
+    yet handled (a no-op: no other way to hold a few milliseconds open); cluster and
+    workers are real."""
+    from dask_support import end_pids
+
+    ex, runner, client, folder = setup
+    long = runner.start(T.mark_and_wait, str(folder), 1000, 300)
+    assert wait_until(lambda: 1000 in ran(folder), 60), "the long task did not start"
+    h, w = runner.start(T.mark_and_wait, str(folder), 7, 0)
+    assert wait_until(lambda: h.future is not None, 30) and h.batch is None
+    future = h.future
+    monkeypatch.setattr(ex._conn.client, "cancel", lambda *a, **k: None)
+    assert ex.cancel(h) is CancelOutcome.DEQUEUED
+    monkeypatch.undo()
+    new = cluster.start_worker()
+    try:
+        client.wait_for_workers(2, timeout=60)
+        assert wait_until(future.done, 60), "the new worker was not given the task"
+        assert 7 not in ran(folder), "the task ran after its cancel said dequeued"
+        state = runner.wait(h, w, timeout=30)
+        assert state == valent.Cancelled(CancelOutcome.DEQUEUED, ended_at=state.ended_at)
+    finally:
+        ex.cancel(long[0])
+        runner.wait(*long, timeout=60)
+        end_pids([new.pid, *_children(new.pid)])
+        new.wait(30)
+        wait_until(lambda: len(client.scheduler_info()["workers"]) == 1, 30)
+
+
 def _children(pid: int) -> list[int]:
     import psutil
 
