@@ -557,10 +557,12 @@ def remote_programs(tmp_path):
         host = NetnsHost()
     except (OSError, subprocess.SubprocessError) as exc:
         pytest.skip(f"cannot simulate a second host with ip netns: {exc}")
+    host_tmp = tmp_path / "host-tmp"  # the other host's own /tmp: what a host death leaves
+    host_tmp.mkdir()                     # there (the worker's pool folder) stays there
     try:
         c = DaskPrograms(
             str(tmp_path), n_workers=1,
-            env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"},
+            env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0", "TMPDIR": str(host_tmp)},
             host=host.host_ip, worker_host=host.ip, worker_prefix=host.prefix,
         )
         try:
