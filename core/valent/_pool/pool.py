@@ -610,7 +610,6 @@ class _Loop:
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
         self.sel.register(self.wake_r, selectors.EVENT_READ, None)
-        self.tmpdir = tempfile.mkdtemp(prefix=f"{pool.name}-pool-")
         self.workers: dict[int, _Worker] = {}  # by socket fileno
         self.idle: list[_Worker] = []
         self.dying: list[_Worker] = []
@@ -631,6 +630,17 @@ class _Loop:
         # (when, job) of started jobs whose observers are told then, unless they ended
         self.started: collections.deque[tuple[float, Job]] = collections.deque()
         self.out: dict[_Worker, None] = {}  # workers with bytes to send at the end of the turn
+        # The workers' output folder, made once the watcher is up and named to it at once,
+        # so that the watcher removes it if this process dies (an owner killed between the
+        # two used to leave it behind: nobody knew it). A folder that cannot be made fails
+        # the pool's start here, in the caller.
+        self._start_watcher()
+        try:
+            self.tmpdir = tempfile.mkdtemp(prefix=f"{pool.name}-pool-")
+        except BaseException:
+            self._stop_watcher()
+            raise
+        self._tell_watcher(f"dir {self.tmpdir}")
 
     # ------------------------------------------------------------ the loop
 
@@ -646,7 +656,6 @@ class _Loop:
 
     def run(self) -> None:
         try:
-            self._start_watcher()
             for _ in range(self.pool.min_workers):
                 self._spawn()
             self._publish()
@@ -1520,7 +1529,7 @@ class _Loop:
         path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "watch.py")
         try:
             self.watcher = subprocess.Popen(
-                [self.pool.python, "-P", path, str(os.getpid()), self.tmpdir],
+                [self.pool.python, "-P", path, str(os.getpid())],
                 stdin=subprocess.PIPE, start_new_session=True,
             )
         except OSError:
@@ -1536,6 +1545,7 @@ class _Loop:
                       file=sys.stderr)
                 return
             self._start_watcher()  # someone killed it: a new one, told every worker
+            self._tell_watcher(f"dir {self.tmpdir}")
             for w in self.workers.values():
                 self._tell_watcher(f"+ {w.pid}")
 
@@ -1581,6 +1591,15 @@ class _Loop:
         self.notes = []
 
     def _cleanup(self) -> None:
+        self._stop_watcher()
+        self._publish()
+        self.sel.close()
+        for s in (self.wake_r, self.wake_w):
+            s.close()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def _stop_watcher(self) -> None:
+        """The pool ends (or never started): tell the watcher to exit without killing."""
         if self.watcher is not None:
             self._tell_watcher("exit")
             try:
@@ -1594,11 +1613,6 @@ class _Loop:
                 self.watcher.kill()
                 self.watcher.wait()
         self.watcher = None
-        self._publish()
-        self.sel.close()
-        for s in (self.wake_r, self.wake_w):
-            s.close()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 def _wait_exit(proc: subprocess.Popen, timeout: float) -> None:

@@ -1,11 +1,12 @@
 """The pool's watcher: when the pool's owning process dies, kill every worker and its tree.
 
-One per :class:`valent._pool.pool.ProcessPool`, started by the pool's thread as
-``python -P /path/to/watch.py OWNER_PID [POOL_DIR]`` in its own session (POOL_DIR: the pool's
-folder of capture files, removed once the workers are dead). Standard library only (run by
-path: nothing from valent or the current directory is imported). The pool writes one line per
-change on its stdin: ``+ PID`` (a worker started), ``- PID`` (a worker is gone), ``exit`` (the
-pool shut down).
+One per :class:`valent._pool.pool.ProcessPool`, started by the pool as
+``python -P /path/to/watch.py OWNER_PID [POOL_DIR]`` in its own session, before the pool makes
+its folder of capture files (POOL_DIR, or the ``dir`` line: removed once the workers are
+dead). Standard library only (run by path: nothing from valent or the current directory is
+imported). The pool writes one line per change on its stdin: ``dir PATH`` (its folder, made
+just now), ``+ PID`` (a worker started), ``- PID`` (a worker is gone), ``exit`` (the pool shut
+down).
 
 Why a watcher: the owner's death must be noticed by the kernel, whatever its tasks do. The
 watcher holds a pidfd of the owner (fallback: polls ``getppid()``), not a pipe a fork of the
@@ -96,6 +97,7 @@ class _News:
 
     def __init__(self) -> None:
         self.workers: dict[int, int] = {}
+        self.pool_dir: str | None = None
         self.pool_exited = False
         self.buf = b""
 
@@ -118,6 +120,8 @@ class _News:
                     self.workers[int(arg)] = st[3]
             elif op == "-":
                 self.workers.pop(int(arg), None)
+            elif op == "dir":  # the workers' output folder: removed if the owner dies
+                self.pool_dir = arg
             elif op == "exit":
                 self.pool_exited = True
         return True
@@ -163,6 +167,7 @@ def main(argv: list[str]) -> None:
         return
     workers = news.workers
     kill_trees(workers)
+    pool_dir = news.pool_dir or pool_dir
     if pool_dir:  # the owner cannot clean up after itself any more
         import shutil
 
