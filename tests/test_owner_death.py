@@ -199,23 +199,37 @@ def test_a_watcher_that_starts_after_its_owner_died_still_kills_the_workers(tmp_
 
 POOL_STARTER = textwrap.dedent(
     """
-    import time
+    import subprocess, sys, time
     from valent.plugin import ProcessPool
 
-    print("go", flush=True)
+    if sys.argv[1] == "slow-watcher":  # the fake: the watcher's start takes a while
+        real = subprocess.Popen
+
+        class SlowPopen(real):
+            def __init__(self, args, *a, **k):
+                if any(str(x).endswith("watch.py") for x in args):
+                    print("watcher starting", flush=True)
+                    time.sleep(0.5)
+                super().__init__(args, *a, **k)
+
+        subprocess.Popen = SlowPopen
     ProcessPool(2, grace=0.5, name="early-owner").start()
+    print("started", flush=True)
     time.sleep(300)
     """
 )
 
 
-def test_an_owner_killed_while_its_pool_starts_leaves_no_folder_and_no_process(tmp_path):
-    """The owner is killed within a few milliseconds of starting a pool, again and again (the
-    pool's folder was once made before its watcher existed: an owner killed in between left
-    it behind, 3 in 40 tries). Its folder, made only once the watcher is up and named to it
-    at once, is always removed; no worker or watcher is left. Real owners, real kills."""
-    import random
-
+@pytest.mark.parametrize("when", ["while its watcher starts", "once its folder exists"])
+def test_an_owner_killed_while_its_pool_starts_leaves_no_folder_and_no_process(
+    tmp_path, when
+):
+    """The owner is killed while its pool starts: during its watcher's start (held open by a
+    fake: the owner's Popen of the watcher waits 0.5 s first; no other way to hit that moment
+    every time), or as soon as the pool's folder exists. The pool's folder once was made
+    before its watcher existed, and a kill in between left it behind. Now it is made only
+    once the watcher is up, and named to it at once: it is always removed, and no worker or
+    watcher is left. Real owners, watchers, workers and kills."""
     import psutil
 
     script = tmp_path / "starter.py"
@@ -223,24 +237,26 @@ def test_an_owner_killed_while_its_pool_starts_leaves_no_folder_and_no_process(t
     folders = tmp_path / "tmp"
     folders.mkdir()
     env = dict(os.environ, TMPDIR=str(folders))
-    rng = random.Random(7)
 
-    def started_here() -> list[int]:  # the owners' workers and watchers (they inherit TMPDIR)
+    def left() -> list:
+        return [p for p in folders.iterdir() if p.name.startswith("early-owner-pool-")]
+
+    def started_here() -> list[int]:  # the owner's workers and watcher (they inherit TMPDIR)
         return [p.pid for p in psutil.process_iter(["environ"])
                 if (p.info["environ"] or {}).get("TMPDIR") == str(folders)]
 
-    for _ in range(30):
-        owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                                 env=env, text=True)
-        try:
-            assert owner.stdout.readline() == "go\n"
-            time.sleep(rng.uniform(0, 0.006))
-        finally:
-            owner.kill()
-            owner.wait()
-            owner.stdout.close()
-        assert wait_gone(started_here(), 20) == [], "a worker or watcher outlived its owner"
-        # (Python's tempfile writes and removes a probe file at its first use: an owner
-        # killed in between leaves that one; not ours to clean)
-        left = [p for p in folders.iterdir() if p.name.startswith("early-owner-pool-")]
-        assert left == [], f"the pool folder of a killed owner was left behind: {left}"
+    mode = "slow-watcher" if when == "while its watcher starts" else "plain"
+    owner = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE,
+                             env=env, text=True)
+    try:
+        if mode == "slow-watcher":
+            assert owner.stdout.readline() == "watcher starting\n"
+        else:
+            assert wait_until(lambda: left(), 60, 0.0005), "the pool made no folder"
+    finally:
+        owner.kill()
+        owner.wait()
+        owner.stdout.close()
+    assert wait_until(lambda: not left(), 20), (
+        f"the pool folder of a killed owner was left behind: {left()}")
+    assert wait_until(lambda: not started_here(), 20), "a worker or watcher outlived its owner"
