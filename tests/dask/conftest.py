@@ -16,6 +16,7 @@ from dask_support import (
     descendants,
     is_resource_tracker,
     local_pool_pids,
+    new_processes,
     wait_until,
 )
 
@@ -33,11 +34,7 @@ def dask_cluster(tmp_path_factory):
     def left() -> list:
         # the cluster's processes only: a process pool some other test's executor still holds
         # (shut down at the end of the session) is checked by conftest's no_processes_left
-        return [
-            p for pid, p in descendants().items()
-            if pid not in before | local_pool_pids() and not is_resource_tracker(p)
-            and not _is_pool_process(p)
-        ]
+        return [p for p in new_processes(before) if not _is_pool_process(p)]
 
     assert wait_until(lambda: not left(), 20, 0.1), (
         "the test cluster left processes behind: "

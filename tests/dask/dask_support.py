@@ -46,6 +46,16 @@ def local_pool_pids() -> set[int]:
     return set(ex.pool.own_pids())
 
 
+def new_processes(before: set[int]) -> list[psutil.Process]:
+    """Live descendants of this process not in ``before``, leaving out the warm pool of the
+    dispatcher's shared "local" executor (another test's, shut down at the end of the
+    session; it may have replaced a worker meanwhile) and multiprocessing's resource
+    tracker."""
+    own = local_pool_pids()
+    return [p for pid, p in descendants().items()
+            if pid not in before and pid not in own and not is_resource_tracker(p)]
+
+
 class Runner:
     """Drives one executor the way the dispatcher does: run, wake, poll, cancel."""
 

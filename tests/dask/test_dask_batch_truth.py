@@ -12,7 +12,7 @@ import os
 import dask_tasks as T
 import pytest
 import valent
-from dask_support import DaskPrograms, Runner, descendants, wait_until
+from dask_support import DaskPrograms, Runner, descendants, new_processes, wait_until
 from valent import CancelOutcome
 
 N = 24
@@ -30,7 +30,8 @@ def cluster(tmp_path_factory):
         yield programs
     finally:
         programs.stop()
-    assert wait_until(lambda: not set(descendants()) - before, 20, 0.1), "processes left"
+    assert wait_until(lambda: not new_processes(before), 20, 0.1), (
+        f"processes left: {[p.pid for p in new_processes(before)]}")
 
 
 @pytest.fixture(params=["finish", "kill"])
@@ -72,11 +73,10 @@ def ran(folder) -> set[int]:
     return {int(name) for name in os.listdir(folder) if name.isdigit()}
 
 
-def queue_behind_a_long_task(ex, runner, folder):
+def burst_behind_a_long_task(ex, runner, folder):
     """A long task holds the only worker thread; then a burst of N quick tasks goes out in
-    batches, which wait on the scheduler. Cancel every other task of each batch of more
-    than one: they answer ``dequeued`` (tombstoned on the one worker). Returns the long
-    task, the burst, and the indexes cancelled."""
+    one submission, sent to Dask (in batches when the queue is deep) and waiting there.
+    Returns the long task, the burst and its handles."""
     long = runner.start(T.mark_and_wait, str(folder), 1000, 300)
     assert wait_until(lambda: 1000 in ran(folder), 60), "the long task did not start"
     with ex._submit_lock:  # one submission: the whole burst
@@ -84,6 +84,15 @@ def queue_behind_a_long_task(ex, runner, folder):
     ex._conn.kick()
     handles = [h for h, _ in burst]
     assert wait_until(lambda: all(h.future is not None for h in handles), 30)
+    return long, burst, handles
+
+
+def queue_behind_a_long_task(ex, runner, folder):
+    """A long task holds the only worker thread; then a burst of N quick tasks goes out in
+    batches, which wait on the scheduler. Cancel every other task of each batch of more
+    than one: they answer ``dequeued`` (tombstoned on the one worker). Returns the long
+    task, the burst, and the indexes cancelled."""
+    long, burst, handles = burst_behind_a_long_task(ex, runner, folder)
     assert any(h.batch is not None and len(h.batch) > 1 for h in handles), "not batched"
     cut = [i for i, h in enumerate(handles) if h.batch is not None and len(h.batch) > 1
            and h.index % 2 == 1]
@@ -196,13 +205,7 @@ def test_no_record_no_dequeued(setup, monkeypatch):
     runs. The scheduler refusing the record is faked (a fault a live cluster does not give
     on demand while it still answers the broadcast); the cluster is real."""
     ex, runner, client, folder = setup
-    long = runner.start(T.mark_and_wait, str(folder), 1000, 300)
-    assert wait_until(lambda: 1000 in ran(folder), 60), "the long task did not start"
-    with ex._submit_lock:
-        burst = [runner.start(T.mark_and_wait, str(folder), i, 0) for i in range(N)]
-    ex._conn.kick()
-    handles = [h for h, _ in burst]
-    assert wait_until(lambda: all(h.future is not None for h in handles), 30)
+    long, burst, handles = burst_behind_a_long_task(ex, runner, folder)
     i = next(i for i, h in enumerate(handles) if h.batch is not None and h.index == 1)
 
     def refuse(*args, **kwargs):
