@@ -16,7 +16,7 @@ import pytest
 import valent as ct
 from core_support import wait_gone, wait_until
 from valent._pool.pool import ProcessPool
-from valent.testing.procs import alive
+from valent.testing.procs import alive, read_pid
 from valent.testing.procs import write_atomic as _put
 
 
@@ -125,7 +125,7 @@ def _fails_now():
 def test_a_task_whose_sigterm_handler_exits_is_cancelled_not_failed(tmp_path, pool):
     pid_file = tmp_path / "pid"
     job = pool.submit(_exits_on_sigterm, (str(pid_file), 1))
-    pid = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), 20))
+    pid = read_pid(pid_file, 20)
     pool.cancel(job)
     state = job.wait(30)
     assert isinstance(state, ct.Cancelled), state
@@ -173,8 +173,7 @@ def _spawns_during_grace(directory):
 def test_processes_a_task_starts_in_its_grace_period_die_with_it(tmp_path):
     with ProcessPool(workers=1, grace=1.5, name="test") as p:
         job = p.submit(_spawns_during_grace, (str(tmp_path),))
-        worker = int(wait_until(lambda: (tmp_path / "pid").exists()
-                              and (tmp_path / "pid").read_text(), 20))
+        worker = read_pid(tmp_path / "pid", 20)
         p.cancel(job)
         state = job.wait(30)
         assert isinstance(state, ct.Cancelled) and state.outcome == ct.CancelOutcome.KILLED
@@ -275,13 +274,11 @@ def test_a_daemon_started_at_the_sigterm_dies_before_the_cancel_is_confirmed(tmp
     when the job says ``Cancelled(KILLED)``."""
     with ProcessPool(workers=1, grace=0.3, name="test") as p:
         job = p.submit(_child_spawns_on_term, (str(tmp_path),))
-        worker = int(wait_until(lambda: (tmp_path / "pid").exists()
-                                and (tmp_path / "pid").read_text(), 20))
+        worker = read_pid(tmp_path / "pid", 20)
         p.cancel(job)
         state = job.wait(30)
         assert isinstance(state, ct.Cancelled) and state.outcome == ct.CancelOutcome.KILLED
-        late = int(wait_until(lambda: (tmp_path / "late").exists()
-                              and (tmp_path / "late").read_text(), 10))
+        late = read_pid(tmp_path / "late", 10)
         assert [x for x in (worker, late) if alive(x)] == []
         workers = p.worker_pids()
     assert wait_gone(workers) == []
@@ -307,7 +304,7 @@ def test_a_sigterm_the_main_thread_missed_still_stops_the_task_at_once(tmp_path)
     with ProcessPool(workers=1, grace=120, name="test") as p:
         pid_file = tmp_path / "pid"
         job = p.submit(_sigterm_lands_elsewhere, (str(pid_file),))
-        worker = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), 20))
+        worker = read_pid(pid_file, 20)
         p.cancel(job)
         state = job.wait(60)  # half the grace: without the nudge it ends only at the grace
         assert isinstance(state, ct.Cancelled), state
@@ -339,13 +336,11 @@ def test_a_worker_gone_with_a_group_member_left_is_not_confirmed_until_it_is_gon
     asks the kernel whether its group is empty, and scans when it may not be)."""
     with ProcessPool(workers=1, grace=0.3, name="test") as p:
         job = p.submit(_exits_leaving_a_stubborn_child, (str(tmp_path),))
-        worker = int(wait_until(lambda: (tmp_path / "pid").exists()
-                                and (tmp_path / "pid").read_text(), 20))
+        worker = read_pid(tmp_path / "pid", 20)
         p.cancel(job)
         state = job.wait(30)
         assert isinstance(state, ct.Cancelled) and state.outcome == ct.CancelOutcome.KILLED
-        child = int(wait_until(lambda: (tmp_path / "child").exists()
-                               and (tmp_path / "child").read_text(), 10))
+        child = read_pid(tmp_path / "child", 10)
         assert [x for x in (worker, child) if alive(x)] == []
         workers = p.worker_pids()
     assert wait_gone(workers) == []
