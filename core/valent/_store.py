@@ -653,8 +653,10 @@ class Store:
         did, t = row["dispatch_id"], row["end_time"]
 
         def op(conn: sqlite3.Connection) -> bool:
-            expected = sum(last - first + 1 for spans, *_ in groups for first, last in spans)
+            expected = 0
             for spans, name, kind, executor, fn_d in groups:
+                size = sum(last - first + 1 for first, last in spans)
+                expected += size
                 got = conn.execute(
                     "SELECT COUNT(*) FROM json_each(?) AS s CROSS JOIN nodes o "
                     "WHERE o.dispatch_id = ? AND o.node_id BETWEEN "
@@ -665,7 +667,7 @@ class Store:
                     "AND (? IS NULL OR o.fn_digest = ?)",
                     (json.dumps(spans), source_id, name, kind, executor, fn_d, fn_d),
                 ).fetchone()[0]
-                if got != sum(last - first + 1 for first, last in spans):
+                if got != size:
                     return False
             if params:
                 got = conn.execute(

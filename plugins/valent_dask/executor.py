@@ -541,17 +541,20 @@ class DaskExecutor(valent.Executor):
         try:
             futures = conn.submit_many(fn, cols, keys)
         except Exception as exc:  # noqa: BLE001 - the client is closed or broken
-            with self._lock:
-                for h, _ in batch:
-                    msg = f"Dask refused {h.task.label}: {exc}"
-                    self._finish(h, Failed(ExecutorError(msg), "", ended_at=time.time()))
-            for h, _ in batch:
-                h.wake()
+            self._refused([h for h, _ in batch], exc)
             return
         with self._lock:
             for (h, _), f in zip(batch, futures, strict=True):
                 h.future = f
         conn.watch([(f, h) for (h, _), f in zip(batch, futures, strict=True)])
+
+    def _refused(self, handles: list[Handle], exc: BaseException) -> None:
+        """End tasks Dask would not take (its client is closed or broken), and wake them."""
+        with self._lock:
+            for h in handles:
+                self._end_unsent(h, ExecutorError(f"Dask refused {h.task.label}: {exc}"))
+        for h in handles:
+            h.wake()
 
     def _send_batches(
         self, conn: Any, batch: list[tuple[Handle, Blobs]], sizes: list[int]
@@ -577,12 +580,7 @@ class DaskExecutor(valent.Executor):
         try:
             futures = conn.submit_many(fn, cols, bkeys)
         except Exception as exc:  # noqa: BLE001 - the client is closed or broken
-            with self._lock:
-                for h, _ in batch:
-                    msg = f"Dask refused {h.task.label}: {exc}"
-                    self._finish(h, Failed(ExecutorError(msg), "", ended_at=time.time()))
-            for h, _ in batch:
-                h.wake()
+            self._refused([h for h, _ in batch], exc)
             return
         watch: list[tuple[Any, Any]] = []
         with self._lock:
