@@ -117,11 +117,16 @@ def test_dependents_go_to_the_cluster_while_their_parent_runs(dask_ex, dask_clus
     try:
         did = ct.dispatch(wf)(str(tmp_path))
         assert wait_until(lambda: (tmp_path / "started").exists(), 60), ct.get_result(did)
-        keys = _scheduler_keys(dask_client)
-        mine = {k for k in keys if did in k}
-        # the five chained increments are on the scheduler already; the other executor's
-        # and the local one are not
-        assert len([k for k in mine if k.startswith("inc-")]) == 5, mine
+        # the five chained increments reach the scheduler while the gate still runs (it
+        # waits for "release"; the dispatcher sends ready work in 20 ms slices, so the last
+        # may come a moment after the gate started); the other executor's and the local
+        # one do not
+        def mine() -> set:
+            return {k for k in _scheduler_keys(dask_client) if did in k}
+
+        assert wait_until(lambda: len([k for k in mine() if k.startswith("inc-")]) == 5, 30), (
+            mine())
+        assert len([k for k in mine() if k.startswith("inc-")]) == 5, mine()
         nodes = _nodes(ct.get_result(did))
         waiting = {k: n["status"] for k, n in nodes.items() if k.startswith("inc")}
         assert set(waiting.values()) == {Status.NEW_OBJECT}, waiting
