@@ -1269,11 +1269,13 @@ class _Loop:
             )
         else:
             state = Failed(unpack_error(payload), payload[2], started, ended, out, err)
-        if w.doomed:
-            w.job = None
+        # the next job sent ahead becomes the current one even in a worker being stopped: it
+        # may have started before the stop reached the worker (its "started" is on its way,
+        # and is matched against the current job), so it is settled as killed or dequeued
+        # by what the worker says, never assumed unstarted
+        self._next_job(w)
+        if w.doomed and w.job is None:
             w.settled = True  # nothing more runs in it: no need to wait out the grace
-        else:
-            self._next_job(w)
         self._finish(job, state)
 
     def _on_eof(self, w: _Worker) -> None:

@@ -8,6 +8,9 @@ from collections.abc import Iterator
 
 import psutil
 
+GONE = frozenset(("Z", "X"))
+"""Process states (/proc/PID/stat) that count as dead: zombie, and dead but not yet gone."""
+
 
 def _stat_fields(pid: int) -> tuple[str, int, int, int] | None:
     """(state, pgrp, ppid, start time in clock ticks) of ``pid`` from /proc, or None if it is
@@ -33,7 +36,7 @@ def _live_procs() -> Iterator[tuple[int, int, int]]:
         for name in os.listdir("/proc"):
             if name.isdigit():
                 fields = _stat_fields(int(name))
-                if fields and fields[0] not in ("Z", "X"):
+                if fields and fields[0] not in GONE:
                     yield int(name), fields[1], fields[2]
         return
     for p in psutil.process_iter(["status", "ppid"]):
@@ -78,7 +81,7 @@ class Scan:
                 continue
             pid = int(name)
             fields = _stat_fields(pid)
-            if fields is None or fields[0] in ("Z", "X"):
+            if fields is None or fields[0] in GONE:
                 continue
             self.kids.setdefault(fields[2], []).append(pid)
             self.groups.setdefault(fields[1], []).append(pid)
@@ -141,7 +144,7 @@ def walk(pid: int) -> tuple[dict[int, tuple[int, int]], frozenset[int]] | None:
                 fields = _stat_fields(c)
                 if fields is None:
                     continue
-                if fields[0] in ("Z", "X"):
+                if fields[0] in GONE:
                     zombies.add(c)
                     continue
                 live[c] = (fields[3], fields[1])
@@ -166,7 +169,7 @@ def still_alive(tree: dict[int, int]) -> dict[int, int]:
     out = {}
     for pid, start in tree.items():
         fields = _stat_fields(pid)
-        if fields is not None and fields[0] not in ("Z", "X") and fields[3] == start:
+        if fields is not None and fields[0] not in GONE and fields[3] == start:
             out[pid] = start
     return out
 
