@@ -6,6 +6,7 @@ planted in the working directory never runs in a worker; Local tasks really over
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -112,6 +113,12 @@ def _marker_then_sleep_after(value, marker, seconds):
     return _marker_then_sleep(marker, seconds)
 
 
+def _sleeps_the_first_time(value, marker, seconds):
+    if os.path.exists(marker):
+        return "ran again"
+    return _marker_then_sleep(marker, seconds)
+
+
 def test_a_job_sent_ahead_that_started_as_its_worker_was_stopped_is_killed_not_dequeued(
         tmp_path, monkeypatch):
     """A chained job sent ahead, behind a job that completes just as the cancel stops their
@@ -142,6 +149,58 @@ def test_a_job_sent_ahead_that_started_as_its_worker_was_stopped_is_killed_not_d
     assert second_state.outcome == ct.CancelOutcome.KILLED, "its body ran, yet 'dequeued'"
     assert second_state.started_at is not None
     assert wait_gone(pids) == []
+
+
+def test_a_job_started_in_a_worker_stopped_for_the_job_before_it_runs_again(tmp_path):
+    """The same order, but only the first job is cancelled: the one behind it, not
+    cancelled, began in a worker being stopped for the first. It is neither cancelled nor
+    failed: its tree is killed with the worker's, and it runs again in another worker."""
+    from valent._pool.worker import Up
+
+    folder, marker = str(tmp_path), tmp_path / "second"
+    with ProcessPool(workers=1, grace=0.3, name="test") as p:
+        first = p.submit(_misses_the_sigterm_then_returns, (folder,))
+        second = p.submit(_sleeps_the_first_time, (Up(0), str(marker), 30), ups=[first])
+        assert wait_until(lambda: (tmp_path / "running").exists(), 30)
+        assert wait_until(lambda: second.worker is not None, 10)
+        worker = p.worker_pids()
+        p.cancel(first)
+        assert wait_until(lambda: (tmp_path / "term").exists(), 10)
+        _put(f"{folder}/go", "1")
+        assert wait_until(lambda: marker.exists(), 10), "the job behind never started"
+        first_state, second_state = first.wait(30), second.wait(30)
+        pids = p.worker_pids()
+    assert isinstance(first_state, ct.Completed), first_state
+    assert isinstance(second_state, ct.Completed), second_state
+    assert pickle.loads(second_state.pickled) == "ran again"
+    assert wait_gone(worker + pids) == []
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.2, 0.35, 0.5])
+def test_a_job_started_in_a_worker_stopped_for_another_then_cancelled_is_killed(
+        tmp_path, delay):
+    """Cancelled at any moment after that start (in the stopped worker, put back in the
+    queue, or run again): its body did start, so it is KILLED, never DEQUEUED."""
+    from valent._pool.worker import Up
+
+    folder, marker = str(tmp_path), tmp_path / "second"
+    with ProcessPool(workers=1, grace=0.3, name="test") as p:
+        first = p.submit(_misses_the_sigterm_then_returns, (folder,))
+        second = p.submit(_marker_then_sleep_after, (Up(0), str(marker), 30), ups=[first])
+        assert wait_until(lambda: (tmp_path / "running").exists(), 30)
+        assert wait_until(lambda: second.worker is not None, 10)
+        worker = p.worker_pids()
+        p.cancel(first)
+        assert wait_until(lambda: (tmp_path / "term").exists(), 10)
+        _put(f"{folder}/go", "1")
+        assert wait_until(lambda: marker.exists(), 10), "the job behind never started"
+        time.sleep(delay)
+        assert p.cancel(second) == ct.CancelOutcome.KILLED
+        state = second.wait(30)
+        pids = p.worker_pids()
+    assert isinstance(state, ct.Cancelled), state
+    assert state.outcome == ct.CancelOutcome.KILLED and state.started_at is not None, state
+    assert wait_gone(worker + pids) == []
 
 
 # ------------------------------------------------------ #2 an exit while stopping is a cancel

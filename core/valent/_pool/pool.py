@@ -31,6 +31,9 @@ worker says so right before calling it). A cancelled job whose body never starte
 its worker's whole tree is confirmed gone. What happened first decides: a job that failed
 before the cancel was requested stays ``Failed``; one that failed after it (its own SIGTERM
 handler, an error while stopping) is ``Cancelled(KILLED)``; one that completed is ``Completed``.
+A job sent ahead that began in a worker just as it was stopped for the cancel of the job before
+it (which completed as the stop was sent) is neither cancelled nor failed: it runs again in
+another worker; cancelled later, it is ``Cancelled(KILLED)``, since its body did start.
 """
 
 from __future__ import annotations
@@ -285,6 +288,16 @@ def tail(path: str, limit: int = 1 << 16) -> str:
         return ""
 
 
+def _unstarted_end(job: Job, now: float) -> Cancelled:
+    """The end of a job cancelled before its body started (again): ``DEQUEUED``. A job whose
+    body did start once, in a worker stopped for the cancel of the job before it, was put
+    back to run again (see ``_Loop._retire``); for it the answer is ``KILLED``, with that
+    start: the start was real, and its tree is gone."""
+    if job.started_at is None:
+        return Cancelled(CancelOutcome.DEQUEUED, ended_at=now)
+    return Cancelled(CancelOutcome.KILLED, job.started_at, now)
+
+
 def _notify(job: Job) -> None:
     cb = job.on_change
     if cb is not None:
@@ -465,11 +478,11 @@ class ProcessPool:
                     # the queue and skipped there: removing it would cost the queue's length)
                     if job.queued:
                         self._dead_queued += 1
-                    job.state = Cancelled(CancelOutcome.DEQUEUED, ended_at=now)
+                    job.state = _unstarted_end(job, now)
                     job._set_final()
                     self._ended.append(job)
                     dequeued.append(job)
-                    outcomes.append(CancelOutcome.DEQUEUED)
+                    outcomes.append(job.state.outcome)
                 else:
                     # handed to a worker: its current job is killed (its body runs, or is
                     # about to); one sent ahead behind it is asked back, never started
@@ -518,7 +531,7 @@ class ProcessPool:
             self._queue, self._chained, self._dead_queued = collections.deque(), [], 0
             for job in queued:
                 job.queued = False
-                job.state = Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time())
+                job.state = _unstarted_end(job, time.time())
                 job._set_final()
             self._ended.extend(queued)
         for job in queued:
@@ -810,6 +823,7 @@ class _Loop:
         with self.lock:
             job.state = state
         job._set_final()
+        job.args_blob = b""  # kept until now: a job stopped with another's worker runs again
         self.notes.append(job)
         self._release(job)
 
@@ -840,7 +854,7 @@ class _Loop:
             elif isinstance(u.state, Completed):
                 job.ups[i] = ("v", u.state.pickled)
             else:
-                self._finish(job, Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time()))
+                self._finish(job, _unstarted_end(job, time.time()))
                 return
         ups = list(dict.fromkeys(pending))
         if not ups:
@@ -1219,7 +1233,7 @@ class _Loop:
                 isinstance(u, Job) and u.state.final and not isinstance(u.state, Completed)
                 for u in job.ups)
             if cancel_at is not None or (msg[0] == "skipped" and upstream_lost):
-                self._finish(job, Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time()))
+                self._finish(job, _unstarted_end(job, time.time()))
             else:  # asked back to run elsewhere, or sent again with its upstream's value
                 self._requeue(job)
             return
@@ -1228,14 +1242,12 @@ class _Loop:
                 if ends_next:
                     with self.lock:
                         job.started_at = msg[2]
-                    job.args_blob = b""
                     job.skip = None
                     return
                 with self.lock:
                     job.started_at = msg[2]
                     job.state = Running(msg[2], w.out_path, w.err_path)
                     cancelled = job.kill_requested
-                job.args_blob = b""
                 job.skip = None
                 self.started.append((time.monotonic() + RUNNING_NOTE_DELAY, job))
                 if cancelled and not w.doomed:  # asked back too late: it is cancelled now
@@ -1472,7 +1484,7 @@ class _Loop:
             with self.lock:
                 asked = j.cancel_at is not None
             if asked or self.closing:
-                self._finish(j, Cancelled(CancelOutcome.DEQUEUED, ended_at=time.time()))
+                self._finish(j, _unstarted_end(j, time.time()))
             else:
                 self._requeue(j)
         out, err = tail(w.out_path), tail(w.err_path)
@@ -1491,11 +1503,18 @@ class _Loop:
             out, err = job.held
         with self.lock:
             cancel_at = job.cancel_at
+        if cancel_at is None and w.died_at is None and not self.closing:
+            # stopped for the cancel of the job before it, whose result came just before the
+            # stop reached the worker: this one, sent ahead, began (or was about to) and was
+            # stopped with it. Neither cancelled nor failed: it runs again (a start it made
+            # stays in started_at, see _unstarted_end)
+            self._requeue(job)
+            return
         # what happened first decides: a worker seen dead on its own before the cancel
         # request failed its job; one that died after it was stopped by it
         if cancel_at is not None and (w.died_at is None or w.died_at >= cancel_at):
             if job.started_at is None:  # its body never ran
-                state: TaskState = Cancelled(CancelOutcome.DEQUEUED, None, time.time())
+                state: TaskState = _unstarted_end(job, time.time())
             else:
                 state = Cancelled(CancelOutcome.KILLED, job.started_at, time.time(), out, err)
         else:
