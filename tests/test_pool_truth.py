@@ -119,6 +119,26 @@ def _sleeps_the_first_time(value, marker, seconds):
     return _marker_then_sleep(marker, seconds)
 
 
+def _second_starts_as_the_first_is_stopped(p, tmp_path, second_fn, cancel_second):
+    """Jobs ``first`` and ``second`` (chained on it, sent ahead to the same worker); the
+    first is cancelled (the second too, if ``cancel_second``), eats its worker's SIGTERM and
+    returns; the second then starts in that worker being stopped. Returns (first, second,
+    the worker's pid) once the second's body started."""
+    from valent._pool.worker import Up
+
+    marker = tmp_path / "second"
+    first = p.submit(_misses_the_sigterm_then_returns, (str(tmp_path),))
+    second = p.submit(second_fn, (Up(0), str(marker), 30), ups=[first])
+    assert wait_until(lambda: (tmp_path / "running").exists(), 30)
+    assert wait_until(lambda: second.worker is not None, 10)  # sent ahead, behind it
+    worker = p.worker_pids()
+    p.cancel_many([first, second] if cancel_second else [first])
+    assert wait_until(lambda: (tmp_path / "term").exists(), 10)  # the stop reached it
+    _put(str(tmp_path / "go"), "1")
+    assert wait_until(lambda: marker.exists(), 10), "the job behind never started"
+    return first, second, worker
+
+
 def test_a_job_sent_ahead_that_started_as_its_worker_was_stopped_is_killed_not_dequeued(
         tmp_path, monkeypatch):
     """A chained job sent ahead, behind a job that completes just as the cancel stops their
@@ -128,46 +148,28 @@ def test_a_job_sent_ahead_that_started_as_its_worker_was_stopped_is_killed_not_d
     message's arrival order no real timing makes certain), the first job eats its SIGTERM
     and returns, and the job behind it starts: it must end KILLED, its start time kept."""
     from valent._pool import pool as pool_mod
-    from valent._pool.worker import Up
 
     monkeypatch.setattr(pool_mod._Loop, "_ask_back", lambda self, w, job, why: setattr(
         job, "skip", why))  # the "skip" reaches the worker only after the next job started
-    folder, marker = str(tmp_path), tmp_path / "second"
     with ProcessPool(workers=1, grace=0.3, name="test") as p:
-        first = p.submit(_misses_the_sigterm_then_returns, (folder,))
-        second = p.submit(_marker_then_sleep_after, (Up(0), str(marker), 30), ups=[first])
-        assert wait_until(lambda: (tmp_path / "running").exists(), 30)
-        assert wait_until(lambda: second.worker is not None, 10)  # sent ahead, behind it
-        p.cancel_many([first, second])
-        assert wait_until(lambda: (tmp_path / "term").exists(), 10)  # the stop reached it
-        _put(f"{folder}/go", "1")
-        assert wait_until(lambda: marker.exists(), 10), "the job behind never started"
+        first, second, worker = _second_starts_as_the_first_is_stopped(
+            p, tmp_path, _marker_then_sleep_after, cancel_second=True)
         first_state, second_state = first.wait(30), second.wait(30)
         pids = p.worker_pids()
     assert isinstance(first_state, ct.Completed), first_state  # it returned: the truth
     assert isinstance(second_state, ct.Cancelled), second_state
     assert second_state.outcome == ct.CancelOutcome.KILLED, "its body ran, yet 'dequeued'"
     assert second_state.started_at is not None
-    assert wait_gone(pids) == []
+    assert wait_gone(worker + pids) == []
 
 
 def test_a_job_started_in_a_worker_stopped_for_the_job_before_it_runs_again(tmp_path):
     """The same order, but only the first job is cancelled: the one behind it, not
     cancelled, began in a worker being stopped for the first. It is neither cancelled nor
     failed: its tree is killed with the worker's, and it runs again in another worker."""
-    from valent._pool.worker import Up
-
-    folder, marker = str(tmp_path), tmp_path / "second"
     with ProcessPool(workers=1, grace=0.3, name="test") as p:
-        first = p.submit(_misses_the_sigterm_then_returns, (folder,))
-        second = p.submit(_sleeps_the_first_time, (Up(0), str(marker), 30), ups=[first])
-        assert wait_until(lambda: (tmp_path / "running").exists(), 30)
-        assert wait_until(lambda: second.worker is not None, 10)
-        worker = p.worker_pids()
-        p.cancel(first)
-        assert wait_until(lambda: (tmp_path / "term").exists(), 10)
-        _put(f"{folder}/go", "1")
-        assert wait_until(lambda: marker.exists(), 10), "the job behind never started"
+        first, second, worker = _second_starts_as_the_first_is_stopped(
+            p, tmp_path, _sleeps_the_first_time, cancel_second=False)
         first_state, second_state = first.wait(30), second.wait(30)
         pids = p.worker_pids()
     assert isinstance(first_state, ct.Completed), first_state
@@ -181,19 +183,9 @@ def test_a_job_started_in_a_worker_stopped_for_another_then_cancelled_is_killed(
         tmp_path, delay):
     """Cancelled at any moment after that start (in the stopped worker, put back in the
     queue, or run again): its body did start, so it is KILLED, never DEQUEUED."""
-    from valent._pool.worker import Up
-
-    folder, marker = str(tmp_path), tmp_path / "second"
     with ProcessPool(workers=1, grace=0.3, name="test") as p:
-        first = p.submit(_misses_the_sigterm_then_returns, (folder,))
-        second = p.submit(_marker_then_sleep_after, (Up(0), str(marker), 30), ups=[first])
-        assert wait_until(lambda: (tmp_path / "running").exists(), 30)
-        assert wait_until(lambda: second.worker is not None, 10)
-        worker = p.worker_pids()
-        p.cancel(first)
-        assert wait_until(lambda: (tmp_path / "term").exists(), 10)
-        _put(f"{folder}/go", "1")
-        assert wait_until(lambda: marker.exists(), 10), "the job behind never started"
+        _, second, worker = _second_starts_as_the_first_is_stopped(
+            p, tmp_path, _marker_then_sleep_after, cancel_second=False)
         time.sleep(delay)
         assert p.cancel(second) == ct.CancelOutcome.KILLED
         state = second.wait(30)
