@@ -187,8 +187,8 @@ def test_a_job_started_in_a_worker_stopped_for_another_then_cancelled_is_killed(
         _, second, worker = _second_starts_as_the_first_is_stopped(
             p, tmp_path, _marker_then_sleep_after, cancel_second=False)
         time.sleep(delay)
-        assert p.cancel(second) == ct.CancelOutcome.KILLED
-        state = second.wait(30)
+        p.cancel(second)  # (the answer may still say dequeued if the pool has not yet read
+        state = second.wait(30)  # the worker's word of that start; the final state knows)
         pids = p.worker_pids()
     assert isinstance(state, ct.Cancelled), state
     assert state.outcome == ct.CancelOutcome.KILLED and state.started_at is not None, state
