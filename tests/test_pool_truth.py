@@ -100,6 +100,92 @@ def test_a_node_cancelled_before_its_body_ran_is_dequeued_with_no_start_time(tmp
         assert wait_gone(pids) == []
 
 
+_SLOW_TO_CALL = """
+import sys, time
+from valent._pool import worker
+
+told = worker._Outbox.flush
+
+def flush(self):
+    starting = b"started" in self.buf
+    told(self)
+    if starting:  # the pool knows the body starts; the body is not called yet
+        time.sleep(3)
+
+worker._Outbox.flush = flush
+worker.main(sys.argv[1:])
+"""
+
+
+def _slow_to_call_python(tmp_path) -> str:
+    """An interpreter for the pool whose workers wait 3 s between telling the pool a body
+    starts and calling it: a fake, to hold open a window of a few microseconds on a real
+    worker (the cancel's SIGTERM landing there was seen under load), so a test can cancel
+    in it every time. Anything else it runs (the watcher) runs as usual."""
+    script = tmp_path / "slow_to_call.py"
+    script.write_text(_SLOW_TO_CALL)
+    wrapper = tmp_path / "python"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'if [ "$2" = "-m" ] && [ "$3" = "valent._pool.worker" ]; then\n'
+        f'  shift 3; exec {sys.executable} -P {script} "$@"\n'
+        "fi\n"
+        f'exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def test_a_cancel_that_lands_as_the_worker_says_started_is_dequeued(tmp_path):
+    """The SIGTERM comes after the worker told the pool the body starts, before it called
+    it: the worker takes the start back, and the job is DEQUEUED with no start time (it was
+    KILLED before: killed, for a body that never ran)."""
+    marker = tmp_path / "m"
+    with ProcessPool(workers=1, grace=20, name="test", python=_slow_to_call_python(tmp_path)) as p:
+        job = p.submit(_marker_then_sleep, (str(marker), 30))
+        assert wait_until(lambda: isinstance(job.state, ct.Running), 30)
+        p.cancel(job)
+        state = job.wait(30)
+        pids = p.worker_pids()
+    assert not marker.exists(), "the body ran: the cancel came too late for this test"
+    assert isinstance(state, ct.Cancelled), state
+    assert state.outcome == ct.CancelOutcome.DEQUEUED and state.started_at is None, state
+    assert wait_gone(pids) == []
+
+
+def test_a_node_whose_start_was_taken_back_is_dequeued_with_no_start_time(tmp_path):
+    """The same through dispatch: the node was shown RUNNING, then the start was taken
+    back; the store ends it dequeued, its start time cleared."""
+    ex = ct.executors.LocalExecutor(workers=1, grace=20)
+    ex._pool = ProcessPool(1, grace=20, name="test", python=_slow_to_call_python(tmp_path))
+    ex._pool.start()
+    marker = tmp_path / "m"
+
+    @ct.lattice(executor=ex)
+    def wf(marker):
+        return marker_task(marker, 30)
+
+    try:
+        dispatch_id = ct.dispatch(wf)(str(marker))
+
+        def running():
+            nodes = ct.get_result(dispatch_id).get_all_node_results()
+            return any(n["node_name"] == "marker_task" and n["status"] == ct.Status.RUNNING
+                       for n in nodes)
+
+        assert wait_until(running, 30)
+        ct.cancel(dispatch_id)
+        result = ct.get_result(dispatch_id, wait=True, timeout=60)
+        node = [n for n in result.get_all_node_results() if n["node_name"] == "marker_task"][0]
+        assert not marker.exists(), "the body ran: the cancel came too late for this test"
+        assert node["status"] == ct.Status.CANCELLED, node
+        assert node["cancel_outcome"] == "dequeued", node
+        assert node["start_time"] is None, node
+    finally:
+        pids = ex.pool.worker_pids()
+        ex.shutdown()
+        assert wait_gone(pids) == []
+
+
 def _misses_the_sigterm_then_returns(folder):
     """Takes the worker's SIGTERM for itself (noted in a file) and returns once told to."""
     signal.signal(signal.SIGTERM, lambda *a: _put(f"{folder}/term", "1"))

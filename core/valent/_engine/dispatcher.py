@@ -746,7 +746,10 @@ class _Loop:
             return
         if not state.final:
             return
-        nr.start_time = getattr(state, "started_at", None) or nr.start_time
+        if isinstance(state, Cancelled) and state.outcome == CancelOutcome.DEQUEUED:
+            nr.start_time = None  # never started, whatever was said (a start taken back)
+        else:
+            nr.start_time = getattr(state, "started_at", None) or nr.start_time
         if nr.start_time is None and not isinstance(state, Cancelled):
             nr.start_time = time.time()  # a dequeued task never started: no start time
         nr.end_time = getattr(state, "ended_at", None) or time.time()
@@ -815,10 +818,11 @@ class _Loop:
     # ---------------------------------------------------------------- node changes
 
     def set(self, nr: NodeRun, status: Status, extra: dict[str, Any] | None = None) -> None:
-        nr.status = status
+        was, nr.status = nr.status, status
         fields: dict[str, Any] = {"status": _VALUE[status]}
         final = status in FINAL
-        if status is Status.RUNNING or (final and nr.start_time is not None):
+        if status is Status.RUNNING or (final and (
+                nr.start_time is not None or was is Status.RUNNING)):  # (a start taken back)
             fields["start_time"] = nr.start_time
         if final:
             fields["end_time"] = nr.end_time or time.time()

@@ -1221,8 +1221,17 @@ class _Loop:
             self.boot_failures = 0
             return
         job = w.job
-        if len(msg) == 2:  # ("skipped" | "need", job_id): its body did not run
+        if len(msg) == 2:  # ("skipped" | "need" | "unstarted", job_id): its body did not run
             if job is None or job.id != msg[1]:
+                return
+            if msg[0] == "unstarted":
+                # the cancel came as the worker said "started", before it called the body: it
+                # takes the start back and ends; its retirement settles the job (a start the
+                # job made in an earlier worker, see _unstarted_end, stays)
+                with self.lock:
+                    if isinstance(job.state, Running) and job.state.started_at == job.started_at:
+                        job.started_at = None
+                    job.state = _PENDING
                 return
             self._next_job(w)
             if job.state.final:
@@ -1241,11 +1250,11 @@ class _Loop:
             if job is not None and job.id == msg[1] and not job.state.final:
                 if ends_next:
                     with self.lock:
-                        job.started_at = msg[2]
+                        job.started_at = job.started_at or msg[2]
                     job.skip = None
                     return
                 with self.lock:
-                    job.started_at = msg[2]
+                    job.started_at = job.started_at or msg[2]  # its first start, if it ran again
                     job.state = Running(msg[2], w.out_path, w.err_path)
                     cancelled = job.kill_requested
                 job.skip = None

@@ -20,7 +20,8 @@ task's body is called (a task that never got there is reported dequeued, not kil
 the result tuple. ``("skipped", job_id)``: a job the pool asked back (``("skip", job_id)``)
 before its body started, or a chained job whose upstream did not complete here; its body never
 runs. ``("need", job_id)``: a chained job whose upstream value this worker no longer holds
-(the pool sends it again with the value).
+(the pool sends it again with the value). ``("unstarted", job_id)``: the cancel's SIGTERM came
+while ``started`` was being sent; the body was not called, and the worker ends.
 
 The pool may send several jobs ahead (batches of quick jobs when its queue is deep, and a
 chained job right after its upstream): they run in order; before each, whatever else the pool
@@ -70,6 +71,7 @@ _cooperative = False
 _cancelled = False
 _in_task = False
 _ending = False
+_telling = False  # the pool is being told "started" and the body is not called yet
 _subreaper = False
 
 
@@ -173,10 +175,12 @@ def _on_nudge(signum, frame):
 
 def _on_sigterm(signum, frame):
     """A task that never asked ``cancel_requested()`` stops at once; one that did gets the
-    grace. Between tasks it only marks the cancel (the next body then never starts)."""
+    grace. Between tasks it only marks the cancel (the next body then never starts), and so
+    while the pool is told a body starts: the worker then takes the start back
+    (``unstarted``) instead of calling the body."""
     global _cancelled, _ending
     _cancelled = True
-    if _in_task and not _cooperative and not _ending:
+    if _in_task and not _cooperative and not _ending and not _telling:
         _ending = True  # once: a second SIGTERM while it waits must not start over
         _end_with_tree()
 
@@ -441,7 +445,7 @@ def _pack_error(exc: BaseException) -> tuple:
 
 
 def main(argv: list[str]) -> None:
-    global _cooperative, _in_task, _subreaper, _ending
+    global _cooperative, _in_task, _subreaper, _ending, _telling
     sock_fd, owner = int(argv[0]), int(argv[1])
     out_path, err_path = argv[2], argv[3]
     _stop_with_owner(owner)
@@ -537,10 +541,19 @@ def main(argv: list[str]) -> None:
             # sent (with the previous result) before the body runs: a task whose body
             # started is never reported as dequeued
             outbox.add(("started", job_id, started))
+            _telling = True  # a SIGTERM now only marks the cancel: the pool may have the start
             try:
                 outbox.flush()
             except OSError:
                 return _orphaned()
+            _telling = False  # (no signal handler runs between these two lines and the call)
+            if _cancelled:  # it came while the pool was told: the body is never called
+                try:
+                    send_msg(sock, ("unstarted", job_id))
+                except OSError:
+                    pass
+                _ending = True
+                _end_with_tree()
             try:
                 value = fn(*args, **kwargs)
             finally:
