@@ -16,7 +16,7 @@ from valent.plugin import Cancelled, CancelOutcome, Failed, Pending, Task, TaskS
 
 from .errors import RemoteTaskLostError
 from .payload import result_state
-from .runner import RESULT_VALUE
+from .runner import RESULT_VALUE, UNSTARTED_RC
 
 if TYPE_CHECKING:
     from .connection import Target
@@ -86,6 +86,8 @@ def final_state(
     now = time.time()
     if rt.started_at is None and ev.get("body") is not None:
         rt.started_at = float(ev["body"])  # when the task's function was called
+    if ev.get("rc") == UNSTARTED_RC and ev.get("body") is None:
+        rt.started_at = None  # the runner took its start back: the function was never called
     if ev.get("ev") == "start_failed":
         error = RemoteTaskLostError(f"{ev.get('error')} on {t.where}", t.hostname, t.port)
         state: TaskState = Failed(error, "", ended_at=now)

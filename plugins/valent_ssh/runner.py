@@ -20,7 +20,11 @@ import types
 RESULT_VALUE = b"V"
 RESULT_ERROR = b"E"
 
-_cancel = {"requested": False, "asked": False}
+UNSTARTED_RC = 75
+"""The runner's exit code when a SIGTERM came while it said its function starts, before it
+called it: it took the start back (the body marker removed); the function never ran."""
+
+_cancel = {"requested": False, "asked": False, "telling": False}
 
 
 def cancel_requested():
@@ -31,7 +35,7 @@ def cancel_requested():
 
 def _on_sigterm(signum, frame):
     _cancel["requested"] = True
-    if not _cancel["asked"]:
+    if not _cancel["asked"] and not _cancel["telling"]:  # (telling: run_task takes it back)
         # The task never looks at the token: stop now rather than wait for SIGKILL.
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -132,7 +136,15 @@ def run_task(taskdir, body_fd=None):
         fn, args, kwargs = cloudpickle.loads(header["task"])
         if _cancel["requested"]:  # asked to stop while it was being loaded: never start it
             os._exit(128 + signal.SIGTERM)
+        _cancel["telling"] = True  # a SIGTERM now only marks: the agent may have the start
         _mark_body(taskdir, body_fd)
+        _cancel["telling"] = False  # (no signal handler runs between this line and the call)
+        if _cancel["requested"]:  # it came while the start was told: take it back, never call
+            try:
+                os.unlink(os.path.join(taskdir, BODY_MARKER))
+            except OSError:
+                pass
+            os._exit(UNSTARTED_RC)
         value = fn(*args, **kwargs)
         if _cancel["requested"]:  # it returned because it was asked to stop: say so
             write_atomic(os.path.join(taskdir, STOPPED_MARKER), b"", sync=False)

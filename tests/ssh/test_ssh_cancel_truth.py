@@ -78,6 +78,47 @@ def test_a_dispatch_cancelled_while_its_ssh_task_loads_says_dequeued(ssh, shared
     assert not os.path.exists(marker)
 
 
+_SLOW_TO_CALL = b"""
+
+_told = _mark_body
+
+
+def _mark_body(taskdir, body_fd):  # the test's fake: 3 s between telling and the call
+    _told(taskdir, body_fd)
+    time.sleep(3)
+"""
+
+
+def test_a_cancel_that_lands_as_the_runner_says_the_body_starts_is_dequeued(
+        ssh, submit, shared_dir, monkeypatch):
+    """The SIGTERM comes after the runner told the agent its function starts, before it
+    called it: the runner takes the start back (exit UNSTARTED_RC, marker removed) and the
+    task is DEQUEUED with no start time (it was KILLED before). A window of microseconds
+    on a real runner; a fake runner (uploaded in place of the real one, its own directory)
+    holds it open for 3 s so the cancel lands in it every time."""
+    import hashlib
+
+    from valent_ssh import connection, registry
+
+    source = connection.REMOTE_FILES["valent_ssh_runner.py"] + _SLOW_TO_CALL
+    where = ".valent-runner-test-" + hashlib.sha256(source).hexdigest()[:12]
+    monkeypatch.setattr(connection, "REMOTE_FILES",
+                        {**connection.REMOTE_FILES, "valent_ssh_runner.py": source})
+    monkeypatch.setattr(connection, "RUNNER_DIR", where)
+    monkeypatch.setattr(connection, "AGENT", f"{where}/valent_ssh_agent.py")
+    registry.close_all()  # no connection with the real runner is reused
+    ex = ssh(grace=20)
+    marker = os.path.join(shared_dir, "ran")
+    s = submit(ex, T.write_marker, marker, "v")
+    assert s.wait_running().started_at is not None  # the agent told us the body starts
+    ex.cancel(s.handle)
+    st = s.wait(60)
+    assert not os.path.exists(marker), "the body ran: the cancel came too late for this test"
+    assert isinstance(st, valent.Cancelled), st
+    assert st.outcome == CancelOutcome.DEQUEUED and st.started_at is None, st
+    assert task_processes(s.handle) == []
+
+
 def _event(ev: str, value_kind: bytes, **extra) -> dict:
     import base64
 
