@@ -44,6 +44,10 @@ class Submitted:
             self.woken.clear()
 
     def wait_running(self, timeout: float = 30.0):
+        """Wait until the task is Running (its runner said the function starts), then 0.2 s
+        more: a cancel in the microseconds between that word and the call is taken back
+        (``dequeued``, see ``runner.UNSTARTED_RC``), and tests that cancel a running task
+        expect it killed."""
         deadline = time.monotonic() + timeout
         while not isinstance(self.ex.poll(self.handle), valent.Running):
             left = deadline - time.monotonic()
@@ -51,6 +55,7 @@ class Submitted:
                 raise AssertionError(f"task not running: {self.ex.poll(self.handle)}")
             self.woken.wait(left)
             self.woken.clear()
+        time.sleep(0.2)
         return self.ex.poll(self.handle)
 
 
