@@ -135,6 +135,18 @@ def _end_with_tree() -> None:
     os._exit(128 + signal.SIGTERM)
 
 
+def _end_before_the_body(outbox: _Outbox) -> None:
+    """A cancel came before the body was called: send what waits (the results before it
+    are the truth; an ``unstarted``), then end with the tree (it never runs)."""
+    global _ending
+    try:
+        outbox.flush()
+    except OSError:
+        pass
+    _ending = True
+    _end_with_tree()
+
+
 def _threads() -> int:
     """This process's thread count (0 where there is no /proc to say)."""
     try:
@@ -531,12 +543,7 @@ def main(argv: list[str]) -> None:
                 args, kwargs = _substitute(args, kwargs, [cloudpickle.loads(p) for p in payloads])
             _in_task = True
             if _cancelled:  # the cancel arrived before the body began: it never runs
-                try:
-                    outbox.flush()  # the results before it are the truth: sent first
-                except OSError:
-                    pass
-                _ending = True
-                _end_with_tree()
+                _end_before_the_body(outbox)
             started = time.time()
             # sent (with the previous result) before the body runs: a task whose body
             # started is never reported as dequeued
@@ -548,12 +555,8 @@ def main(argv: list[str]) -> None:
                 return _orphaned()
             _telling = False  # (no signal handler runs between these two lines and the call)
             if _cancelled:  # it came while the pool was told: the body is never called
-                try:
-                    send_msg(sock, ("unstarted", job_id))
-                except OSError:
-                    pass
-                _ending = True
-                _end_with_tree()
+                outbox.add(("unstarted", job_id))
+                _end_before_the_body(outbox)
             try:
                 value = fn(*args, **kwargs)
             finally:
